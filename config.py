@@ -1,0 +1,218 @@
+"""Settings for every entry point: one dataclass, an optional TOML file, and --key=value overrides.
+
+Each script (train.py, sample.py, bench.py, attention.py) defines one dataclass; the comment after each field is its
+--help text. Values resolve in this order, later wins:
+
+    dataclass defaults  <  TOML file (flat `key = value` lines)  <  --key=value (or --key value) on the command line
+
+    @dataclass
+    class TrainConfig:
+        learning_rate: float = 6e-4  # peak learning rate, reached after warmup_iters
+        max_iters: int = 5000  # number of optimizer steps
+        compile: bool = True  # wrap the model in torch.compile
+
+    cfg = parse_config(TrainConfig, description=__doc__)
+    print(format_config(cfg))
+
+    python train.py configs/shakespeare_char.toml --max_iters=2_000 --compile=false
+
+Fields may be int, float, str, bool or `X | None` of those (`none` or `null` sets None). Booleans take
+true/false/1/0/yes/no. A mistake (unknown key, wrong type, missing file) exits with one line that names the key and
+the fix; a ValueError from the dataclass's __post_init__ does the same.
+"""
+
+import dataclasses
+import difflib
+import inspect
+import io
+import os
+import sys
+import textwrap
+import tokenize
+import tomllib
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _unwrap(field_type: Any) -> tuple[type, bool]:
+    """(base type, whether None is allowed) for int, float, str, bool and their `X | None`."""
+    optional = False
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(field_type) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(field_type))
+        field_type = args[0] if optional and len(args) == 1 else field_type
+    if field_type not in _TYPES:
+        raise TypeError(f"unsupported config type {field_type!r}; use int, float, str, bool or X | None of those")
+    return field_type, optional
+
+
+def _settings(cls: type) -> dict[str, tuple[Any, Any]]:
+    """Field name -> (type, default or MISSING); get_type_hints resolves `from __future__ import annotations`."""
+    hints, settings = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.init:
+            _unwrap(hints[f.name])  # an unsupported type fails here, whatever the command line says
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            settings[f.name] = (hints[f.name], default)
+    return settings
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> its trailing `# comment` in the class source; {} where the source is unavailable."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its base's
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+            tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+            continue
+        lines: dict[int, list[tokenize.TokenInfo]] = {}
+        for tok in tokens:
+            if tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+                lines.setdefault(tok.start[0], []).append(tok)
+        # `name: type ... # comment` lines; the fields are the least indented ones (not locals in methods)
+        found = [t for t in lines.values() if len(t) > 2 and t[0].type == tokenize.NAME and t[1].string == ":"
+                 and t[-1].type == tokenize.COMMENT]
+        body_col = min((t[0].start[1] for t in found), default=0)
+        own: dict[str, str] = {}
+        for t in found:
+            if t[0].start[1] == body_col:
+                own.setdefault(t[0].string, t[-1].string.lstrip("#").strip())
+        helps.update(own)
+    return helps
+
+
+def parse_value(field_type: Any, text: str, key: str) -> Any:
+    """Convert command-line text to `field_type`; SystemExit naming --key if it does not fit."""
+    base, optional = _unwrap(field_type)
+    if optional and text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        if base is bool:
+            return _BOOLS[text.strip().lower()]
+        return base(text)  # int() takes `5_000` but not `1e3`; float() takes `6e-4`
+    except (KeyError, ValueError):
+        raise SystemExit(f"--{key} expects {_TYPES[base]}, got {text!r}") from None
+
+
+def _check_toml_value(field_type: Any, value: Any, where: str) -> Any:
+    """Check a value as tomllib parsed it: ints are fine for floats, nothing is converted from a string."""
+    base, optional = _unwrap(field_type)
+    if optional and isinstance(value, str) and value.lower() in ("none", "null"):
+        return None  # TOML has no null
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not base:
+        raise SystemExit(f"{where} expects {_TYPES[base]}, got {value!r}")
+    return value
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a flat TOML config file; SystemExit with a one-line reason if it is missing, invalid or has tables."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SystemExit(f"{path}: invalid TOML: {e}") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise SystemExit(f"{path}: [{key}] is a table; config files are flat, move its keys to the top level")
+    return data
+
+
+def _check_key(key: str, names: dict[str, Any], where: str) -> None:
+    if key not in names:
+        close = difflib.get_close_matches(key, list(names), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise SystemExit(f"unknown setting '{key}'{where}{hint}; run with --help to list them")
+
+
+def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    """([config file], {key: text}) from `[FILE.toml] --key=value --key value ...`."""
+    path, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-"):
+            if path is not None:
+                raise SystemExit(f"only one config file may be given, got '{path}' and '{arg}'")
+            path = arg
+        elif not arg.startswith("--") or len(arg) == 2 or arg[2] == "=":
+            raise SystemExit(f"malformed argument '{arg}': write settings as --key=value")
+        else:
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                    raise SystemExit(f"--{key} needs a value: write --{key}=VALUE")
+                i, text = i + 1, argv[i + 1]
+            overrides[key] = text
+        i += 1
+    return path, overrides
+
+
+def _show(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def help_text(cls: type, description: str = "") -> str:
+    """The --help screen: the description, a usage line, and `--name=<default>  type  help` per field."""
+    helps, rows = field_help(cls), []
+    for name, (tp, default) in _settings(cls).items():
+        shown = "<required>" if default is dataclasses.MISSING else _show(default)
+        base, optional = _unwrap(tp)
+        rows.append((f"--{name}={shown}", base.__name__ + (" | None" if optional else ""), helps.get(name, "")))
+    w0, w1 = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    prog = os.path.basename(sys.argv[0]) or "script.py"
+    lines = [description.strip(), ""] if description.strip() else []
+    lines += [f"usage: python {prog} [CONFIG.toml] [--key=value ...]", ""]
+    lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
+    """Build `cls` from its defaults, then the TOML file, then --key=value overrides (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    settings = _settings(cls)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, description))
+        raise SystemExit(0)
+    path, overrides = _split_argv(argv)
+    values: dict[str, Any] = {}
+    if path is not None:
+        for key, value in load_toml(path).items():
+            _check_key(key, settings, f" in {path}")
+            values[key] = _check_toml_value(settings[key][0], value, f"{path}: {key}")
+    for key, text in overrides.items():
+        _check_key(key, settings, "")
+        values[key] = parse_value(settings[key][0], text, key)
+    for name, (_, default) in settings.items():
+        if name not in values and default is dataclasses.MISSING:
+            raise SystemExit(f"missing required setting '{name}': pass --{name}=VALUE or set it in the config file")
+    try:
+        return cls(**values)  # __post_init__ validation sees the final values
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict of the settings, for checkpoints and logs."""
+    return dataclasses.asdict(cfg)
+
+
+def format_config(cfg: Any) -> str:
+    """Aligned `key = value` lines, for printing the resolved config at start."""
+    d = config_to_dict(cfg)
+    width = max((len(k) for k in d), default=0)
+    return "\n".join(f"{k:<{width}} = {v!r}" if isinstance(v, str) else f"{k:<{width}} = {_show(v)}"
+                     for k, v in d.items())

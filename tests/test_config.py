@@ -1,0 +1,228 @@
+"""config.py: precedence CLI > TOML > defaults, type parsing, one-line errors, --help from field comments.
+
+The future import makes every annotation below a string, as in modules that use it; make_dataclass covers real
+(non-string) annotations and a class without source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from config import config_to_dict, field_help, format_config, load_toml, parse_config, parse_value
+
+
+@dataclass
+class Cfg:
+    learning_rate: float = 6e-4  # peak learning rate, reached after warmup_iters
+    max_iters: int = 5000  # number of optimizer steps
+    compile: bool = True  # wrap the model in torch.compile
+    dataset: str = "shakespeare#char"  # corpus name (a '#' inside a string is not the comment)
+    seed: int | None = None  # random seed; none picks one from the clock
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        note: int = 0  # a local in a method, not a field
+        if self.max_iters < 0:
+            raise ValueError(f"max_iters must be >= 0, got {self.max_iters}")
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def exit_message(argv: list[str], cls: type = Cfg) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse_config(cls, argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code, "errors are one line, not an exit code"
+    return e.value.code
+
+
+def test_defaults():
+    assert parse_config(Cfg, []) == Cfg()
+
+
+def test_precedence_cli_over_toml_over_defaults(tmp_path):
+    path = write(tmp_path, "learning_rate = 1e-3\nmax_iters = 100\n")
+    cfg = parse_config(Cfg, [path, "--max_iters=7"])
+    assert cfg.max_iters == 7  # CLI beats TOML
+    assert cfg.learning_rate == 1e-3  # TOML beats default
+    assert cfg.dataset == "shakespeare#char"  # untouched default
+    # the order on the command line does not matter: the file is read first
+    assert parse_config(Cfg, ["--max_iters=7", path]).max_iters == 7
+
+
+def test_key_value_with_space_and_later_flag_wins():
+    cfg = parse_config(Cfg, ["--max_iters", "12", "--dataset", "kjv", "--max_iters=13", "--learning_rate", "-1e-3"])
+    assert (cfg.max_iters, cfg.dataset, cfg.learning_rate) == (13, "kjv", -1e-3)
+
+
+@pytest.mark.parametrize("text, expected", [("true", True), ("False", False), ("1", True), ("0", False),
+                                            ("YES", True), ("no", False)])
+def test_bool_from_cli(text, expected):
+    assert parse_config(Cfg, [f"--compile={text}"]).compile is expected
+
+
+def test_bool_rejects_other_text():
+    assert exit_message(["--compile=maybe"]) == "--compile expects true or false, got 'maybe'"
+
+
+def test_numbers_from_cli():
+    cfg = parse_config(Cfg, ["--max_iters=5_000", "--learning_rate=6e-4", "--dropout=1"])
+    assert cfg.max_iters == 5000 and type(cfg.max_iters) is int
+    assert cfg.learning_rate == 6e-4 and type(cfg.dropout) is float
+    assert exit_message(["--max_iters=1e3"]) == "--max_iters expects an integer, got '1e3'"
+    assert exit_message(["--max_iters=abc"]) == "--max_iters expects an integer, got 'abc'"
+    assert exit_message(["--learning_rate=fast"]) == "--learning_rate expects a number, got 'fast'"
+
+
+def test_optional_none_and_value():
+    assert parse_config(Cfg, ["--seed=none"]).seed is None
+    assert parse_config(Cfg, ["--seed=NULL"]).seed is None
+    assert parse_config(Cfg, ["--seed=3"]).seed == 3
+    assert parse_config(Cfg, ["--seed=3", "--seed=none"]).seed is None
+    assert exit_message(["--seed=x"]) == "--seed expects an integer, got 'x'"
+    # none is only special for Optional fields
+    assert parse_config(Cfg, ["--dataset=none"]).dataset == "none"
+    assert exit_message(["--max_iters=none"]) == "--max_iters expects an integer, got 'none'"
+
+
+def test_unknown_key_from_cli_suggests_closest():
+    msg = exit_message(["--lerning_rate=1e-3"])
+    assert msg == "unknown setting 'lerning_rate' (did you mean 'learning_rate'?); run with --help to list them"
+    assert "did you mean" not in exit_message(["--zzzzzz=1"])
+
+
+def test_unknown_key_from_toml_names_file(tmp_path):
+    path = write(tmp_path, "max_itres = 10\n")
+    msg = exit_message([path])
+    assert msg == f"unknown setting 'max_itres' in {path} (did you mean 'max_iters'?); run with --help to list them"
+
+
+def test_toml_types(tmp_path):
+    cfg = parse_config(Cfg, [write(tmp_path, 'learning_rate = 1\ncompile = false\nseed = 5\ndataset = "kjv"\n')])
+    assert cfg.learning_rate == 1.0 and type(cfg.learning_rate) is float  # an int is fine for a float
+    assert (cfg.compile, cfg.seed, cfg.dataset) == (False, 5, "kjv")
+    assert parse_config(Cfg, [write(tmp_path, 'seed = "none"\n')]).seed is None  # TOML has no null
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("max_iters = 1.5", "max_iters expects an integer, got 1.5"),
+    ('max_iters = "10"', "max_iters expects an integer, got '10'"),
+    ("max_iters = true", "max_iters expects an integer, got True"),
+    ('compile = "yes"', "compile expects true or false, got 'yes'"),
+    ("learning_rate = false", "learning_rate expects a number, got False"),
+    ("dataset = 3", "dataset expects a string, got 3"),
+])
+def test_wrong_type_from_toml_names_file_and_key(tmp_path, line, expected):
+    path = write(tmp_path, line + "\n")
+    assert exit_message([path]) == f"{path}: {expected}"
+
+
+def test_toml_file_errors(tmp_path):
+    assert exit_message([str(tmp_path / "nope.toml")]) == f"config file not found: {tmp_path / 'nope.toml'}"
+    bad = write(tmp_path, "max_iters = = 3\n")
+    msg = exit_message([bad])
+    assert msg.startswith(f"{bad}: invalid TOML: ")
+    table = write(tmp_path, "[train]\nmax_iters = 3\n")
+    assert "[train] is a table" in exit_message([table]) and table in exit_message([table])
+
+
+def test_load_toml_returns_flat_dict(tmp_path):
+    assert load_toml(write(tmp_path, "a = 1\nb = 'x'\n")) == {"a": 1, "b": "x"}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--max_iters"], "--max_iters needs a value: write --max_iters=VALUE"),
+    (["--max_iters", "--compile=true"], "--max_iters needs a value: write --max_iters=VALUE"),
+    (["-x"], "malformed argument '-x': write settings as --key=value"),
+    (["--=3"], "malformed argument '--=3': write settings as --key=value"),
+    (["a.toml", "b.toml"], "only one config file may be given, got 'a.toml' and 'b.toml'"),
+])
+def test_malformed_command_lines(argv, expected):
+    assert exit_message(argv) == expected
+
+
+def test_post_init_value_error_becomes_one_line_exit(tmp_path):
+    assert exit_message(["--max_iters=-1"]) == "max_iters must be >= 0, got -1"
+    # validation sees the final value: a bad TOML value fixed on the command line passes
+    assert parse_config(Cfg, [write(tmp_path, "max_iters = -5\n"), "--max_iters=5"]).max_iters == 5
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_field_with_its_comment(capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Cfg, ["--max_iters=3", flag], description="Train a small GPT.")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Train a small GPT.")
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
+    assert lines["--learning_rate=0.0006"].split(None, 2)[1:] == ["float",
+                                                                  "peak learning rate, reached after warmup_iters"]
+    assert lines["--compile=true"].split(None, 2)[1:] == ["bool", "wrap the model in torch.compile"]
+    assert lines["--dataset=shakespeare#char"].endswith("corpus name (a '#' inside a string is not the comment)")
+    assert lines["--seed=none"].split(None, 1)[1] == "int | None  random seed; none picks one from the clock"
+    assert lines["--dropout=0.0"].split() == ["--dropout=0.0", "float"]  # no comment, no help
+    assert len(lines) == len(dataclasses.fields(Cfg))
+
+
+def test_field_help_ignores_method_locals_and_string_hashes():
+    helps = field_help(Cfg)
+    assert set(helps) == {"learning_rate", "max_iters", "compile", "dataset", "seed"}
+    assert helps["dataset"] == "corpus name (a '#' inside a string is not the comment)"
+
+
+def test_subclass_fields_and_future_annotations():
+    @dataclass
+    class Local(Cfg):
+        temperature: float | None = 0.8  # sampling temperature; none means greedy
+        max_iters: int = 10  # fewer steps for this entry point
+
+    assert isinstance(Local.__dataclass_fields__["temperature"].type, str)  # the future import is in effect
+    cfg = parse_config(Local, ["--temperature=none", "--compile=no"])
+    assert (cfg.temperature, cfg.compile, cfg.max_iters) == (None, False, 10)
+    helps = field_help(Local)
+    assert helps["temperature"] == "sampling temperature; none means greedy"
+    assert helps["max_iters"] == "fewer steps for this entry point"  # the subclass's comment wins
+    assert helps["learning_rate"] == "peak learning rate, reached after warmup_iters"
+
+
+def test_real_annotations_and_no_source(capsys):
+    Made = dataclasses.make_dataclass("Made", [("name", str), ("n", int, 1), ("p", float | None, None)])
+    assert parse_config(Made, ["--name=x", "--p=0.5"]) == Made(n=1, p=0.5, name="x")
+    assert field_help(Made) == {}
+    with pytest.raises(SystemExit):
+        parse_config(Made, ["--help"])
+    assert "--n=1  " in capsys.readouterr().out
+    assert exit_message([], Made) == "missing required setting 'name': pass --name=VALUE or set it in the config file"
+
+
+def test_unsupported_field_type_is_rejected():
+    Bad = dataclasses.make_dataclass("Bad", [("xs", list, dataclasses.field(default_factory=list))])
+    with pytest.raises(TypeError, match="unsupported config type"):
+        parse_config(Bad, [])
+
+
+def test_parse_value_helper():
+    assert parse_value(int, "5_000", "max_iters") == 5000
+    assert parse_value(float | None, "null", "p") is None
+    assert parse_value(bool, "No", "compile") is False
+    with pytest.raises(SystemExit, match="--k expects a number"):
+        parse_value(float, "x", "k")
+
+
+def test_config_to_dict_and_format_config():
+    cfg = parse_config(Cfg, ["--seed=none"])
+    d = config_to_dict(cfg)
+    assert d == {"learning_rate": 6e-4, "max_iters": 5000, "compile": True, "dataset": "shakespeare#char",
+                 "seed": None, "dropout": 0.0}
+    lines = format_config(cfg).splitlines()
+    assert lines[0] == "learning_rate = 0.0006"
+    assert "max_iters     = 5000" in lines and "compile       = true" in lines
+    assert "dataset       = 'shakespeare#char'" in lines and "seed          = none" in lines
+    assert len({line.index("=") for line in lines}) == 1  # aligned
