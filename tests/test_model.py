@@ -1,0 +1,362 @@
+"""model.py: shapes, causality, attention against an explicit reference, the KV cache against recomputation,
+sampling, GPT-2 import against Hugging Face transformers, and the safetensors round trip."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model import GPT, GPTConfig, KVCache, sample_next
+
+TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+def generate_uncached(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """The test oracle: nanoGPT's generate, which recomputes the cropped context for every new token."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat([idx, sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)], dim=1)
+    return idx
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(n_embd=30, n_head=4), "divisible by n_head"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(block_size=-1), "block_size"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_config_rejects_invalid(bad, words):
+    with pytest.raises(ValueError, match=words):
+        GPTConfig(**{**TINY, **bad})
+
+
+def test_defaults_are_gpt2_124m():
+    c = GPTConfig()
+    assert (c.block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd, c.bias) == (1024, 50304, 12, 12, 768, True)
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+def test_shapes_and_loss():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (3, 20))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 20, 97) and loss is None
+    _, loss = model(idx, targets=idx)
+    assert loss.shape == ()
+
+
+def test_initial_loss_is_about_ln_vocab():
+    model = tiny_model(vocab_size=512)
+    idx = torch.randint(0, 512, (8, 32))
+    _, loss = model(idx, targets=torch.randint(0, 512, (8, 32)))
+    assert abs(loss.item() - math.log(512)) < 0.1
+
+
+def test_ignore_index_minus_one():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 16))
+    targets = idx.clone()
+    targets[:, 8:] = -1
+    logits, loss = model(idx, targets=targets)
+    expected = F.cross_entropy(logits[:, :8].reshape(-1, 97), idx[:, :8].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_output_head_is_tied():
+    model = tiny_model()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_residual_projection_init_is_scaled():
+    model = tiny_model(n_layer=8, n_embd=256, n_head=4)
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.001
+
+
+def test_causality():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (1, 24))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 97
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_longer_than_block_size_is_refused():
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_model()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def explicit_attention(attn, x: torch.Tensor) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d)) V with the causal mask, written out."""
+    B, T, C = x.shape
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(C // attn.n_head)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+    return attn.c_proj(y)
+
+
+def test_sdpa_equals_explicit_attention():
+    model = tiny_model()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 17, 32)
+    torch.testing.assert_close(attn(x), explicit_attention(attn, x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+def test_cache_prefill_and_decode_equal_recompute():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 20))
+    full, _ = model(idx)
+    cache = KVCache.for_model(model, batch_size=2)
+    prefill, _ = model(idx[:, :12], kv_cache=cache)
+    torch.testing.assert_close(prefill, full[:, :12], atol=1e-5, rtol=1e-5)
+    for t in range(12, 20):  # one-token decode, no mask
+        step, _ = model(idx[:, t:t + 1], kv_cache=cache)
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+    assert cache.pos == 20
+
+
+def test_cache_chunked_prefill_uses_bottom_right_mask():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 24))
+    full, _ = model(idx)
+    cache = KVCache.for_model(model, batch_size=2)
+    pieces = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in [(0, 5), (5, 13), (13, 14), (14, 24)]]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_reset_and_overflow():
+    model = tiny_model()
+    cache = KVCache.for_model(model, batch_size=1, max_len=8)
+    model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+    cache.reset()
+    idx = torch.randint(0, 97, (1, 6))
+    torch.testing.assert_close(model(idx, kv_cache=cache)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_no_cache_state_on_modules():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any("cache" in name for name, _ in model.named_buffers())
+
+
+@pytest.mark.parametrize("prompt_len, new", [(1, 10), (7, 20), (30, 40)])  # the last one runs past block_size
+def test_generate_greedy_equals_uncached(prompt_len, new):
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, prompt_len))
+    expected = generate_uncached(model, idx, new, temperature=0)
+    torch.testing.assert_close(model.generate(idx, new, temperature=0), expected, rtol=0, atol=0)
+
+
+def test_generate_sampling_equals_uncached_past_block_size():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (3, 5))
+    kwargs = dict(temperature=0.9, top_k=20, top_p=0.95)
+    a = model.generate(idx, 50, generator=torch.Generator().manual_seed(7), **kwargs)
+    b = generate_uncached(model, idx, 50, generator=torch.Generator().manual_seed(7), **kwargs)
+    assert a.shape == (3, 55)
+    assert torch.equal(a, b)
+
+
+def test_generate_keeps_prompt_and_zero_tokens():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 6))
+    assert torch.equal(model.generate(idx, 0), idx)
+    assert torch.equal(model.generate(idx, 4)[:, :6], idx)
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 4))
+    assert torch.equal(model.generate(idx, 15, top_k=1), model.generate(idx, 15, temperature=0))
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+    model = tiny_model()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    a = model.generate(idx, 30, generator=torch.Generator().manual_seed(1))
+    b = model.generate(idx, 30, generator=torch.Generator().manual_seed(1))
+    c = model.generate(idx, 30, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {sample_next(logits, top_p=0.7, generator=torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert seen == {0, 1}  # 0.5 alone is below 0.7, 0.5 + 0.3 reaches it
+    seen = {sample_next(logits, top_p=0.4, generator=torch.Generator().manual_seed(s)).item() for s in range(50)}
+    assert seen == {0}
+
+
+def test_top_k_keeps_k_tokens():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    seen = {sample_next(logits, top_k=2, generator=torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert seen == {1, 3}
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+])
+def test_generate_rejects_bad_arguments(kwargs, words):
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=words):
+        tiny_model().generate(torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+# ---------------------------------------------------------------------------- optimizer and FLOPs
+
+
+def test_optimizer_groups_decay_only_matrices():
+    model = tiny_model()
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params(non_embedding=False)
+
+
+def test_flops_and_mfu():
+    model = GPT(GPTConfig())  # GPT-2 124M: about 124M parameters, 85M of them outside the embeddings
+    n = model.num_params()
+    assert 123e6 < model.num_params(non_embedding=False) < 125e6
+    assert model.flops_per_token() == 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert model.estimate_mfu(tokens_per_sec=1000, peak_flops=model.flops_per_token() * 2000) == 0.5
+
+
+# ---------------------------------------------------------------------------- GPT-2 weights
+
+
+def save_hf_gpt2(tmp_path, n_positions=32, vocab_size=97):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    config = transformers.GPT2Config(n_positions=n_positions, vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4,
+                                     resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # HF zero-initialises biases and sets LayerNorms to identity: make every weight count
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return hf
+
+
+def test_parity_with_transformers_gpt2(tmp_path):
+    hf = save_hf_gpt2(tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():
+        expected = hf(idx).logits
+    logits, _ = ours(idx)
+    assert (logits - expected).abs().max().item() < 1e-4
+    prompt = idx[:, :5]
+    with torch.no_grad():
+        hf_tokens = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                                attention_mask=torch.ones_like(prompt))
+    assert torch.equal(ours.generate(prompt, 20, temperature=0), hf_tokens)
+
+
+def test_import_accepts_transformer_prefix_and_ignores_mask_buffers(tmp_path):
+    from safetensors.torch import load_file, save_file
+    save_hf_gpt2(tmp_path)
+    reference = GPT.from_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    prefixed = {("transformer." + k if not k.startswith("transformer.") else k): v for k, v in weights.items()}
+    prefixed["transformer.h.0.attn.bias"] = torch.ones(1, 1, 32, 32)
+    prefixed["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(prefixed, tmp_path / "model.safetensors")
+    again = GPT.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), again.state_dict().values()))
+
+
+def test_import_rejects_mismatched_and_damaged_files(tmp_path):
+    save_hf_gpt2(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
+    with pytest.raises(ValueError, match="shape"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="damaged"):
+        GPT.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="neither a folder"):
+        GPT.from_pretrained(tmp_path / "nowhere")
+
+
+def test_safetensors_round_trip_keeps_tied_weights(tmp_path):
+    from safetensors.torch import save_file
+    model = tiny_model(bias=False, dropout=0.1)
+    save_file(model.hf_state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(model.hf_config()))
+    loaded = GPT.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    idx = torch.randint(0, 97, (2, 10))
+    torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0], rtol=0, atol=0)
+
+
+def test_exported_folder_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_file(model.hf_state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(model.hf_config()))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------------------- CUDA only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_step_runs_on_the_flash_kernel(dtype):
+    # The attention forces SDPBackend.FLASH_ATTENTION in this case: if flash could not run, SDPA would raise
+    # "No available kernel" instead of quietly using another one. Check that it also says so when forced off.
+    model = GPT(GPTConfig(block_size=128, vocab_size=256, n_layer=2, n_head=4, n_embd=128, dropout=0.1)).cuda()
+    idx = torch.randint(0, 256, (4, 128), device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        _, loss = model(idx, targets=idx)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+    with torch.autocast("cuda", dtype=torch.float32), pytest.raises(RuntimeError):
+        q = torch.randn(1, 4, 16, 32, device="cuda")  # fp32 is not a flash dtype
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
