@@ -1,0 +1,691 @@
+"""Tokenizers, token files and the corpus preparation pipeline shared by data/*/prepare.py, train.py and sample.py.
+
+    python data/shakespeare_char/prepare.py      # one of the scripts that use this module; see docs/data.md
+
+Sections: the tokenizer (char-level or any tiktoken encoding, described by a small dict stored in meta.json and in
+checkpoints), the token file format (a 1 KiB header, then uint16/uint32 tokens), the downloader, and the streaming
+tokenize-and-shard pipeline that fineweb, openwebtext and text share.
+
+Token file format, used for every file (train.bin, val.bin and shards alike): 256 little-endian int32 (1024 bytes)
+    [0] MAGIC = 20251123   [1] VERSION = 1   [2:4] token count as one little-endian int64   [4] bytes per token (2|4)
+    the rest zero; then the tokens, little-endian uint16 or uint32. (llm.c's .bin files use the same idea.)
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import http.client
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """A char-level table or a tiktoken encoding, rebuilt from the dict `to_meta()` returns.
+
+    tiktoken encodes with `encode_ordinary`: an "<|endoftext|>" written inside a document is plain text, never the
+    end-of-text token, so no document can forge a document boundary.
+    """
+
+    def __init__(self, kind: str, chars: str | None = None, encoding: str | None = None):
+        # use Tokenizer.char(...) / Tokenizer.tiktoken(...) / Tokenizer.from_meta(...)
+        self.kind = kind
+        if kind == "char":
+            assert chars is not None
+            if len(set(chars)) != len(chars):
+                dup = next(c for c in chars if chars.count(c) > 1)
+                raise ValueError(f"char table lists {dup!r} twice: each character must appear once")
+            self.chars = chars
+            self.vocab_size = len(chars)
+            self.eot_token: int | None = None  # a char vocabulary has no end-of-text symbol
+            # vectorised encode: look up code points in a sorted array instead of a Python dict per character
+            cps = np.array([ord(c) for c in chars], dtype=np.uint32)
+            order = np.argsort(cps)
+            self._sorted_cps = cps[order]
+            self._sorted_ids = order.astype(np.int64)
+        elif kind == "tiktoken":
+            assert encoding is not None
+            import tiktoken  # lazily: importing tokens.py for the file format should not need it
+
+            try:
+                self._enc = tiktoken.get_encoding(encoding)
+            except ValueError:
+                raise ValueError(
+                    f"unknown tiktoken encoding {encoding!r}: use one of {tiktoken.list_encoding_names()}"
+                ) from None
+            except Exception as e:  # tiktoken fetches its BPE files over the network on first use
+                raise SystemExit(
+                    f"could not load the tiktoken encoding {encoding!r} ({type(e).__name__}): offline? set "
+                    f"TIKTOKEN_CACHE_DIR to a folder holding its BPE files, or run once with network access"
+                ) from None
+            self.encoding = encoding
+            self.vocab_size = self._enc.n_vocab
+            self.eot_token = self._enc.eot_token
+        else:
+            raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'char' or 'tiktoken'")
+
+    @classmethod
+    def char(cls, chars: str) -> Tokenizer:
+        """Character-level tokenizer: token i is chars[i]."""
+        return cls("char", chars=chars)
+
+    @classmethod
+    def tiktoken(cls, name: str) -> Tokenizer:
+        """A tiktoken encoding by name, e.g. "gpt2" (50,257 tokens, end-of-text = 50256)."""
+        return cls("tiktoken", encoding=name)
+
+    @classmethod
+    def from_meta(cls, tokenizer_dict: dict) -> Tokenizer:
+        """Rebuild from meta.json's (or a checkpoint config's) "tokenizer" object."""
+        if not isinstance(tokenizer_dict, dict) or "kind" not in tokenizer_dict:
+            hint = " (pass meta['tokenizer'], not the whole meta)" if isinstance(tokenizer_dict, dict) else ""
+            raise ValueError(f"a tokenizer dict needs a 'kind' key, got {tokenizer_dict!r:.80}{hint}")
+        kind = tokenizer_dict["kind"]
+        if kind == "char":
+            if not isinstance(tokenizer_dict.get("chars"), str):
+                raise ValueError("a char tokenizer dict needs 'chars': the string of its symbols in id order")
+            return cls.char(tokenizer_dict["chars"])
+        if kind == "tiktoken":
+            if not isinstance(tokenizer_dict.get("encoding"), str):
+                raise ValueError("a tiktoken tokenizer dict needs 'encoding', e.g. {'kind': 'tiktoken', 'encoding': 'gpt2'}")
+            return cls.tiktoken(tokenizer_dict["encoding"])
+        raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'char' or 'tiktoken'")
+
+    def to_meta(self) -> dict:
+        if self.kind == "char":
+            return {"kind": "char", "chars": self.chars}
+        return {"kind": "tiktoken", "encoding": self.encoding}
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode_array(text).tolist()
+
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """Encode many texts; tiktoken's Rust core releases the GIL, so its threads use all cores."""
+        if self.kind == "tiktoken":
+            return self._enc.encode_ordinary_batch(texts, num_threads=num_threads or cpu_count())
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        if self.kind == "char":
+            return "".join([self.chars[i] for i in ids])
+        return self._enc.decode(ids)
+
+    def _encode_array(self, text: str) -> np.ndarray:
+        if self.kind == "tiktoken":
+            return np.array(self._enc.encode_ordinary(text), dtype=np.int64)
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        pos = np.minimum(np.searchsorted(self._sorted_cps, cps), len(self._sorted_cps) - 1)
+        bad = self._sorted_cps[pos] != cps
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"character {text[i]!r} (U+{ord(text[i]):04X}) at position {i} is not in this char vocabulary of "
+                f"{self.vocab_size} symbols: a char tokenizer only knows the characters of the corpus it was built "
+                f"from; prepare a corpus that contains it, or use --tokenizer=gpt2"
+            )
+        return self._sorted_ids[pos]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and self.to_meta() == other.to_meta()
+
+    def __repr__(self) -> str:
+        what = f"encoding={self.encoding!r}" if self.kind == "tiktoken" else f"chars={self.chars[:20]!r}..."
+        return f"Tokenizer(kind={self.kind!r}, {what}, vocab_size={self.vocab_size})"
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (a container's limit, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token files
+
+MAGIC = 20251123
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB of uint16, as llm.c's FineWeb shards
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id (0 .. vocab_size-1) fits in 16 bits, else uint32; always little-endian on disk."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def _prepare_hint(dataset_dir: Path) -> str:
+    """The command that (re)creates a dataset folder: its meta.json's record, else the script named like it."""
+    try:
+        recorded = json.loads((dataset_dir / "meta.json").read_text())["prepare"]
+        if isinstance(recorded, str):
+            return recorded
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    script = REPO / "data" / dataset_dir.name / "prepare.py"
+    if script.is_file():
+        same = dataset_dir.resolve() == script.parent
+        return f"python data/{dataset_dir.name}/prepare.py" + ("" if same else f" --out_dir={dataset_dir}")
+    return f"python data/text/prepare.py --input=YOUR_FILES --out_dir={dataset_dir}"
+
+
+def write_tokens(path: Path, tokens: np.ndarray, dtype: np.dtype | str) -> None:
+    """Write one token file (header + tokens) atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    dtype = np.dtype(dtype).newbyteorder("<")
+    if dtype.itemsize not in (2, 4) or dtype.kind != "u":
+        raise ValueError(f"token files hold uint16 or uint32, not {dtype}: use token_dtype(vocab_size)")
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << (8 * dtype.itemsize)):
+        raise ValueError(
+            f"{path.name}: token ids span {tokens.min()}..{tokens.max()}, which {dtype.name} cannot hold: "
+            f"pass token_dtype(vocab_size)"
+        )
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[4] = MAGIC, VERSION, dtype.itemsize
+    header[2:4].view("<i8")[0] = tokens.size
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(dtype, copy=False).tobytes())
+    os.replace(tmp, path)
+
+
+def open_tokens(path: Path) -> np.memmap:
+    """Memory-map a token file after checking its header against its size; refuses foreign or truncated files."""
+    path = Path(path)
+    size = path.stat().st_size
+    redo = f"re-run {_prepare_hint(path.parent)}"
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes, too short for the {HEADER_BYTES}-byte token file header: {redo}")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ValueError(
+            f"{path}: not a token file of this project (magic {header[0]}, expected {MAGIC}); nanoGPT's raw .bin "
+            f"files have no header: {redo}"
+        )
+    if header[1] != VERSION:
+        raise ValueError(f"{path}: token file version {header[1]}, this code reads version {VERSION}: {redo}")
+    itemsize = int(header[4])
+    if itemsize not in (2, 4):
+        raise ValueError(f"{path}: header says {itemsize} bytes per token, expected 2 or 4: {redo}")
+    count = int(header[2:4].view("<i8")[0])
+    expected = HEADER_BYTES + count * itemsize
+    if size != expected:
+        raise ValueError(
+            f"{path}: header says {count:,} tokens ({expected:,} bytes) but the file has {size:,} bytes "
+            f"(truncated or interrupted copy?): {redo}"
+        )
+    dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def _split_files(dataset_dir: Path, split: str) -> tuple[Path | None, list[Path]]:
+    single = dataset_dir / f"{split}.bin"
+    pattern = re.compile(rf"{re.escape(split)}_\d{{6}}\.bin")
+    shards = sorted(p for p in dataset_dir.glob(f"{split}_*.bin") if pattern.fullmatch(p.name))
+    return (single if single.is_file() else None), shards
+
+
+def load_split(dataset_dir: Path, split: str) -> list[np.memmap]:
+    """The token files of one split: `{split}.bin`, or the shards `{split}_000000.bin`, ... in order."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise ValueError(f"dataset folder {dataset_dir} does not exist: prepare it with {_prepare_hint(dataset_dir)}")
+    single, shards = _split_files(dataset_dir, split)
+    if single and shards:
+        raise ValueError(
+            f"{dataset_dir} holds both {single.name} and {len(shards)} {split}_*.bin shards from different runs: "
+            f"delete them and re-run {_prepare_hint(dataset_dir)}"
+        )
+    if not single and not shards:
+        try:
+            empty = json.loads((dataset_dir / "meta.json").read_text()).get(f"{split}_tokens") == 0
+        except (OSError, ValueError):
+            empty = False
+        why = "was prepared with an empty split (e.g. --val_fraction=0)" if empty else "has no token files"
+        raise ValueError(
+            f"{dataset_dir} {why}: no {split}.bin or {split}_*.bin; prepare it with {_prepare_hint(dataset_dir)}"
+        )
+    return [open_tokens(p) for p in ([single] if single else shards)]
+
+
+def load_meta(dataset_dir: Path) -> dict:
+    """meta.json of a prepared dataset: the tokenizer, vocab size, dtype, token counts and the source."""
+    path = Path(dataset_dir) / "meta.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{path} not found: the dataset is not prepared (or its preparation was interrupted); "
+            f"run {_prepare_hint(Path(dataset_dir))}"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): re-run {_prepare_hint(Path(dataset_dir))}") from None
+    if not isinstance(meta, dict) or "tokenizer" not in meta:
+        raise ValueError(
+            f"{path} has no 'tokenizer' entry (a nanoGPT meta.pkl-era folder?): re-run {_prepare_hint(Path(dataset_dir))}"
+        )
+    return meta
+
+
+class ShardWriter:
+    """Streams tokens of one split into files of `shard_size` tokens: `{split}_000000.bin`, `{split}_000001.bin`, ...
+
+    A split that fits in one shard is written as `{split}.bin`, nanoGPT's layout. Memory: one shard's buffer.
+    Old files of the same split in `out_dir` are removed first, so a re-run never mixes two preparations.
+    """
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype | str, shard_size: int = DEFAULT_SHARD_SIZE):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be a positive number of tokens, got {shard_size}")
+        self.out_dir, self.split, self.dtype, self.shard_size = Path(out_dir), split, np.dtype(dtype), shard_size
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        single, shards = _split_files(self.out_dir, split)
+        for old in ([single] if single else []) + shards:
+            old.unlink()
+        self._buf = np.empty(shard_size, dtype=self.dtype)  # pages are only touched as tokens arrive
+        self._fill = 0
+        self.files: list[Path] = []
+        self.tokens = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << (8 * self.dtype.itemsize)):
+            raise ValueError(f"{self.split}: token ids {tokens.min()}..{tokens.max()} do not fit {self.dtype.name}")
+        self.tokens += tokens.size
+        while tokens.size:
+            if self._fill == self.shard_size:  # flush lazily: only now do we know the split needs another shard
+                self._flush()
+            take = min(tokens.size, self.shard_size - self._fill)
+            self._buf[self._fill : self._fill + take] = tokens[:take]
+            self._fill += take
+            tokens = tokens[take:]
+
+    def _flush(self, last: bool = False) -> None:
+        name = f"{self.split}.bin" if last and not self.files else f"{self.split}_{len(self.files):06d}.bin"
+        write_tokens(self.out_dir / name, self._buf[: self._fill], self.dtype)
+        self.files.append(self.out_dir / name)
+        self._fill = 0
+
+    def close(self) -> list[Path]:
+        """Write the last (partial) shard; returns every file written. An empty split writes no file."""
+        if self._fill:
+            self._flush(last=True)
+        return self.files
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:  # after an error the folder has no meta.json, so loaders refuse it anyway
+            self.close()
+
+
+def dataset_meta(
+    tokenizer: Tokenizer, train_tokens: int, val_tokens: int, source: str | list[str], sha256: str | dict | None,
+    prepare: str, **extra: object,
+) -> dict:
+    """The meta.json every preparer writes; `extra` adds corpus-specific entries (files, split rule, ...)."""
+    return {
+        "tokenizer": tokenizer.to_meta(),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "train_tokens": int(train_tokens),
+        "val_tokens": int(val_tokens),
+        "source": source,
+        "sha256": sha256,
+        "prepare": prepare,
+        "format": {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES},
+        **extra,
+    }
+
+
+def write_meta(out_dir: Path, meta: dict) -> Path:
+    """Written last and atomically: a folder with meta.json is a complete preparation."""
+    path = Path(out_dir) / "meta.json"
+    tmp = path.with_name(".meta.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def prepare_command(script: str, argv: list[str] | None) -> str:
+    """The command line that made a dataset, kept in meta.json and quoted by the loaders' error messages."""
+    return " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Downloads
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str | None) -> Path:
+    """Fetch `url` into `dest` once: skipped when `dest` is there with the right hash; verified; atomic."""
+    dest = Path(dest)
+    if dest.is_file():
+        if sha256 is None or file_sha256(dest) == sha256:
+            print(f"using {dest} (already downloaded)")
+            return dest
+        print(f"{dest} does not match sha256 {sha256[:12]}...: downloading it again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
+        raise SystemExit(f"could not download {url} ({reason}): offline? pass --input PATH to use a local copy") from None
+    if sha256 is not None and h.hexdigest() != sha256:
+        tmp.unlink()
+        raise SystemExit(
+            f"{url} downloaded with sha256 {h.hexdigest()}, expected {sha256}: the file changed upstream or the "
+            f"download was corrupted; try again, or pass --input PATH to a copy you trust"
+        )
+    os.replace(tmp, dest)
+    return dest
+
+
+def local_or_download(input_path: str | None, url: str, dest: Path, sha256: str | None) -> Path:
+    """`--input PATH` when given (the hash is checked but only warned about), else the cached download."""
+    if input_path is None:
+        return download(url, dest, sha256)
+    path = Path(input_path)
+    if not path.is_file():
+        raise SystemExit(f"--input {path}: no such file (leave --input out to download {url})")
+    if sha256 is not None and file_sha256(path) != sha256:
+        print(f"note: {path} is not the canonical file (sha256 differs from {url}); using it anyway")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streaming preparation: documents -> pieces of text -> tokens (all cores) -> train/val shards
+#
+# A "piece" is (text, starts_document, source_bytes). Long texts are cut into pieces so memory stays bounded, at
+# points where the cut cannot change GPT-2's pre-tokenization (see _safe_cut), so a file tokenized in pieces gives
+# exactly the tokens of the file tokenized whole.
+
+PIECE_CHARS = 1 << 18  # 256K characters: many pieces per batch keep every thread busy
+
+
+def _safe_cut(text: str, limit: int) -> int:
+    """Largest i <= limit where text[i] is one space or newline between two non-space characters.
+
+    GPT-2's pre-tokenizer regex cannot match across such a point (no pattern runs from a non-space through a single
+    whitespace, and the pattern has no look-behind), so text[:i] and text[i:] tokenize as they would inside the whole.
+    """
+    for ws in ("\n", " "):
+        i = text.rfind(ws, 1, limit + 1)
+        while i > 0:
+            if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+                return i
+            i = text.rfind(ws, 1, i)
+    return limit  # no safe point in a quarter-megabyte: the text still round-trips, a token may differ at the cut
+
+
+def _split_long(text: str, piece_chars: int) -> Iterator[str]:
+    while len(text) > piece_chars:
+        cut = _safe_cut(text, piece_chars)
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
+def _iter_txt(path: Path, hashes: dict, piece_chars: int) -> Iterator[tuple[str, bool, int]]:
+    """One document per .txt file, read in pieces; hashes the raw bytes on the way (no second pass)."""
+    h, dec = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")()
+    buf, first, offset = "", True, 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(piece_chars)
+            h.update(raw)
+            try:
+                buf += dec.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}: not UTF-8 text (bad byte near offset {offset + e.start}): convert it first, "
+                    f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt"
+                ) from None
+            offset += len(raw)
+            while len(buf) > piece_chars or (not raw and buf):
+                cut = _safe_cut(buf, piece_chars) if len(buf) > piece_chars else len(buf)
+                piece, buf = buf[:cut], buf[cut:]
+                yield piece, first, len(piece.encode("utf-8"))
+                first = False
+            if not raw:
+                break
+    hashes[str(path)] = h.hexdigest()
+
+
+def _iter_jsonl(path: Path, hashes: dict, piece_chars: int, text_field: str) -> Iterator[tuple[str, bool, int]]:
+    """One document per line: the string under `text_field` of each JSON object."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            h.update(line)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e}); a .jsonl file holds one JSON object a line") from None
+            text = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+                raise ValueError(f"{path}:{lineno}: no string field {text_field!r} (found {keys}): pass --text_field=NAME")
+            pieces = list(_split_long(text, piece_chars)) or [""]
+            sizes = [len(piece.encode("utf-8")) for piece in pieces]
+            sizes[0] += len(line) - sum(sizes)  # the JSON around the text counts too: progress and split see file bytes
+            for i, (piece, size) in enumerate(zip(pieces, sizes)):
+                yield piece, i == 0, size
+    hashes[str(path)] = h.hexdigest()
+
+
+def _iter_parquet(path: Path, hashes: dict, piece_chars: int, text_field: str) -> Iterator[tuple[str, bool, int]]:
+    """One document per row of column `text_field` (FineWeb's own files are parquet); needs pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit(f"{path}: reading .parquet needs pyarrow: pip install pyarrow (or convert it to .jsonl)") from None
+    hashes[str(path)] = file_sha256(path)
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}): pass --text_field=NAME")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            for i, piece in enumerate(_split_long(text or "", piece_chars)):
+                yield piece, i == 0, len(piece.encode("utf-8"))
+
+
+READERS = {".txt": "one document per file", ".jsonl": "one document per line", ".parquet": "one document per row"}
+
+
+def find_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Expand --input arguments (files or folders, searched recursively) into a sorted list of readable files."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in READERS)
+            if not found:
+                raise SystemExit(f"--input {p}: the folder holds no {'/'.join(READERS)} files")
+            files += found
+        elif p.is_file():
+            if p.suffix not in READERS:
+                raise SystemExit(f"--input {p}: unsupported file type {p.suffix or '(none)'}; expected {', '.join(READERS)}")
+            files.append(p)
+        else:
+            raise SystemExit(f"--input {p}: no such file or folder")
+    return files
+
+
+def iter_files(
+    files: list[Path], hashes: dict, text_field: str = "text", piece_chars: int = PIECE_CHARS
+) -> Iterator[tuple[str, bool, int]]:
+    """Pieces of every document in `files`, in order; fills `hashes` with each file's sha256 as it is read."""
+    for path in files:
+        if path.suffix == ".txt":
+            yield from _iter_txt(path, hashes, piece_chars)
+        elif path.suffix == ".jsonl":
+            yield from _iter_jsonl(path, hashes, piece_chars, text_field)
+        else:
+            yield from _iter_parquet(path, hashes, piece_chars, text_field)
+
+
+def iter_hf_dataset(
+    path: str, name: str | None, text_field: str = "text", piece_chars: int = PIECE_CHARS
+) -> Iterator[tuple[str, bool, int]]:
+    """Stream a Hugging Face dataset (nothing is stored but the tokens): one document per row."""
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(
+            f"streaming {path} needs the datasets library: pip install -e '.[web]' (or pass --input FILE with a local copy)"
+        ) from None
+    try:
+        ds = datasets.load_dataset(path, name=name, split="train", streaming=True)
+        for row in ds:
+            for i, piece in enumerate(_split_long(row[text_field] or "", piece_chars)):
+                yield piece, i == 0, len(piece.encode("utf-8"))
+    except OSError as e:  # datasets' connection and not-found errors are OSErrors
+        raise SystemExit(f"could not stream {path} ({type(e).__name__}: {e}): offline? pass --input FILE") from None
+
+
+def collect_chars(pieces: Iterable[tuple[str, bool, int]]) -> str:
+    """The sorted set of characters of a corpus: the char tokenizer's table (nanoGPT: sorted(set(data)))."""
+    chars: set[str] = set()
+    for text, _, _ in pieces:
+        chars.update(text)
+    return "".join(sorted(chars))
+
+
+def tokenize_to_shards(
+    pieces: Iterable[tuple[str, bool, int]],
+    tokenizer: Tokenizer,
+    out_dir: Path,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    val_tokens: int | None = None,
+    train_bytes: int | None = None,
+    total_bytes: int | None = None,
+    num_threads: int | None = None,
+) -> dict:
+    """Tokenize a stream of pieces on all cores and write train/val token files; returns counts and file names.
+
+    The split is made in stream order, by exactly one of:
+      val_tokens:  the first `val_tokens` tokens are val, the rest train (llm.c's FineWeb: val = the first shard);
+                   for a stream of unknown length.
+      train_bytes: the tokens of the first `train_bytes` source bytes are train, the rest val (nanoGPT's 90/10);
+                   for local files, whose size is known.
+    The piece that straddles the boundary is cut between tokens. With a tiktoken encoding, the end-of-text token
+    precedes every document but the first, so val + train (or train + val) is exactly the tokenized corpus.
+    """
+    assert (val_tokens is None) != (train_bytes is None), "give exactly one of val_tokens, train_bytes"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # until the new one is written the folder reads as unprepared
+    dtype = token_dtype(tokenizer.vocab_size)
+    by_tokens = val_tokens is not None
+    first, second = ("val", "train") if by_tokens else ("train", "val")
+    budget = val_tokens if by_tokens else train_bytes
+    used = 0  # of the budget, in tokens or source bytes
+    eot = None if tokenizer.eot_token is None else np.array([tokenizer.eot_token])
+    threads = num_threads or cpu_count()
+    batch_bytes = min(64 << 20, threads * (4 << 20))  # text in flight: bounded, yet several pieces per thread
+    docs, nbytes_total, seen_doc = 0, 0, False
+    writers = {s: ShardWriter(out_dir, s, dtype, shard_size) for s in ("train", "val")}
+    t0 = time.perf_counter()
+    # threads, not processes: tiktoken's Rust core releases the GIL while it encodes, and threads share the pieces
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+        for batch in _batches(pieces, batch_bytes):
+            for (text, new_doc, nbytes), ids in zip(batch, pool.map(tokenizer._encode_array, [b[0] for b in batch])):
+                if new_doc:
+                    docs += 1
+                    if seen_doc and eot is not None:
+                        ids = np.concatenate([eot, ids])
+                    seen_doc = True
+                cost = len(ids) if by_tokens else nbytes
+                if used >= budget:
+                    writers[second].write(ids)
+                elif used + cost <= budget:
+                    writers[first].write(ids)
+                    used += cost
+                else:  # the boundary falls inside this piece
+                    k = budget - used if by_tokens else round(len(ids) * (budget - used) / nbytes)
+                    writers[first].write(ids[:k])
+                    writers[second].write(ids[k:])
+                    used = budget
+                nbytes_total += nbytes
+                bar.update(nbytes)
+            bar.set_postfix(docs=docs, refresh=False)
+    files = {s: [p.name for p in w.close()] for s, w in writers.items()}
+    seconds = time.perf_counter() - t0
+    for s, w in writers.items():
+        if w.tokens == 0:
+            print(f"warning: the {s} split is empty; train.py needs both splits (check the split flags)")
+    return {
+        "train_tokens": writers["train"].tokens,
+        "val_tokens": writers["val"].tokens,
+        "documents": docs,
+        "bytes": nbytes_total,
+        "seconds": seconds,
+        "threads": threads,
+        "files": files,
+    }
+
+
+def _batches(pieces: Iterable[tuple[str, bool, int]], batch_bytes: int) -> Iterator[list[tuple[str, bool, int]]]:
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def report(name: str, out_dir: Path, stats: dict) -> None:
+    """The one-line summary every preparer prints (the benchmark in docs/benchmarks.md quotes its MB/s)."""
+    mbps = stats["bytes"] / 1e6 / max(stats["seconds"], 1e-9)
+    print(
+        f"{name}: {stats['train_tokens']:,} train + {stats['val_tokens']:,} val tokens from {stats['documents']:,} "
+        f"documents, {stats['bytes'] / 1e6:.1f} MB in {stats['seconds']:.2f} s ({mbps:.1f} MB/s on "
+        f"{stats['threads']} threads) -> {out_dir}"
+    )
