@@ -130,7 +130,10 @@ class Tokenizer:
 
     def _encode_array(self, text: str) -> np.ndarray:
         if self.kind == "tiktoken":
-            return np.array(self._enc.encode_ordinary(text), dtype=np.int64)
+            if hasattr(self._enc, "encode_to_numpy"):  # tiktoken >= 0.8: no Python list, less time holding the GIL
+                # disallowed_special=() with no allowed specials encodes exactly as encode_ordinary
+                return self._enc.encode_to_numpy(text, disallowed_special=())
+            return np.array(self._enc.encode_ordinary(text), dtype=np.uint32)
         cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
         pos = np.minimum(np.searchsorted(self._sorted_cps, cps), len(self._sorted_cps) - 1)
         bad = self._sorted_cps[pos] != cps

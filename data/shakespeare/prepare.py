@@ -1,0 +1,53 @@
+"""Tiny Shakespeare with GPT-2's BPE (tiktoken "gpt2"), nanoGPT's 90/10 train/val split.
+
+    python data/shakespeare/prepare.py                                           # downloads input.txt once (1.1 MB)
+    python data/shakespeare/prepare.py --input ../shared/data/tinyshakespeare.txt --out_dir=/tmp/s
+
+Writes train.bin (301,966 tokens), val.bin (36,059 tokens) and meta.json into this folder (or --out_dir); then
+fine-tune GPT-2 on it with `python train.py --dataset=data/shakespeare ...`. The text is one document: no end-of-text.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+import tokens  # noqa: E402
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="local copy of input.txt instead of downloading it")
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the files go")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="the last this much of the text is val")
+    parser.add_argument("--encoding", default="gpt2", help="tiktoken encoding name")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+
+    path = tokens.local_or_download(args.input, URL, out_dir / "input.txt", SHA256)
+    text = path.read_text(encoding="utf-8")
+    tok = tokens.Tokenizer.tiktoken(args.encoding)
+    n = int(len(text) * (1 - args.val_fraction))  # split the characters first, then encode each part: nanoGPT's way
+    train_ids, val_ids = tok.encode_batch([text[:n], text[n:]])
+    dtype, files = tokens.token_dtype(tok.vocab_size), {}
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        with tokens.ShardWriter(out_dir, split, dtype) as w:
+            w.write(np.asarray(ids))
+        files[split] = [f.name for f in w.files]
+    meta = tokens.dataset_meta(
+        tok, len(train_ids), len(val_ids), source=str(args.input) if args.input else URL,
+        sha256=tokens.file_sha256(path), prepare=tokens.prepare_command("data/shakespeare/prepare.py", argv),
+        files=files, split=f"by characters: the first {1 - args.val_fraction:.0%} train, the rest val",
+    )
+    tokens.write_meta(out_dir, meta)
+    print(f"shakespeare: {len(train_ids):,} train + {len(val_ids):,} val tokens ({args.encoding}) -> {out_dir}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Tiny Shakespeare at the character level: 65 symbols, nanoGPT's 90/10 train/val split.
+
+    python data/shakespeare_char/prepare.py                                      # downloads input.txt once (1.1 MB)
+    python data/shakespeare_char/prepare.py --input ../shared/data/tinyshakespeare.txt --out_dir=/tmp/sc
+
+Writes train.bin (1,003,854 tokens), val.bin (111,540 tokens) and meta.json into this folder (or --out_dir);
+then `python train.py --dataset=data/shakespeare_char`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+import tokens  # noqa: E402
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="local copy of input.txt instead of downloading it")
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the files go")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="the last this much of the text is val")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+
+    path = tokens.local_or_download(args.input, URL, out_dir / "input.txt", SHA256)
+    text = path.read_text(encoding="utf-8")
+    tok = tokens.Tokenizer.char("".join(sorted(set(text))))
+    n = int(len(text) * (1 - args.val_fraction))  # split by characters, as nanoGPT does
+    dtype, files = tokens.token_dtype(tok.vocab_size), {}
+    for split, part in (("train", text[:n]), ("val", text[n:])):
+        with tokens.ShardWriter(out_dir, split, dtype) as w:
+            w.write(np.asarray(tok.encode(part)))
+        files[split] = [f.name for f in w.files]
+    meta = tokens.dataset_meta(
+        tok, n, len(text) - n, source=str(args.input) if args.input else URL, sha256=tokens.file_sha256(path),
+        prepare=tokens.prepare_command("data/shakespeare_char/prepare.py", argv),
+        files=files, split=f"by characters: the first {1 - args.val_fraction:.0%} train, the rest val",
+    )
+    tokens.write_meta(out_dir, meta)
+    print(f"shakespeare_char: {tok.vocab_size} symbols, {n:,} train + {len(text) - n:,} val tokens -> {out_dir}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()

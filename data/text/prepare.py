@@ -1,0 +1,60 @@
+"""Any corpus of your own: .txt files (one document each), .jsonl (one document a line), .parquet (a row each).
+
+    python data/text/prepare.py --input ../shared/data/sotu.txt --input ../shared/data/kjv.txt --out_dir=data/sotu_kjv
+    python data/text/prepare.py --input my_folder/ --tokenizer=char --out_dir=data/mine
+    python train.py --dataset=data/sotu_kjv
+
+Folders are searched recursively, files are read in sorted order. GPT-2 BPE puts the end-of-text token between
+documents; a char vocabulary has none, so its documents simply follow each other. The first (1 - val_fraction) of
+the source bytes is train, the rest val (nanoGPT's split). Large corpora stream through in pieces on all cores and
+are written in shards of --shard_size tokens (a split that fits in one shard is plain train.bin / val.bin).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+import tokens  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", action="append", required=True, help="a .txt/.jsonl/.parquet file or a folder; repeatable")
+    parser.add_argument("--tokenizer", default="gpt2", help="'char', or a tiktoken encoding name (gpt2, cl100k_base, ...)")
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the files go")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="the last this much of the source bytes is val")
+    parser.add_argument("--shard_size", type=int, default=tokens.DEFAULT_SHARD_SIZE, help="tokens per shard file")
+    parser.add_argument("--text_field", default="text", help="the field (jsonl) or column (parquet) holding the text")
+    parser.add_argument("--num_threads", type=int, default=0, help="tokenizer threads; 0 = all cores")
+    args = parser.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        raise SystemExit(f"--val_fraction={args.val_fraction}: expected a number in [0, 1), e.g. 0.1")
+    files = tokens.find_inputs(args.input)
+    hashes: dict[str, str] = {}
+
+    def pieces():  # a fresh pass over the corpus each time it is called
+        return tokens.iter_files(files, hashes, args.text_field)
+
+    if args.tokenizer == "char":
+        tok = tokens.Tokenizer.char(tokens.collect_chars(pieces()))  # a first pass to find the vocabulary
+    else:
+        tok = tokens.Tokenizer.tiktoken(args.tokenizer)
+    total = sum(f.stat().st_size for f in files)
+    stats = tokens.tokenize_to_shards(
+        pieces(), tok, Path(args.out_dir), shard_size=args.shard_size, train_bytes=int(total * (1 - args.val_fraction)),
+        total_bytes=total, num_threads=args.num_threads or None,
+    )
+    meta = tokens.dataset_meta(
+        tok, stats["train_tokens"], stats["val_tokens"], source=[str(f) for f in files], sha256=hashes,
+        prepare=tokens.prepare_command("data/text/prepare.py", argv), files=stats["files"],
+        documents=stats["documents"], shard_size=args.shard_size,
+        split=f"by source bytes in file order: the first {1 - args.val_fraction:.0%} train, the rest val",
+    )
+    tokens.write_meta(Path(args.out_dir), meta)
+    tokens.report("text", Path(args.out_dir), stats)
+    return meta
+
+
+if __name__ == "__main__":
+    main()
