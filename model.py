@@ -18,6 +18,7 @@ import os
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,6 +91,42 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_head, end, head_dim)
 
 
+class StaticKVCache:
+    """KVCache's fixed-shape twin, for decoding under CUDA graphs (torch.compile(mode="reduce-overhead")).
+
+    A CUDA graph replays fixed shapes at fixed addresses, so nothing here may depend on a Python int: one buffer per
+    layer, marked static, the positions passed in as a tensor, new keys/values written with index_copy_, and
+    attention over the whole buffer under a mask (the gpt-fast recipe). Used by `GPT.forward_static`; `pos` only
+    counts the filled positions for the caller, who advances it.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]  # (B, n_head, max_len, hd)
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]  # (B, n_head, max_len, hd)
+        for buffer in self.k + self.v:
+            torch._dynamo.mark_static_address(buffer)  # lets a CUDA graph update the cache in place
+        self.max_len = max_len
+        self.pos = 0
+
+    @classmethod
+    def for_model(cls, model: GPT, batch_size: int) -> StaticKVCache:
+        c = model.config
+        p = model.transformer.wte.weight
+        return cls(c.n_layer, batch_size, c.n_head, c.head_dim, c.block_size, p.device, p.dtype)
+
+    def reset(self) -> None:
+        self.pos = 0  # positions past the ones written are masked out, so stale entries are never seen
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values (B, n_head, T, head_dim) at positions input_pos (T,); return the whole buffers."""
+        self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))  # .to: k is bf16 under autocast
+        self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]  # (B, n_head, max_len, head_dim)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
@@ -106,14 +143,19 @@ class CausalSelfAttention(nn.Module):
             warnings.warn(f"head_dim {config.head_dim} is not a multiple of 8 up to 256: on CUDA the attention "
                           f"falls back from the flash kernel to a slower one. Choose n_embd/n_head accordingly.")
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | StaticKVCache | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
 
-        if kv_cache is None:  # training, or a plain forward: one causal pass over the whole sequence
+        if isinstance(kv_cache, StaticKVCache):  # fixed shapes (see StaticKVCache): the whole buffer, masked
+            k, v = kv_cache.update(self.layer, input_pos, k, v)  # (B, n_head, max_len, head_dim)
+            mask = torch.arange(k.size(2), device=q.device) <= input_pos[:, None]  # (T, max_len): keys up to pos
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif kv_cache is None:  # training, or a plain forward: one causal pass over the whole sequence
             dropout_p = self.dropout if self.training else 0.0
             if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and self.flash_ok:
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # fail loudly rather than silently use a slow kernel
@@ -156,8 +198,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)  # pre-norm: the residual stream itself is never normalised
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | StaticKVCache | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, input_pos)  # pre-norm: the residual stream is never normalised
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -226,6 +269,17 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
+    def forward_static(self, idx: torch.Tensor, input_pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for idx (B, T) at positions input_pos (T,), continuing a StaticKVCache.
+
+        forward(idx, kv_cache=...) with fixed shapes and no Python-side state, so that torch.compile can capture a
+        one-token step in a CUDA graph. The caller passes the positions and advances cache.pos.
+        """
+        x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)  # (B, T, n_embd)
+        for block in self.transformer.h:
+            x = block(x, cache, input_pos)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -239,28 +293,53 @@ class GPT(nn.Module):
         block_size tokens, which restart at position 0. The cache cannot shift positions, so from then on every
         step recomputes the cropped window (as slow as nanoGPT there, and giving exactly its tokens).
         """
+        new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None,
+                        generator: torch.Generator | None = None,
+                        decode_step: Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor] | None = None,
+                        ) -> Iterator[torch.Tensor]:
+        """generate(), one step at a time: yields each new token (B, 1) as soon as it is sampled.
+
+        decode_step switches to fixed shapes: a StaticKVCache, and every one-token step run as
+        decode_step(token, input_pos, cache) -> logits, normally a torch.compile of forward_static (sample.py's
+        --compile); prefill and the recompute past block_size stay eager. Either way the tokens are generate()'s.
+        """
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (batch, length) with length >= 1, got shape {tuple(idx.shape)}")
         if max_new_tokens == 0:
-            return idx
+            return
         block_size = self.config.block_size
-        cache = KVCache.for_model(self, idx.size(0))
-        logits, _ = self(idx[:, -block_size:], kv_cache=cache)  # prefill
+        cache = (KVCache if decode_step is None else StaticKVCache).for_model(self, idx.size(0))
+
+        def feed(tokens: torch.Tensor) -> torch.Tensor:  # (B, T) after the cached ones -> last logits (B, vocab)
+            if decode_step is None:
+                return self(tokens, kv_cache=cache)[0][:, -1, :]
+            T = tokens.size(1)
+            input_pos = torch.arange(cache.pos, cache.pos + T, device=tokens.device)  # (T,)
+            logits = (decode_step if T == 1 else self.forward_static)(tokens, input_pos, cache)
+            cache.pos += T
+            return logits[:, -1, :]
+
+        logits = feed(idx[:, -block_size:])  # prefill
         tokens = [idx]
         for step in range(max_new_tokens):
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            tokens.append(next_token)
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            yield next_token
             if step == max_new_tokens - 1:
                 break
+            tokens.append(next_token)
             if cache.pos < block_size:
-                logits, _ = self(next_token, kv_cache=cache)
+                logits = feed(next_token)
             else:  # context full: recompute the window of the last block_size tokens from position 0
                 cache.reset()
-                logits, _ = self(torch.cat(tokens, dim=1)[:, -block_size:], kv_cache=cache)
-        return torch.cat(tokens, dim=1)
+                logits = feed(torch.cat(tokens, dim=1)[:, -block_size:])
 
     # ------------------------------------------------------------------ optimizer and FLOPs
 
