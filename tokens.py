@@ -573,20 +573,32 @@ def iter_files(
 def iter_hf_dataset(
     path: str, name: str | None, text_field: str = "text", piece_chars: int = PIECE_CHARS
 ) -> Iterator[tuple[str, bool, int]]:
-    """Stream a Hugging Face dataset (nothing is stored but the tokens): one document per row."""
+    """Stream a Hugging Face dataset (nothing is stored but the tokens): one document per row.
+
+    Imports `datasets` and opens the stream before returning, so a missing library or network fails before any
+    old output is touched.
+    """
     try:
         import datasets
     except ImportError:
         raise SystemExit(
             f"streaming {path} needs the datasets library: pip install -e '.[web]' (or pass --input FILE with a local copy)"
         ) from None
+    offline = f"could not stream {path}: offline? pass --input FILE with a local copy"
     try:
         ds = datasets.load_dataset(path, name=name, split="train", streaming=True)
-        for row in ds:
-            for i, piece in enumerate(_split_long(row[text_field] or "", piece_chars)):
-                yield piece, i == 0, len(piece.encode("utf-8"))
     except OSError as e:  # datasets' connection and not-found errors are OSErrors
-        raise SystemExit(f"could not stream {path} ({type(e).__name__}: {e}): offline? pass --input FILE") from None
+        raise SystemExit(f"{offline} ({type(e).__name__}: {str(e)[:200]})") from None
+
+    def rows() -> Iterator[tuple[str, bool, int]]:
+        try:
+            for row in ds:
+                for i, piece in enumerate(_split_long(row[text_field] or "", piece_chars)):
+                    yield piece, i == 0, len(piece.encode("utf-8"))
+        except OSError as e:
+            raise SystemExit(f"{offline} ({type(e).__name__}: {str(e)[:200]})") from None
+
+    return rows()
 
 
 def collect_chars(pieces: Iterable[tuple[str, bool, int]]) -> str:
