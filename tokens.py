@@ -13,6 +13,7 @@ Token file format, used for every file (train.bin, val.bin and shards alike): 25
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import hashlib
 import http.client
@@ -371,6 +372,10 @@ def write_meta(out_dir: Path, meta: dict) -> Path:
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """For the prepare scripts: --help keeps the docstring's layout and shows every default."""
 
 
 def prepare_command(script: str, argv: list[str] | None) -> str:

@@ -6,7 +6,7 @@
     python data/fineweb/prepare.py --input fineweb_part.jsonl --out_dir=/tmp/fw      # offline, from a local copy
 
 Nothing but the tokens is stored: documents stream from the Hugging Face hub (or --input files: .txt/.jsonl, and
-.parquet with pyarrow), are tokenized on all cores and written as val_000000.bin, train_000000.bin, ... Every
+.parquet with pyarrow), are tokenized on all cores and written as val.bin and train_000000.bin, train_000001.bin, ... Every
 document is preceded by GPT-2's end-of-text token (but the first). The validation split is the first --val_tokens
 tokens of the stream (default: one shard, as llm.c's fineweb.py); the dataset's row order is fixed, so it is the
 same on every run. Then `python train.py --dataset=data/fineweb ...`.
@@ -23,13 +23,13 @@ DATASET = "HuggingFaceFW/fineweb-edu"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=tokens.HelpFormatter)
     parser.add_argument("--input", action="append", help="local .txt/.jsonl/.parquet files or folders instead of streaming")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the shards go")
     parser.add_argument("--dataset", default=DATASET, help="Hugging Face dataset to stream")
     parser.add_argument("--name", default="sample-10BT", help="its configuration: sample-10BT, sample-100BT, ...")
     parser.add_argument("--shard_size", type=int, default=tokens.DEFAULT_SHARD_SIZE, help="tokens per shard file")
-    parser.add_argument("--val_tokens", type=int, default=None, help="the first this many tokens are val; default: one shard")
+    parser.add_argument("--val_tokens", type=int, default=0, help="the first this many tokens are val; 0 = one shard")
     parser.add_argument("--text_field", default="text", help="the field holding each document's text")
     parser.add_argument("--encoding", default="gpt2", help="tiktoken encoding name")
     parser.add_argument("--num_threads", type=int, default=0, help="tokenizer threads; 0 = all cores")

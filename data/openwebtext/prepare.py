@@ -21,7 +21,7 @@ DATASET = "Skylion007/openwebtext"  # what nanoGPT's load_dataset("openwebtext")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=tokens.HelpFormatter)
     parser.add_argument("--input", action="append", help="local .txt/.jsonl/.parquet files or folders instead of streaming")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the shards go")
     parser.add_argument("--dataset", default=DATASET, help="Hugging Face dataset to stream")

@@ -21,7 +21,7 @@ SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=tokens.HelpFormatter)
     parser.add_argument("--input", help="local copy of input.txt instead of downloading it")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the files go")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="the last this much of the text is val")

@@ -19,7 +19,7 @@ import tokens  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=tokens.HelpFormatter)
     parser.add_argument("--input", action="append", required=True, help="a .txt/.jsonl/.parquet file or a folder; repeatable")
     parser.add_argument("--tokenizer", default="gpt2", help="'char', or a tiktoken encoding name (gpt2, cl100k_base, ...)")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the files go")
