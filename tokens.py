@@ -649,7 +649,7 @@ def tokenize_to_shards(
     batch_bytes = min(64 << 20, threads * (4 << 20))  # text in flight: bounded, yet several pieces per thread
     docs, nbytes_total, seen_doc = 0, 0, False
     writers = {s: ShardWriter(out_dir, s, dtype, shard_size) for s in ("train", "val")}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     # threads, not processes: tiktoken's Rust core releases the GIL while it encodes, and threads share the pieces
     with ThreadPoolExecutor(threads) as pool, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for batch in _batches(pieces, batch_bytes):
@@ -674,7 +674,7 @@ def tokenize_to_shards(
                 bar.update(nbytes)
             bar.set_postfix(docs=docs, refresh=False)
     files = {s: [p.name for p in w.close()] for s, w in writers.items()}
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0  # CPU time of all threads
     for s, w in writers.items():
         if w.tokens == 0:
             print(f"warning: the {s} split is empty; train.py needs both splits (check the split flags)")
@@ -684,6 +684,7 @@ def tokenize_to_shards(
         "documents": docs,
         "bytes": nbytes_total,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "threads": threads,
         "files": files,
     }
@@ -706,6 +707,6 @@ def report(name: str, out_dir: Path, stats: dict) -> None:
     mbps = stats["bytes"] / 1e6 / max(stats["seconds"], 1e-9)
     print(
         f"{name}: {stats['train_tokens']:,} train + {stats['val_tokens']:,} val tokens from {stats['documents']:,} "
-        f"documents, {stats['bytes'] / 1e6:.1f} MB in {stats['seconds']:.2f} s ({mbps:.1f} MB/s on "
-        f"{stats['threads']} threads) -> {out_dir}"
+        f"documents, {stats['bytes'] / 1e6:.1f} MB in {stats['seconds']:.2f} s ({mbps:.1f} MB/s, {stats['threads']} "
+        f"threads kept {stats['cpu_seconds'] / max(stats['seconds'], 1e-9):.2f} cores busy) -> {out_dir}"
     )
