@@ -15,21 +15,32 @@ The layout of an out_dir (every folder also loads with transformers.GPT2LMHeadMo
       best -> ckpt_000060
 
 Errors a user can cause (a wrong path, a damaged file, a tokenizer that does not fit) are ValueErrors with one line
-that names the file and the fix.
+that names the file and the fix. A save that fails (disk full) raises CheckpointError, a SystemExit, likewise.
+
+What survives what: a save writes a hidden temporary folder, fsyncs it, renames it to ckpt_NNNNNN and only then
+repoints the links, each step atomic; so a crash, a kill -9 or a power cut at any moment leaves `latest` on a
+complete checkpoint (the previous one or the new one). Leftover temporary folders are deleted by the next save, and
+old checkpoints only once `latest` points at a newer complete one. One process writes an out_dir (rank 0).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import shutil
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from model import GPT, HUB_MODELS
 from tokens import Tokenizer
 
+FILES = ("model.safetensors", "config.json", "state.pt")  # what a complete checkpoint folder holds
 LINKS = ("latest", "best")  # the symlinks in an out_dir; a checkpoint that no link points to is deleted on save
 _CKPT = re.compile(r"ckpt_(\d+)")
 _REQUIRED_CONFIG = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # what GPT.from_pretrained reads
@@ -97,6 +108,9 @@ def load_model(name_or_path: str | Path, which: str = "latest", device: str = "c
     else:
         folder = find_checkpoint(name_or_path, which)
         config = read_config(folder)
+        if not (folder / "model.safetensors").is_file():
+            raise ValueError(f"{folder / 'model.safetensors'} not found: a model folder holds config.json and "
+                             f"model.safetensors (pytorch_model.bin is not read: convert it to safetensors)")
         tokenizer = config_tokenizer(config, folder / "config.json")
         if tokenizer.vocab_size > config["vocab_size"]:
             raise ValueError(f"{folder / 'config.json'}: its tokenizer has {tokenizer.vocab_size} tokens but the "
@@ -168,7 +182,7 @@ def _describe(tokenizer_meta: object) -> str:
 
 
 def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "state.pt"))
+    return all((folder / name).is_file() for name in FILES)
 
 
 def _checkpoints(out_dir: Path) -> list[Path]:
@@ -177,3 +191,179 @@ def _checkpoints(out_dir: Path) -> list[Path]:
         return []
     found = [p for p in out_dir.iterdir() if _CKPT.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     return sorted((p for p in found if _is_complete(p)), key=lambda p: int(p.name.removeprefix("ckpt_")))
+
+
+# ----------------------------------------------------------------------------------------------------------- saving
+
+
+class CheckpointError(SystemExit):
+    """A save failed (disk full, no permission, ...). Its one-line message names the path and the checkpoint that is
+    still intact, and the partial folder is already gone. A SystemExit, so that uncaught it ends the run with that line
+    and no traceback, and `except Exception` does not swallow it; train.py may catch it to log or tell other ranks."""
+
+
+def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, *, iter_num: int,
+                    is_best: bool) -> Path:
+    """Write out_dir/ckpt_{iter_num:06d}, point `latest` (and `best` when is_best) at it, delete the checkpoints no
+    link points to; return the new folder.
+
+    model: the plain GPT; unwrap it first (`ddp_model.module`, `compiled_model._orig_mod`) so that no wrapper prefix
+        reaches the file.
+    extra_config: merged into config.json next to GPT.hf_config(): "tokenizer" (Tokenizer.to_meta()), "train" (the
+        resolved training config), "val_loss", ... iter_num is added.
+    state: saved as state.pt; only tensors, numbers, strings, None, lists, tuples and dicts, which is what
+        torch.load(weights_only=True) reads back (checked here, not hours later on resume: turn numpy RNG states
+        into tensors or lists).
+    Raises CheckpointError if the disk is full or out_dir is not writable; the previous checkpoint stays intact.
+    """
+    assert isinstance(model, GPT), f"pass the unwrapped GPT (ddp_model.module, compiled._orig_mod), not {type(model)}"
+    hf_config = model.hf_config()
+    assert not hf_config.keys() & extra_config.keys(), f"extra_config overrides model keys {hf_config.keys() & extra_config.keys()}"
+    _check_plain(state, "state")
+    config_text = json.dumps(hf_config | extra_config | {"iter_num": iter_num}, indent=2)  # TypeError now, not later
+    weights = model.hf_state_dict()
+
+    out_dir, name = Path(out_dir), f"ckpt_{iter_num:06d}"
+    tmp = out_dir / f".tmp-{name}-{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cleanup_partial(out_dir)
+        tmp.mkdir()
+        safetensors.torch.save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(config_text)
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+        for file in FILES:
+            _fsync(tmp / file)
+        _fsync(tmp)  # the folder's entries too, or a power cut could leave it empty under its final name
+        _install(tmp, out_dir / name)
+        _fsync(out_dir)  # the folder's new name is on disk before any link names it
+        _point(out_dir, "latest", name)
+        if is_best:
+            _point(out_dir, "best", name)
+        _fsync(out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # ignore_errors: report the first failure, not one from the cleanup
+        raise CheckpointError(_save_failed(out_dir, out_dir / name, e)) from None
+    _retain(out_dir)
+    return out_dir / name
+
+
+def cleanup_partial(out_dir: Path) -> None:
+    """Delete what interrupted saves left in out_dir: .tmp-* folders and links of this process or of dead ones.
+
+    save_checkpoint calls it first; a folder that `latest` or `best` points to is never touched.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    linked = {(out_dir / link).resolve() for link in LINKS if (out_dir / link).is_symlink()}
+    for path in out_dir.iterdir():
+        pid = re.fullmatch(r"\.tmp-.*-(\d+)", path.name)
+        if not pid or (int(pid[1]) != os.getpid() and _alive(int(pid[1]))):
+            continue
+        if path.is_symlink() or path.resolve() not in linked:
+            _remove(path)
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished folder tmp to final, replacing a folder of that name from an earlier save."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    # The same iteration saved again (an evaluation, then the end of training, at one step; or a save that was
+    # killed before its link moved). A folder cannot be renamed over another, and moving the old one aside first
+    # would leave `latest` dangling for a moment. So its files are replaced one by one, each atomically: both copies
+    # hold the same iteration, so whatever mix a crash leaves is a complete, loadable checkpoint.
+    for file in FILES:
+        os.replace(tmp / file, final / file)
+    _fsync(final)
+    _remove(tmp)
+
+
+def _point(out_dir: Path, link: str, name: str) -> None:
+    """Make out_dir/link a symlink to name in one atomic step: a new link under a temporary name, renamed over."""
+    tmp = out_dir / f".tmp-{link}-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(name, tmp)  # relative, so the out_dir can be moved or copied elsewhere
+    os.replace(tmp, out_dir / link)
+
+
+def _retain(out_dir: Path) -> None:
+    """Keep the checkpoints `latest` and `best` point to; delete the other ckpt_* folders and stale temporaries."""
+    linked = {(out_dir / link).resolve() for link in LINKS if (out_dir / link).is_symlink()}
+    # Deleting is only safe while latest leads to a complete checkpoint; save_checkpoint has just made sure of it.
+    assert _is_complete((out_dir / "latest").resolve()), f"{out_dir / 'latest'} is not a complete checkpoint"
+    try:
+        for path in out_dir.iterdir():
+            if _CKPT.fullmatch(path.name) and not path.is_symlink() and path.resolve() not in linked:
+                _remove(path)
+        cleanup_partial(out_dir)
+    except OSError as e:  # the new checkpoint is saved; old ones left behind only cost disk space
+        print(f"warning: could not delete old checkpoints in {out_dir} ({e}); delete them by hand", file=sys.stderr)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder; a folder is first renamed to .tmp-*, so a crash midway leaves no half-deleted
+    ckpt_* behind, only a temporary that the next save removes."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        if not path.name.startswith(".tmp-"):
+            doomed = path.with_name(f".tmp-del-{path.name}-{os.getpid()}")
+            os.rename(path, doomed)
+            path = doomed
+        shutil.rmtree(path)
+
+
+def _save_failed(out_dir: Path, final: Path, e: OSError) -> str:
+    """The one-line message of a failed save: what failed, how to fix it, and what is still there."""
+    hint = ("the disk is full: free some space or pass another --out_dir" if e.errno == errno.ENOSPC
+            else "check that the folder is writable, or pass another --out_dir")
+    latest = (out_dir / "latest").resolve()
+    if latest == final.resolve() and _is_complete(latest):
+        intact = f"{final} itself was written and is intact"
+    elif _is_complete(latest):
+        intact = f"the previous checkpoint {latest} is intact"
+    else:
+        intact = "no earlier checkpoint existed"
+    return f"could not save checkpoint {final} ({e.strerror or e}: {e.filename or final}): {hint}; {intact}"
+
+
+def _check_plain(obj: object, where: str) -> None:
+    """Refuse what torch.load(weights_only=True) would refuse: anything beyond tensors, plain scalars and containers.
+
+    Exact types, because numpy's float64 is a float subclass and would be pickled as a numpy object.
+    """
+    if isinstance(obj, torch.Tensor) or type(obj) in (str, int, float, bool, type(None)):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where} has key {key!r} of type {type(key).__name__}; use str or int keys")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+                        f"torch.load(weights_only=True) refuses: store it as a tensor, number, string, list or dict")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents to the disk (a folder's: its list of entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
