@@ -1,0 +1,308 @@
+"""Measure training and decoding speed on this machine: tokens/s, MFU, peak memory.
+
+    python bench.py                                          # GPT-2 124M shape, training and decoding
+    python bench.py --model=configs/shakespeare_char_cpu.toml --what=train
+    python bench.py --device=cuda --dtype=bfloat16 --compile=both --peak_flops=989e12
+    python bench.py --what=decode --baselines=true           # also nanoGPT's loop and transformers' generate
+    python bench.py --what=train --profile=true              # where a training step spends its time
+
+Every figure is the median of --repeats timed runs after --warmup untimed steps (which also absorb compilation).
+Each measurement is printed as a table row and appended to --out as one JSON line, with the device, torch
+version and date, so that docs/benchmarks.md can quote it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from config import format_config, load_toml, parse_config
+from model import GPT, GPTConfig, sample_next
+
+
+@dataclass
+class BenchConfig:
+    model: str = "gpt2"  # a model size (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a training config .toml
+    what: str = "train,decode"  # comma-separated: train, decode
+    device: str = "auto"  # cpu, cuda, mps; auto picks cuda when present
+    dtype: str = "auto"  # float32, bfloat16 or float16; auto: bfloat16 on CUDA, float32 elsewhere
+    compile: str = "false"  # torch.compile: false, true, or both (each measured separately)
+    batch_size: int | None = None  # training micro-batch; none: the config file's, else 8
+    block_size: int | None = None  # training sequence length; none: the model's block_size
+    vocab_size: int | None = None  # none: 50304, or the training config's dataset vocabulary when it is prepared
+    train_steps: int = 10  # timed training steps per repeat
+    warmup: int = 3  # untimed steps (or decodes) before timing
+    repeats: int = 3  # timed repeats; the median is reported
+    decode_batch: str = "1,8"  # comma-separated batch sizes for decoding
+    prompt_len: int = 16  # prompt tokens before decoding
+    decode_tokens: int = 64  # new tokens per timed decode
+    baselines: bool = False  # decode: also time nanoGPT's recompute loop and transformers' GPT2 generate
+    peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: looked up in PEAK_FLOPS by name
+    profile: bool = False  # train: print a torch.profiler table of a few steps instead of timing
+    out: str = "bench_results.jsonl"  # results are appended here, one JSON object per measurement
+    seed: int = 1337  # weights and tokens are random, from this seed
+
+    def __post_init__(self) -> None:
+        unknown = set(self.what.split(",")) - {"train", "decode"}
+        if unknown:
+            raise ValueError(f"--what takes train and/or decode, got {sorted(unknown)}")
+        if self.compile not in ("false", "true", "both"):
+            raise ValueError(f"--compile takes false, true or both, got {self.compile!r}")
+        if min(self.train_steps, self.repeats, self.decode_tokens, self.prompt_len) < 1:
+            raise ValueError("--train_steps, --repeats, --decode_tokens and --prompt_len must be at least 1")
+
+
+SIZES = {  # (n_layer, n_head, n_embd), GPT-2's family with its 1024-token context
+    "tiny": (2, 4, 64),
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' data sheets (no sparsity), FLOP/s.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12}
+
+
+def peak_flops_of(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def model_config(cfg: BenchConfig) -> tuple[GPTConfig, int]:
+    """The model to benchmark and its training micro-batch size."""
+    if cfg.model in SIZES:
+        n_layer, n_head, n_embd = SIZES[cfg.model]
+        gpt = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, dropout=0.0,
+                        vocab_size=cfg.vocab_size or 50304)
+        return gpt, cfg.batch_size or 8
+    if not cfg.model.endswith(".toml"):
+        raise SystemExit(f"--model={cfg.model}: give one of {', '.join(SIZES)} or a training config .toml")
+    train = load_toml(cfg.model)
+    vocab = cfg.vocab_size or _dataset_vocab(train.get("dataset")) or 50304
+    keys = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+    gpt = GPTConfig(vocab_size=vocab, **{k: train[k] for k in keys if k in train})
+    return gpt, cfg.batch_size or train.get("batch_size", 8)
+
+
+def _dataset_vocab(dataset: str | None) -> int | None:
+    """The vocabulary of a prepared dataset (data/NAME/meta.json), so char models are measured at their size."""
+    if not dataset:
+        return None
+    meta = Path(dataset) / "meta.json" if "/" in dataset else Path(__file__).parent / "data" / dataset / "meta.json"
+    if not meta.is_file():
+        return None
+    vocab = json.loads(meta.read_text())["vocab_size"]
+    return vocab if vocab < 50257 else 50304  # BPE vocabularies are padded to a multiple of 64 as in train.py
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated by tensors, or the process's peak resident set on the CPU (KiB on Linux)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def autocast(device: str, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, dtype: torch.dtype,
+                compiled: bool) -> dict:
+    torch.manual_seed(cfg.seed)
+    T = cfg.block_size or gpt.block_size
+    model = GPT(gpt).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    step_model = torch.compile(model) if compiled else model
+    x = torch.randint(0, gpt.vocab_size, (batch_size, T), device=device)
+    y = torch.randint(0, gpt.vocab_size, (batch_size, T), device=device)
+
+    def step() -> None:  # the training step of train.py: forward, backward, clip, update
+        with autocast(device, dtype):
+            _, loss = step_model(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    if cfg.profile:
+        return profile_steps(step, device)
+    for _ in range(cfg.warmup):
+        step()
+    synchronize(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(cfg.repeats):
+        t0 = time.perf_counter()
+        for _ in range(cfg.train_steps):
+            step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tokens_per_sec = batch_size * T * cfg.train_steps / dt
+    peak = cfg.peak_flops or peak_flops_of(device)
+    return {
+        "what": "train", "batch_size": batch_size, "seq_len": T,
+        "tokens_per_sec": round(tokens_per_sec, 1), "ms_per_step": round(1000 * dt / cfg.train_steps, 2),
+        "mfu": round(model.estimate_mfu(tokens_per_sec, peak, T), 4) if peak else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1), "params": model.num_params(non_embedding=False),
+    }
+
+
+def profile_steps(step, device: str) -> dict:
+    """Print where the time of a few training steps goes, by operator, self time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+    return {"what": "profile"}
+
+
+def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtype: torch.dtype,
+                 compiled: bool, method: str) -> dict:
+    """Decode tokens/s: prompt prefilled, then decode_tokens greedy steps (each step's time is what is reported)."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(gpt).to(device).eval()
+    prompt = torch.randint(0, gpt.vocab_size, (batch, cfg.prompt_len), device=device)
+    n = cfg.decode_tokens
+    if method == "kv-cache":
+        run = _cached_decoder(model, prompt, n, compiled)
+    elif method == "recompute (nanoGPT)":
+        run = lambda: _recompute_decode(model, prompt, n)  # noqa: E731
+    else:
+        run = _transformers_decoder(model, prompt, n)
+    with torch.no_grad(), autocast(device, dtype):
+        for _ in range(cfg.warmup):
+            run()
+        times = []
+        for _ in range(cfg.repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            run()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    return {"what": "decode", "method": method, "batch_size": batch, "prompt_len": cfg.prompt_len, "new_tokens": n,
+            "tokens_per_sec": round(batch * n / dt, 1), "ms_per_token": round(1000 * dt / n, 2),
+            "peak_memory_mb": round(peak_memory_mb(device), 1)}
+
+
+def _cached_decoder(model: GPT, prompt: torch.Tensor, n: int, compiled: bool):
+    """Prefill plus one-token steps through the KV cache: model.generate's loop, greedy."""
+    if not compiled:
+        return lambda: model.generate(prompt, n, temperature=0)
+    from sample import compiled_generate  # the static-cache, CUDA-graph decoder that sample.py --compile uses
+
+    return lambda: compiled_generate(model, prompt, n, temperature=0)
+
+
+def _recompute_decode(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """nanoGPT's generate: every new token recomputes the whole (cropped) context."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat([idx, sample_next(logits[:, -1, :], temperature=0)], dim=1)
+    return idx
+
+
+def _transformers_decoder(model: GPT, prompt: torch.Tensor, n: int):
+    """transformers' GPT2LMHeadModel.generate on the same weights (greedy, its own KV cache)."""
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("--baselines=true needs transformers: pip install -e '.[test]'") from None
+    c = model.config
+    hf_config = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                        n_layer=c.n_layer, n_head=c.n_head)
+    hf = transformers.GPT2LMHeadModel(hf_config).to(prompt.device).eval()
+    weights = {"transformer." + k: v for k, v in model.hf_state_dict().items()}
+    missing, unexpected = hf.load_state_dict(weights, strict=False)  # the head is tied to wte, so not in weights
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    mask = torch.ones_like(prompt)
+    return lambda: hf.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=0)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = parse_config(BenchConfig, argv, description=__doc__)
+    print(format_config(cfg))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    gpt, batch_size = model_config(cfg)
+    compile_modes = {"false": [False], "true": [True], "both": [False, True]}[cfg.compile]
+    stamp = {
+        "model": cfg.model, "device": device, "device_name": _device_name(device), "dtype": dtype_name,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "date": datetime.date.today().isoformat(),
+    }
+    results = []
+    for compiled in compile_modes:
+        if "train" in cfg.what:
+            results.append({**stamp, "compile": compiled, **bench_train(cfg, gpt, batch_size, device, dtype, compiled)})
+        if "decode" in cfg.what:
+            for batch in (int(b) for b in cfg.decode_batch.split(",")):
+                results.append({**stamp, "compile": compiled,
+                                **bench_decode(cfg, gpt, batch, device, dtype, compiled, "kv-cache")})
+    if cfg.baselines and "decode" in cfg.what:
+        for method in ("recompute (nanoGPT)", "transformers"):
+            results.append({**stamp, "compile": False, **bench_decode(cfg, gpt, 1, device, dtype, False, method)})
+    results = [r for r in results if r.get("what") != "profile"]
+    if results:
+        with open(cfg.out, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+        print_table(results)
+    return results
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def print_table(results: list[dict]) -> None:
+    columns = ["what", "method", "compile", "batch_size", "tokens_per_sec", "ms_per_step", "ms_per_token", "mfu",
+               "peak_memory_mb"]
+    rows = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in results]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
