@@ -1,0 +1,654 @@
+"""Train a GPT from scratch, resume a run, or fine-tune GPT-2: on a laptop CPU, one GPU, or many GPUs with torchrun.
+
+    python train.py configs/shakespeare_char_cpu.toml                          # a CPU, about two minutes
+    python train.py configs/shakespeare_char.toml                              # one GPU
+    python train.py configs/shakespeare_char.toml --init_from=resume           # continue the run in out_dir
+    torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.toml   # eight GPUs on one machine
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py CONFIG.toml
+                                                                               # the same command on each of 2 nodes
+    python train.py --help                                                     # every setting, with its default
+
+Settings resolve as TrainConfig's defaults < the TOML file < --key=value. The run writes into out_dir: checkpoints
+(ckpt_NNNNNN/ with `latest` and `best` links, see checkpoint.py), metrics.jsonl (one JSON object per log line or
+evaluation) and loss.png (when matplotlib is installed).
+
+Reproducibility. Every random choice a training step makes (which windows of the corpus it reads, which dropout
+masks it draws) comes from generators seeded by (seed, iteration, micro-step) alone. So the global batch of a step is
+the same whatever the number of processes, and a resumed run sees exactly the data and the masks that the
+uninterrupted run would have: 40 iterations plus a resume to 80 ends with the same weights as 80 straight.
+
+What survives what (tests/test_train.py injects each):
+  - Ctrl-C or SIGTERM: the current optimizer step finishes, a checkpoint is written and the run exits, saying how to
+    resume; a second signal exits at once (the checkpoints on disk are whole: checkpoint.py writes atomically).
+    Under torchrun every rank stops at the same step.
+  - kill -9, a power cut: resume from the last checkpoint (`--init_from=resume`) and end with the same weights.
+  - a NaN/Inf loss or gradient: the update is skipped on every rank; after max_skipped_steps in a row the run stops,
+    keeping the last good checkpoint.
+  - GPU out of memory: a message with the settings to change; no partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import (check_tokenizer_matches, find_checkpoint, has_checkpoint, load_model, load_state,
+                        save_checkpoint)
+from config import config_to_dict, format_config, parse_config
+from model import GPT, HUB_MODELS, GPTConfig
+from tokens import Tokenizer, load_meta, load_split
+
+REPO = Path(__file__).resolve().parent
+
+
+@dataclass
+class TrainConfig:
+    # output and evaluation
+    out_dir: str = "out"  # folder for checkpoints, metrics.jsonl and loss.png
+    eval_interval: int = 2000  # evaluate train/val loss and save a checkpoint every this many iterations, and at the end
+    log_interval: int = 1  # report loss, tokens/s and MFU every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation (the same batches every time)
+    eval_only: bool = False  # evaluate the initial (or resumed, or pretrained) model once, then exit
+    init_from: str = "scratch"  # scratch, resume (out_dir's latest checkpoint), gpt2[-medium|-large|-xl], or a model folder
+    # data
+    dataset: str = "openwebtext"  # a folder under data/ (prepared by its prepare.py) or the path of a prepared folder
+    gradient_accumulation_steps: int = 40  # micro-steps per optimizer step, over all processes together
+    batch_size: int = 12  # sequences per micro-step in each process
+    block_size: int = 1024  # tokens per sequence; a pretrained model's may be cropped down to it
+    # model (ignored when resuming or fine-tuning: the checkpoint's shape is used)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # dropout probability (0 for pretraining; try 0.1+ for fine-tuning and small data)
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 (Hugging Face's GPT-2 needs them)
+    # AdamW
+    learning_rate: float = 6e-4  # peak learning rate, reached after warmup_iters
+    max_iters: int = 600000  # optimizer steps of the whole run
+    weight_decay: float = 0.1  # AdamW weight decay on the 2-D weights (not on biases and LayerNorms)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 disables clipping
+    # learning-rate schedule
+    decay_lr: bool = True  # linear warmup then cosine decay; false keeps learning_rate constant
+    warmup_iters: int = 2000  # iterations of linear warmup from ~0 to learning_rate
+    lr_decay_iters: int = 600000  # iteration at which the cosine reaches min_lr (~max_iters, per Chinchilla)
+    min_lr: float = 6e-5  # learning rate after the decay (~learning_rate / 10, per Chinchilla)
+    # system
+    device: str = "auto"  # cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu
+    dtype: str = "auto"  # bfloat16, float16 (with a gradient scaler) or float32; auto: bfloat16 where CUDA has it, else float32
+    compile: bool | None = None  # torch.compile the model; none: on for CUDA, off elsewhere
+    backend: str = "auto"  # torch.distributed backend under torchrun: nccl or gloo; auto: nccl on CUDA, gloo on CPU
+    seed: int = 1337  # seeds the initial weights, the data windows and the dropout masks
+    peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: looked up (H100, A100...), else no MFU
+    max_skipped_steps: int = 5  # stop after this many optimizer steps in a row with a NaN/Inf loss or gradient
+
+    def __post_init__(self) -> None:
+        for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                     "block_size", "n_layer", "n_head", "n_embd", "max_skipped_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): change one of "
+                             f"them, e.g. --n_head={_divisor_near(self.n_embd, self.n_head)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
+            raise ValueError(f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got learning_rate="
+                             f"{self.learning_rate}, min_lr={self.min_lr}")
+        if self.decay_lr and self.lr_decay_iters < self.warmup_iters:
+            raise ValueError(f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters ({self.warmup_iters}): "
+                             f"the cosine decay starts when the warmup ends")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0 (grad_clip=0 disables clipping), got "
+                             f"{self.weight_decay} and {self.grad_clip}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ValueError(f"peak_flops must be positive (e.g. 989e12 for an H100 in bf16), got {self.peak_flops}")
+        if self.init_from not in ("scratch", "resume", *HUB_MODELS) and not Path(self.init_from).is_dir():
+            raise ValueError(f"init_from={self.init_from!r} is not scratch, resume, one of {', '.join(HUB_MODELS)} "
+                             f"or an existing model folder")
+
+
+def _divisor_near(n: int, k: int) -> int:
+    """The divisor of n closest to k, for error messages."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def learning_rate(it: int, cfg: TrainConfig) -> float:
+    """nanoGPT's schedule: linear warmup over warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def step_rngs(seed: int, iter_num: int, micro_step: int) -> tuple[np.random.Generator, int]:
+    """The data generator and the dropout seed of one micro-step, derived from (seed, iter_num, micro_step) alone.
+
+    micro_step counts over all processes (0 .. gradient_accumulation_steps - 1), so whichever rank runs micro-step m
+    of iteration i reads the same windows and draws the same dropout masks. numpy's SeedSequence hashes the tuple,
+    so no two tuples share a stream (a formula such as seed * P + iter * Q + micro would collide for large micro).
+    The leading 0 tags training; evaluation batches use 1 (train split) and 2 (val split).
+    """
+    data_seq, dropout_seq = np.random.SeedSequence([seed, 0, iter_num, micro_step]).spawn(2)
+    return np.random.default_rng(data_seq), int(dropout_seq.generate_state(1, np.uint64)[0])
+
+
+def get_batch(files: list[np.memmap], block_size: int, batch_size: int, rng: np.random.Generator,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_size random windows of block_size + 1 consecutive tokens: inputs x (B, T) and targets y (B, T).
+
+    Start positions are uniform over every position of every file (shard), so a shard is picked in proportion to
+    its length and a window never crosses from one shard into the next.
+    """
+    starts_per_file = np.array([max(len(f) - block_size, 0) for f in files])  # a window needs block_size + 1 tokens
+    ends = np.cumsum(starts_per_file)
+    starts = rng.integers(0, ends[-1], size=batch_size)
+    which = np.searchsorted(ends, starts, side="right")  # the file each start falls in
+    offsets = starts - (ends[which] - starts_per_file[which])
+    windows = np.stack([files[f][o:o + block_size + 1] for f, o in zip(which, offsets)]).astype(np.int64)
+    w = torch.from_numpy(windows)  # (B, T + 1)
+    if device.type == "cuda":  # pinned memory lets the copy run while the GPU works on the previous micro-step
+        w = w.pin_memory().to(device, non_blocking=True)
+    else:
+        w = w.to(device)
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
+
+
+def seed_dropout(seed: int, device: torch.device) -> None:
+    """Seed the generator the dropout masks come from (the CPU's, or the current accelerator's)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # this process's GPU only: manual_seed_all would touch every visible GPU
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+
+
+def resolve_dataset(name: str) -> Path:
+    """`dataset` as a folder: a path as given, else data/<name> of this repository."""
+    if Path(name).is_dir():
+        return Path(name)
+    if (REPO / "data" / name).is_dir():
+        return REPO / "data" / name
+    known = sorted(p.name for p in (REPO / "data").glob("*/prepare.py") for p in [p.parent])
+    raise SystemExit(f"dataset={name!r} is neither a folder nor one of data/{{{','.join(known)}}}: pass the folder "
+                     f"of a prepared dataset or one of those names")
+
+
+def crop_block_size(model: GPT, block_size: int) -> None:
+    """Shorten a pretrained model's context to block_size by keeping its first block_size position embeddings."""
+    assert block_size <= model.config.block_size
+    model.config.block_size = block_size
+    model.transformer.wpe.weight = torch.nn.Parameter(model.transformer.wpe.weight[:block_size].detach().clone())
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 tensor-core peak FLOP/s of known GPUs (from NVIDIA's data sheets); None when unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+                       ("L40S", 362e12), ("4090", 165e12), ("A10G", 70e12), ("3090", 71e12)):
+        if key in name:
+            return flops
+    return None
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a request to stop after the current optimizer step; a second one exits at once.
+
+    Exiting at once is safe for the files: checkpoint.py writes a checkpoint into a temporary folder and renames it
+    into place, so the checkpoints on disk are whole whenever the process dies.
+    """
+
+    def __init__(self, verbose: bool) -> None:
+        self.signum = 0  # the first signal received; 0 while none
+        self.verbose = verbose
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        # os.write, not print: a handler that prints can interrupt a print and fail with a reentrant-call error
+        name = signal.Signals(signum).name
+        if self.signum:
+            os.write(2, f"\n{name} again: exiting now; the last saved checkpoint is intact\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+        if self.verbose:
+            os.write(2, f"\n{name}: finishing this step and saving a checkpoint (send it again to quit at once)\n"
+                     .encode())
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments with --init_from=resume."""
+    keep = [a for a in argv if not a.startswith("--init_from")]
+    keep = [a for i, a in enumerate(keep) if not (a == "--init_from" or i > 0 and keep[i - 1] == "--init_from")]
+    return shlex.join(["python", "train.py", *keep, "--init_from=resume"])
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """loss.png from metrics.jsonl: the training loss of each log line, and train/val loss of each evaluation."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no loss.png (pip install matplotlib)")
+        return
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    logs = [r for r in records if r["val_loss"] is None]
+    evals = [r for r in records if r["val_loss"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r["iter"] for r in logs], [r["train_loss"] for r in logs], lw=0.8, alpha=0.5, label="train (batch)")
+    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (eval)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(png_path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run training as configured by argv (default sys.argv[1:]); returns the final iteration and losses."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(TrainConfig, argv, description=__doc__)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    ddp = "RANK" in os.environ  # set by torchrun
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    master = rank == 0  # only rank 0 prints, logs and writes files
+    accum = cfg.gradient_accumulation_steps
+    if accum % world_size:
+        raise SystemExit(f"gradient_accumulation_steps ({accum}) must be divisible by the number of processes "
+                         f"({world_size}): each process runs an equal share of the micro-steps; use e.g. "
+                         f"--gradient_accumulation_steps={max(world_size, accum // world_size * world_size)}")
+    local_accum = accum // world_size  # micro-steps this process runs per optimizer step
+
+    if cfg.device == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    else:
+        device_name = cfg.device
+    if device_name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"device={cfg.device} but this torch sees no CUDA GPU: use --device=cpu (or mps)")
+        if ddp:
+            device_name = f"cuda:{local_rank}"  # one GPU per process
+        torch.cuda.set_device(device_name)
+    elif device_name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("device=mps but this torch has no MPS support: use --device=cpu")
+    device = torch.device(device_name)
+    if cfg.dtype == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    else:
+        dtype_name = cfg.dtype
+    if dtype_name == "float16" and device.type == "cpu":
+        raise SystemExit("dtype=float16 needs a GPU: use --dtype=bfloat16 or --dtype=float32 on the CPU")
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+
+    out_dir = Path(cfg.out_dir)
+    resuming = cfg.init_from == "resume"
+    writes = master and not cfg.eval_only
+    if writes:
+        if not resuming and has_checkpoint(out_dir):
+            raise SystemExit(f"{out_dir} already holds a checkpoint: continue that run with --init_from=resume, or "
+                             f"start a new one with another --out_dir (nothing was overwritten)")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out_dir).close()
+        except OSError as e:
+            raise SystemExit(f"out_dir {out_dir} is not writable ({e.strerror}): pass another --out_dir") from None
+    if resuming and not has_checkpoint(out_dir):
+        raise SystemExit(f"init_from=resume but {out_dir} holds no checkpoint: check --out_dir, or start with "
+                         f"--init_from=scratch")
+
+    if ddp:
+        backend = cfg.backend if cfg.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        if device.type == "cpu":  # processes on one machine share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer; no effect on the CPU
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
+    if master:
+        print(format_config(cfg))
+
+    # ------------------------------------------------------------------------------------------------ data
+    data_dir = resolve_dataset(cfg.dataset)
+    try:
+        meta = load_meta(data_dir)
+        tokenizer = Tokenizer.from_meta(meta["tokenizer"])
+        splits = {split: load_split(data_dir, split) for split in ("train", "val")}
+    except ValueError as e:  # tokens.py's messages name the file and the prepare.py command to run
+        raise SystemExit(str(e)) from None
+    for split, files in splits.items():  # a token id past the vocabulary would index outside the embedding table
+        for f in files:
+            if len(f) and int(f.max()) >= tokenizer.vocab_size:
+                raise SystemExit(f"{f.filename}: token id {int(f.max())} >= the vocabulary size "
+                                 f"{tokenizer.vocab_size} of {data_dir / 'meta.json'}: the file does not belong to "
+                                 f"this dataset; prepare it again")
+
+    # ------------------------------------------------------------------------------------------------ model
+    state = None  # the training state of the checkpoint we resume from
+    if resuming:
+        ckpt_dir = find_checkpoint(out_dir)  # resolved once: the model and the state come from the same folder
+        model, _, ckpt_config = load_model(ckpt_dir, dropout=cfg.dropout)
+        check_tokenizer_matches(ckpt_config, meta, data_dir / "meta.json")
+        state = load_state(ckpt_dir)
+        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt_config.get("train", {}).items()
+                   if k not in ("init_from", "n_layer", "n_head", "n_embd", "bias", "block_size")
+                   and hasattr(cfg, k) and getattr(cfg, k) != v}
+        if master:
+            print(f"resuming from iteration {state['iter_num']} ({ckpt_dir}), continuing at iteration "
+                  f"{state['iter_num'] + 1}")
+            if changed:
+                print("settings changed since that checkpoint: " +
+                      ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    elif cfg.init_from == "scratch":
+        # Small character vocabularies stay as they are; GPT-2's 50257 is padded to 50304, a multiple of 64, which
+        # makes the embedding and head matmuls faster (nanoGPT); the extra logits learn to be never predicted.
+        vocab_size = tokenizer.vocab_size if tokenizer.kind == "char" else -(-tokenizer.vocab_size // 64) * 64
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+    else:  # fine-tune: GPT-2 from the hub, a Hugging Face folder, or another run's out_dir or checkpoint
+        try:
+            model, _, ckpt_config = load_model(cfg.init_from, dropout=cfg.dropout)
+            check_tokenizer_matches(ckpt_config, meta, data_dir / "meta.json")
+        except ValueError as e:
+            raise SystemExit(f"init_from={cfg.init_from}: {e}") from None
+        if cfg.block_size > model.config.block_size:
+            raise SystemExit(f"block_size={cfg.block_size} is longer than {cfg.init_from}'s context of "
+                             f"{model.config.block_size} tokens: set --block_size={model.config.block_size} or less")
+        if cfg.block_size < model.config.block_size:
+            crop_block_size(model, cfg.block_size)
+    block_size = model.config.block_size
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise SystemExit(f"{data_dir / 'meta.json'} has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}: the dataset does not fit this model")
+    for split, files in splits.items():
+        if max(len(f) for f in files) <= block_size:
+            raise SystemExit(f"the {split} split of {data_dir} has no file longer than block_size={block_size} "
+                             f"tokens: lower --block_size or prepare more data")
+    if master:
+        print(f"{model.num_params() / 1e6:.2f}M parameters; {cfg.batch_size * block_size * accum:,} tokens per "
+              f"iteration ({world_size} process(es) x {local_accum} micro-steps x {cfg.batch_size} x {block_size}); "
+              f"{device}, {dtype_name}{', compiled' if use_compile else ''}")
+    raw_model = model.to(device).train()
+    if use_compile:
+        model = torch.compile(model)
+    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
+
+    # ------------------------------------------------------------------------------------------------ optimizer
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)  # float16 underflows without it
+    iter_num, best_val_loss, elapsed_before = 0, math.inf, 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+        elapsed_before = state.get("elapsed", 0.0)
+        # Nothing below draws from these generators (data and dropout are seeded per micro-step), but a change
+        # that does will then resume exactly too.
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    start_iter = iter_num
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------------ schedule
+    # learning_rate(it, cfg) above: warmup, cosine decay, floor. It depends on the iteration alone, so a resumed run
+    # continues the curve where it stopped.
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        """Mean loss over eval_iters batches per split: the same batches at every evaluation, shared out over ranks."""
+        raw_model.eval()
+        losses = {}
+        for tag, split in ((1, "train"), (2, "val")):
+            total = torch.zeros((), device=device)
+            for k in range(rank, cfg.eval_iters, world_size):
+                rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, tag, k]))
+                x, y = get_batch(splits[split], block_size, cfg.batch_size, rng, device)
+                with autocast:
+                    _, loss = model(x, y)
+                total += loss.float()
+            if ddp:
+                dist.all_reduce(total)
+            losses[split] = total.item() / cfg.eval_iters
+        raw_model.train()
+        return losses
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+    metrics_path = out_dir / "metrics.jsonl"
+    t_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
+    def save(val_loss: float | None) -> Path:
+        """Write ckpt_{iter_num}: weights, config (model, tokenizer, training settings) and the training state."""
+        nonlocal best_val_loss
+        is_best = val_loss is not None and val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss) if val_loss is not None else best_val_loss
+        train_state = {
+            "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "scaler": scaler.state_dict(), "elapsed": elapsed(),
+        }
+        extra = {"tokenizer": meta["tokenizer"], "train": config_to_dict(cfg), "val_loss": val_loss}
+        return save_checkpoint(out_dir, raw_model, extra, train_state, iter_num=iter_num, is_best=is_best)
+
+    def record(**values: float | None) -> None:
+        """Append one line to metrics.jsonl (rank 0); every line has every key, null where it does not apply."""
+        row = {"iter": iter_num, "train_loss": None, "val_loss": None, "lr": None, "tokens_per_sec": None,
+               "mfu": None, "elapsed": round(elapsed(), 3)} | values
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if writes:
+        # A fresh run starts a new metrics.jsonl; a resumed one drops the lines past its checkpoint, which the
+        # interrupted run wrote but whose steps are now done again.
+        kept = []
+        if resuming and metrics_path.exists():
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iter"] <= iter_num]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    if cfg.eval_only or not resuming:  # the starting point: the untrained (or pretrained) model's loss
+        losses = evaluate()
+        if master:
+            print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if cfg.eval_only:
+            if ddp:
+                dist.destroy_process_group()
+            return {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+        if writes:
+            record(train_loss=losses["train"], val_loss=losses["val"], lr=learning_rate(iter_num, cfg))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    peak_flops = cfg.peak_flops or device_peak_flops(device)
+    tokens_per_iter = cfg.batch_size * block_size * accum
+    last_saved = start_iter if resuming else None
+    val_loss = None
+    interrupted = False  # all ranks agreed to stop early after a signal
+    skipped = 0  # optimizer steps skipped in a row because of a non-finite loss or gradient
+    window_time, window_iters = 0.0, 0  # for tokens/s over the current log interval
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it")
+    stop = StopSignal(verbose=master)
+    with stop:
+        try:
+            micro_steps = list(range(rank, accum, world_size))  # rank r runs micro-steps r, r + W, r + 2W, ...
+            rng, dropout_seed = step_rngs(cfg.seed, iter_num, micro_steps[0])
+            x, y = get_batch(splits["train"], block_size, cfg.batch_size, rng, device)
+            while iter_num < cfg.max_iters:
+                t0 = time.perf_counter()
+                lr = learning_rate(iter_num, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=device)
+                for i, m in enumerate(micro_steps):
+                    last = i == local_accum - 1
+                    seed_dropout(dropout_seed, device)
+                    # DDP averages gradients over ranks when the last micro-step's backward runs; the others
+                    # only accumulate locally (no_sync), so each optimizer step costs one all-reduce.
+                    with train_model.no_sync() if ddp and not last else nullcontext():
+                        with autocast:
+                            _, loss = train_model(x, y)
+                        # Fetch the next batch while the device works: the next micro-step, or the next iteration.
+                        rng, dropout_seed = (step_rngs(cfg.seed, iter_num, micro_steps[i + 1]) if not last
+                                             else step_rngs(cfg.seed, iter_num + 1, micro_steps[0]))
+                        x, y = get_batch(splits["train"], block_size, cfg.batch_size, rng, device)
+                        loss_sum += loss.detach()
+                        # Each rank sums local_accum losses and DDP averages over world_size ranks, so dividing by
+                        # local_accum here gives the mean over all accum micro-steps, whatever world_size is.
+                        scaler.scale(loss / local_accum).backward()
+                scaler.unscale_(optimizer)  # a no-op unless float16: clip and check the true gradient
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+                # The step's one host sync: the mean loss, the gradient norm (the same on every rank: the gradients
+                # were all-reduced) and whether any rank got a stop signal. Skipping a non-finite update and
+                # stopping must be decided the same way on every rank; reading three numbers once per optimizer step
+                # (not per micro-step) costs far less than a step, and float16's GradScaler syncs here anyway.
+                stats = torch.stack([loss_sum / local_accum, grad_norm.float(),
+                                     loss_sum.new_full((), float(stop.signum))])  # a fill kernel, no copy
+                if ddp:
+                    dist.all_reduce(stats)  # SUM: loss sums over ranks, norm * W, stop > 0 if any rank was signalled
+                    stats /= world_size
+                loss_value, norm_value, stop_value = stats.tolist()
+                stopping = stop_value > 0
+
+                # With float16 the GradScaler owns overflowing gradients: it skips that step and lowers its scale.
+                nonfinite = not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(norm_value))
+                if nonfinite:
+                    skipped += 1
+                    scaler.update()  # (float16) resets the scaler's per-step state and lowers the scale
+                    if master:
+                        tqdm.write(f"iter {iter_num + 1}: loss {loss_value}, gradient norm {norm_value}: update "
+                                   f"skipped ({skipped} in a row)")
+                    if skipped >= cfg.max_skipped_steps:
+                        latest = f"{find_checkpoint(out_dir)}" if has_checkpoint(out_dir) else "none was saved yet"
+                        raise SystemExit(
+                            f"the loss or gradient was not finite for {skipped} steps in a row (iterations "
+                            f"{iter_num + 2 - skipped}-{iter_num + 1}): stopping without saving. The last good "
+                            f"checkpoint: {latest}. Resume it with --init_from=resume and a lower --learning_rate, "
+                            f"a --grad_clip, or --dtype=bfloat16/float32 if this ran in float16")
+                else:
+                    skipped = 0
+                    scaler.step(optimizer)  # optimizer.step() unless float16
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                iter_num += 1
+                bar.update(1)
+                window_time += time.perf_counter() - t0
+                window_iters += 1
+
+                if iter_num % cfg.log_interval == 0 and master:
+                    tokens_per_sec = tokens_per_iter * window_iters / window_time
+                    mfu = raw_model.estimate_mfu(tokens_per_sec / world_size, peak_flops) if peak_flops else None
+                    shown = {"loss": f"{loss_value:.4f}", "tok/s": f"{tokens_per_sec:,.0f}"}
+                    if mfu is not None:
+                        shown["mfu"] = f"{mfu:.1%}"
+                    bar.set_postfix(shown, refresh=False)
+                    record(train_loss=loss_value, lr=lr, tokens_per_sec=round(tokens_per_sec, 1),
+                           mfu=None if mfu is None else round(mfu, 4))
+                if iter_num % cfg.log_interval == 0:
+                    window_time, window_iters = 0.0, 0
+
+                if stopping:
+                    interrupted = True
+                    break
+                if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+                    losses = evaluate()
+                    val_loss = losses["val"]
+                    if master:
+                        record(train_loss=losses["train"], val_loss=val_loss, lr=lr)
+                        best = val_loss < best_val_loss
+                        folder = save(val_loss)
+                        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}; "
+                                   f"saved {folder}{' (best)' if best else ''}")
+                    last_saved = iter_num
+        except torch.OutOfMemoryError:
+            raise SystemExit(
+                f"out of memory on {device} with batch_size={cfg.batch_size}, block_size={block_size}: lower "
+                f"--batch_size and raise --gradient_accumulation_steps to keep the tokens per step (e.g. "
+                f"--batch_size={max(1, cfg.batch_size // 2)} --gradient_accumulation_steps={accum * 2}), or train a "
+                f"smaller model. Nothing was saved by this run after its last checkpoint") from None
+        finally:
+            bar.close()
+
+        # -------------------------------------------------------------------------------------------- end
+        if master and last_saved != iter_num:  # an interrupted run, or one with nothing to train (max_iters reached)
+            folder = save(None)
+            print(f"saved {folder}")
+        if master and metrics_path.exists() and metrics_path.stat().st_size:
+            plot_losses(metrics_path, out_dir / "loss.png")
+        if ddp:
+            dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has written
+            dist.destroy_process_group()
+    if interrupted:
+        signum = stop.signum or signal.SIGTERM  # a rank that got no signal itself stops because another did
+        if master:
+            print(f"stopped by {signal.Signals(signum).name} at iteration {iter_num}; continue with:\n"
+                  f"  {resume_command(argv)}")
+        raise SystemExit(128 + signum)
+    return {"iter_num": iter_num, "val_loss": val_loss, "best_val_loss": best_val_loss}
+
+
+if __name__ == "__main__":
+    main()
