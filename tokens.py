@@ -20,6 +20,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import urllib.error
@@ -125,6 +126,11 @@ class Tokenizer:
     def decode(self, ids: list[int] | np.ndarray) -> str:
         if isinstance(ids, np.ndarray):
             ids = ids.tolist()
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # e.g. a model whose embedding is padded past the vocabulary (50304 > 50257) sampled a padding id
+            raise ValueError(
+                f"token id {next(i for i in ids if not 0 <= i < self.vocab_size)} is outside this {self.kind} vocabulary of {self.vocab_size} tokens: mask the "
+                f"logits beyond vocab_size before sampling"
+            )
         if self.kind == "char":
             return "".join([self.chars[i] for i in ids])
         return self._enc.decode(ids)
@@ -380,7 +386,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def prepare_command(script: str, argv: list[str] | None) -> str:
     """The command line that made a dataset, kept in meta.json and quoted by the loaders' error messages."""
-    return " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -462,7 +468,15 @@ def _safe_cut(text: str, limit: int) -> int:
             if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
                 return i
             i = text.rfind(ws, 1, i)
-    return limit  # no safe point in a quarter-megabyte: the text still round-trips, a token may differ at the cut
+    global _warned_unsafe_cut
+    if not _warned_unsafe_cut:
+        _warned_unsafe_cut = True
+        print(f"warning: no single space or newline in {limit:,} characters; cutting there, so a token or two at the "
+              f"cut may differ from tokenizing the text whole (it still decodes to the same text)")
+    return limit
+
+
+_warned_unsafe_cut = False
 
 
 def _split_long(text: str, piece_chars: int) -> Iterator[str]:

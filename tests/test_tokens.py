@@ -63,6 +63,13 @@ def test_end_of_text_written_in_a_document_is_plain_text(gpt2: tokens.Tokenizer)
     assert gpt2.decode(ids) == "a<|endoftext|>b"
 
 
+def test_decode_names_an_id_outside_the_vocabulary(gpt2: tokens.Tokenizer) -> None:
+    with pytest.raises(ValueError, match="token id 50300 is outside this tiktoken vocabulary of 50257"):
+        gpt2.decode([15496, 50300])
+    with pytest.raises(ValueError, match="token id 3 is outside this char vocabulary of 3"):
+        tokens.Tokenizer.char("abc").decode([0, 3])
+
+
 def test_encode_batch_equals_encode(gpt2: tokens.Tokenizer) -> None:
     texts = ["one", "two words", "", "three\nlines\n", "x" * 1000]
     assert gpt2.encode_batch(texts, num_threads=2) == [gpt2.encode(t) for t in texts]
