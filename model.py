@@ -301,12 +301,13 @@ class GPT(nn.Module):
                         top_k: int | None = None, top_p: float | None = None,
                         generator: torch.Generator | None = None,
                         decode_step: Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor] | None = None,
-                        ) -> Iterator[torch.Tensor]:
+                        cache: KVCache | StaticKVCache | None = None) -> Iterator[torch.Tensor]:
         """generate(), one step at a time: yields each new token (B, 1) as soon as it is sampled.
 
         decode_step switches to fixed shapes: a StaticKVCache, and every one-token step run as
         decode_step(token, input_pos, cache) -> logits, normally a torch.compile of forward_static (sample.py's
         --compile); prefill and the recompute past block_size stay eager. Either way the tokens are generate()'s.
+        A cache passed in is reset and reused: a StaticKVCache that keeps its addresses spares a new CUDA graph.
         """
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 0:
@@ -316,7 +317,9 @@ class GPT(nn.Module):
         if max_new_tokens == 0:
             return
         block_size = self.config.block_size
-        cache = (KVCache if decode_step is None else StaticKVCache).for_model(self, idx.size(0))
+        if cache is None:
+            cache = (KVCache if decode_step is None else StaticKVCache).for_model(self, idx.size(0))
+        cache.reset()
 
         def feed(tokens: torch.Tensor) -> torch.Tensor:  # (B, T) after the cached ones -> last logits (B, vocab)
             if decode_step is None:

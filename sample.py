@@ -1,0 +1,319 @@
+"""Generate text from a checkpoint written by train.py, or from OpenAI's GPT-2.
+
+    python sample.py --out_dir=out/shakespeare_char --start="ROMEO:" --num_samples=3 --max_new_tokens=300
+    python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --temperature=0.8 --top_k=200 --stop=eot
+    echo "The meaning of life is" | python sample.py --init_from=gpt2 --start=- --num_samples=1
+    python sample.py --init_from=gpt2 --device=cuda --compile=true   # static KV cache + CUDA graphs
+
+Each sample is printed as the prompt followed by its continuation, then a line of dashes (as nanoGPT prints them);
+standard output carries only the samples, so it can be piped. The settings and the speed go to standard error. All
+samples are generated together as one batch. The tokenizer is the checkpoint's own (its config.json says which).
+With one sample on a terminal the text streams as it is generated.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from checkpoint import load_model
+from config import format_config, parse_config
+from model import GPT, StaticKVCache, check_sampling
+from tokens import Tokenizer
+
+SEPARATOR = "---------------"  # printed after every sample, as nanoGPT's sample.py does
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"  # training output folder to sample from (its `checkpoint` link), or a checkpoint folder
+    init_from: str | None = None  # instead of out_dir: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder
+    checkpoint: str = "latest"  # which checkpoint of out_dir: latest or best (lowest validation loss)
+    start: str = "\n"  # the prompt; "FILE:path" reads it from a file, "-" from standard input; "" = end-of-text (BPE)
+    num_samples: int = 10  # samples to draw, generated together as one batch
+    max_new_tokens: int = 500  # tokens generated per sample (fewer when `stop` ends it)
+    temperature: float = 0.8  # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
+    top_k: int | None = 200  # sample only among the k likeliest tokens (none: no limit)
+    top_p: float | None = None  # nucleus sampling: only the likeliest tokens whose probabilities add up to p (none: off)
+    seed: int = 1337  # seed of the sampling generator: the same seed gives the same text on one device and dtype
+    device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
+    dtype: str = "auto"  # float32, bfloat16 or float16 (the weights are cast); auto: bfloat16 on CUDA, else float32
+    compile: bool = False  # fixed-shape KV cache and torch.compile'd decode step (CUDA graphs on a GPU)
+    stop: str | None = None  # end each sample at the end-of-text token ("eot") or before this string (\n = newline)
+    out_file: str | None = None  # also write the samples to this file
+    stream: bool | None = None  # print the text as it is generated; none: when there is one sample and a terminal
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p)  # ValueError -> one line from parse_config
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.checkpoint not in ("latest", "best"):
+            raise ValueError(f"checkpoint must be latest or best, got {self.checkpoint!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.stop == "":
+            raise ValueError("stop must not be empty: pass none, eot, or the string to stop before")
+        if self.stream and self.num_samples > 1:
+            raise ValueError("stream=true prints one sample as it grows: use it with num_samples=1")
+
+
+# ---------------------------------------------------------------------------------------------------------- decoding
+
+_compiled: dict[str, Callable] = {}  # torch.compile'd GPT.forward_static, one per compile mode
+_static_caches: weakref.WeakKeyDictionary[GPT, dict[int, StaticKVCache]] = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor]:
+    """model.forward_static under torch.compile (compiled once per model, on its first call).
+
+    On CUDA mode="reduce-overhead" replays the one-token step as a CUDA graph: at batch 1, GPT-2 124M runs ~100
+    small kernels per token, and launching them one by one from Python would take longer than running them.
+    """
+    mode = "reduce-overhead" if model.transformer.wte.weight.is_cuda else "default"
+    if mode not in _compiled:
+        _compiled[mode] = torch.compile(GPT.forward_static, mode=mode)
+    return functools.partial(_compiled[mode], model)
+
+
+def compiled_generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """model.generate through a static KV cache and the compiled decode step: the same tokens, (B, T + new)."""
+    return torch.cat([idx, *compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator)], 1)
+
+
+def compiled_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """model.generate_stream through a static KV cache and the compiled decode step.
+
+    The cache is kept per model and batch size and reused, so that a CUDA graph recorded once stays valid: it
+    replays at the addresses it was recorded with.
+    """
+    caches = _static_caches.setdefault(model, {})
+    if idx.size(0) not in caches:
+        caches[idx.size(0)] = StaticKVCache.for_model(model, idx.size(0))
+    return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator,
+                                 decode_step=compiled_decode_step(model), cache=caches[idx.size(0)])
+
+
+def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """tokenizer.decode, with ids past the tokenizer's vocabulary shown as U+FFFD.
+
+    The model's vocabulary may be padded (GPT-2's 50257 to 50304, for faster matmuls); a trained model gives those
+    ids ~zero probability, but an untrained one picks them, and they have no text.
+    """
+    if max(ids, default=0) < tokenizer.vocab_size:
+        return tokenizer.decode(ids)
+    parts, begin = [], 0
+    for i, token in enumerate(ids):
+        if token >= tokenizer.vocab_size:
+            parts += [tokenizer.decode(ids[begin:i]), "\ufffd"]
+            begin = i + 1
+    return "".join(parts + [tokenizer.decode(ids[begin:])])
+
+
+class Continuation:
+    """The text one sample adds to its prompt, and whether a stop condition has ended it."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_token: int | None, stop_text: str | None) -> None:
+        self.tokenizer, self.stop_token, self.stop_text = tokenizer, stop_token, stop_text
+        self.ids: list[int] = []
+        self.text = ""
+        self.done = False
+
+    def extend(self, ids: list[int]) -> None:
+        """Many tokens at once, when there is no stop condition to check on the way."""
+        assert self.stop_token is None and self.stop_text is None
+        self.ids += ids
+        self.text = decode(self.tokenizer, self.ids)
+
+    def add(self, token: int) -> None:
+        if self.done:
+            return  # the batch goes on for the other samples; this one has ended
+        if token == self.stop_token:
+            self.done = True
+            return
+        self.ids.append(token)
+        self.text = decode(self.tokenizer, self.ids)  # whole-text decode: multi-byte characters span tokens
+        if self.stop_text is not None and (cut := self.text.find(self.stop_text)) >= 0:
+            self.text, self.done = self.text[:cut], True
+
+    def settled(self) -> str:
+        """The part of the text that later tokens cannot change: this much can be printed while streaming."""
+        if self.done:
+            return self.text
+        end = len(self.text.rstrip("\ufffd"))  # a multi-byte character still missing its last bytes
+        if self.stop_text is not None:  # hold back an ending that the next tokens may complete to the stop string
+            held = max((n for n in range(1, len(self.stop_text)) if self.text.endswith(self.stop_text[:n])), default=0)
+            end = min(end, len(self.text) - held)
+        return self.text[:end]
+
+
+def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
+                     generator: torch.Generator, stream_to: TextIO | None = None) -> tuple[list[str], dict]:
+    """Continue prompt_ids num_samples times in one batch; the continuations' texts and timing figures.
+
+    With stream_to, the (single) sample's text is written there as it settles, with the same characters in the end.
+    """
+    stop_token = tokenizer.eot_token if cfg.stop == "eot" else None
+    stop_text = cfg.stop.replace("\\n", "\n").replace("\\t", "\t") if cfg.stop not in (None, "eot") else None
+    samples = [Continuation(tokenizer, stop_token, stop_text) for _ in range(cfg.num_samples)]
+    watch = cfg.stop is not None or stream_to is not None  # the host must see each token as it comes
+    device = model.transformer.wte.weight.device
+    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T)
+
+    printed = 0
+    pending = []  # tokens left on the device until the end when nothing needs them sooner (no sync per step)
+    t0 = time.perf_counter()
+    t_first = t0
+    steps = 0
+    tokens = (compiled_stream if cfg.compile else GPT.generate_stream)(
+        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    for steps, token in enumerate(tokens, start=1):  # token: (num_samples, 1)
+        if steps == 1:
+            _synchronize(device)
+            t_first = time.perf_counter()  # prefill done
+        if not watch:
+            pending.append(token)
+            continue
+        for sample, t in zip(samples, token[:, 0].tolist()):
+            sample.add(t)
+        if stream_to is not None:
+            settled = samples[0].settled()
+            stream_to.write(settled[printed:])
+            stream_to.flush()
+            printed = len(settled)
+        if all(s.done for s in samples):
+            break
+    _synchronize(device)
+    t_end = time.perf_counter()
+    if pending:
+        for sample, row in zip(samples, torch.cat(pending, dim=1).tolist()):  # one transfer for the whole batch
+            sample.extend(row)
+    if stream_to is not None:
+        stream_to.write(samples[0].text[printed:])
+    timing = {"steps": steps, "prefill_s": t_first - t0, "total_s": t_end - t0,
+              "decode_tokens_per_s": cfg.num_samples * (steps - 1) / (t_end - t_first) if steps > 1 else None}
+    return [s.text for s in samples], timing
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------- setup
+
+
+def read_prompt(start: str) -> str:
+    """The prompt text that --start names: the text itself, FILE:path, or - for standard input."""
+    if start == "-":
+        return sys.stdin.read()
+    if start.startswith("FILE:"):
+        path = Path(start.removeprefix("FILE:"))
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SystemExit(f"--start=FILE:{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"--start=FILE:{path} cannot be read as UTF-8 text ({e})") from None
+    return start
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of the prompt; an empty prompt starts from the end-of-text token where the tokenizer has one."""
+    if text == "":
+        if tokenizer.eot_token is None:
+            raise SystemExit("the prompt is empty and a char tokenizer has no end-of-text token to start from: "
+                             "pass some text, e.g. --start='\\n' (the default)")
+        return [tokenizer.eot_token]
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:
+        raise SystemExit(f"the prompt cannot be encoded: {e}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device={name} is not a device: use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device={name} but this torch sees no CUDA GPU: use --device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device={name} but MPS is not available here: use --device=cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(SampleConfig, argv, description=__doc__)
+    print(format_config(cfg), file=sys.stderr)  # stderr: standard output carries only the samples
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+
+    try:
+        model, tokenizer, _ = load_model(cfg.init_from or cfg.out_dir, cfg.checkpoint, device="cpu")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if cfg.stop == "eot" and tokenizer.eot_token is None:
+        raise SystemExit("--stop=eot: this model's char tokenizer has no end-of-text token; stop at a string "
+                         "instead, e.g. --stop='\\n\\n'")
+    # Cast the weights rather than autocast: decoding reads every weight once per token, so half-size weights
+    # halve the memory traffic, where autocast would read fp32 weights and cast them again at every step.
+    model = model.to(device=device, dtype=dtype)
+
+    prompt = read_prompt(cfg.start)
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    if len(prompt_ids) > model.config.block_size:
+        print(f"the prompt has {len(prompt_ids)} tokens, more than block_size {model.config.block_size}: the model "
+              f"sees only its last {model.config.block_size}", file=sys.stderr)
+    if cfg.compile:
+        t = time.perf_counter()
+        compiled_generate(model, torch.tensor([prompt_ids[-1:]] * cfg.num_samples, device=device), 4)
+        print(f"compiled the decode step in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+
+    stream = cfg.stream if cfg.stream is not None else cfg.num_samples == 1 and sys.stdout.isatty()
+    if stream:
+        sys.stdout.write(prompt)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    continuations, timing = generate_samples(model, tokenizer, prompt_ids, cfg, generator,
+                                             stream_to=sys.stdout if stream else None)
+    samples = [prompt + text for text in continuations]
+    if stream:
+        sys.stdout.write(f"\n{SEPARATOR}\n")
+    else:
+        sys.stdout.write("".join(f"{s}\n{SEPARATOR}\n" for s in samples))
+    sys.stdout.flush()
+    if cfg.out_file is not None:
+        Path(cfg.out_file).write_text("".join(f"{s}\n{SEPARATOR}\n" for s in samples), encoding="utf-8")
+
+    new_tokens = cfg.num_samples * timing["steps"]
+    rate = f", then {timing['decode_tokens_per_s']:.1f} tokens/s" if timing["decode_tokens_per_s"] else ""
+    print(f"{cfg.num_samples} x {timing['steps']} = {new_tokens} new tokens in {timing['total_s']:.2f} s "
+          f"({new_tokens / timing['total_s']:.1f} tokens/s; prefill of {len(prompt_ids)} tokens "
+          f"{timing['prefill_s']:.3f} s{rate})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

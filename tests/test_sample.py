@@ -1,0 +1,300 @@
+"""sample.py: its output against model.generate with the same seed, prompts from a file and stdin, stop conditions,
+streaming against non-streaming, bad settings, an imported Hugging Face GPT-2 folder, and the compiled decode path."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
+from sample import SEPARATOR, Continuation, compiled_generate, decode, main
+from tokens import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+CHARS = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+BLOCK = 32
+
+
+def tiny_gpt(vocab_size: int, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=BLOCK, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+def save_run(out_dir: Path, model: GPT, tokenizer: Tokenizer) -> Path:
+    save_checkpoint(out_dir, model, {"tokenizer": tokenizer.to_meta()}, {"iter_num": 10}, iter_num=10, is_best=True)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory) -> Path:
+    """An out_dir with one checkpoint of a tiny char-level model."""
+    return save_run(tmp_path_factory.mktemp("char") / "out", tiny_gpt(len(CHARS)), Tokenizer.char(CHARS))
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> Path:
+    """A tiny GPT-2 BPE model that samples near-uniform tokens (so multi-byte characters get split across tokens)
+    and the end-of-text token with probability ~0.2 at every step."""
+    model = tiny_gpt(50257)
+    eot = Tokenizer.tiktoken("gpt2").eot_token
+    with torch.no_grad():
+        direction = torch.nn.functional.normalize(torch.randn(16), dim=0)
+        model.transformer.ln_f.weight.fill_(0.05)  # every position's output is ~ the bias ...
+        model.transformer.ln_f.bias.copy_(direction)
+        model.transformer.wte.weight[eot] = 9.4 * direction  # ... whose logit for end-of-text is ~9.4 = ln(0.25 * 50256)
+    return save_run(tmp_path_factory.mktemp("bpe") / "out", model, Tokenizer.tiktoken("gpt2"))
+
+
+def run(capsys, *args: str) -> tuple[str, str]:
+    """main(args) in this process: (stdout, stderr)."""
+    assert main(list(args)) == 0
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def expected_output(out_dir: Path, prompt: str, n: int, new: int, seed: int, stop_eot: bool = False,
+                    stop: str | None = None, **sampling) -> str:
+    """What sample.py must print, built from model.generate with a generator seeded the same way."""
+    model = GPT.from_pretrained(out_dir / "latest").eval()
+    tokenizer = Tokenizer.from_meta(__import__("json").loads((out_dir / "latest" / "config.json").read_text())["tokenizer"])
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
+    idx = torch.tensor([ids] * n)
+    out = model.generate(idx, new, generator=torch.Generator().manual_seed(seed), **sampling)
+    texts = []
+    for row in out[:, len(ids):].tolist():
+        if stop_eot and tokenizer.eot_token in row:
+            row = row[:row.index(tokenizer.eot_token)]
+        text = decode(tokenizer, row)
+        if stop is not None and stop in text:
+            text = text[:text.index(stop)]
+        texts.append(f"{prompt}{text}\n{SEPARATOR}\n")
+    return "".join(texts)
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+
+
+def test_samples_are_model_generate_with_prompt_kept_and_separators(char_run, capsys):
+    # 45 new tokens after a 5-token prompt go past block_size 32: the cropped-window recompute is exercised too
+    out, err = run(capsys, f"--out_dir={char_run}", "--start=ROMEO", "--num_samples=3", "--max_new_tokens=45",
+                   "--seed=7", "--temperature=1.0", "--top_k=20")
+    assert out == expected_output(char_run, "ROMEO", 3, 45, 7, temperature=1.0, top_k=20)
+    assert out.count(SEPARATOR) == 3
+    assert all(s.startswith("ROMEO") for s in out.split(f"\n{SEPARATOR}\n")[:3])
+    assert "tokens/s" in err and "3 x 45 = 135 new tokens" in err
+
+
+def test_same_seed_same_text_other_seed_other_text(char_run, capsys):
+    args = [f"--out_dir={char_run}", "--num_samples=2", "--max_new_tokens=30", "--temperature=1.0"]
+    a, _ = run(capsys, *args, "--seed=1")
+    b, _ = run(capsys, *args, "--seed=1")
+    c, _ = run(capsys, *args, "--seed=2")
+    assert a == b and a != c
+
+
+def test_top_p_and_greedy_follow_model_generate(char_run, capsys):
+    out, _ = run(capsys, f"--out_dir={char_run}", "--start=ab", "--num_samples=2", "--max_new_tokens=20",
+                 "--top_k=none", "--top_p=0.9", "--temperature=1.0", "--seed=3")
+    assert out == expected_output(char_run, "ab", 2, 20, 3, temperature=1.0, top_p=0.9)
+    out, _ = run(capsys, f"--out_dir={char_run}", "--start=ab", "--num_samples=1", "--max_new_tokens=20",
+                 "--temperature=0")
+    assert out == expected_output(char_run, "ab", 1, 20, 0, temperature=0)
+
+
+def test_prompt_longer_than_block_size_is_kept_whole(char_run, capsys):
+    prompt = "to be or not to be, that is the question"  # 40 characters > block_size 32
+    out, err = run(capsys, f"--out_dir={char_run}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=10")
+    assert out == expected_output(char_run, prompt, 1, 10, 1337, temperature=0.8, top_k=200)
+    assert "sees only its last 32" in err
+
+
+def test_file_prompt_and_stdin_prompt(char_run, capsys, tmp_path, monkeypatch):
+    prompt = "First Citizen:\nBefore we proceed any further, hear me speak."
+    args = [f"--out_dir={char_run}", "--num_samples=2", "--max_new_tokens=12"]
+    direct, _ = run(capsys, *args, f"--start={prompt}")
+    (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
+    from_file, _ = run(capsys, *args, f"--start=FILE:{tmp_path / 'prompt.txt'}")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt))
+    from_stdin, _ = run(capsys, *args, "--start=-")
+    assert direct.startswith(prompt) and from_file == direct and from_stdin == direct
+
+
+def test_out_file_holds_the_printed_samples(char_run, capsys, tmp_path):
+    out, _ = run(capsys, f"--out_dir={char_run}", "--num_samples=2", "--max_new_tokens=10",
+                 f"--out_file={tmp_path / 'samples.txt'}")
+    assert (tmp_path / "samples.txt").read_text(encoding="utf-8") == out
+
+
+def test_best_checkpoint_and_checkpoint_folder(char_run, capsys):
+    latest, _ = run(capsys, f"--out_dir={char_run}", "--num_samples=1", "--max_new_tokens=10")
+    best, _ = run(capsys, f"--out_dir={char_run}", "--checkpoint=best", "--num_samples=1", "--max_new_tokens=10")
+    folder, _ = run(capsys, f"--init_from={char_run / 'ckpt_000010'}", "--num_samples=1", "--max_new_tokens=10")
+    assert latest == best == folder
+
+
+# ---------------------------------------------------------------------------------------------------------- stop
+
+
+def test_stop_at_end_of_text(bpe_run, capsys):
+    out, err = run(capsys, f"--out_dir={bpe_run}", "--start=Hello", "--num_samples=4", "--max_new_tokens=40",
+                   "--top_k=none", "--temperature=1.0", "--stop=eot", "--seed=5")
+    assert out == expected_output(bpe_run, "Hello", 4, 40, 5, stop_eot=True, temperature=1.0)
+    assert "<|endoftext|>" not in out
+    assert "= 160 new tokens" not in err  # with P(eot) ~0.2 every sample stops long before 40 tokens: the batch ends
+
+
+def test_stop_at_a_string(char_run, capsys):
+    args = [f"--out_dir={char_run}", "--start=a", "--num_samples=3", "--max_new_tokens=40", "--temperature=1.5",
+            "--seed=11"]
+    full, _ = run(capsys, *args)
+    stop = "e"
+    out, _ = run(capsys, *args, f"--stop={stop}")
+    assert out == expected_output(char_run, "a", 3, 40, 11, stop=stop, temperature=1.5, top_k=200)
+    assert out != full and all(stop not in s[1:] for s in out.split(f"\n{SEPARATOR}\n"))
+
+
+def test_stop_string_escapes_mean_newline(char_run, capsys):
+    args = [f"--out_dir={char_run}", "--start=a", "--num_samples=3", "--max_new_tokens=40", "--temperature=2.0",
+            "--top_k=none", "--seed=4"]
+    out, _ = run(capsys, *args, "--stop=\\n")
+    assert out == expected_output(char_run, "a", 3, 40, 4, stop="\n", temperature=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------- streaming
+
+
+def test_streaming_prints_the_same_text(bpe_run, char_run, capsys):
+    for args in ([f"--out_dir={bpe_run}", "--start=Hi", "--max_new_tokens=60", "--top_k=none", "--temperature=1.0"],
+                 [f"--out_dir={bpe_run}", "--start=", "--max_new_tokens=60", "--stop=eot", "--seed=9"],
+                 [f"--out_dir={char_run}", "--start=a", "--max_new_tokens=60", "--stop=ab", "--temperature=2.0"]):
+        streamed, _ = run(capsys, *args, "--num_samples=1", "--stream=true")
+        printed, _ = run(capsys, *args, "--num_samples=1", "--stream=false")
+        assert streamed == printed
+
+
+def test_streaming_holds_back_split_characters_and_stop_prefixes():
+    bpe = Tokenizer.tiktoken("gpt2")
+    ids = bpe.encode("🙂")
+    assert len(ids) > 1  # GPT-2 BPE spells this emoji with several byte tokens
+    c = Continuation(bpe, None, None)
+    for token in ids[:-1]:
+        c.add(token)
+        assert c.settled() == "" and c.text.endswith("\ufffd")
+    c.add(ids[-1])
+    assert c.settled() == "🙂"
+
+    char = Tokenizer.char(CHARS)
+    c = Continuation(char, None, "\n\n")
+    for ch, settled in (("a", "a"), ("\n", "a"), ("b", "a\nb"), ("\n", "a\nb"), ("\n", "a\nb")):
+        c.add(char.encode(ch)[0])
+        assert c.settled() == settled
+    assert c.done and c.text == "a\nb"
+
+
+def test_padded_vocabulary_ids_decode_as_replacement_characters():
+    bpe = Tokenizer.tiktoken("gpt2")
+    ids = bpe.encode("Hello world")
+    assert decode(bpe, ids[:1] + [50300] + ids[1:]) == "Hello\ufffd world"
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature=-1"], "temperature must be >= 0"),
+    (["--top_k=0"], "top_k must be >= 1"),
+    (["--top_p=0"], "top_p must be in"),
+    (["--top_p=1.5"], "top_p must be in"),
+    (["--max_new_tokens=-1"], "max_new_tokens must be >= 0"),
+    (["--num_samples=0"], "num_samples must be >= 1"),
+    (["--checkpoint=oldest"], "latest or best"),
+    (["--dtype=int8"], "dtype must be"),
+    (["--stop="], "stop must not be empty"),
+    (["--stream=true", "--num_samples=2"], "num_samples=1"),
+    (["--temprature=1"], "did you mean 'temperature'"),
+    (["--stop=eot"], "no end-of-text token"),
+    (["--start=héllo"], "cannot be encoded"),
+    (["--start="], "prompt is empty"),
+    (["--start=FILE:/no/such/prompt.txt"], "no such file"),
+    (["--checkpoint=best", "--out_dir=/no/such/dir"], "does not exist"),
+])
+def test_bad_settings_exit_with_one_line(char_run, args, words):
+    with pytest.raises(SystemExit) as e:
+        main([f"--out_dir={char_run}", "--max_new_tokens=3", *args])
+    message = str(e.value.code)
+    assert words in message and "\n" not in message
+
+
+def test_damaged_weights_exit_with_one_line(char_run, tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("config.json", "state.pt"):
+        (damaged / name).write_bytes((char_run / "latest" / name).read_bytes())
+    weights = (char_run / "latest" / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(SystemExit, match="damaged") as e:
+        main([f"--init_from={damaged}", "--max_new_tokens=3"])
+    assert "\n" not in str(e.value.code)
+
+
+def test_command_line_error_has_no_traceback(char_run):
+    result = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--out_dir={char_run}", "--top_p=2"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "top_p must be in (0, 1] (or None for no limit), got 2.0"
+
+
+# ---------------------------------------------------------------------------------------------------------- GPT-2
+
+
+def test_sampling_from_a_hugging_face_gpt2_folder_matches_transformers(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path / "gpt2-tiny", safe_serialization=True)
+
+    bpe = Tokenizer.tiktoken("gpt2")
+    prompt = "The quick brown fox"
+    out, _ = run(capsys, f"--init_from={tmp_path / 'gpt2-tiny'}", f"--start={prompt}", "--num_samples=1",
+                 "--max_new_tokens=15", "--temperature=0")
+    ids = torch.tensor([bpe.encode(prompt)])
+    with torch.no_grad():
+        hf_ids = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, min_new_tokens=15,
+                             do_sample=False, pad_token_id=0)
+    assert out == f"{prompt}{bpe.decode(hf_ids[0, ids.size(1):].tolist())}\n{SEPARATOR}\n"
+
+
+# ---------------------------------------------------------------------------------------------------------- compile
+
+
+def test_static_cache_path_gives_generate_tokens():
+    """The fixed-shape path (StaticKVCache + forward_static) in eager mode, past block_size, cache reused."""
+    model = tiny_gpt(len(CHARS))
+    idx = torch.randint(0, len(CHARS), (3, 5))
+    cache = sample.StaticKVCache.for_model(model, 3)
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10), dict(temperature=0.9, top_p=0.8)):
+        expected = model.generate(idx, 50, generator=torch.Generator().manual_seed(1), **kwargs)
+        new = model.generate_stream(idx, 50, generator=torch.Generator().manual_seed(1),
+                                    decode_step=model.forward_static, cache=cache, **kwargs)
+        assert torch.equal(torch.cat([idx, *new], dim=1), expected)
+
+
+@pytest.mark.skipif(not os.environ.get("SMALLGPT_SLOW_TESTS"),
+                    reason="compiles with inductor (~1 min on 2 CPU cores): set SMALLGPT_SLOW_TESTS=1")
+def test_compiled_decoding_gives_generate_tokens(char_run, capsys):
+    model = tiny_gpt(len(CHARS))
+    idx = torch.randint(0, len(CHARS), (2, 5))
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10)):  # twice: the cache is reused
+        expected = model.generate(idx, 45, generator=torch.Generator().manual_seed(2), **kwargs)
+        assert torch.equal(compiled_generate(model, idx, 45, generator=torch.Generator().manual_seed(2), **kwargs),
+                           expected)
+    args = [f"--out_dir={char_run}", "--num_samples=2", "--max_new_tokens=40", "--stop=xy"]
+    assert run(capsys, *args, "--compile=true")[0] == run(capsys, *args)[0]
