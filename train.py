@@ -111,9 +111,11 @@ class TrainConfig:
                              f"them, e.g. --n_head={_divisor_near(self.n_embd, self.n_head)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
-            raise ValueError(f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got learning_rate="
-                             f"{self.learning_rate}, min_lr={self.min_lr}")
+        if self.learning_rate <= 0 or self.min_lr < 0:
+            raise ValueError(f"learning_rate must be > 0 and min_lr >= 0, got {self.learning_rate} and {self.min_lr}")
+        if self.decay_lr and self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}): the decay would "
+                             f"raise the rate; lower --min_lr (learning_rate / 10 is usual) or set --decay_lr=false")
         if self.decay_lr and self.lr_decay_iters < self.warmup_iters:
             raise ValueError(f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters ({self.warmup_iters}): "
                              f"the cosine decay starts when the warmup ends")
