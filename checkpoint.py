@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -72,10 +73,9 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         if _is_complete(target):
             return target
         # Saves never leave a link like this, so someone deleted or moved the folder.
-        hint = f"; complete checkpoints here: {', '.join(p.name for p in _checkpoints(path))}" if _checkpoints(
-            path) else ""
-        raise ValueError(f"{link} points to {target}, which is not a complete checkpoint (deleted?){hint}: pass one "
-                         f"of those folders directly")
+        others = ", ".join(p.name for p in _checkpoints(path)) or "none"
+        raise ValueError(f"{link} points to {target}, which is not a complete checkpoint (deleted?); complete "
+                         f"checkpoints in {path}: {others}: pass one of them directly")
     if which == "latest" and _checkpoints(path):
         # A save finished its folder but was killed before it created the first `latest` link.
         newest = _checkpoints(path)[-1]
@@ -128,10 +128,15 @@ def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
                          f"fine-tune from it with --init_from={ckpt_dir} instead")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for foreign objects, RuntimeError for a truncated zip
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is refused: {first_line} (it must hold only tensors, dicts, lists and numbers, "
-                         f"and be complete): resume from another checkpoint") from None
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; the line naming the refused object is the useful one.
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+        raise ValueError(f"{path} is refused: it holds Python objects beyond tensors, numbers, strings, lists and "
+                         f"dicts ({detail}), and loading those could run code; resume only from checkpoints you "
+                         f"trust, written by train.py") from None
+    except (RuntimeError, EOFError, OSError) as e:  # a truncated or overwritten zip archive
+        raise ValueError(f"{path} is refused: the file is damaged ({str(e).split('.')[0]}); resume from another "
+                         f"checkpoint") from None
 
 
 def read_config(folder: Path) -> dict:
@@ -218,7 +223,10 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
     """
     assert isinstance(model, GPT), f"pass the unwrapped GPT (ddp_model.module, compiled._orig_mod), not {type(model)}"
     hf_config = model.hf_config()
-    assert not hf_config.keys() & extra_config.keys(), f"extra_config overrides model keys {hf_config.keys() & extra_config.keys()}"
+    clash = hf_config.keys() & extra_config.keys()
+    assert not clash, f"extra_config must not override the model's config.json keys {sorted(clash)}"
+    if "tokenizer" not in extra_config:  # loading would fall back to GPT-2 BPE and misread a char model's ids
+        raise ValueError("extra_config needs \"tokenizer\": tokenizer.to_meta(), so that the checkpoint decodes")
     _check_plain(state, "state")
     config_text = json.dumps(hf_config | extra_config | {"iter_num": iter_num}, indent=2)  # TypeError now, not later
     weights = model.hf_state_dict()
@@ -290,7 +298,7 @@ def _point(out_dir: Path, link: str, name: str) -> None:
 
 
 def _retain(out_dir: Path) -> None:
-    """Keep the checkpoints `latest` and `best` point to; delete the other ckpt_* folders and stale temporaries."""
+    """Keep the checkpoints `latest` and `best` point to; delete the other ckpt_* folders."""
     linked = {(out_dir / link).resolve() for link in LINKS if (out_dir / link).is_symlink()}
     # Deleting is only safe while latest leads to a complete checkpoint; save_checkpoint has just made sure of it.
     assert _is_complete((out_dir / "latest").resolve()), f"{out_dir / 'latest'} is not a complete checkpoint"
@@ -298,7 +306,6 @@ def _retain(out_dir: Path) -> None:
         for path in out_dir.iterdir():
             if _CKPT.fullmatch(path.name) and not path.is_symlink() and path.resolve() not in linked:
                 _remove(path)
-        cleanup_partial(out_dir)
     except OSError as e:  # the new checkpoint is saved; old ones left behind only cost disk space
         print(f"warning: could not delete old checkpoints in {out_dir} ({e}); delete them by hand", file=sys.stderr)
 

@@ -27,6 +27,7 @@ from tokens import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CHARS = "".join(chr(c) for c in range(32, 97))  # 65 symbols, like Tiny Shakespeare's table
+TOKENIZER = {"tokenizer": Tokenizer.char(CHARS).to_meta()}
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65)
 
 
@@ -36,9 +37,10 @@ def tiny_model(seed: int) -> GPT:
 
 
 def save(out_dir: Path, model: GPT, iter_num: int, is_best: bool = False, val_loss: float = 1.0) -> Path:
-    extra = {"tokenizer": Tokenizer.char(CHARS).to_meta(), "train": {"learning_rate": 1e-3}, "val_loss": val_loss}
+    extra = TOKENIZER | {"train": {"learning_rate": 1e-3}, "val_loss": val_loss}
+    optimizer = {"state": {0: {"exp_avg": torch.full((3,), float(iter_num))}}, "param_groups": [{"lr": 1e-3}]}
     state = {"iter_num": iter_num, "best_val_loss": val_loss, "rng": {"torch": torch.get_rng_state()},
-             "optimizer": {"state": {0: {"exp_avg": torch.full((3,), float(iter_num))}}, "param_groups": [{"lr": 1e-3}]}}
+             "optimizer": optimizer}
     return save_checkpoint(out_dir, model, extra, state, iter_num=iter_num, is_best=is_best)
 
 
@@ -89,6 +91,36 @@ def test_round_trip(tmp_path: Path) -> None:
     assert torch.equal(state["rng"]["torch"], rng)
     assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], torch.full((3,), 80.0))
     assert has_checkpoint(tmp_path) and not has_checkpoint(tmp_path / "elsewhere")
+
+
+def test_optimizer_state_comes_back_exactly(tmp_path: Path) -> None:
+    model = tiny_model(0)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 8))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
+    save_checkpoint(tmp_path, model, TOKENIZER, state, iter_num=1, is_best=True)
+
+    loaded, _, _ = load_model(tmp_path)
+    restored = loaded.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    restored.load_state_dict(load_state(find_checkpoint(tmp_path))["optimizer"])
+    for p, q in zip(model.parameters(), loaded.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][key], restored.state[q][key])
+    assert restored.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_hub_names_are_not_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_from_pretrained(name, dropout=None):  # no network in tests: stand in for the download
+        calls.append((name, dropout))
+        return tiny_model(0).train()
+    monkeypatch.setattr(GPT, "from_pretrained", fake_from_pretrained)
+    model, tokenizer, config = load_model("gpt2-medium", dropout=0.1)
+    assert calls == [("gpt2-medium", 0.1)] and not model.training
+    assert tokenizer == Tokenizer.tiktoken("gpt2") and config["n_embd"] == 32
 
 
 def test_transformers_loads_our_checkpoint_and_we_load_theirs(tmp_path: Path) -> None:
@@ -358,6 +390,15 @@ def test_checkpoint_without_latest_link_is_still_found(tmp_path: Path) -> None:
     assert_same_weights(load_model(tmp_path)[0], model)
 
 
+def test_link_to_a_deleted_checkpoint_names_what_is_left(tmp_path: Path) -> None:
+    save(tmp_path, tiny_model(0), 10, is_best=True)
+    save(tmp_path, tiny_model(1), 20, is_best=False)
+    checkpoint._remove(tmp_path / "ckpt_000020")  # by hand, behind the links' back
+    with pytest.raises(ValueError, match="latest points to .*ckpt_000020, which is not a complete checkpoint.*"
+                                         "complete checkpoints in .*: ckpt_000010"):
+        load_model(tmp_path)
+
+
 def test_tokenizer_mismatch_is_refused(tmp_path: Path) -> None:
     meta_path = tmp_path / "meta.json"
     char_config = {"tokenizer": Tokenizer.char(CHARS).to_meta()}
@@ -384,11 +425,11 @@ def test_state_with_foreign_objects_is_refused_without_running_them(tmp_path: Pa
     folder = save(tmp_path, tiny_model(0), 10)
     marker = tmp_path / "code-ran"
     torch.save({"iter_num": 10, "payload": _RunsCode(marker)}, folder / "state.pt")
-    with pytest.raises(ValueError, match=f"{folder / 'state.pt'} is refused"):
+    with pytest.raises(ValueError, match=f"{folder / 'state.pt'} is refused: it holds Python objects.*os.makedirs"):
         load_state(folder)
     assert not marker.exists()
     (folder / "state.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ValueError, match=f"{folder / 'state.pt'} is refused"):
+    with pytest.raises(ValueError, match=f"{folder / 'state.pt'} is refused: the file is damaged"):
         load_state(folder)
 
 
@@ -396,13 +437,13 @@ def test_save_refuses_state_that_would_not_load(tmp_path: Path) -> None:
     np = pytest.importorskip("numpy")
     model = tiny_model(0)
     with pytest.raises(TypeError, match=r"state\['best_val_loss'\] is a numpy.float64"):
-        save_checkpoint(tmp_path, model, {}, {"best_val_loss": np.float64(1.0)}, iter_num=1, is_best=True)
+        save_checkpoint(tmp_path, model, TOKENIZER, {"best_val_loss": np.float64(1.0)}, iter_num=1, is_best=True)
     with pytest.raises(TypeError, match=r"state\['rng'\]\[1\] is a numpy.ndarray"):
-        save_checkpoint(tmp_path, model, {}, {"rng": ("MT19937", np.zeros(3))}, iter_num=1, is_best=True)
+        save_checkpoint(tmp_path, model, TOKENIZER, {"rng": ("MT19937", np.zeros(3))}, iter_num=1, is_best=True)
     assert not tmp_path.exists() or entries(tmp_path) == set()
     # Everything the check lets through does come back with weights_only=True.
     state = {"a": [1, 2.0, "x", None, True, (torch.ones(2),)], 3: {"b": torch.zeros(1, dtype=torch.bfloat16)}}
-    save_checkpoint(tmp_path, model, {}, state, iter_num=1, is_best=True)
+    save_checkpoint(tmp_path, model, TOKENIZER, state, iter_num=1, is_best=True)
     back = load_state(find_checkpoint(tmp_path))
     assert back["a"][:5] == [1, 2.0, "x", None, True] and torch.equal(back["a"][5][0], torch.ones(2))
 
