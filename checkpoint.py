@@ -253,6 +253,9 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # ignore_errors: report the first failure, not one from the cleanup
         raise CheckpointError(_save_failed(out_dir, out_dir / name, e)) from None
+    except BaseException:  # a second Ctrl-C, an out-of-memory error: no partial folder either (gone if renamed)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _retain(out_dir)
     return out_dir / name
 

@@ -3,7 +3,7 @@
     python -m pytest tests/test_checkpoint.py
 
 Crashes are injected three ways: a subprocess that calls os._exit(9) inside the writer, a subprocess killed with
-SIGKILL while it writes, and (in-process, at every filesystem step of a save) an exception that no cleanup catches.
+SIGKILL while it writes, and (in-process, at every filesystem step of a save) an exception that stops the save there.
 """
 
 import errno
@@ -175,7 +175,8 @@ def test_same_iteration_saved_twice_is_replaced(tmp_path: Path) -> None:
 
 
 class Crash(BaseException):
-    """Stands in for kill -9: no `except OSError` (or Exception) cleanup in save_checkpoint catches it."""
+    """Stops a save at one step, as a kill would. (save_checkpoint still removes its temporary folder on the way out,
+    which a kill -9 cannot: the subprocess tests below check what a real kill leaves behind.)"""
 
 
 def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[int]:
@@ -216,7 +217,7 @@ def test_crash_at_every_step_of_a_save_leaves_a_loadable_checkpoint(tmp_path: Pa
                 completed = True
             except Crash:
                 pass
-        assert completed or counter[0] == step
+        assert completed or counter[0] >= step  # the crash point was reached
         for which in ("latest", "best"):
             if not (out / which).is_symlink() and not (which == "latest" and has_checkpoint(out)):
                 assert scenario == "first save"  # killed before the first link: nothing existed to lose
