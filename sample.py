@@ -125,13 +125,18 @@ def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 
 class Continuation:
-    """The text one sample adds to its prompt, and whether a stop condition has ended it."""
+    """The text one sample adds to its prompt, token by token, and whether a stop condition has ended it.
+
+    A character may span several tokens (GPT-2 BPE works on bytes), so tokens are decoded together, not one by one:
+    only the ids since the last complete character are decoded again at each step.
+    """
 
     def __init__(self, tokenizer: Tokenizer, stop_token: int | None, stop_text: str | None) -> None:
         self.tokenizer, self.stop_token, self.stop_text = tokenizer, stop_token, stop_text
         self.ids: list[int] = []
         self.text = ""
         self.done = False
+        self._fixed_ids, self._fixed_text = 0, ""  # a prefix ending on a character boundary, decoded once
 
     def extend(self, ids: list[int]) -> None:
         """Many tokens at once, when there is no stop condition to check on the way."""
@@ -146,9 +151,15 @@ class Continuation:
             self.done = True
             return
         self.ids.append(token)
-        self.text = decode(self.tokenizer, self.ids)  # whole-text decode: multi-byte characters span tokens
-        if self.stop_text is not None and (cut := self.text.find(self.stop_text)) >= 0:
-            self.text, self.done = self.text[:cut], True
+        tail = decode(self.tokenizer, self.ids[self._fixed_ids:])
+        searched = len(self._fixed_text)  # text that earlier steps searched for the stop string already
+        self.text = self._fixed_text + tail
+        if not tail.endswith("\ufffd"):  # ends on a complete character: later tokens cannot change the text so far
+            self._fixed_ids, self._fixed_text = len(self.ids), self.text
+        if self.stop_text is not None:
+            cut = self.text.find(self.stop_text, max(0, searched - len(self.stop_text) + 1))
+            if cut >= 0:
+                self.text, self.done = self.text[:cut], True
 
     def settled(self) -> str:
         """The part of the text that later tokens cannot change: this much can be printed while streaming."""
@@ -179,8 +190,10 @@ def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cf
     t0 = time.perf_counter()
     t_first = t0
     steps = 0
-    tokens = (compiled_stream if cfg.compile else GPT.generate_stream)(
-        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    if cfg.compile:
+        tokens = compiled_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    else:
+        tokens = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
     for steps, token in enumerate(tokens, start=1):  # token: (num_samples, 1)
         if steps == 1:
             _synchronize(device)

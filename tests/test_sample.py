@@ -19,6 +19,8 @@ from tokens import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 CHARS = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 BLOCK = 32
+EOT = 50256
+SPLIT_TOKENS = [8582, 25081, 45739, 252]  # GPT-2 BPE: b"\xf0\x9f" b"\x99\x82" (🙂), b"\xe8\xaa" b"\x9e" (語)
 
 
 def tiny_gpt(vocab_size: int, seed: int = 0) -> GPT:
@@ -39,15 +41,16 @@ def char_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory) -> Path:
-    """A tiny GPT-2 BPE model that samples near-uniform tokens (so multi-byte characters get split across tokens)
-    and the end-of-text token with probability ~0.2 at every step."""
+    """A tiny GPT-2 BPE model that, at every step, picks end-of-text with probability ~0.07, one of four tokens that
+    hold parts of multi-byte characters with ~0.64 (so characters get split across tokens, or come out invalid), and
+    any other token otherwise."""
     model = tiny_gpt(50257)
-    eot = Tokenizer.tiktoken("gpt2").eot_token
     with torch.no_grad():
         direction = torch.nn.functional.normalize(torch.randn(16), dim=0)
-        model.transformer.ln_f.weight.fill_(0.05)  # every position's output is ~ the bias ...
+        model.transformer.ln_f.weight.fill_(0.05)  # every position's output is ~ the bias, and logits ~ wte @ bias
         model.transformer.ln_f.bias.copy_(direction)
-        model.transformer.wte.weight[eot] = 9.4 * direction  # ... whose logit for end-of-text is ~9.4 = ln(0.25 * 50256)
+        model.transformer.wte.weight[EOT] = 9.4 * direction
+        model.transformer.wte.weight[SPLIT_TOKENS] = 10.5 * direction
     return save_run(tmp_path_factory.mktemp("bpe") / "out", model, Tokenizer.tiktoken("gpt2"))
 
 
@@ -176,6 +179,16 @@ def test_streaming_prints_the_same_text(bpe_run, char_run, capsys):
         streamed, _ = run(capsys, *args, "--num_samples=1", "--stream=true")
         printed, _ = run(capsys, *args, "--num_samples=1", "--stream=false")
         assert streamed == printed
+
+    # The first stream above really had characters split across tokens: text was held back at some steps.
+    model, bpe = GPT.from_pretrained(bpe_run / "latest"), Tokenizer.tiktoken("gpt2")
+    tokens = model.generate(torch.tensor([bpe.encode("Hi")]), 60, top_k=None,
+                            generator=torch.Generator().manual_seed(1337))[0, 1:].tolist()
+    c, held = Continuation(bpe, None, None), 0
+    for token in tokens:
+        c.add(token)
+        held += c.settled() != c.text
+    assert held >= 5 and "🙂" in c.text and "\ufffd" in c.text
 
 
 def test_streaming_holds_back_split_characters_and_stop_prefixes():
