@@ -1,0 +1,434 @@
+"""train.py: configuration, exact resume, one process vs two, checkpoints that Hugging Face loads, fine-tuning, and
+every fault the loop must survive (signals, kill -9, NaN, out of memory).
+
+    python -m pytest tests/test_train.py
+
+All runs are tiny (2 layers, 32 wide, 16-token windows, fp32 on the CPU) on a synthetic character corpus made here,
+so nothing depends on a download. Faults come from monkeypatching GPT.forward in-process, or from signals sent to a
+subprocess whose every forward pass sleeps a little (so that the signal lands mid-run; the sleep changes no number).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as model_module
+import tokens
+from checkpoint import load_model, load_state
+from model import GPT
+from train import TrainConfig, main
+
+REPO = Path(__file__).resolve().parents[1]
+ITERS = 80  # the uninterrupted reference run
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+        "--gradient_accumulation_steps=2", "--dropout=0.1", "--learning_rate=1e-3", "--warmup_iters=5",
+        f"--lr_decay_iters={ITERS}", "--eval_interval=20", "--eval_iters=2", "--log_interval=10"]
+
+# Runs train.main in a fresh interpreter whose training forward passes each sleep DELAY seconds.
+SLOW_TRAIN = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import model
+forward = model.GPT.forward
+def slow_forward(self, *args, **kwargs):
+    if self.training:
+        time.sleep({delay})
+    return forward(self, *args, **kwargs)
+model.GPT.forward = slow_forward
+import train
+train.main(sys.argv[1:])
+"""
+
+
+def synthetic_text(n_chars: int, seed: int) -> str:
+    """Words with some structure for a model to learn, from a fixed generator: no corpus file needed."""
+    words = ("the king and queen of rome", "to be or not to be", "my lord, what news?", "away, away!", "o night",
+             "thou art more lovely", "speak again, bright angel", "what light through yonder window breaks")
+    rng, parts = random.Random(seed), []
+    while sum(map(len, parts)) < n_chars:
+        parts.append(rng.choice(words) + rng.choice((" ", "\n", ". ", ", ")))
+    return "".join(parts)[:n_chars]
+
+
+def write_dataset(folder: Path, tokenizer: tokens.Tokenizer, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = np.array(tokenizer.encode(text))
+    n = int(len(ids) * 0.9)
+    dtype = tokens.token_dtype(tokenizer.vocab_size)
+    tokens.write_tokens(folder / "train.bin", ids[:n], dtype)
+    tokens.write_tokens(folder / "val.bin", ids[n:], dtype)
+    tokens.write_meta(folder, tokens.dataset_meta(tokenizer, n, len(ids) - n, source="synthetic", sha256=None,
+                                                  prepare="tests/test_train.py"))
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and the 2-core test machine is shared. Subprocesses get
+    OMP_NUM_THREADS=1 too: runs compared bit for bit must use the same number of threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    text = synthetic_text(40_000, seed=0)
+    return write_dataset(tmp_path_factory.mktemp("char_data"), tokens.Tokenizer.char("".join(sorted(set(text)))), text)
+
+
+def run(data: Path, out_dir: Path, *extra: str) -> dict:
+    return main([f"--dataset={data}", f"--out_dir={out_dir}", *TINY, *extra])
+
+
+def weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(out_dir / "latest" / "model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs by {(a[key] - b[key]).abs().max().item()}"
+
+
+def iteration(out_dir: Path) -> int:
+    return json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"]
+
+
+@pytest.fixture(scope="module")
+def reference(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every interrupted or resumed one must reproduce."""
+    out_dir = tmp_path_factory.mktemp("reference")
+    run(char_data, out_dir, f"--max_iters={ITERS}")
+    return out_dir
+
+
+def exit_message(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code, "user errors are one line, no traceback"
+    return e.value.code
+
+
+def slow_process(data: Path, out_dir: Path, *extra: str, delay: float = 0.01) -> subprocess.Popen:
+    code = SLOW_TRAIN.format(repo=str(REPO), delay=delay)
+    argv = [f"--dataset={data}", f"--out_dir={out_dir}", *TINY, f"--max_iters={ITERS}", *extra]
+    return subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before the condition held: "
+                                 f"{proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+# ---------------------------------------------------------------------------------------------------- configuration
+
+
+def test_help_lists_every_setting(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    shown = capsys.readouterr().out
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}=" in shown
+
+
+def test_precedence_cli_over_toml_and_unknown_keys(char_data: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text("max_iters = 7\nweight_decay = 0.05\nmin_lr = 1e-5\n")
+    run(char_data, tmp_path / "out", str(toml), "--max_iters=3")
+    saved = json.loads((tmp_path / "out" / "latest" / "config.json").read_text())["train"]
+    assert saved["max_iters"] == 3  # the command line beats the file
+    assert saved["weight_decay"] == 0.05 and saved["min_lr"] == 1e-5  # the file beats the defaults
+    assert saved["eval_interval"] == 20 and saved["beta2"] == TrainConfig.beta2
+    assert iteration(tmp_path / "out") == 3
+
+    assert "did you mean 'max_iters'" in exit_message([str(toml), "--max_iter=3"])
+    toml.write_text("learning_rat = 1e-3\n")
+    assert "learning_rat" in exit_message([str(toml)])
+    assert "n_head" in exit_message(["--n_embd=30", "--n_head=4"])
+    assert "lr_decay_iters" in exit_message(["--warmup_iters=100", "--lr_decay_iters=50"])
+
+
+def test_errors_before_any_work(char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "prepare.py" in exit_message([f"--dataset={empty}", f"--out_dir={tmp_path / 'o1'}", *TINY])
+    assert "neither a folder" in exit_message(["--dataset=no_such_corpus", f"--out_dir={tmp_path / 'o2'}", *TINY])
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert "out_dir" in exit_message([f"--dataset={char_data}", f"--out_dir={a_file / 'sub'}", *TINY])
+
+    # A token id outside meta.json's vocabulary (a file from another tokenizer) is named before training starts.
+    bad = tmp_path / "bad_data"
+    bad.mkdir()
+    for name in ("meta.json", "val.bin"):
+        (bad / name).write_bytes((char_data / name).read_bytes())
+    ids = np.array(tokens.open_tokens(char_data / "train.bin"))
+    ids[100] = 200
+    tokens.write_tokens(bad / "train.bin", ids, np.uint16)
+    assert "train.bin" in exit_message([f"--dataset={bad}", f"--out_dir={tmp_path / 'o3'}", *TINY])
+
+    # Under torchrun with 2 processes, 3 micro-steps cannot be shared out: refused before the process group starts.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path / 'o4'}", *TINY,
+                            "--gradient_accumulation_steps=3"])
+    assert "gradient_accumulation_steps" in message and "--gradient_accumulation_steps=2" in message
+    assert not (tmp_path / "o4").exists() or not any((tmp_path / "o4").iterdir())
+
+
+def test_refuses_a_fresh_run_over_a_checkpoint(reference: Path, char_data: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
+    message = exit_message([f"--dataset={char_data}", f"--out_dir={reference}", *TINY, "--max_iters=5"])
+    assert "--init_from=resume" in message and "--out_dir" in message
+    assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before  # nothing touched
+
+
+# ---------------------------------------------------------------------------------------------------- equivalences
+
+
+def test_resume_is_bit_exact(reference: Path, char_data: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture) -> None:
+    run(char_data, tmp_path, "--max_iters=40")
+    assert iteration(tmp_path) == 40
+    capsys.readouterr()
+    run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
+    out = capsys.readouterr().out
+    assert "resuming from iteration 40" in out and "continuing at iteration 41" in out
+    assert "max_iters 40 -> 80" in out
+    assert_same_weights(weights(tmp_path), weights(reference))
+    # The optimizer state too: the moments and the step count continue exactly.
+    a, b = load_state(tmp_path / "latest"), load_state(reference / "latest")
+    for key, state in a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[name], b["optimizer"]["state"][key][name])
+    # metrics.jsonl reads like the uninterrupted run's, apart from the time columns
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "tokens_per_sec")}
+                          for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert strip(tmp_path) == strip(reference)
+
+
+def test_two_processes_equal_one_with_accumulation(char_data: Path, tmp_path: Path) -> None:
+    """torchrun --nproc_per_node=2 (gloo, CPU) with gradient_accumulation_steps=2 vs one process: same global batch,
+    same dropout masks, so the same weights up to float summation order."""
+    iters = ["--max_iters=20", "--eval_interval=10"]
+    run(char_data, tmp_path / "one", *iters)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "train.py", f"--dataset={char_data}", f"--out_dir={tmp_path / 'two'}", *TINY, *iters]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) x 1 micro-steps" in result.stdout
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+    evals = lambda d: [json.loads(l)["val_loss"] for l in (d / "metrics.jsonl").read_text().splitlines()
+                       if json.loads(l)["val_loss"] is not None]
+    np.testing.assert_allclose(evals(tmp_path / "two"), evals(tmp_path / "one"), rtol=1e-5)
+
+
+def test_eval_only_reproduces_the_recorded_val_loss(reference: Path, char_data: Path) -> None:
+    """Evaluations draw the same batches every time, so they are comparable across runs and checkpoints."""
+    result = run(char_data, reference, "--init_from=resume", "--eval_only=true", f"--max_iters={ITERS}")
+    recorded = json.loads((reference / "latest" / "config.json").read_text())["val_loss"]
+    assert result["val_loss"] == pytest.approx(recorded, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def test_metrics_and_loss_plot(reference: Path) -> None:
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    keys = {"iter", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu", "elapsed"}
+    assert all(set(row) == keys for row in rows)
+    logs = [r for r in rows if r["val_loss"] is None]
+    evals = [r for r in rows if r["val_loss"] is not None]
+    assert [r["iter"] for r in logs] == list(range(10, ITERS + 1, 10))  # log_interval=10
+    assert [r["iter"] for r in evals] == list(range(0, ITERS + 1, 20))  # eval_interval=20, and the start
+    assert all(r["tokens_per_sec"] > 0 and r["mfu"] is None for r in logs)  # no MFU without a known peak
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # it learned something
+    assert [r["elapsed"] for r in rows] == sorted(r["elapsed"] for r in rows)
+    assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((reference / "latest" / "config.json").read_text())
+    assert config["tokenizer"]["kind"] == "char" and config["train"]["dropout"] == 0.1
+    assert config["val_loss"] == evals[-1]["val_loss"] and config["iter_num"] == ITERS
+
+
+def test_checkpoint_loads_with_transformers(reference: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(reference / "latest").eval()
+    ours, _, _ = load_model(reference)
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_from_a_hugging_face_folder(char_data: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    try:
+        bpe = tokens.Tokenizer.tiktoken("gpt2")
+    except SystemExit:
+        pytest.skip("GPT-2 BPE files unavailable offline: set TIKTOKEN_CACHE_DIR")
+    data = write_dataset(tmp_path / "bpe", bpe, synthetic_text(20_000, seed=1))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=bpe.vocab_size)
+    hf_dir = tmp_path / "hf_gpt2"
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir, safe_serialization=True)
+    hf_weights = load_file(hf_dir / "model.safetensors")
+
+    # max_iters=0: the checkpoint holds GPT-2's weights, with the context cropped from 64 to block_size=16
+    args = [f"--dataset={data}", *TINY, f"--init_from={hf_dir}", "--dropout=0.05"]
+    main([*args, f"--out_dir={tmp_path / 'zero'}", "--max_iters=0"])
+    saved = weights(tmp_path / "zero")
+    for key, tensor in saved.items():
+        expected = hf_weights["transformer." + key if "transformer." + key in hf_weights else key]
+        assert torch.equal(tensor, expected[:16] if key == "wpe.weight" else expected), key
+    assert json.loads((tmp_path / "zero" / "latest" / "config.json").read_text())["n_positions"] == 16
+
+    main([*args, f"--out_dir={tmp_path / 'tuned'}", "--max_iters=20", "--eval_interval=20"])
+    evals = [json.loads(l)["val_loss"] for l in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["val_loss"] is not None]
+    assert evals[-1] < evals[0]
+    config = json.loads((tmp_path / "tuned" / "latest" / "config.json").read_text())
+    assert config["resid_pdrop"] == 0.05 and config["tokenizer"] == bpe.to_meta()
+
+    assert "--block_size=64" in exit_message([*args, f"--out_dir={tmp_path / 'x'}", "--block_size=128"])
+    assert "meta.json" in exit_message([f"--dataset={char_data}", *TINY, f"--init_from={hf_dir}",
+                                        f"--out_dir={tmp_path / 'y'}"])  # char data for a BPE model
+
+
+# ---------------------------------------------------------------------------------------------------- faults
+
+
+def nan_forward(monkeypatch: pytest.MonkeyPatch, bad_calls: range) -> None:
+    """Make the training forward passes numbered bad_calls (0-based, 2 per iteration here) return a NaN loss."""
+    forward, calls = GPT.forward, [0]
+
+    def patched(self, idx, targets=None, kv_cache=None):
+        logits, loss = forward(self, idx, targets, kv_cache)
+        if self.training:
+            if calls[0] in bad_calls:
+                loss = loss * float("nan")
+            calls[0] += 1
+        return logits, loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", patched)
+
+
+def test_nonfinite_steps_are_skipped(char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture) -> None:
+    nan_forward(monkeypatch, range(10, 13))  # iterations 6 and 7 (1-based) see a NaN in one of their micro-steps
+    run(char_data, tmp_path, "--max_iters=20")
+    assert "update skipped (1 in a row)" in capsys.readouterr().out
+    state = load_state(tmp_path / "latest")
+    assert state["iter_num"] == 20
+    assert all(s["step"].item() == 18 for s in state["optimizer"]["state"].values())  # 2 of 20 updates skipped
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path).values())
+
+
+def test_nonfinite_run_stops_and_keeps_the_last_good_checkpoint(char_data: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    nan_forward(monkeypatch, range(50, 10_000))  # from iteration 26 on
+    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=40",
+                            "--max_skipped_steps=3"])
+    assert "3 steps in a row" in message and "iterations 26-28" in message and "ckpt_000020" in message
+    assert iteration(tmp_path) == 20 and not (tmp_path / "ckpt_000028").exists()
+    load_state(tmp_path / "latest")
+
+
+def test_out_of_memory_says_what_to_change_and_saves_nothing(char_data: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = GPT.forward
+
+    def patched(self, *args, **kwargs):
+        if self.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.GPT, "forward", patched)
+    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=5"])
+    assert "--batch_size=2 --gradient_accumulation_steps=4" in message
+    assert not any(p.name.startswith(("ckpt_", "latest", ".tmp")) for p in tmp_path.iterdir())
+
+
+def test_sigint_saves_then_resume_matches_the_uninterrupted_run(reference: Path, char_data: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    proc = slow_process(char_data, tmp_path)
+    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)  # the first evaluation (iteration 20) is saved
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    stopped_at = iteration(tmp_path)
+    assert 20 < stopped_at < ITERS
+    assert f"stopped by SIGINT at iteration {stopped_at}" in out and "--init_from=resume" in out
+    assert "finishing this step" in err
+
+    capsys.readouterr()
+    run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
+    assert f"resuming from iteration {stopped_at}" in capsys.readouterr().out
+    assert_same_weights(weights(tmp_path), weights(reference))
+
+
+def test_second_signal_exits_at_once_and_keeps_the_checkpoint(char_data: Path, tmp_path: Path) -> None:
+    proc = slow_process(char_data, tmp_path)
+    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGTERM)  # a different signal, so Python cannot merge the two into one
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM again: exiting now" in err
+    assert iteration(tmp_path) == 20  # the stop request was not honoured by saving: the process left at once
+    model, _, _ = load_model(tmp_path)  # and the checkpoint on disk is whole
+    assert load_state(tmp_path / "latest")["iter_num"] == 20
+    assert not list(tmp_path.glob(".tmp*"))
+
+
+def test_kill_9_three_times_then_resume_matches_the_uninterrupted_run(reference: Path, char_data: Path,
+                                                                      tmp_path: Path) -> None:
+    """SIGKILL at random-ish moments (mid-step, mid-save), resuming each time from whatever was left."""
+    rng = random.Random(0)
+    resumed_from = []
+    for attempt in range(3):
+        extra = ["--init_from=resume"] if attempt else []
+        start = iteration(tmp_path) if attempt else 0
+        proc = slow_process(char_data, tmp_path, *extra, delay=0.005)
+        # Wait until this run has saved a checkpoint of its own, then kill it a little later.
+        wait_for(lambda: (tmp_path / "latest").is_symlink() and iteration(tmp_path) > start, proc)
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.kill()
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        resumed_from.append(iteration(tmp_path))
+    assert resumed_from == sorted(resumed_from) and resumed_from[-1] < ITERS
+    run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
+    assert_same_weights(weights(tmp_path), weights(reference))
