@@ -41,7 +41,7 @@ class AttentionConfig:
     out_dir: str = "out"  # training output folder whose checkpoint is loaded when init_from is "resume"
     init_from: str = "resume"  # "resume" (the checkpoint in out_dir), a model folder, or gpt2 / gpt2-medium / ...
     checkpoint: str = "latest"  # which checkpoint of out_dir to load: latest or best
-    text: str = "The animal didn't cross the street because it was too tired"  # the text whose attention is shown
+    text: str = "The animal didn't cross the street because it was too tired"  # the text to show; FILE:path reads a file
     layer: int = 0  # layer drawn at full size (negative counts from the last layer)
     head: int = 0  # head drawn at full size (negative counts from the last head)
     token: int = -1  # query token of the terminal report, by position (negative counts from the end: -1 is the last)
@@ -170,6 +170,11 @@ def _label_fontsize(axis_inches: float, n_labels: int, largest: float) -> float:
     return max(1.0, min(largest, 0.8 * axis_inches * 72 / n_labels))
 
 
+def _rotation(labels: list[str]) -> int:
+    """Upright x labels for single characters (a char model), vertical ones for words so that they do not overlap."""
+    return 0 if max(len(label) for label in labels) == 1 else 90
+
+
 def _draw(ax, weights: np.ndarray, cmap) -> object:
     """One heatmap; the cells above the diagonal (a token cannot see later ones) stay blank."""
     T = weights.shape[0]
@@ -187,8 +192,9 @@ def save_grid(weights: np.ndarray, labels: list[str], path: Path, dpi: int = 100
     from matplotlib.figure import Figure
 
     n_layer, n_head, T, _ = weights.shape
-    cell = min(max(1.2, 0.12 * T), 3.0)  # inches per heatmap
-    cell = min(cell, 60 / max(n_layer, n_head))  # keep gpt2-xl's 48 x 25 grid within 60 inches a side
+    # Inches per heatmap: 0.1 per token keeps labels near 6 pt, within 36 inches a side (a 12 x 12 GPT-2 grid gets
+    # 3-inch cells; gpt2-xl's 48 x 25 gets 0.75-inch cells with unreadable labels: see its heads one at a time).
+    cell = min(max(1.2, 0.1 * T), 36 / max(n_layer, n_head))
     fig = Figure(figsize=(n_head * cell + 1.5, n_layer * cell + 1.5), layout="constrained")
     axes = fig.subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True)
     fontsize = _label_fontsize(cell, T, largest=7)
@@ -198,7 +204,7 @@ def save_grid(weights: np.ndarray, labels: list[str], path: Path, dpi: int = 100
             ax = axes[layer, head]
             _draw(ax, weights[layer, head], cmap)
             ax.set_title(f"layer {layer} head {head}", fontsize=min(8, 4 * cell), pad=2)
-            ax.set_xticks(range(T), labels, rotation=90, fontsize=fontsize)
+            ax.set_xticks(range(T), labels, rotation=_rotation(labels), fontsize=fontsize)
             ax.set_yticks(range(T), labels, fontsize=fontsize)
             ax.tick_params(length=0, pad=1, labelbottom=layer == n_layer - 1, labelleft=head == 0)
     fig.supxlabel("attended-to token (key)", fontsize=9)
@@ -217,7 +223,7 @@ def save_head(weights: np.ndarray, labels: list[str], title: str, path: Path, dp
     ax = fig.subplots()
     image = _draw(ax, weights, colormaps["viridis"].with_extremes(bad="white"))
     fontsize = _label_fontsize(side, T, largest=10)
-    ax.set_xticks(range(T), labels, rotation=90, fontsize=fontsize)
+    ax.set_xticks(range(T), labels, rotation=_rotation(labels), fontsize=fontsize)
     ax.set_yticks(range(T), labels, fontsize=fontsize)
     ax.tick_params(length=0)
     ax.set_xlabel("attended-to token (key)")
@@ -256,6 +262,18 @@ def save_pictures(weights: np.ndarray, labels: list[str], layer: int, head: int,
 # Command line
 
 
+def read_text(text: str) -> str:
+    """The text that --text names: the text itself, or the contents of a UTF-8 file for FILE:path (as sample.py)."""
+    if not text.startswith("FILE:"):
+        return text
+    path = Path(text.removeprefix("FILE:"))
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--text=FILE:{path} cannot be read as UTF-8 text ({type(e).__name__}): "
+                         f"check the path") from None
+
+
 def _index(value: int, size: int, name: str, what: str) -> int:
     """A Python-style index (negative counts from the end) checked against size; SystemExit naming --name if not."""
     if not -size <= value < size:
@@ -273,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
 
     try:
-        ids = tokenizer.encode(cfg.text)
+        ids = tokenizer.encode(read_text(cfg.text))
     except ValueError as e:
         raise SystemExit(f"--text cannot be encoded: {e}") from None
     block_size = model.config.block_size

@@ -153,8 +153,9 @@ def test_output_paths():
 def test_main_end_to_end(ckpt_dir, tmp_path, capsys):
     image = pytest.importorskip("matplotlib.image")
     text = "To be, or not to be"
-    argv = [f"--out_dir={ckpt_dir}", f"--text={text}", f"--out={tmp_path / 'maps'}/", "--layer=-1", "--head=2",
-            "--token=-2", "--top=3", "--dpi=40"]
+    (tmp_path / "line.txt").write_text(text)
+    argv = [f"--out_dir={ckpt_dir}", f"--text=FILE:{tmp_path / 'line.txt'}", f"--out={tmp_path / 'maps'}/",
+            "--layer=-1", "--head=2", "--token=-2", "--top=3", "--dpi=40"]
     assert attention.main(argv) == 0
     printed = capsys.readouterr().out
     # the report agrees with the maps computed directly from the same weights
@@ -176,6 +177,7 @@ def test_main_end_to_end(ckpt_dir, tmp_path, capsys):
     ("--text=café", "--text cannot be encoded: character 'é'"),
     ("--text=" + "a" * 33, "--text is 33 tokens; this model takes 1 to 32"),
     ("--checkpoint=first", "--checkpoint must be latest or best"),
+    ("--text=FILE:/nonexistent/line.txt", "--text=FILE:/nonexistent/line.txt cannot be read as UTF-8 text"),
 ])
 def test_main_user_errors_are_one_line(ckpt_dir, tmp_path, arg, words):
     with pytest.raises(SystemExit) as e:
