@@ -206,7 +206,7 @@ def resolve_dataset(name: str) -> Path:
         return Path(name)
     if (REPO / "data" / name).is_dir():
         return REPO / "data" / name
-    known = sorted(p.name for p in (REPO / "data").glob("*/prepare.py") for p in [p.parent])
+    known = sorted(p.parent.name for p in (REPO / "data").glob("*/prepare.py"))
     raise SystemExit(f"dataset={name!r} is neither a folder nor one of data/{{{','.join(known)}}}: pass the folder "
                      f"of a prepared dataset or one of those names")
 
@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"device={cfg.device} but this torch sees no CUDA GPU: use --device=cpu (or mps)")
         if ddp:
             device_name = f"cuda:{local_rank}"  # one GPU per process
+        elif device_name == "cuda":
+            device_name = f"cuda:{torch.cuda.current_device()}"  # an explicit index, as set_device and NCCL need
         torch.cuda.set_device(device_name)
     elif device_name == "mps" and not torch.backends.mps.is_available():
         raise SystemExit("device=mps but this torch has no MPS support: use --device=cpu")
@@ -381,19 +383,25 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------------------------------------ model
     state = None  # the training state of the checkpoint we resume from
     if resuming:
-        ckpt_dir = find_checkpoint(out_dir)  # resolved once: the model and the state come from the same folder
-        model, _, ckpt_config = load_model(ckpt_dir, dropout=cfg.dropout)
-        check_tokenizer_matches(ckpt_config, meta, data_dir / "meta.json")
-        state = load_state(ckpt_dir)
-        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt_config.get("train", {}).items()
-                   if k not in ("init_from", "n_layer", "n_head", "n_embd", "bias", "block_size")
-                   and hasattr(cfg, k) and getattr(cfg, k) != v}
+        try:
+            ckpt_dir = find_checkpoint(out_dir)  # resolved once: the model and the state come from the same folder
+            model, _, ckpt_config = load_model(ckpt_dir, dropout=cfg.dropout)
+            check_tokenizer_matches(ckpt_config, meta, data_dir / "meta.json")
+            state = load_state(ckpt_dir)
+        except ValueError as e:  # checkpoint.py's messages name the file and the fix
+            raise SystemExit(str(e)) from None
         if master:
             print(f"resuming from iteration {state['iter_num']} ({ckpt_dir}), continuing at iteration "
                   f"{state['iter_num'] + 1}")
+            saved = ckpt_config.get("train", {})
+            shape = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # the checkpoint's model is used as it is
+            ignored = [f"{k}={getattr(cfg, k)}" for k in shape if k in saved and getattr(cfg, k) != saved[k]]
+            changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in saved.items()
+                       if k not in shape + ("init_from",) and hasattr(cfg, k) and getattr(cfg, k) != v]
+            if ignored:
+                print(f"the model's shape comes from the checkpoint; ignoring {', '.join(ignored)}")
             if changed:
-                print("settings changed since that checkpoint: " +
-                      ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+                print(f"settings changed since that checkpoint: {', '.join(changed)}")
     elif cfg.init_from == "scratch":
         # Small character vocabularies stay as they are; GPT-2's 50257 is padded to 50304, a multiple of 64, which
         # makes the embedding and head matmuls faster (nanoGPT); the extra logits learn to be never predicted.
@@ -509,17 +517,6 @@ def main(argv: list[str] | None = None) -> dict:
                     if line.strip() and json.loads(line)["iter"] <= iter_num]
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    if cfg.eval_only or not resuming:  # the starting point: the untrained (or pretrained) model's loss
-        losses = evaluate()
-        if master:
-            print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        if cfg.eval_only:
-            if ddp:
-                dist.destroy_process_group()
-            return {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
-        if writes:
-            record(train_loss=losses["train"], val_loss=losses["val"], lr=learning_rate(iter_num, cfg))
-
     # ------------------------------------------------------------------------------------------------ loop
     peak_flops = cfg.peak_flops or device_peak_flops(device)
     tokens_per_iter = cfg.batch_size * block_size * accum
@@ -528,10 +525,24 @@ def main(argv: list[str] | None = None) -> dict:
     interrupted = False  # all ranks agreed to stop early after a signal
     skipped = 0  # optimizer steps skipped in a row because of a non-finite loss or gradient
     window_time, window_iters = 0.0, 0  # for tokens/s over the current log interval
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it")
     stop = StopSignal(verbose=master)
+    bar = None
     with stop:
         try:
+            if cfg.eval_only or not resuming:  # the starting point: the untrained (or pretrained) model's loss
+                losses = evaluate()
+                if master:
+                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if cfg.eval_only:
+                    if ddp:
+                        dist.destroy_process_group()
+                    return {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+                if writes:
+                    record(train_loss=losses["train"], val_loss=losses["val"], lr=learning_rate(iter_num, cfg))
+
+            # In a log file (not a terminal) the bar is redrawn at most every 30 s instead of 10 times a second.
+            bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it",
+                       mininterval=0.1 if sys.stderr.isatty() else 30)
             micro_steps = list(range(rank, accum, world_size))  # rank r runs micro-steps r, r + W, r + 2W, ...
             rng, dropout_seed = step_rngs(cfg.seed, iter_num, micro_steps[0])
             x, y = get_batch(splits["train"], block_size, cfg.batch_size, rng, device)
@@ -632,7 +643,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"--batch_size={max(1, cfg.batch_size // 2)} --gradient_accumulation_steps={accum * 2}), or train a "
                 f"smaller model. Nothing was saved by this run after its last checkpoint") from None
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
 
         # -------------------------------------------------------------------------------------------- end
         if master and last_saved != iter_num:  # an interrupted run, or one with nothing to train (max_iters reached)
@@ -653,4 +665,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before the training loop has started: there is nothing to save yet
+        raise SystemExit("interrupted before training started; nothing was saved") from None
