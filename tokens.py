@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -660,33 +661,50 @@ def tokenize_to_shards(
     used = 0  # of the budget, in tokens or source bytes
     eot = None if tokenizer.eot_token is None else np.array([tokenizer.eot_token])
     threads = num_threads or cpu_count()
-    batch_bytes = min(64 << 20, threads * (4 << 20))  # text in flight: bounded, yet several pieces per thread
+    max_inflight = min(64 << 20, threads * (4 << 20))  # characters submitted, not yet written: ~16 pieces a thread
     docs, nbytes_total, seen_doc = 0, 0, False
     writers = {s: ShardWriter(out_dir, s, dtype, shard_size) for s in ("train", "val")}
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    # threads, not processes: tiktoken's Rust core releases the GIL while it encodes, and threads share the pieces
-    with ThreadPoolExecutor(threads) as pool, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
-        for batch in _batches(pieces, batch_bytes):
-            for (text, new_doc, nbytes), ids in zip(batch, pool.map(tokenizer._encode_array, [b[0] for b in batch])):
-                if new_doc:
-                    docs += 1
-                    if seen_doc and eot is not None:
-                        ids = np.concatenate([eot, ids])
-                    seen_doc = True
-                cost = len(ids) if by_tokens else nbytes
-                if used >= budget:
-                    writers[second].write(ids)
-                elif used + cost <= budget:
-                    writers[first].write(ids)
-                    used += cost
-                else:  # the boundary falls inside this piece
-                    k = budget - used if by_tokens else round(len(ids) * (budget - used) / nbytes)
-                    writers[first].write(ids[:k])
-                    writers[second].write(ids[k:])
-                    used = budget
-                nbytes_total += nbytes
-                bar.update(nbytes)
+
+    def write(new_doc: bool, nbytes: int, ids: np.ndarray) -> None:
+        nonlocal used, docs, nbytes_total, seen_doc
+        if new_doc:
+            docs += 1
+            if seen_doc and eot is not None:
+                ids = np.concatenate([eot, ids])
+            seen_doc = True
+        cost = len(ids) if by_tokens else nbytes
+        if used >= budget:
+            writers[second].write(ids)
+        elif used + cost <= budget:
+            writers[first].write(ids)
+            used += cost
+        else:  # the boundary falls inside this piece
+            k = budget - used if by_tokens else round(len(ids) * (budget - used) / nbytes)
+            writers[first].write(ids[:k])
+            writers[second].write(ids[k:])
+            used = budget
+        nbytes_total += nbytes
+        bar.update(nbytes)
+        if new_doc and docs % 1000 == 0:
             bar.set_postfix(docs=docs, refresh=False)
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    # Threads, not processes: tiktoken's Rust core releases the GIL while it encodes. This thread keeps reading and
+    # submitting pieces while the pool encodes, and writes the results in order from a window of bounded size.
+    inflight: deque = deque()
+    inflight_chars = 0
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+        for text, new_doc, nbytes in pieces:
+            inflight.append((new_doc, nbytes, len(text), pool.submit(tokenizer._encode_array, text)))
+            inflight_chars += len(text)
+            while inflight_chars > max_inflight:
+                new_doc, nbytes, n, future = inflight.popleft()
+                inflight_chars -= n
+                write(new_doc, nbytes, future.result())
+        while inflight:
+            new_doc, nbytes, n, future = inflight.popleft()
+            write(new_doc, nbytes, future.result())
+        bar.set_postfix(docs=docs)
     files = {s: [p.name for p in w.close()] for s, w in writers.items()}
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0  # CPU time of all threads
     for s, w in writers.items():
@@ -702,18 +720,6 @@ def tokenize_to_shards(
         "threads": threads,
         "files": files,
     }
-
-
-def _batches(pieces: Iterable[tuple[str, bool, int]], batch_bytes: int) -> Iterator[list[tuple[str, bool, int]]]:
-    batch, size = [], 0
-    for piece in pieces:
-        batch.append(piece)
-        size += len(piece[0])
-        if size >= batch_bytes:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 def report(name: str, out_dir: Path, stats: dict) -> None:
