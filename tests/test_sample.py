@@ -117,6 +117,13 @@ def test_prompt_longer_than_block_size_is_kept_whole(char_run, capsys):
     assert "sees only its last 32" in err
 
 
+def test_bfloat16_weights_sample_reproducibly(char_run, capsys):
+    args = [f"--out_dir={char_run}", "--start=ab", "--num_samples=2", "--max_new_tokens=8", "--dtype=bfloat16"]
+    a, _ = run(capsys, *args)
+    b, _ = run(capsys, *args)
+    assert a == b and a.startswith("ab") and a.count(SEPARATOR) == 2
+
+
 def test_file_prompt_and_stdin_prompt(char_run, capsys, tmp_path, monkeypatch):
     prompt = "First Citizen:\nBefore we proceed any further, hear me speak."
     args = [f"--out_dir={char_run}", "--num_samples=2", "--max_new_tokens=12"]
