@@ -307,8 +307,29 @@ def test_static_cache_path_gives_generate_tokens():
         assert torch.equal(torch.cat([idx, *new], dim=1), expected)
 
 
+def test_compiled_step_is_captured_once_and_gives_generate_tokens(monkeypatch):
+    """torch.compile's capture of the decode step (aot_eager: functionalized like inductor's input, but no C++ to
+    build): one graph for every step and for a second call, which reuses the static cache; generate()'s tokens."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(sample._compiled, "default", torch.compile(GPT.forward_static, backend=counting_backend))
+    model = tiny_gpt(len(CHARS))
+    idx = torch.randint(0, len(CHARS), (2, 5))
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10)):
+        expected = model.generate(idx, 45, generator=torch.Generator().manual_seed(2), **kwargs)
+        assert torch.equal(compiled_generate(model, idx, 45, generator=torch.Generator().manual_seed(2), **kwargs),
+                           expected)
+    assert len(graphs) == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not os.environ.get("SMALLGPT_SLOW_TESTS"),
-                    reason="compiles with inductor (~1 min on 2 CPU cores): set SMALLGPT_SLOW_TESTS=1")
+                    reason="compiles with inductor (~40 s on 2 CPU cores): set SMALLGPT_SLOW_TESTS=1")
 def test_compiled_decoding_gives_generate_tokens(char_run, capsys):
     model = tiny_gpt(len(CHARS))
     idx = torch.randint(0, len(CHARS), (2, 5))
