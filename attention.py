@@ -22,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,12 @@ from config import format_config, parse_config
 from model import GPT, CausalSelfAttention
 from tokens import Tokenizer
 
+if TYPE_CHECKING:  # matplotlib is optional: imported for real only inside the plotting functions
+    from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
+    from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
+
 MATPLOTLIB_MISSING = ("matplotlib is not installed, so no PNG was written: "
                       "pip install matplotlib (or pip install -e '.[plot]')")
 
@@ -41,7 +48,7 @@ class AttentionConfig:
     out_dir: str = "out"  # training output folder whose checkpoint is loaded when init_from is "resume"
     init_from: str = "resume"  # "resume" (the checkpoint in out_dir), a model folder, or gpt2 / gpt2-medium / ...
     checkpoint: str = "latest"  # which checkpoint of out_dir to load: latest or best
-    text: str = "The animal didn't cross the street because it was too tired"  # the text to show; FILE:path reads a file
+    text: str = "The animal didn't cross the street because it was too tired"  # the text; FILE:path reads a file
     layer: int = 0  # layer drawn at full size (negative counts from the last layer)
     head: int = 0  # head drawn at full size (negative counts from the last head)
     token: int = -1  # query token of the terminal report, by position (negative counts from the end: -1 is the last)
@@ -175,7 +182,7 @@ def _rotation(labels: list[str]) -> int:
     return 0 if max(len(label) for label in labels) == 1 else 90
 
 
-def _draw(ax, weights: np.ndarray, cmap) -> object:
+def _draw(ax: Axes, weights: np.ndarray, cmap: Colormap) -> AxesImage:
     """One heatmap; the cells above the diagonal (a token cannot see later ones) stay blank."""
     T = weights.shape[0]
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
@@ -192,8 +199,8 @@ def save_grid(weights: np.ndarray, labels: list[str], path: Path, dpi: int = 100
     from matplotlib.figure import Figure
 
     n_layer, n_head, T, _ = weights.shape
-    # Inches per heatmap: 0.1 per token keeps labels near 6 pt, within 36 inches a side (a 12 x 12 GPT-2 grid gets
-    # 3-inch cells; gpt2-xl's 48 x 25 gets 0.75-inch cells with unreadable labels: see its heads one at a time).
+    # Inches per heatmap: 0.1 per token keeps labels near 6 pt; the grid stays within 36 inches a side (GPT-2's
+    # 12 x 12: cells up to 3 inches; gpt2-xl's 48 x 25: 0.75 inches, too small for labels: see its heads one by one).
     cell = min(max(1.2, 0.1 * T), 36 / max(n_layer, n_head))
     fig = Figure(figsize=(n_head * cell + 1.5, n_layer * cell + 1.5), layout="constrained")
     axes = fig.subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True)
@@ -233,7 +240,7 @@ def save_head(weights: np.ndarray, labels: list[str], title: str, path: Path, dp
     return _save(fig, path, dpi)
 
 
-def _save(fig, path: Path, dpi: int) -> tuple[int, int]:
+def _save(fig: Figure, path: Path, dpi: int) -> tuple[int, int]:
     """Write the figure at exactly figsize * dpi pixels (no bbox_inches="tight", which would crop it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
