@@ -4,6 +4,7 @@ the terminal report, the PNG files, and the command line end to end from a check
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,10 +141,8 @@ def test_pngs_have_the_size_of_their_figures(tmp_path):
 
 
 def test_output_paths():
-    assert output_paths("maps/run1", 2, 3) == (attention.Path("maps/run1_grid.png"),
-                                                attention.Path("maps/run1_L2_H3.png"))
-    assert output_paths("maps/", 0, 1) == (attention.Path("maps/attention_grid.png"),
-                                           attention.Path("maps/attention_L0_H1.png"))
+    assert output_paths("maps/run1", 2, 3) == (Path("maps/run1_grid.png"), Path("maps/run1_L2_H3.png"))
+    assert output_paths("maps/", 0, 1) == (Path("maps/attention_grid.png"), Path("maps/attention_L0_H1.png"))
 
 
 # ---------------------------------------------------------------------------- the command line
