@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class SampleConfig:
     out_dir: str = "out"  # training output folder to sample from (its `checkpoint` link), or a checkpoint folder
-    init_from: str | None = None  # instead of out_dir: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder
+    init_from: str | None = None  # gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder; none/resume: out_dir
     checkpoint: str = "latest"  # which checkpoint of out_dir: latest or best (lowest validation loss)
     start: str = "\n"  # the prompt; "FILE:path" reads it from a file, "-" from standard input; "" = end-of-text (BPE)
     num_samples: int = 10  # samples to draw, generated together as one batch
@@ -66,6 +66,8 @@ class SampleConfig:
             raise ValueError("stop must not be empty: pass none, eot, or the string to stop before")
         if self.stream and self.num_samples > 1:
             raise ValueError("stream=true prints one sample as it grows: use it with num_samples=1")
+        if self.out_file is not None and not Path(self.out_file).parent.is_dir():
+            raise ValueError(f"out_file={self.out_file}: the folder {Path(self.out_file).parent} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------------------- decoding
@@ -267,6 +269,9 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(f"--device={name} is not a device: use cpu, cuda, cuda:1 or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device={name} but this torch sees no CUDA GPU: use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise SystemExit(f"--device={name} but MPS is not available here: use --device=cpu")
     return device
@@ -285,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(cfg.dtype, device)
 
     try:
-        model, tokenizer, _ = load_model(cfg.init_from or cfg.out_dir, cfg.checkpoint, device="cpu")
+        source = cfg.out_dir if cfg.init_from in (None, "resume") else cfg.init_from  # "resume" as in nanoGPT
+        model, tokenizer, _ = load_model(source, cfg.checkpoint, device="cpu")
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if cfg.stop == "eot" and tokenizer.eot_token is None:

@@ -145,7 +145,8 @@ def test_best_checkpoint_and_checkpoint_folder(char_run, capsys):
     latest, _ = run(capsys, f"--out_dir={char_run}", "--num_samples=1", "--max_new_tokens=10")
     best, _ = run(capsys, f"--out_dir={char_run}", "--checkpoint=best", "--num_samples=1", "--max_new_tokens=10")
     folder, _ = run(capsys, f"--init_from={char_run / 'ckpt_000010'}", "--num_samples=1", "--max_new_tokens=10")
-    assert latest == best == folder
+    resume, _ = run(capsys, f"--out_dir={char_run}", "--init_from=resume", "--num_samples=1", "--max_new_tokens=10")
+    assert latest == best == folder == resume
 
 
 # ---------------------------------------------------------------------------------------------------------- stop
@@ -243,12 +244,19 @@ def test_padded_vocabulary_ids_decode_as_replacement_characters():
     (["--start="], "prompt is empty"),
     (["--start=FILE:/no/such/prompt.txt"], "no such file"),
     (["--checkpoint=best", "--out_dir=/no/such/dir"], "does not exist"),
+    (["--out_file=/no/such/dir/samples.txt"], "does not exist"),
 ])
 def test_bad_settings_exit_with_one_line(char_run, args, words):
     with pytest.raises(SystemExit) as e:
         main([f"--out_dir={char_run}", "--max_new_tokens=3", *args])
     message = str(e.value.code)
     assert words in message and "\n" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_exits_with_one_line(char_run):
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        main([f"--out_dir={char_run}", "--device=cuda"])
 
 
 def test_damaged_weights_exit_with_one_line(char_run, tmp_path):
