@@ -354,7 +354,8 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"  # one kernel for the whole update instead of several per parameter
+        # One kernel for the whole update instead of several per parameter (on the CPU ~5x faster than foreach)
+        fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
