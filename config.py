@@ -162,6 +162,8 @@ def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, str]]:
 def _show(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, str) and not value.isprintable():
+        return repr(value)  # a default such as "\n" shows as '\n', not as a line break in the help screen
     return str(value)
 
 

@@ -14,6 +14,7 @@ With one sample on a terminal the text streams as it is generated.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 import weakref
@@ -335,4 +336,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while streaming: end the line, no traceback
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `python sample.py ... | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        sys.exit(141)
