@@ -219,7 +219,7 @@ def crop_block_size(model: GPT, block_size: int) -> None:
 
 
 def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 tensor-core peak FLOP/s of known GPUs (from NVIDIA's data sheets); None when unknown."""
+    """Dense bf16 tensor-core peak FLOP/s of known GPUs (NVIDIA's data sheets, SXM parts); None when unknown."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -410,11 +410,15 @@ def main(argv: list[str] | None = None) -> dict:
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
     else:  # fine-tune: GPT-2 from the hub, a Hugging Face folder, or another run's out_dir or checkpoint
+        if ddp and not master:
+            dist.barrier()  # let rank 0 download a hub model into the cache first, rather than all ranks at once
         try:
             model, _, ckpt_config = load_model(cfg.init_from, dropout=cfg.dropout)
             check_tokenizer_matches(ckpt_config, meta, data_dir / "meta.json")
         except ValueError as e:
             raise SystemExit(f"init_from={cfg.init_from}: {e}") from None
+        if ddp and master:
+            dist.barrier()
         if cfg.block_size > model.config.block_size:
             raise SystemExit(f"block_size={cfg.block_size} is longer than {cfg.init_from}'s context of "
                              f"{model.config.block_size} tokens: set --block_size={model.config.block_size} or less")
