@@ -40,8 +40,11 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_siz
 
 # Runs train.main in a fresh interpreter whose training forward passes each sleep DELAY seconds.
 SLOW_TRAIN = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {repo!r})
+if "PID_DIR" in os.environ:  # under torchrun: lets a test signal one rank
+    with open(os.path.join(os.environ["PID_DIR"], "pid" + os.environ["RANK"]), "w") as f:
+        f.write(str(os.getpid()))
 import model
 forward = model.GPT.forward
 def slow_forward(self, *args, **kwargs):
@@ -232,27 +235,44 @@ def test_resume_is_bit_exact(reference: Path, char_data: Path, tmp_path: Path,
     assert strip(tmp_path) == strip(reference)
 
 
-def test_two_processes_equal_one_with_accumulation(char_data: Path, tmp_path: Path) -> None:
-    """torchrun --nproc_per_node=2 (gloo, CPU) with gradient_accumulation_steps=2 vs one process: same global batch,
-    same dropout masks, so the same weights up to float summation order."""
-    iters = ["--max_iters=20", "--eval_interval=10"]
-    run(char_data, tmp_path / "one", *iters)
+def test_two_processes_equal_one_and_stop_together(reference: Path, char_data: Path, tmp_path: Path) -> None:
+    """torchrun --nproc_per_node=2 (gloo, CPU) vs one process with gradient_accumulation_steps=2: the same global
+    batch and dropout masks, so the same weights up to float summation order. One launch checks two things: the
+    checkpoint at iteration 20 against a one-process run, then a SIGTERM to rank 1 alone, which both ranks must
+    honour at the same step (or their collectives would no longer match and the run would hang)."""
+    run(char_data, tmp_path / "one", "--max_iters=20")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    script = tmp_path / "slow_train.py"  # torchrun runs a file, not -c
+    script.write_text(SLOW_TRAIN.format(repo=str(REPO), delay=0.01))
+    out_dir = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "train.py", f"--dataset={char_data}", f"--out_dir={tmp_path / 'two'}", *TINY, *iters]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) x 1 micro-steps" in result.stdout
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+           str(script), f"--dataset={char_data}", f"--out_dir={out_dir}", *TINY, f"--max_iters={ITERS}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "PID_DIR": str(tmp_path)})
+    wait_for(lambda: (out_dir / "latest").is_symlink(), proc, timeout=120)
+    time.sleep(0.05)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "2 process(es) x 1 micro-steps" in out, err[-3000:]
+    stopped_at = iteration(out_dir)
+    assert 20 < stopped_at < ITERS, err[-3000:]
+    assert f"stopped by SIGTERM at iteration {stopped_at}" in out
+
+    one = weights(tmp_path / "one")
+    two = load_file(out_dir / "best" / "model.safetensors")  # iteration 20: the best val loss, so still kept
+    assert json.loads((out_dir / "best" / "config.json").read_text())["iter_num"] == 20
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
-    evals = lambda d: [json.loads(l)["val_loss"] for l in (d / "metrics.jsonl").read_text().splitlines()
-                       if json.loads(l)["val_loss"] is not None]
-    np.testing.assert_allclose(evals(tmp_path / "two"), evals(tmp_path / "one"), rtol=1e-5)
+
+    # Resumed in one process (the global batch does not depend on the process count), it ends where the
+    # uninterrupted one-process run does.
+    run(char_data, out_dir, f"--max_iters={ITERS}", "--init_from=resume")
+    ref = weights(reference)
+    for key, tensor in weights(out_dir).items():
+        torch.testing.assert_close(tensor, ref[key], rtol=0, atol=1e-5)
 
 
 def test_eval_only_reproduces_the_recorded_val_loss(reference: Path, char_data: Path) -> None:
