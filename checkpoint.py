@@ -154,6 +154,9 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": "gpt2"}  # Tokenizer.tiktoken("gpt2").to_meta(), without loading it
+
+
 def config_tokenizer(config: dict, config_path: Path) -> Tokenizer:
     """The tokenizer a config.json names under "tokenizer"; GPT-2 BPE when it names none (Hugging Face folders)."""
     if "tokenizer" not in config:
@@ -167,7 +170,7 @@ def config_tokenizer(config: dict, config_path: Path) -> Tokenizer:
 def check_tokenizer_matches(config: dict, meta: dict, meta_path: Path) -> None:
     """Refuse a dataset (meta.json) whose tokenizer differs from the checkpoint's: its token ids would mean other
     text. Used when resuming or fine-tuning on a dataset."""
-    ours = config.get("tokenizer", Tokenizer.tiktoken("gpt2").to_meta())
+    ours = config.get("tokenizer", GPT2_TOKENIZER)  # Hugging Face folders name none: they are GPT-2 BPE
     theirs = meta.get("tokenizer")
     if ours != theirs:
         raise ValueError(f"{meta_path} uses tokenizer {_describe(theirs)} but the checkpoint was trained with "

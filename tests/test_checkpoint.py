@@ -458,3 +458,13 @@ def test_cleanup_partial_spares_live_writers_and_linked_folders(tmp_path: Path) 
     live.mkdir()
     cleanup_partial(tmp_path)
     assert not stale.exists() and live.exists()
+
+
+def test_tokenizer_check_needs_no_bpe_files_for_a_char_model(monkeypatch, tmp_path):
+    # Resuming a char-level run offline must not load GPT-2's BPE tables just to build a default.
+    import tokens
+    monkeypatch.setattr(tokens.Tokenizer, "tiktoken", classmethod(lambda cls, name: pytest.fail("loaded BPE")))
+    char = {"kind": "char", "chars": "abc"}
+    checkpoint.check_tokenizer_matches({"tokenizer": char}, {"tokenizer": char}, tmp_path / "meta.json")
+    with pytest.raises(ValueError, match="tiktoken gpt2"):
+        checkpoint.check_tokenizer_matches({}, {"tokenizer": char}, tmp_path / "meta.json")
