@@ -192,7 +192,9 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
                  compiled: bool, method: str) -> dict:
     """Decode tokens/s: prompt prefilled, then decode_tokens greedy steps (each step's time is what is reported)."""
     torch.manual_seed(cfg.seed)
-    model = GPT(gpt).to(device).eval()
+    # Weights cast to dtype, as sample.py does: decoding reads every weight once a token, so autocast (which
+    # keeps fp32 weights and casts them at every step) would only add work.
+    model = GPT(gpt).to(device=device, dtype=dtype).eval()
     prompt = torch.randint(0, gpt.vocab_size, (batch, cfg.prompt_len), device=device)
     n = cfg.decode_tokens
     if method == "kv-cache":
@@ -201,7 +203,7 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
         run = lambda: _recompute_decode(model, prompt, n)  # noqa: E731
     else:
         run = _transformers_decoder(model, prompt, n)
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad():
         for _ in range(cfg.warmup):
             run()
         times = []
@@ -243,7 +245,7 @@ def _transformers_decoder(model: GPT, prompt: torch.Tensor, n: int):
     c = model.config
     hf_config = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                         n_layer=c.n_layer, n_head=c.n_head)
-    hf = transformers.GPT2LMHeadModel(hf_config).to(prompt.device).eval()
+    hf = transformers.GPT2LMHeadModel(hf_config).to(device=prompt.device, dtype=model.lm_head.weight.dtype).eval()
     weights = {"transformer." + k: v for k, v in model.hf_state_dict().items()}
     missing, unexpected = hf.load_state_dict(weights, strict=False)  # the head is tied to wte, so not in weights
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)

@@ -65,8 +65,10 @@ class KVCache:
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_head, max_len, head_dim)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_head, max_len, head_dim)
+        # Uninitialised: attention only ever reads the filled positions, and zeroing 2 x 38 MB for GPT-2 124M
+        # would cost a decode step's worth of time per generate() call.
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # (L, B, n_head, max_len, head_dim)
+        self.v = torch.empty(shape, device=device, dtype=dtype)  # (L, B, n_head, max_len, head_dim)
         self.max_len = max_len
         self.pos = 0  # number of positions filled
 
@@ -127,6 +129,24 @@ class StaticKVCache:
         return self.k[layer], self.v[layer]  # (B, n_head, max_len, head_dim)
 
 
+class Linear(nn.Module):
+    """y = x W + b, with W stored (in_features, out_features): nn.Linear's maths, GPT-2's storage.
+
+    OpenAI's checkpoints keep these weights in this layout (Hugging Face's "Conv1D"), so they load without
+    transposes. It is also faster where decoding is bound by reading the weights: a batch-1 step is one
+    vector-matrix product per layer, and on the CPU the BLAS streams W about 15% faster in this layout than in
+    nn.Linear's (out, in) (docs/benchmarks.md). For the batched matmuls of training the two are the same.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.t(), self.bias)  # a transposed view: no copy, the BLAS reads W as stored
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
@@ -134,8 +154,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         # FlashAttention-2 (the kernel SDPA picks on CUDA in bf16/fp16) needs head_dim a multiple of 8, at most 256.
         self.flash_ok = config.head_dim % 8 == 0 and config.head_dim <= 256
@@ -181,9 +201,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +248,7 @@ class GPT(nn.Module):
         into the residual stream (attn.c_proj, mlp.c_proj) get std 0.02 / sqrt(2 * n_layer): each block adds two
         such branches, and the scaling keeps the stream's variance from growing with depth (GPT-2 paper, sec. 2.3).
         """
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (Linear, nn.Linear)):
             std = 0.02
             if module is not self.lm_head and any(module is b.attn.c_proj or module is b.mlp.c_proj
                                                   for b in self.transformer.h):
@@ -374,18 +394,17 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ Hugging Face GPT-2 weights
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights in Hugging Face's GPT-2 layout: `h.0.attn.c_attn.weight`, ..., Conv1D weights transposed.
+        """The weights under Hugging Face's GPT-2 names: `wte.weight`, `h.0.attn.c_attn.weight`, ...
 
-        The tied head is left out (HF ties it again on load); tensors are contiguous copies, ready for safetensors.
+        The layouts are already the same (see Linear). The tied head is left out (HF ties it again on load);
+        the tensors are copies in host memory, ready for safetensors.
         """
         out = {}
         for key, tensor in self.state_dict().items():
             if key == "lm_head.weight":
                 continue
             name = key.removeprefix("transformer.")
-            if name.endswith(_CONV1D):
-                tensor = tensor.t()  # HF's Conv1D stores (in, out); nn.Linear stores (out, in)
-            out[name] = tensor.detach().contiguous().clone()
+            out[name] = tensor.detach().to("cpu", copy=True)  # one copy, off the GPU: safetensors writes from host memory
         return out
 
     def hf_config(self) -> dict:
@@ -455,16 +474,11 @@ class GPT(nn.Module):
         with torch.no_grad():
             for name, tensor in found.items():
                 target = ours[name if name in ours else "transformer." + name]
-                if name.endswith(_CONV1D):
-                    tensor = tensor.t()
                 if tensor.shape != target.shape:
                     raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config asks for "
                                      f"{tuple(target.shape)}")
                 target.copy_(tensor)
 
-
-# Weights that Hugging Face's GPT-2 keeps in Conv1D layout (in_features, out_features).
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
