@@ -28,6 +28,7 @@ import torch
 
 from config import format_config, load_toml, parse_config
 from model import GPT, GPTConfig, sample_next
+from train import device_peak_flops
 
 
 @dataclass
@@ -47,7 +48,7 @@ class BenchConfig:
     prompt_len: int = 16  # prompt tokens before decoding
     decode_tokens: int = 64  # new tokens per timed decode
     baselines: bool = False  # decode: also time nanoGPT's recompute loop and transformers' GPT2 generate
-    peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: looked up in PEAK_FLOPS by name
+    peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: train.py's table of GPUs (H100 989e12, ...)
     profile: bool = False  # train: print a torch.profiler table of a few steps instead of timing
     out: str = "bench_results.jsonl"  # results are appended here, one JSON object per measurement
     seed: int = 1337  # weights and tokens are random, from this seed
@@ -69,17 +70,6 @@ SIZES = {  # (n_layer, n_head, n_embd), GPT-2's family with its 1024-token conte
     "gpt2-large": (36, 20, 1280),
     "gpt2-xl": (48, 25, 1600),
 }
-
-# Dense bf16/fp16 tensor-core peaks from the vendors' data sheets (no sparsity), FLOP/s.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12}
-
-
-def peak_flops_of(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
 
 def model_config(cfg: BenchConfig) -> tuple[GPTConfig, int]:
     """The model to benchmark and its training micro-batch size."""
@@ -163,7 +153,7 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     tokens_per_sec = batch_size * T * cfg.train_steps / dt
-    peak = cfg.peak_flops or peak_flops_of(device)
+    peak = cfg.peak_flops or device_peak_flops(torch.device(device))
     return {
         "what": "train", "batch_size": batch_size, "seq_len": T,
         "tokens_per_sec": round(tokens_per_sec, 1), "ms_per_step": round(1000 * dt / cfg.train_steps, 2),
