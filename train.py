@@ -1,6 +1,6 @@
 """Train a GPT from scratch, resume a run, or fine-tune GPT-2: on a laptop CPU, one GPU, or many GPUs with torchrun.
 
-    python train.py configs/shakespeare_char_cpu.toml                          # a CPU, about two minutes
+    python train.py configs/shakespeare_char_cpu.toml                          # a CPU, 80-100 s on two cores
     python train.py configs/shakespeare_char.toml                              # one GPU
     python train.py configs/shakespeare_char.toml --init_from=resume           # continue the run in out_dir
     torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.toml   # eight GPUs on one machine
