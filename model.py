@@ -12,10 +12,12 @@ training-time shapes; Hugging Face's GPT2LMHeadModel for the weight layout impor
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import math
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
@@ -70,6 +72,7 @@ class KVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)  # (L, B, n_head, max_len, head_dim)
         self.v = torch.empty(shape, device=device, dtype=dtype)  # (L, B, n_head, max_len, head_dim)
         self.max_len = max_len
+        self.batch_size = batch_size
         self.pos = 0  # number of positions filled
 
     @classmethod
@@ -105,11 +108,14 @@ class StaticKVCache:
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         shape = (batch_size, n_head, max_len, head_dim)
+        # Zeros, unlike KVCache's empty buffers: attention here multiplies the masked positions too (by a weight of
+        # 0), and 0 * NaN from uninitialised memory would be NaN.
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]  # (B, n_head, max_len, hd)
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]  # (B, n_head, max_len, hd)
         for buffer in self.k + self.v:
             torch._dynamo.mark_static_address(buffer)  # lets a CUDA graph update the cache in place
         self.max_len = max_len
+        self.batch_size = batch_size
         self.pos = 0
 
     @classmethod
@@ -147,6 +153,24 @@ class Linear(nn.Module):
         return F.linear(x, self.weight.t(), self.bias)  # a transposed view: no copy, the BLAS reads W as stored
 
 
+@torch.compiler.assume_constant_result  # decided once while torch.compile traces, not on every call
+def flash_supported(device_index: int, head_dim: int) -> bool:
+    """Whether SDPA's flash kernel (FlashAttention-2) can run on this GPU for this head size.
+
+    It needs an Ampere or Hopper GPU (compute capability 8.x or 9.0) and head_dim a multiple of 8, at most 256 on
+    A100/H100 (sm80, sm90) and at most 192 on the consumer parts (sm86, sm89), whose backward lacks the shared memory.
+    Elsewhere (T4, V100, a head_dim of 100) the training forward leaves the choice to SDPA, and says so once.
+    """
+    major, minor = torch.cuda.get_device_capability(device_index)
+    limit = 256 if (major, minor) in ((8, 0), (9, 0)) else 192
+    ok = major in (8, 9) and head_dim % 8 == 0 and head_dim <= limit
+    if not ok:
+        warnings.warn(f"the flash attention kernel does not run on {torch.cuda.get_device_name(device_index)} "
+                      f"(compute capability {major}.{minor}) with head_dim {head_dim}: attention uses another, "
+                      f"slower SDPA kernel. On Ampere/Hopper GPUs, choose n_embd / n_head a multiple of 8, <= 192")
+    return ok
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
@@ -157,11 +181,6 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # FlashAttention-2 (the kernel SDPA picks on CUDA in bf16/fp16) needs head_dim a multiple of 8, at most 256.
-        self.flash_ok = config.head_dim % 8 == 0 and config.head_dim <= 256
-        if not self.flash_ok and layer == 0:
-            warnings.warn(f"head_dim {config.head_dim} is not a multiple of 8 up to 256: on CUDA the attention "
-                          f"falls back from the flash kernel to a slower one. Choose n_embd/n_head accordingly.")
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | StaticKVCache | None = None,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,7 +196,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif kv_cache is None:  # training, or a plain forward: one causal pass over the whole sequence
             dropout_p = self.dropout if self.training else 0.0
-            if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and self.flash_ok:
+            if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_supported(q.device.index, q.size(-1)):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # fail loudly rather than silently use a slow kernel
                     y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
             else:
@@ -316,7 +335,6 @@ class GPT(nn.Module):
         new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
         return torch.cat([idx, *new], dim=1)
 
-    @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
                         generator: torch.Generator | None = None,
@@ -326,19 +344,34 @@ class GPT(nn.Module):
 
         decode_step switches to fixed shapes: a StaticKVCache, and every one-token step run as
         decode_step(token, input_pos, cache) -> logits, normally a torch.compile of forward_static (sample.py's
-        --compile); prefill and the recompute past block_size stay eager. Either way the tokens are generate()'s.
+        --compile); prefill and the recompute past block_size stay eager. In fp32 the tokens are generate()'s; in
+        bf16/fp16 the fixed-shape attention rounds differently and may pick another token where two nearly tie.
         A cache passed in is reset and reused: a StaticKVCache that keeps its addresses spares a new CUDA graph.
+        Arguments are checked here, before the first token is asked for.
         """
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (batch, length) with length >= 1, got shape {tuple(idx.shape)}")
+        kind = KVCache if decode_step is None else StaticKVCache
+        if cache is None:
+            cache = kind.for_model(self, idx.size(0))
+        elif not isinstance(cache, kind) or cache.max_len < self.config.block_size or cache.batch_size != idx.size(0):
+            raise ValueError(f"the cache passed in must be a {kind.__name__} for batch {idx.size(0)} holding "
+                             f"block_size={self.config.block_size} positions: create it with "
+                             f"{kind.__name__}.for_model(model, batch_size)")
+        return self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, decode_step, cache)
+
+    @torch.no_grad()
+    def _decode(self, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                top_p: float | None, generator: torch.Generator | None,
+                decode_step: Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor] | None,
+                cache: KVCache | StaticKVCache) -> Iterator[torch.Tensor]:
+        """The loop of generate_stream: prefill, then one token a step, recomputing the window past block_size."""
         if max_new_tokens == 0:
             return
         block_size = self.config.block_size
-        if cache is None:
-            cache = (KVCache if decode_step is None else StaticKVCache).for_model(self, idx.size(0))
         cache.reset()
 
         def feed(tokens: torch.Tensor) -> torch.Tensor:  # (B, T) after the cached ones -> last logits (B, vocab)
@@ -424,8 +457,9 @@ class GPT(nn.Module):
                         cache_dir: str | os.PathLike | None = None) -> GPT:
         """Load GPT-2 weights: a local folder (config.json + model.safetensors) or a hub name such as "gpt2".
 
-        Hub names (gpt2, gpt2-medium, gpt2-large, gpt2-xl) are downloaded once over HTTPS from huggingface.co into
-        cache_dir (default $SMALLGPT_CACHE or ~/.cache/smallgpt) and checked against the sha256 the hub reports.
+        Hub names (gpt2, gpt2-medium, gpt2-large, gpt2-xl) are downloaded once over HTTPS from huggingface.co (or
+        the mirror in $HF_ENDPOINT) into cache_dir (default $SMALLGPT_CACHE or ~/.cache/smallgpt), and the weights
+        are checked against the sha256 the hub reports.
         Folders written by this project's train.py load the same way.
         """
         from safetensors.torch import load_file
@@ -441,13 +475,7 @@ class GPT(nn.Module):
             if not path.is_file():
                 raise ValueError(f"{path} not found: a model folder holds config.json and model.safetensors "
                                  f"(pytorch_model.bin is not read: convert it to safetensors)")
-        hf = json.loads(config_path.read_text())
-        own = hf.get("smallgpt", {})
-        config = GPTConfig(
-            block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-            n_embd=hf["n_embd"], bias=own.get("bias", True),
-            dropout=dropout if dropout is not None else own.get("dropout", 0.0),
-        )
+        config = _config_from_hf(json.loads(config_path.read_text()), config_path, dropout)
         try:
             weights = load_file(weights_path)
         except Exception as e:  # safetensors raises its own error types for truncated or corrupted files
@@ -482,35 +510,84 @@ class GPT(nn.Module):
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
+# config.json settings that change the maths, and the values of GPT-2 that this model implements.
+_GPT2_SETTINGS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+                  "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+                  "tie_word_embeddings": (True,)}
+
+
+def _config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
+    """GPTConfig from a Hugging Face GPT-2 config.json (ours add a "smallgpt" entry); refuse what GPT-2 is not."""
+    block_size = hf.get("n_positions", hf.get("n_ctx"))  # older configs name the context n_ctx only
+    missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
+    if missing or block_size is None:
+        raise ValueError(f"{path} lacks {', '.join(missing + ['n_positions'] * (block_size is None))}: it is not "
+                         f"a GPT-2 config.json")
+    for key, allowed in _GPT2_SETTINGS.items():
+        if key in hf and hf[key] not in allowed:
+            raise ValueError(f"{path}: {key}={hf[key]!r} is not supported: this GPT implements GPT-2's "
+                             f"{key}={allowed[0]!r}")
+    own = hf.get("smallgpt", {})
+    return GPTConfig(block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                     n_embd=hf["n_embd"], bias=own.get("bias", True),
+                     dropout=dropout if dropout is not None else own.get("dropout", 0.0))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None  # a redirect then surfaces as an HTTPError whose headers _fetch reads
+
 
 def _download_hub_model(name: str, cache_dir: str | os.PathLike | None) -> Path:
-    """Fetch config.json and model.safetensors of a GPT-2 from huggingface.co, once, verifying the sha256."""
+    """Fetch config.json and model.safetensors of a GPT-2 from the hub, once, verifying the weights' sha256."""
     root = Path(cache_dir or os.environ.get("SMALLGPT_CACHE") or Path.home() / ".cache" / "smallgpt")
+    hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # the variable huggingface_hub reads
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     for filename in ("config.json", "model.safetensors"):
         dest = folder / filename
-        if dest.is_file():
-            continue
-        url = f"https://huggingface.co/openai-community/{name}/resolve/main/{filename}"
-        tmp = dest.with_name(dest.name + ".partial")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                # For files stored with git LFS the hub reports their sha256 in X-Linked-Etag (or ETag).
-                etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"')
-                digest = hashlib.sha256()
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-        except (urllib.error.URLError, OSError) as e:
-            tmp.unlink(missing_ok=True)
-            raise SystemExit(f"could not download {url} ({e}). Offline? Download {name}'s config.json and "
-                             f"model.safetensors elsewhere and pass their folder instead of {name!r}") from None
-        if len(etag) == 64 and digest.hexdigest() != etag:
-            tmp.unlink(missing_ok=True)
-            raise SystemExit(f"{url}: sha256 {digest.hexdigest()} does not match the hub's {etag}; try again")
-        os.replace(tmp, dest)
+        if not dest.is_file():
+            _fetch(f"{hub}/openai-community/{name}/resolve/main/{filename}", dest,
+                   need_sha256=filename.endswith(".safetensors"), name=name)
     return folder
+
+
+def _fetch(url: str, dest: Path, need_sha256: bool, name: str) -> None:
+    """Download url into dest through dest.partial, checking the sha256 that the hub reports for large files.
+
+    The hub answers a request for a large (git LFS) file with a redirect to its CDN and gives the file's sha256 in
+    that redirect's X-Linked-Etag header; the CDN's own ETag is something else. So redirects are followed by hand.
+    """
+    tmp = dest.with_name(dest.name + ".partial")
+    opener = urllib.request.build_opener(_NoRedirect)
+    expected, where = None, url
+    try:
+        for _ in range(10):
+            try:
+                response = opener.open(where, timeout=60)
+                break
+            except urllib.error.HTTPError as e:
+                if e.code not in (301, 302, 303, 307, 308):
+                    raise
+                expected = (e.headers.get("X-Linked-Etag") or "").strip('"').lower() or expected
+                where = urllib.parse.urljoin(where, e.headers["Location"])
+        else:
+            raise OSError("more than 10 redirects")
+        digest = hashlib.sha256()
+        with response, open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+    except (OSError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors; IncompleteRead is not
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"could not download {url} ({e}). Offline? Download {name}'s config.json and "
+                         f"model.safetensors elsewhere and pass their folder instead of {name!r}") from None
+    if need_sha256 and not (expected and len(expected) == 64 and digest.hexdigest() == expected):
+        tmp.unlink(missing_ok=True)
+        reported = f"the hub's sha256 {expected}" if expected else "no sha256 from the hub"
+        raise SystemExit(f"{url}: downloaded sha256 {digest.hexdigest()} does not match {reported}; nothing was "
+                         f"kept: try again")
+    os.replace(tmp, dest)
 
 
 # ---------------------------------------------------------------------- sampling

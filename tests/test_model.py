@@ -185,6 +185,19 @@ def test_generate_sampling_equals_uncached_past_block_size():
     assert torch.equal(a, b)
 
 
+def test_generate_stream_checks_arguments_before_the_first_token():
+    model = tiny_model()
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate_stream(idx, 5, top_k=0)  # no next() needed: the error comes with the call
+    with pytest.raises(ValueError, match="KVCache.for_model"):
+        model.generate_stream(idx, 5, cache=KVCache.for_model(model, batch_size=3))
+    with pytest.raises(ValueError, match="KVCache.for_model"):
+        model.generate_stream(idx, 5, cache=KVCache.for_model(model, batch_size=2, max_len=8))
+    stream = model.generate_stream(idx, 5, temperature=0, cache=KVCache.for_model(model, batch_size=2))
+    assert torch.equal(torch.cat([idx, *stream], dim=1), model.generate(idx, 5, temperature=0))
+
+
 def test_generate_keeps_prompt_and_zero_tokens():
     model = tiny_model()
     idx = torch.randint(0, 97, (2, 6))
@@ -313,6 +326,106 @@ def test_import_rejects_mismatched_and_damaged_files(tmp_path):
         GPT.from_pretrained(tmp_path / "nowhere")
 
 
+def test_import_reads_n_ctx_and_refuses_what_gpt2_is_not(tmp_path):
+    save_hf_gpt2(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    reference = GPT.from_pretrained(tmp_path)
+    older = {k: v for k, v in config.items() if k != "n_positions"} | {"n_ctx": config["n_positions"]}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    assert GPT.from_pretrained(tmp_path).config == reference.config
+    for key, value in [("activation_function", "relu"), ("layer_norm_epsilon", 1e-2), ("scale_attn_weights", False),
+                       ("tie_word_embeddings", False)]:
+        (tmp_path / "config.json").write_text(json.dumps(config | {key: value}))
+        with pytest.raises(ValueError, match=key):
+            GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "n_layer"}))
+    with pytest.raises(ValueError, match="lacks n_layer"):
+        GPT.from_pretrained(tmp_path)
+
+
+class FakeHub:
+    """A stand-in for huggingface.co on 127.0.0.1: config.json directly, the weights through a redirect to a
+    "CDN" that carries the sha256 in X-Linked-Etag, as the hub does."""
+
+    def __init__(self, folder, sha256: str | None = None):
+        import hashlib
+        import http.server
+        import threading
+
+        files = {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+        sha = sha256 or hashlib.sha256(files["model.safetensors"]).hexdigest()
+        self.requests = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hub.requests.append(self.path)
+                if self.path.endswith("/resolve/main/config.json"):
+                    self._send(200, files["config.json"])
+                elif self.path.endswith("/resolve/main/model.safetensors"):
+                    self.send_response(302)
+                    self.send_header("Location", "/cdn/blob")
+                    self.send_header("X-Linked-Etag", f'"{sha}"')
+                    self.end_headers()
+                elif self.path == "/cdn/blob":
+                    self._send(200, files["model.safetensors"], etag='"not-a-sha256"')
+                else:
+                    self._send(404, b"")
+
+            def _send(self, code, body, etag=None):
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                if etag:
+                    self.send_header("ETag", etag)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_hub_download_checks_sha256_and_caches(tmp_path, monkeypatch):
+    save_hf_gpt2(tmp_path / "src")
+    reference = GPT.from_pretrained(tmp_path / "src")
+    hub = FakeHub(tmp_path / "src")
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        model = GPT.from_pretrained("gpt2", cache_dir=tmp_path / "cache")
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+        assert hub.requests == ["/openai-community/gpt2/resolve/main/config.json",
+                                "/openai-community/gpt2/resolve/main/model.safetensors", "/cdn/blob"]
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path / "cache")  # cached: no second download
+        assert len(hub.requests) == 3
+    finally:
+        hub.close()
+
+
+def test_hub_download_refuses_a_wrong_sha256(tmp_path, monkeypatch):
+    save_hf_gpt2(tmp_path / "src")
+    hub = FakeHub(tmp_path / "src", sha256="0" * 64)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with pytest.raises(SystemExit, match="does not match"):
+            GPT.from_pretrained("gpt2", cache_dir=tmp_path / "cache")
+        assert sorted(p.name for p in (tmp_path / "cache" / "gpt2").iterdir()) == ["config.json"]  # no weights kept
+    finally:
+        hub.close()
+
+
+def test_hub_download_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(SystemExit, match="could not download .* Offline"):
+        GPT.from_pretrained("gpt2-medium", cache_dir=tmp_path)
+
+
 def test_safetensors_round_trip_keeps_tied_weights(tmp_path):
     from safetensors.torch import save_file
     model = tiny_model(bias=False, dropout=0.1)
@@ -345,18 +458,37 @@ def test_exported_folder_loads_in_transformers(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_training_step_runs_on_the_flash_kernel(dtype):
-    # The attention forces SDPBackend.FLASH_ATTENTION in this case: if flash could not run, SDPA would raise
-    # "No available kernel" instead of quietly using another one. Check that it also says so when forced off.
+def test_training_step_runs_on_the_flash_kernel(dtype, monkeypatch):
+    import model as model_module
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the flash kernel needs an Ampere or newer GPU")
+    asked = []
+    real = model_module.sdpa_kernel
+
+    def recording_sdpa_kernel(backends):
+        asked.append(backends)
+        return real(backends)
+
+    monkeypatch.setattr(model_module, "sdpa_kernel", recording_sdpa_kernel)
     model = GPT(GPTConfig(block_size=128, vocab_size=256, n_layer=2, n_head=4, n_embd=128, dropout=0.1)).cuda()
     idx = torch.randint(0, 256, (4, 128), device="cuda")
-    with torch.autocast("cuda", dtype=dtype):
-        _, loss = model(idx, targets=idx)
-    loss.backward()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=dtype):
+            _, loss = model(idx, targets=idx)
+        loss.backward()
+        torch.cuda.synchronize()
     assert torch.isfinite(loss)
-    assert model.transformer.h[0].attn.c_attn.weight.grad is not None
-    with torch.autocast("cuda", dtype=torch.float32), pytest.raises(RuntimeError):
-        q = torch.randn(1, 4, 16, 32, device="cuda")  # fp32 is not a flash dtype
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert asked == [model_module.SDPBackend.FLASH_ATTENTION] * 2  # forced in both layers, so nothing else could run
+    kernels = " ".join(e.key.lower() for e in prof.key_averages())
+    assert "flash" in kernels  # and the kernels that ran are flash's, forward and backward
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_on_cuda_equals_cpu():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 5))
+    on_cpu = model.generate(idx, 20, temperature=0)
+    on_gpu = model.cuda().generate(idx.cuda(), 20, temperature=0)
+    assert torch.equal(on_gpu.cpu(), on_cpu)
