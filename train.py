@@ -264,10 +264,17 @@ class StopSignal:
 
 
 def resume_command(argv: list[str]) -> str:
-    """The command line that continues this run: the same arguments with --init_from=resume."""
-    keep = [a for a in argv if not a.startswith("--init_from")]
-    keep = [a for i, a in enumerate(keep) if not (a == "--init_from" or i > 0 and keep[i - 1] == "--init_from")]
-    return shlex.join(["python", "train.py", *keep, "--init_from=resume"])
+    """The command line that continues this run: the same launcher and arguments, with --init_from=resume."""
+    keep, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--init_from":  # the space form: the flag and its value
+            i += 2
+            continue
+        if not argv[i].startswith("--init_from="):
+            keep.append(argv[i])
+        i += 1
+    launcher = "torchrun <your torchrun options>" if "RANK" in os.environ else "python"
+    return f"{launcher} {shlex.join(['train.py', *keep, '--init_from=resume'])}"
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -448,6 +455,11 @@ def main(argv: list[str] | None = None) -> dict:
     iter_num, best_val_loss, elapsed_before = 0, math.inf, 0.0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        # load_state_dict also restores the saved hyperparameters; this run's settings win (lr is set every step).
+        assert len(optimizer.param_groups) == 2, "configure_optimizers returns [decay group, no-decay group]"
+        for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            group["betas"] = (cfg.beta1, cfg.beta2)
+            group["weight_decay"] = weight_decay
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
@@ -515,10 +527,15 @@ def main(argv: list[str] | None = None) -> dict:
     if writes:
         # A fresh run starts a new metrics.jsonl; a resumed one drops the lines past its checkpoint, which the
         # interrupted run wrote but whose steps are now done again.
+        # A line that does not parse is the partial last one of a run killed (kill -9, a power cut) mid-write.
         kept = []
         if resuming and metrics_path.exists():
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iter"] <= iter_num]
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(line)["iter"] <= iter_num:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    pass
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------------------------------------ loop

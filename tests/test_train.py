@@ -30,7 +30,7 @@ import model as model_module
 import tokens
 from checkpoint import load_model, load_state
 from model import GPT
-from train import TrainConfig, main
+from train import TrainConfig, main, resume_command
 
 REPO = Path(__file__).resolve().parents[1]
 ITERS = 80  # the uninterrupted reference run
@@ -233,6 +233,40 @@ def test_resume_is_bit_exact(reference: Path, char_data: Path, tmp_path: Path,
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "tokens_per_sec")}
                           for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert strip(tmp_path) == strip(reference)
+
+
+def test_resume_uses_the_new_optimizer_settings(char_data: Path, tmp_path: Path) -> None:
+    """load_state_dict restores the saved betas and weight decay; a resumed run must use the command line's."""
+    run(char_data, tmp_path, "--max_iters=2")
+    run(char_data, tmp_path, "--max_iters=3", "--init_from=resume", "--beta2=0.99", "--weight_decay=0.05")
+    groups = load_state(tmp_path / "latest")["optimizer"]["param_groups"]  # as the optimizer held them at the save
+    assert [tuple(g["betas"]) for g in groups] == [(0.9, 0.99)] * 2
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # [decay group, no-decay group]
+
+
+def test_resume_drops_a_partial_metrics_line(char_data: Path, tmp_path: Path) -> None:
+    """kill -9 or a power cut mid-write leaves half a line at the end of metrics.jsonl."""
+    run(char_data, tmp_path, "--max_iters=2")
+    whole = (tmp_path / "metrics.jsonl").read_text()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 3, "train_lo')
+    run(char_data, tmp_path, "--max_iters=3", "--init_from=resume")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert "\n".join(lines[:len(whole.splitlines())]) + "\n" == whole
+    assert [json.loads(line)["iter"] for line in lines] == [0, 2, 3]
+
+
+def test_resume_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    assert resume_command(["run.toml", "--init_from", "gpt2", "--max_iters=5"]) == \
+        "python train.py run.toml --max_iters=5 --init_from=resume"
+    assert resume_command(["--init_from=gpt2", "--out_dir", "my run"]) == \
+        "python train.py --out_dir 'my run' --init_from=resume"
+
+
+def test_resume_command_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    assert resume_command(["run.toml"]) == "torchrun <your torchrun options> train.py run.toml --init_from=resume"
 
 
 def test_two_processes_equal_one_and_stop_together(reference: Path, char_data: Path, tmp_path: Path) -> None:
