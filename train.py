@@ -18,9 +18,10 @@ the same whatever the number of processes, and a resumed run sees exactly the da
 uninterrupted run would have: 40 iterations plus a resume to 80 ends with the same weights as 80 straight.
 
 What survives what (tests/test_train.py injects each):
-  - Ctrl-C or SIGTERM: the current optimizer step finishes, a checkpoint is written and the run exits, saying how to
-    resume; a second signal exits at once (the checkpoints on disk are whole: checkpoint.py writes atomically).
-    Under torchrun every rank stops at the same step.
+  - Ctrl-C or SIGTERM: the current optimizer step finishes (and its evaluation, if it has one), a checkpoint is
+    written and the run exits, saying how to resume; a second signal exits at once (the checkpoints on disk are whole:
+    checkpoint.py writes atomically), except SIGTERM again within 2 s, which under SLURM is the same request
+    delivered twice (see StopSignal). Under torchrun every rank stops at the same step.
   - kill -9, a power cut: resume from the last checkpoint (`--init_from=resume`) and end with the same weights.
   - a NaN/Inf loss or gradient: the update is skipped on every rank; after max_skipped_steps in a row the run stops,
     keeping the last good checkpoint.
@@ -235,11 +236,19 @@ class StopSignal:
 
     Exiting at once is safe for the files: checkpoint.py writes a checkpoint into a temporary folder and renames it
     into place, so the checkpoints on disk are whole whenever the process dies.
+
+    A SIGTERM that repeats a first SIGTERM within DUPLICATE_S seconds is ignored: when SLURM preempts or cancels a
+    job it sends SIGTERM to every process of it, and torchrun forwards the SIGTERM it got to its workers too, so each
+    worker receives the same request twice within milliseconds, and honouring the second would lose the graceful
+    save. Ctrl-C pressed again (a second SIGINT) and a later SIGTERM still exit at once.
     """
+
+    DUPLICATE_S = 2.0
 
     def __init__(self, verbose: bool) -> None:
         self.signum = 0  # the first signal received; 0 while none
         self.verbose = verbose
+        self._first_at = 0.0  # time.monotonic() of the first signal
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignal:
@@ -255,9 +264,11 @@ class StopSignal:
         # os.write, not print: a handler that prints can interrupt a print and fail with a reentrant-call error
         name = signal.Signals(signum).name
         if self.signum:
+            if signum == self.signum == signal.SIGTERM and time.monotonic() - self._first_at < self.DUPLICATE_S:
+                return  # the same request delivered twice (SLURM and torchrun), see the docstring
             os.write(2, f"\n{name} again: exiting now; the last saved checkpoint is intact\n".encode())
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         if self.verbose:
             os.write(2, f"\n{name}: finishing this step and saving a checkpoint (send it again to quit at once)\n"
                      .encode())
@@ -644,9 +655,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if iter_num % cfg.log_interval == 0:
                     window_time, window_iters = 0.0, 0
 
-                if stopping:
-                    interrupted = True
-                    break
+                # Evaluate before honouring a stop signal: the resumed run starts after this iteration, so it would
+                # never evaluate (nor choose `best`) here.
                 if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
                     losses = evaluate()
                     val_loss = losses["val"]
@@ -657,6 +667,9 @@ def main(argv: list[str] | None = None) -> dict:
                         tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}; "
                                    f"saved {folder}{' (best)' if best else ''}")
                     last_saved = iter_num
+                if stopping:
+                    interrupted = True
+                    break
         except torch.OutOfMemoryError:
             raise SystemExit(
                 f"out of memory on {device} with batch_size={cfg.batch_size}, block_size={block_size}: lower "

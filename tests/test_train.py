@@ -113,6 +113,12 @@ def iteration(out_dir: Path) -> int:
     return json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"]
 
 
+def metrics(out_dir: Path) -> list[dict]:
+    """metrics.jsonl without the time columns, which differ from run to run."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "tokens_per_sec")}
+            for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def reference(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run every interrupted or resumed one must reproduce."""
@@ -230,9 +236,7 @@ def test_resume_is_bit_exact(reference: Path, char_data: Path, tmp_path: Path,
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(state[name], b["optimizer"]["state"][key][name])
     # metrics.jsonl reads like the uninterrupted run's, apart from the time columns
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "tokens_per_sec")}
-                          for line in (path / "metrics.jsonl").read_text().splitlines()]
-    assert strip(tmp_path) == strip(reference)
+    assert metrics(tmp_path) == metrics(reference)
 
 
 def test_resume_uses_the_new_optimizer_settings(char_data: Path, tmp_path: Path) -> None:
@@ -450,6 +454,49 @@ def test_sigint_saves_then_resume_matches_the_uninterrupted_run(reference: Path,
     run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
     assert f"resuming from iteration {stopped_at}" in capsys.readouterr().out
     assert_same_weights(weights(tmp_path), weights(reference))
+
+
+def test_stop_at_an_evaluation_iteration_evaluates_first(reference: Path, char_data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop signal during iteration 20, which evaluates: the run evaluates and saves before it stops, so the
+    resumed run's metrics.jsonl and `best` are the uninterrupted run's (it starts after iteration 20)."""
+    forward, calls = GPT.forward, [0]
+
+    def patched(self, *args, **kwargs):
+        if self.training:
+            calls[0] += 1
+            if calls[0] == 39:  # the first micro-step of iteration 20 (2 per iteration)
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.GPT, "forward", patched)
+    with pytest.raises(SystemExit) as e:
+        run(char_data, tmp_path, f"--max_iters={ITERS}")
+    assert e.value.code == 128 + signal.SIGINT
+    assert iteration(tmp_path) == 20
+    monkeypatch.undo()
+    run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
+    assert metrics(tmp_path) == metrics(reference)
+    assert (tmp_path / "best").resolve().name == (reference / "best").resolve().name
+    assert_same_weights(weights(tmp_path), weights(reference))
+
+
+def test_sigterm_delivered_twice_at_once_still_saves(char_data: Path, tmp_path: Path) -> None:
+    """Under SLURM a preempted worker gets SIGTERM from SLURM and again from torchrun, milliseconds apart: one
+    request, not "quit at once"."""
+    proc = slow_process(char_data, tmp_path)
+    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    for line in proc.stderr:  # wait until it is handled: Python would merge two pending SIGTERMs into one call
+        if "finishing this step" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "exiting now" not in err
+    stopped_at = iteration(tmp_path)
+    assert 20 < stopped_at < ITERS and f"stopped by SIGTERM at iteration {stopped_at}" in out
 
 
 def test_second_signal_exits_at_once_and_keeps_the_checkpoint(char_data: Path, tmp_path: Path) -> None:
