@@ -39,6 +39,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,25 +172,31 @@ def step_rngs(seed: int, iter_num: int, micro_step: int) -> tuple[np.random.Gene
     return np.random.default_rng(data_seq), int(dropout_seq.generate_state(1, np.uint64)[0])
 
 
-def get_batch(files: list[np.memmap], block_size: int, batch_size: int, rng: np.random.Generator,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_size random windows of block_size + 1 consecutive tokens: inputs x (B, T) and targets y (B, T).
+def batch_sampler(files: list[np.memmap], block_size: int, batch_size: int,
+                  device: torch.device) -> Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]]:
+    """get_batch(rng) for one split: batch_size random windows of block_size + 1 consecutive tokens, as inputs
+    x (B, T) and targets y (B, T).
 
     Start positions are uniform over every position of every file (shard), so a shard is picked in proportion to
-    its length and a window never crosses from one shard into the next.
+    its length and a window never crosses from one shard into the next. Where each file's starts begin is worked
+    out here, once, not at every micro-step.
     """
-    starts_per_file = np.array([max(len(f) - block_size, 0) for f in files])  # a window needs block_size + 1 tokens
-    ends = np.cumsum(starts_per_file)
-    starts = rng.integers(0, ends[-1], size=batch_size)
-    which = np.searchsorted(ends, starts, side="right")  # the file each start falls in
-    offsets = starts - (ends[which] - starts_per_file[which])
-    windows = np.stack([files[f][o:o + block_size + 1] for f, o in zip(which, offsets)]).astype(np.int64)
-    w = torch.from_numpy(windows)  # (B, T + 1)
-    if device.type == "cuda":  # pinned memory lets the copy run while the GPU works on the previous micro-step
-        w = w.pin_memory().to(device, non_blocking=True)
-    else:
-        w = w.to(device)
-    return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
+    starts_per_file = [max(len(f) - block_size, 0) for f in files]  # a window needs block_size + 1 tokens
+    first = np.cumsum([0, *starts_per_file])  # file i holds the starts first[i] .. first[i + 1] - 1
+
+    def get_batch(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = rng.integers(0, first[-1], size=batch_size)
+        which = np.searchsorted(first, starts, side="right") - 1  # the file each start falls in
+        offsets = starts - first[which]
+        windows = np.stack([files[f][o:o + block_size + 1] for f, o in zip(which, offsets)]).astype(np.int64)
+        w = torch.from_numpy(windows)  # (B, T + 1)
+        if device.type == "cuda":  # pinned memory lets the copy run while the GPU works on the previous micro-step
+            w = w.pin_memory().to(device, non_blocking=True)
+        else:
+            w = w.to(device)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
+
+    return get_batch
 
 
 def seed_dropout(seed: int, device: torch.device) -> None:
@@ -408,6 +415,13 @@ def main(argv: list[str] | None = None) -> dict:
             state = load_state(ckpt_dir)
         except ValueError as e:  # checkpoint.py's messages name the file and the fix
             raise SystemExit(str(e)) from None
+        if state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+            if master:
+                print(f"already at iteration {state['iter_num']} >= max_iters={cfg.max_iters}: nothing to train; "
+                      f"raise --max_iters to continue")
+            if ddp:
+                dist.destroy_process_group()
+            raise SystemExit(0)
         if master:
             print(f"resuming from iteration {state['iter_num']} ({ckpt_dir}), continuing at iteration "
                   f"{state['iter_num'] + 1}")
@@ -450,6 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
         if max(len(f) for f in files) <= block_size:
             raise SystemExit(f"the {split} split of {data_dir} has no file longer than block_size={block_size} "
                              f"tokens: lower --block_size or prepare more data")
+    get_batch = {split: batch_sampler(files, block_size, cfg.batch_size, device) for split, files in splits.items()}
     if master:
         print(f"{model.num_params() / 1e6:.2f}M parameters; {cfg.batch_size * block_size * accum:,} tokens per "
               f"iteration ({world_size} process(es) x {local_accum} micro-steps x {cfg.batch_size} x {block_size}); "
@@ -497,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
             total = torch.zeros((), device=device)
             for k in range(rank, cfg.eval_iters, world_size):
                 rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, tag, k]))
-                x, y = get_batch(splits[split], block_size, cfg.batch_size, rng, device)
+                x, y = get_batch[split](rng)
                 with autocast:
                     _, loss = model(x, y)
                 total += loss.float()
@@ -514,11 +529,13 @@ def main(argv: list[str] | None = None) -> dict:
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t_start
 
-    def save(val_loss: float | None) -> Path:
-        """Write ckpt_{iter_num}: weights, config (model, tokenizer, training settings) and the training state."""
+    def save(val_loss: float | None) -> tuple[Path, bool]:
+        """Write ckpt_{iter_num}: weights, config (model, tokenizer, training settings) and the training state.
+        Returns the folder and whether val_loss is the best so far (then `best` points to it)."""
         nonlocal best_val_loss
         is_best = val_loss is not None and val_loss < best_val_loss
-        best_val_loss = min(best_val_loss, val_loss) if val_loss is not None else best_val_loss
+        if is_best:
+            best_val_loss = val_loss
         train_state = {
             "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
             "rng": {"torch": torch.get_rng_state(),
@@ -526,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
             "scaler": scaler.state_dict(), "elapsed": elapsed(),
         }
         extra = {"tokenizer": meta["tokenizer"], "train": config_to_dict(cfg), "val_loss": val_loss}
-        return save_checkpoint(out_dir, raw_model, extra, train_state, iter_num=iter_num, is_best=is_best)
+        return save_checkpoint(out_dir, raw_model, extra, train_state, iter_num=iter_num, is_best=is_best), is_best
 
     def record(**values: float | None) -> None:
         """Append one line to metrics.jsonl (rank 0); every line has every key, null where it does not apply."""
@@ -577,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict:
                        mininterval=0.1 if sys.stderr.isatty() else 30)
             micro_steps = list(range(rank, accum, world_size))  # rank r runs micro-steps r, r + W, r + 2W, ...
             rng, dropout_seed = step_rngs(cfg.seed, iter_num, micro_steps[0])
-            x, y = get_batch(splits["train"], block_size, cfg.batch_size, rng, device)
+            x, y = get_batch["train"](rng)
             while iter_num < cfg.max_iters:
                 t0 = time.perf_counter()
                 lr = learning_rate(iter_num, cfg)
@@ -595,7 +612,7 @@ def main(argv: list[str] | None = None) -> dict:
                         # Fetch the next batch while the device works: the next micro-step, or the next iteration.
                         rng, dropout_seed = (step_rngs(cfg.seed, iter_num, micro_steps[i + 1]) if not last
                                              else step_rngs(cfg.seed, iter_num + 1, micro_steps[0]))
-                        x, y = get_batch(splits["train"], block_size, cfg.batch_size, rng, device)
+                        x, y = get_batch["train"](rng)
                         loss_sum += loss.detach()
                         # Each rank sums local_accum losses and DDP averages over world_size ranks, so dividing by
                         # local_accum here gives the mean over all accum micro-steps, whatever world_size is.
@@ -662,8 +679,7 @@ def main(argv: list[str] | None = None) -> dict:
                     val_loss = losses["val"]
                     if master:
                         record(train_loss=losses["train"], val_loss=val_loss, lr=lr)
-                        best = val_loss < best_val_loss
-                        folder = save(val_loss)
+                        folder, best = save(val_loss)
                         tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}; "
                                    f"saved {folder}{' (best)' if best else ''}")
                     last_saved = iter_num
@@ -681,8 +697,8 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.close()
 
         # -------------------------------------------------------------------------------------------- end
-        if master and last_saved != iter_num:  # an interrupted run, or one with nothing to train (max_iters reached)
-            folder = save(None)
+        if master and last_saved != iter_num:  # an interrupted run, or a fresh one with max_iters=0
+            folder, _ = save(None)
             print(f"saved {folder}")
         if master and metrics_path.exists() and metrics_path.stat().st_size:
             plot_losses(metrics_path, out_dir / "loss.png")

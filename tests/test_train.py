@@ -260,6 +260,20 @@ def test_resume_drops_a_partial_metrics_line(char_data: Path, tmp_path: Path) ->
     assert [json.loads(line)["iter"] for line in lines] == [0, 2, 3]
 
 
+def test_resume_with_nothing_left_to_train_says_so(char_data: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    run(char_data, tmp_path, "--max_iters=2")
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    capsys.readouterr()
+    for max_iters in (2, 1):
+        with pytest.raises(SystemExit) as e:
+            run(char_data, tmp_path, f"--max_iters={max_iters}", "--init_from=resume")
+        assert e.value.code == 0
+        assert (f"already at iteration 2 >= max_iters={max_iters}: nothing to train; raise --max_iters to continue"
+                in capsys.readouterr().out)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # no new checkpoint, metrics untouched
+
+
 def test_resume_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANK", raising=False)
     assert resume_command(["run.toml", "--init_from", "gpt2", "--max_iters=5"]) == \
