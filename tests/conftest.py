@@ -43,3 +43,13 @@ def shakespeare_path() -> Path:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def gpt2_bpe():
+    """tiktoken's GPT-2 BPE, or skip the test when its files cannot be had (offline, no TIKTOKEN_CACHE_DIR)."""
+    from tokens import Tokenizer
+
+    try:
+        return Tokenizer.tiktoken("gpt2")
+    except SystemExit as e:  # tokens.py's one-line "could not load the tiktoken encoding" message
+        pytest.skip(str(e))

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import attention
 from attention import attention_maps, explicit_attention, output_paths, report, save_grid, save_head, token_labels
+from conftest import gpt2_bpe
 from model import GPT, GPTConfig
 from tokens import Tokenizer
 
@@ -105,7 +106,7 @@ def test_one_sequence_and_model_state_restored():
 def test_token_labels_make_whitespace_visible():
     tok = Tokenizer.char(CHARS)
     assert token_labels(tok, tok.encode("a b\nc")) == ["a", "␣", "b", "↵", "c"]
-    gpt2 = Tokenizer.tiktoken("gpt2")
+    gpt2 = gpt2_bpe()
     assert token_labels(gpt2, gpt2.encode(" the cat\tsat")) == ["␣the", "␣cat", "⇥", "sat"]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tokens
-from conftest import REPO, corpus
+from conftest import REPO, corpus, gpt2_bpe
 
 EOT = "<|endoftext|>"
 
@@ -35,7 +35,7 @@ def read_split(out_dir: Path, split: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def gpt2() -> tokens.Tokenizer:
-    return tokens.Tokenizer.tiktoken("gpt2")
+    return gpt2_bpe()
 
 
 @pytest.fixture
@@ -174,6 +174,7 @@ def test_text_char_on_several_documents(tmp_path: Path, small_docs: list[Path]) 
 
 
 def test_text_input_errors(tmp_path: Path) -> None:
+    gpt2_bpe()  # the code under test loads GPT-2's BPE: skip without its files
     prepare = script("text").main
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text .*iconv"):
@@ -238,6 +239,7 @@ def test_openwebtext_from_a_local_file(tmp_path: Path, small_docs: list[Path], g
 
 
 def test_web_corpora_without_datasets_fail_cleanly_and_touch_nothing(tmp_path: Path, monkeypatch) -> None:
+    gpt2_bpe()  # the code under test loads GPT-2's BPE: skip without its files
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if `pip install -e '.[web]'` had not been run
     tokens.write_tokens(tmp_path / "train.bin", np.arange(10), np.uint16)
     for name in ("fineweb", "openwebtext"):

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import tokens
-from conftest import corpus
+from conftest import corpus, gpt2_bpe
 
 
 @pytest.fixture(scope="module")
 def gpt2() -> tokens.Tokenizer:
-    return tokens.Tokenizer.tiktoken("gpt2")
+    return gpt2_bpe()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
