@@ -635,7 +635,9 @@ def main(argv: list[str] | None = None) -> dict:
                 loss_value, norm_value, stop_value = stats.tolist()
                 stopping = stop_value > 0
 
-                # With float16 the GradScaler owns overflowing gradients: it skips that step and lowers its scale.
+                # A non-finite loss always counts. A non-finite gradient with a finite loss is, in float16, an
+                # overflow that the GradScaler owns: scaler.step skips that update and scaler.update lowers the scale
+                # (it happens now and then while the scale settles), so it is not counted in max_skipped_steps.
                 nonfinite = not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(norm_value))
                 if nonfinite:
                     skipped += 1

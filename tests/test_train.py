@@ -436,19 +436,47 @@ def test_nonfinite_run_stops_and_keeps_the_last_good_checkpoint(char_data: Path,
     load_state(tmp_path / "latest")
 
 
+def test_nonfinite_gradient_norm_skips_the_update(char_data: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finite loss with a non-finite gradient (an overflow in backward): iterations 6 and 7 leave the weights as
+    they were, and from iteration 26 on the run stops after max_skipped_steps, keeping the last good checkpoint."""
+    clip, before = torch.nn.utils.clip_grad_norm_, []
+
+    def patched(params, max_norm, *args, **kwargs):
+        before.append([p.detach().clone() for p in params])  # the weights before this iteration's update
+        norm = clip(params, max_norm, *args, **kwargs)
+        return norm * float("nan") if len(before) in (6, 7) or len(before) >= 26 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", patched)
+    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=40",
+                            "--max_skipped_steps=3"])
+    assert "3 steps in a row" in message and "iterations 26-28" in message and "ckpt_000020" in message
+    assert iteration(tmp_path) == 20 and not (tmp_path / "ckpt_000028").exists()
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))
+    assert same(before[5], before[7])  # the updates of iterations 6 and 7 (before[5], before[6]) were skipped
+    assert not same(before[4], before[5]) and not same(before[7], before[8])  # those of 5 and 8 were not
+    assert all(s["step"].item() == 18 for s in load_state(tmp_path / "latest")["optimizer"]["state"].values())
+
+
 def test_out_of_memory_says_what_to_change_and_saves_nothing(char_data: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    forward = GPT.forward
+    """Out of memory in the evaluation at iteration 40, after the checkpoint of iteration 20 was saved: that one is
+    left as it is, and no newer or partial one appears."""
+    forward, evals = GPT.forward, [0]
 
     def patched(self, *args, **kwargs):
-        if self.training:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if not self.training:
+            evals[0] += 1
+            if evals[0] > 8:  # the evaluations at iterations 0 and 20 make 4 forward passes each (2 splits x 2)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(model_module.GPT, "forward", patched)
-    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=5"])
+    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=60"])
     assert "--batch_size=2 --gradient_accumulation_steps=4" in message
-    assert not any(p.name.startswith(("ckpt_", "latest", ".tmp")) for p in tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ckpt_", ".tmp"))) == ["ckpt_000020"]
+    assert iteration(tmp_path) == 20 and load_state(tmp_path / "latest")["iter_num"] == 20
+    load_model(tmp_path)  # whole
 
 
 def test_sigint_saves_then_resume_matches_the_uninterrupted_run(reference: Path, char_data: Path, tmp_path: Path,
