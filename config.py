@@ -17,14 +17,15 @@ Each script (train.py, sample.py, bench.py, attention.py) defines one dataclass;
     python train.py configs/shakespeare_char.toml --max_iters=2_000 --compile=false
 
 Fields may be int, float, str, bool or `X | None` of those (`none` or `null` sets None). Booleans take
-true/false/1/0/yes/no. A mistake (unknown key, wrong type, missing file) exits with one line that names the key and
-the fix; a ValueError from the dataclass's __post_init__ does the same.
+true/false/1/0/yes/no; floats must be finite. A mistake (unknown key, wrong type, nan or inf, missing file) exits with
+one line that names the key and the fix; a ValueError from the dataclass's __post_init__ does the same.
 """
 
 import dataclasses
 import difflib
 import inspect
 import io
+import math
 import os
 import sys
 import textwrap
@@ -98,9 +99,12 @@ def parse_value(field_type: Any, text: str, key: str) -> Any:
     try:
         if base is bool:
             return _BOOLS[text.strip().lower()]
-        return base(text)  # int() takes `5_000` but not `1e3`; float() takes `6e-4`
+        value = base(text)  # int() takes `5_000` but not `1e3`; float() takes `6e-4`
     except (KeyError, ValueError):
         raise SystemExit(f"--{key} expects {_TYPES[base]}, got {text!r}") from None
+    if base is float and not math.isfinite(value):  # float() also takes nan, inf and 1e999
+        raise SystemExit(f"--{key} expects a finite number, got {text!r}")
+    return value
 
 
 def _check_toml_value(field_type: Any, value: Any, where: str) -> Any:
@@ -112,6 +116,8 @@ def _check_toml_value(field_type: Any, value: Any, where: str) -> Any:
         return float(value)
     if type(value) is not base:
         raise SystemExit(f"{where} expects {_TYPES[base]}, got {value!r}")
+    if base is float and not math.isfinite(value):  # TOML has nan and inf
+        raise SystemExit(f"{where} expects a finite number, got {value!r}")
     return value
 
 
@@ -137,12 +143,17 @@ def _check_key(key: str, names: dict[str, Any], where: str) -> None:
         raise SystemExit(f"unknown setting '{key}'{where}{hint}; run with --help to list them")
 
 
-def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, str]]:
-    """([config file], {key: text}) from `[FILE.toml] --key=value --key value ...`."""
-    path, overrides, i = None, {}, 0
+def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, str], bool]:
+    """([config file], {key: text}, whether -h/--help was asked for) from `[FILE.toml] --key=value --key value ...`.
+
+    -h is help only where it is not a value: `--dataset -h` sets dataset to "-h".
+    """
+    path, overrides, wants_help, i = None, {}, False, 0
     while i < len(argv):
         arg = argv[i]
-        if not arg.startswith("-"):
+        if arg in ("-h", "--help"):
+            wants_help = True
+        elif not arg.startswith("-"):
             if path is not None:
                 raise SystemExit(f"only one config file may be given, got '{path}' and '{arg}'")
             path = arg
@@ -156,7 +167,7 @@ def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, str]]:
                 i, text = i + 1, argv[i + 1]
             overrides[key] = text
         i += 1
-    return path, overrides
+    return path, overrides, wants_help
 
 
 def _show(value: Any) -> str:
@@ -186,10 +197,10 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
     """Build `cls` from its defaults, then the TOML file, then --key=value overrides (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     settings = _settings(cls)
-    if "-h" in argv or "--help" in argv:
+    path, overrides, wants_help = _split_argv(argv)
+    if wants_help:
         print(help_text(cls, description))
         raise SystemExit(0)
-    path, overrides = _split_argv(argv)
     values: dict[str, Any] = {}
     if path is not None:
         for key, value in load_toml(path).items():

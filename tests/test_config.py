@@ -81,6 +81,17 @@ def test_numbers_from_cli():
     assert exit_message(["--learning_rate=fast"]) == "--learning_rate expects a number, got 'fast'"
 
 
+@pytest.mark.parametrize("text", ["nan", "inf", "-Infinity", "1e999"])
+def test_non_finite_numbers_from_cli_are_rejected(text):
+    assert exit_message([f"--learning_rate={text}"]) == f"--learning_rate expects a finite number, got {text!r}"
+
+
+@pytest.mark.parametrize("value, shown", [("nan", "nan"), ("inf", "inf"), ("-inf", "-inf"), ("1e999", "inf")])
+def test_non_finite_numbers_from_toml_are_rejected(tmp_path, value, shown):
+    path = write(tmp_path, f"dropout = {value}\n")
+    assert exit_message([path]) == f"{path}: dropout expects a finite number, got {shown}"
+
+
 def test_optional_none_and_value():
     assert parse_config(Cfg, ["--seed=none"]).seed is None
     assert parse_config(Cfg, ["--seed=NULL"]).seed is None
@@ -169,6 +180,13 @@ def test_help_lists_every_field_with_its_comment(capsys, flag):
     assert lines["--seed=none"].split(None, 1)[1] == "int | None  random seed; none picks one from the clock"
     assert lines["--dropout=0.0"].split() == ["--dropout=0.0", "float"]  # no comment, no help
     assert len(lines) == len(dataclasses.fields(Cfg))
+
+
+def test_dash_h_as_a_value_is_not_help(capsys):
+    assert parse_config(Cfg, ["--dataset", "-h"]).dataset == "-h"
+    with pytest.raises(SystemExit) as e:
+        parse_config(Cfg, ["--dataset", "-h", "-h"])  # the second one is not a value
+    assert e.value.code == 0 and "--dataset=" in capsys.readouterr().out
 
 
 def test_field_help_ignores_method_locals_and_string_hashes():
