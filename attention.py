@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from checkpoint import load_model
 from config import format_config, parse_config
 from model import GPT, CausalSelfAttention
+from sample import read_prompt, resolve_device
 from tokens import Tokenizer
 
 if TYPE_CHECKING:  # matplotlib is optional: imported for real only inside the plotting functions
@@ -48,14 +49,14 @@ class AttentionConfig:
     out_dir: str = "out"  # training output folder whose checkpoint is loaded when init_from is "resume"
     init_from: str = "resume"  # "resume" (the checkpoint in out_dir), a model folder, or gpt2 / gpt2-medium / ...
     checkpoint: str = "latest"  # which checkpoint of out_dir to load: latest or best
-    text: str = "The animal didn't cross the street because it was too tired"  # the text; FILE:path reads a file
+    text: str = "The animal didn't cross the street because it was too tired"  # FILE:path reads a file, - stdin
     layer: int = 0  # layer drawn at full size (negative counts from the last layer)
     head: int = 0  # head drawn at full size (negative counts from the last head)
     token: int = -1  # query token of the terminal report, by position (negative counts from the end: -1 is the last)
     top: int = 5  # how many of the most attended tokens to list per layer and head
     out: str = "attention"  # PNG path prefix (OUT_grid.png, OUT_L0_H0.png), or a folder (existing or ending in /)
     dpi: int = 100  # pixels per inch of the PNGs
-    device: str = "cpu"  # cpu, cuda, cuda:1, mps: one forward pass over a short text is quick anywhere
+    device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto: one forward pass over a short text is quick anywhere
 
     def __post_init__(self) -> None:
         if self.checkpoint not in ("latest", "best"):
@@ -77,8 +78,9 @@ def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor) -> tuple[torc
 
     x (B, T, n_embd) is the module's input. q, k, v come from the module's own c_attn exactly as in its forward;
     the scores above the diagonal are -inf before the softmax, so a token's weights on later tokens are exactly 0.
-    attn.c_proj applied to the heads side by side gives the module's output. Computed in fp32 whatever the model's
-    dtype, so that bf16 rounding does not blur small weights.
+    attn.c_proj applied to the heads side by side gives the module's output. c_attn runs in the model's dtype, as in
+    its forward; q, k and v are then cast to fp32, so that the scores and the softmax are fp32 whatever that dtype
+    (bf16 rounding would blur small weights), and so are the returned weights and heads.
     """
     B, T, C = x.shape
     head_dim = C // attn.n_head
@@ -269,18 +271,6 @@ def save_pictures(weights: np.ndarray, labels: list[str], layer: int, head: int,
 # Command line
 
 
-def read_text(text: str) -> str:
-    """The text that --text names: the text itself, or the contents of a UTF-8 file for FILE:path (as sample.py)."""
-    if not text.startswith("FILE:"):
-        return text
-    path = Path(text.removeprefix("FILE:"))
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"--text=FILE:{path} cannot be read as UTF-8 text ({type(e).__name__}): "
-                         f"check the path") from None
-
-
 def _index(value: int, size: int, name: str, what: str) -> int:
     """A Python-style index (negative counts from the end) checked against size; SystemExit naming --name if not."""
     if not -size <= value < size:
@@ -292,13 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(AttentionConfig, argv, description=__doc__)
     print(format_config(cfg))
     source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    device = resolve_device(cfg.device)
     try:
-        model, tokenizer, _ = load_model(source, which=cfg.checkpoint, device=cfg.device)
+        model, tokenizer, _ = load_model(source, which=cfg.checkpoint, device=str(device))
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
     try:
-        ids = tokenizer.encode(read_text(cfg.text))
+        ids = tokenizer.encode(read_prompt(cfg.text, "--text"))
     except ValueError as e:
         raise SystemExit(f"--text cannot be encoded: {e}") from None
     block_size = model.config.block_size
@@ -308,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     head = _index(cfg.head, model.config.n_head, "head", "heads")
     token = _index(cfg.token, len(ids), "token", "tokens in --text")
 
-    idx = torch.tensor(ids, dtype=torch.long, device=next(model.parameters()).device)  # (T,)
+    idx = torch.tensor(ids, dtype=torch.long, device=device)  # (T,)
     weights = attention_maps(model, idx)[:, 0].cpu()  # (n_layer, n_head, T, T)
     labels = token_labels(tokenizer, ids)
     print(f"\n{len(ids)} tokens: {' '.join(labels)}\n")

@@ -7,6 +7,8 @@
     python bench.py --what=train --profile=true              # where a training step spends its time
 
 Every figure is the median of --repeats timed runs after --warmup untimed steps (which also absorb compilation).
+A decode run is one call that prefills the prompt and then makes --decode_tokens one-token steps: its tokens/s and
+ms_per_token include the prefill.
 Each measurement is printed as a table row and appended to --out as one JSON line, with the device, torch
 version and date, so that docs/benchmarks.md can quote it.
 """
@@ -20,7 +22,8 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +31,17 @@ import torch
 
 from config import format_config, load_toml, parse_config
 from model import GPT, GPTConfig, sample_next
+from sample import resolve_device
 from train import device_peak_flops
+
+BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT-2 has them)"
 
 
 @dataclass
 class BenchConfig:
     model: str = "gpt2"  # a model size (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a training config .toml
     what: str = "train,decode"  # comma-separated: train, decode
-    device: str = "auto"  # cpu, cuda, mps; auto picks cuda when present
+    device: str = "auto"  # cpu, cuda, cuda:1, mps; auto picks cuda when present
     dtype: str = "auto"  # float32, bfloat16 or float16; auto: bfloat16 on CUDA, float32 elsewhere
     compile: str = "false"  # torch.compile: false, true, or both (each measured separately)
     batch_size: int | None = None  # training micro-batch; none: the config file's, else 8
@@ -71,6 +77,7 @@ SIZES = {  # (n_layer, n_head, n_embd), GPT-2's family with its 1024-token conte
     "gpt2-xl": (48, 25, 1600),
 }
 
+
 def model_config(cfg: BenchConfig) -> tuple[GPTConfig, int]:
     """The model to benchmark and its training micro-batch size."""
     if cfg.model in SIZES:
@@ -98,22 +105,30 @@ def _dataset_vocab(dataset: str | None) -> int | None:
     return vocab if vocab < 50257 else 50304  # BPE vocabularies are padded to a multiple of 64 as in train.py
 
 
+def is_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"  # also cuda:1
+
+
 def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_mb(device: str) -> float:
-    """Peak GPU memory allocated by tensors, or the process's peak resident set on the CPU (KiB on Linux)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+    """Peak GPU memory allocated by tensors since the last torch.cuda.reset_peak_memory_stats, in MiB.
+
+    On the CPU: the peak resident set of the whole process since it started (ru_maxrss, KiB on Linux). It never goes
+    down, so it describes the first measurement only; bench_decode reports None there instead.
+    """
+    if is_cuda(device):
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def autocast(device: str, dtype: torch.dtype):
+def autocast(device: str, dtype: torch.dtype) -> AbstractContextManager:
     if dtype == torch.float32:
         return nullcontext()
-    return torch.autocast(device_type=device, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)  # the type: "cuda", not "cuda:1"
 
 
 def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, dtype: torch.dtype,
@@ -121,8 +136,8 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
     torch.manual_seed(cfg.seed)
     T = cfg.block_size or gpt.block_size
     model = GPT(gpt).to(device)
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), torch.device(device).type)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
     step_model = torch.compile(model) if compiled else model
     x = torch.randint(0, gpt.vocab_size, (batch_size, T), device=device)
     y = torch.randint(0, gpt.vocab_size, (batch_size, T), device=device)
@@ -142,8 +157,8 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
     for _ in range(cfg.warmup):
         step()
     synchronize(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(cfg.repeats):
         t0 = time.perf_counter()
@@ -158,29 +173,34 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
         "what": "train", "batch_size": batch_size, "seq_len": T,
         "tokens_per_sec": round(tokens_per_sec, 1), "ms_per_step": round(1000 * dt / cfg.train_steps, 2),
         "mfu": round(model.estimate_mfu(tokens_per_sec, peak, T), 4) if peak else None,
+        # on the CPU the process's peak so far: this step's only when train is the first measurement (the default)
         "peak_memory_mb": round(peak_memory_mb(device), 1), "params": model.num_params(non_embedding=False),
     }
 
 
-def profile_steps(step, device: str) -> dict:
+def profile_steps(step: Callable[[], None], device: str) -> dict:
     """Print where the time of a few training steps goes, by operator, self time first."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
         step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(device) else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
             step()
         synchronize(device)
-    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    sort = "self_cuda_time_total" if is_cuda(device) else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25))
     return {"what": "profile"}
 
 
 def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtype: torch.dtype,
                  compiled: bool, method: str) -> dict:
-    """Decode tokens/s: prompt prefilled, then decode_tokens greedy steps (each step's time is what is reported)."""
+    """Decode speed of one method: each timed run prefills the prompt and then takes decode_tokens greedy steps.
+
+    tokens_per_sec and ms_per_token divide the whole run by decode_tokens, so they include the prefill. The peak
+    memory is the GPU's during the timed runs; None on the CPU, where only the process's lifetime peak is known.
+    """
     torch.manual_seed(cfg.seed)
     # Weights cast to dtype, as sample.py does: decoding reads every weight once a token, so autocast (which
     # keeps fp32 weights and casts them at every step) would only add work.
@@ -196,6 +216,9 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
     with torch.no_grad():
         for _ in range(cfg.warmup):
             run()
+        synchronize(device)
+        if is_cuda(device):
+            torch.cuda.reset_peak_memory_stats(device)  # this decode's peak, not the training run's before it
         times = []
         for _ in range(cfg.repeats):
             synchronize(device)
@@ -206,10 +229,10 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
     dt = statistics.median(times)
     return {"what": "decode", "method": method, "batch_size": batch, "prompt_len": cfg.prompt_len, "new_tokens": n,
             "tokens_per_sec": round(batch * n / dt, 1), "ms_per_token": round(1000 * dt / n, 2),
-            "peak_memory_mb": round(peak_memory_mb(device), 1)}
+            "peak_memory_mb": round(peak_memory_mb(device), 1) if is_cuda(device) else None}
 
 
-def _cached_decoder(model: GPT, prompt: torch.Tensor, n: int, compiled: bool):
+def _cached_decoder(model: GPT, prompt: torch.Tensor, n: int, compiled: bool) -> Callable[[], torch.Tensor]:
     """Prefill plus one-token steps through the KV cache: model.generate's loop, greedy."""
     if not compiled:
         return lambda: model.generate(prompt, n, temperature=0)
@@ -226,8 +249,10 @@ def _recompute_decode(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
     return idx
 
 
-def _transformers_decoder(model: GPT, prompt: torch.Tensor, n: int):
+def _transformers_decoder(model: GPT, prompt: torch.Tensor, n: int) -> Callable[[], torch.Tensor]:
     """transformers' GPT2LMHeadModel.generate on the same weights (greedy, its own KV cache)."""
+    if not model.config.bias:  # GPT2LMHeadModel has no bias-free variant to load these weights into
+        raise SystemExit(BASELINES_NEED_BIAS)
     try:
         import transformers
     except ImportError:
@@ -247,13 +272,15 @@ def _transformers_decoder(model: GPT, prompt: torch.Tensor, n: int):
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(BenchConfig, argv, description=__doc__)
     print(format_config(cfg))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    device = str(resolve_device(cfg.device))  # "cuda" for auto on a GPU; SystemExit for a device that is not here
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if is_cuda(device) else "float32")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-    if device == "cuda":
+    if is_cuda(device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     gpt, batch_size = model_config(cfg)
+    if cfg.baselines and "decode" in cfg.what and not gpt.bias:
+        raise SystemExit(BASELINES_NEED_BIAS)  # now, not after the other measurements
     compile_modes = {"false": [False], "true": [True], "both": [False, True]}[cfg.compile]
     stamp = {
         "model": cfg.model, "device": device, "device_name": _device_name(device), "dtype": dtype_name,
@@ -281,8 +308,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
+    if is_cuda(device):
+        return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
 
 

@@ -74,11 +74,15 @@ class SampleConfig:
 # ---------------------------------------------------------------------------------------------------------- decoding
 
 _compiled: dict[str, Callable] = {}  # torch.compile'd GPT.forward_static, one per compile mode
-_static_caches: weakref.WeakKeyDictionary[GPT, dict[int, StaticKVCache]] = weakref.WeakKeyDictionary()
+# model -> {(batch size, device, dtype): StaticKVCache}: a model moved or cast since its first use gets new caches
+_static_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, StaticKVCache]] = weakref.WeakKeyDictionary()
 
 
 def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor]:
-    """model.forward_static under torch.compile (compiled once per model, on its first call).
+    """model.forward_static under torch.compile, bound to model.
+
+    There is one torch.compile'd function per mode, shared by every model: dynamo captures it on its first call and
+    captures it again when its guards fail (another model shape, device, dtype or batch size).
 
     On CUDA mode="reduce-overhead" replays the one-token step as a CUDA graph: at batch 1, GPT-2 124M runs ~100
     small kernels per token, and launching them one by one from Python would take longer than running them.
@@ -101,14 +105,16 @@ def compiled_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
                     generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """model.generate_stream through a static KV cache and the compiled decode step.
 
-    The cache is kept per model and batch size and reused, so that a CUDA graph recorded once stays valid: it
-    replays at the addresses it was recorded with.
+    The cache is kept per model, batch size, device and dtype and reused, so that a CUDA graph recorded once stays
+    valid: it replays at the addresses it was recorded with.
     """
+    weight = model.transformer.wte.weight
+    key = (idx.size(0), weight.device, weight.dtype)
     caches = _static_caches.setdefault(model, {})
-    if idx.size(0) not in caches:
-        caches[idx.size(0)] = StaticKVCache.for_model(model, idx.size(0))
+    if key not in caches:
+        caches[key] = StaticKVCache.for_model(model, idx.size(0))
     return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator,
-                                 decode_step=compiled_decode_step(model), cache=caches[idx.size(0)])
+                                 decode_step=compiled_decode_step(model), cache=caches[key])
 
 
 def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
@@ -168,11 +174,11 @@ class Continuation:
         """The part of the text that later tokens cannot change: this much can be printed while streaming."""
         if self.done:
             return self.text
-        end = len(self.text.rstrip("\ufffd"))  # a multi-byte character still missing its last bytes
-        if self.stop_text is not None:  # hold back an ending that the next tokens may complete to the stop string
-            held = max((n for n in range(1, len(self.stop_text)) if self.text.endswith(self.stop_text[:n])), default=0)
-            end = min(end, len(self.text) - held)
-        return self.text[:end]
+        text = self.text.rstrip("\ufffd")  # a multi-byte character may still be missing its last bytes
+        if self.stop_text is not None:  # hold back an ending that the next characters may complete to the stop string
+            held = max((n for n in range(1, len(self.stop_text)) if text.endswith(self.stop_text[:n])), default=0)
+            text = text[:len(text) - held]
+        return text
 
 
 def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
@@ -233,8 +239,8 @@ def _synchronize(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------------- setup
 
 
-def read_prompt(start: str) -> str:
-    """The prompt text that --start names: the text itself, FILE:path, or - for standard input."""
+def read_prompt(start: str, option: str = "--start") -> str:
+    """The text that --start (or attention.py's --text) names: the text itself, FILE:path, or - for standard input."""
     if start == "-":
         return sys.stdin.read()
     if start.startswith("FILE:"):
@@ -242,9 +248,9 @@ def read_prompt(start: str) -> str:
         try:
             return path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise SystemExit(f"--start=FILE:{path}: no such file") from None
+            raise SystemExit(f"{option}=FILE:{path} cannot be read as UTF-8 text: no such file") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"--start=FILE:{path} cannot be read as UTF-8 text ({e})") from None
+            raise SystemExit(f"{option}=FILE:{path} cannot be read as UTF-8 text ({e})") from None
     return start
 
 
@@ -262,6 +268,7 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device that --device names (auto: cuda when there is one, else cpu); SystemExit if it is not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

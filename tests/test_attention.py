@@ -1,6 +1,7 @@
 """attention.py: the explicit attention path against the model's own SDPA attention, the probabilities' invariants,
 the terminal report, the PNG files, and the command line end to end from a checkpoint folder."""
 
+import io
 import json
 import os
 import sys
@@ -182,6 +183,20 @@ def test_main_user_errors_are_one_line(ckpt_dir, tmp_path, arg, words):
     with pytest.raises(SystemExit) as e:
         attention.main([f"--out_dir={ckpt_dir}", f"--out={tmp_path}/", "--text=Hello", arg])
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_exits_with_one_line(ckpt_dir):
+    with pytest.raises(SystemExit) as e:
+        attention.main([f"--out_dir={ckpt_dir}", "--device=cuda"])
+    assert "no CUDA GPU" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_text_from_standard_input(ckpt_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the report is enough here; no PNG to draw
+    assert attention.main([f"--out_dir={ckpt_dir}", "--text=-", f"--out={tmp_path}/"]) == 0
+    assert "token 10 'e' attends most to" in capsys.readouterr().out
 
 
 def test_missing_matplotlib_still_prints_the_report(ckpt_dir, tmp_path, monkeypatch, capsys):

@@ -1,16 +1,19 @@
 """bench.py: one tiny run of every measurement writes well-formed results (speed itself is never asserted)."""
 
 import json
+import warnings
 
 import pytest
+import torch
 
 import bench
 
 TINY = ["--model=tiny", "--block_size=32", "--batch_size=2", "--vocab_size=128", "--train_steps=2", "--repeats=2",
-        "--warmup=1", "--decode_tokens=3", "--prompt_len=4", "--decode_batch=1,2"]
+        "--warmup=1", "--decode_tokens=3", "--prompt_len=4", "--decode_batch=1,2", "--device=cpu"]
 
 
 def test_bench_writes_one_json_line_per_measurement(tmp_path, capsys):
+    pytest.importorskip("transformers")  # --baselines=true times transformers' generate
     out = tmp_path / "results.jsonl"
     results = bench.main(TINY + [f"--out={out}", "--baselines=true", "--peak_flops=1e12"])
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -21,6 +24,8 @@ def test_bench_writes_one_json_line_per_measurement(tmp_path, capsys):
     train = lines[0]
     assert train["seq_len"] == 32 and train["tokens_per_sec"] > 0 and 0 < train["mfu"] < 1
     assert all(r["device"] == "cpu" and r["torch"] and r["date"] for r in lines)
+    # the CPU knows only the process's peak (ru_maxrss): the train row, measured first, has it; decode rows none
+    assert train["peak_memory_mb"] > 0 and all(r["peak_memory_mb"] is None for r in lines[1:])
     assert "tokens_per_sec" in capsys.readouterr().out  # the table
 
 
@@ -31,7 +36,47 @@ def test_bench_reads_a_training_config(tmp_path):
     assert (gpt.n_layer, gpt.n_head, gpt.n_embd, gpt.block_size, gpt.vocab_size, batch) == (1, 2, 16, 8, 40, 3)
 
 
-@pytest.mark.parametrize("arg", ["--what=fly", "--compile=maybe", "--repeats=0", "--model=gpt5"])
-def test_bench_rejects_bad_settings(arg, tmp_path):
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize("arg, words", [
+    ("--what=fly", "--what takes train and/or decode, got ['fly']"),
+    ("--compile=maybe", "--compile takes false, true or both, got 'maybe'"),
+    ("--repeats=0", "--repeats, --decode_tokens and --prompt_len must be at least 1"),
+    ("--model=gpt5", "--model=gpt5: give one of tiny, gpt2"),
+])
+def test_bench_rejects_bad_settings(arg, words, tmp_path):
+    with pytest.raises(SystemExit) as e:
         bench.main(TINY + [arg, f"--out={tmp_path / 'r.jsonl'}"])
+    assert words in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_baselines_of_a_model_without_biases_exit_with_one_line(tmp_path):
+    toml = tmp_path / "nobias.toml"
+    toml.write_text("n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 8\nbias = false\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(TINY + [f"--model={toml}", "--what=decode", "--baselines=true", f"--out={tmp_path / 'r.jsonl'}"])
+    assert str(e.value.code) == "--baselines needs a model with biases (Hugging Face's GPT-2 has them)"
+    assert not (tmp_path / "r.jsonl").exists()  # said before measuring anything
+
+
+def test_numbered_cuda_devices_count_as_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: calls.append(("peak", device)) or 2**21)
+    bench.synchronize("cuda:1")
+    assert bench.peak_memory_mb("cuda:1") == 2.0
+    assert calls == [("synchronize", "cuda:1"), ("peak", "cuda:1")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without CUDA, autocast warns that it disables itself
+        assert bench.autocast("cuda:1", torch.bfloat16).device == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_rows_report_their_own_peak_memory(tmp_path):
+    """After a training run the decode rows' peaks are the decoding's (train's activations and Adam states are far
+    larger), as in a decode-only run; cuda:0 is a CUDA device for autocast and synchronisation too."""
+    args = TINY + ["--device=cuda:0", "--dtype=bfloat16", "--batch_size=64", "--block_size=256", "--decode_batch=1",
+                   f"--out={tmp_path / 'r.jsonl'}"]
+    train, decode = bench.main(args + ["--what=train,decode"])
+    (alone,) = bench.main(args + ["--what=decode"])
+    assert train["device"] == "cuda:0" and train["tokens_per_sec"] > 0
+    assert 0 < decode["peak_memory_mb"] < train["peak_memory_mb"]
+    assert decode["peak_memory_mb"] == pytest.approx(alone["peak_memory_mb"], rel=0.1)

@@ -1,11 +1,14 @@
 """sample.py: its output against model.generate with the same seed, prompts from a file and stdin, stop conditions,
-streaming against non-streaming, bad settings, an imported Hugging Face GPT-2 folder, and the compiled decode path."""
+streaming against non-streaming, bad settings, an imported Hugging Face GPT-2 folder, and the compiled decode path
+(on a GPU too: those tests skip without CUDA)."""
 
 import io
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ import torch
 import sample
 from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
-from sample import SEPARATOR, Continuation, compiled_generate, decode, main
+from sample import SEPARATOR, Continuation, SampleConfig, compiled_generate, decode, generate_samples, main
 from tokens import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,8 +44,8 @@ def char_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory) -> Path:
-    """A tiny GPT-2 BPE model that, at every step, picks end-of-text with probability ~0.07, one of four tokens that
-    hold parts of multi-byte characters with ~0.64 (so characters get split across tokens, or come out invalid), and
+    """A tiny GPT-2 BPE model that, at every step, picks end-of-text with probability ~0.06, one of four tokens that
+    hold parts of multi-byte characters with ~0.89 (so characters get split across tokens, or come out invalid), and
     any other token otherwise."""
     model = tiny_gpt(50257)
     with torch.no_grad():
@@ -62,9 +65,9 @@ def run(capsys, *args: str) -> tuple[str, str]:
 
 
 def expected_output(out_dir: Path, prompt: str, n: int, new: int, seed: int, stop_eot: bool = False,
-                    stop: str | None = None, **sampling) -> str:
+                    stop: str | None = None, dtype: torch.dtype = torch.float32, **sampling) -> str:
     """What sample.py must print, built from model.generate with a generator seeded the same way."""
-    model = GPT.from_pretrained(out_dir / "latest").eval()
+    model = GPT.from_pretrained(out_dir / "latest").to(dtype).eval()
     tokenizer = Tokenizer.from_meta(__import__("json").loads((out_dir / "latest" / "config.json").read_text())["tokenizer"])
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
     idx = torch.tensor([ids] * n)
@@ -117,11 +120,21 @@ def test_prompt_longer_than_block_size_is_kept_whole(char_run, capsys):
     assert "sees only its last 32" in err
 
 
-def test_bfloat16_weights_sample_reproducibly(char_run, capsys):
+def test_bfloat16_weights_sample_reproducibly(char_run, capsys, monkeypatch):
+    dtypes = []  # what generate_samples decodes with: this tiny model picks the same tokens in fp32, so the text alone
+    # cannot tell whether the weights were cast
+
+    def spy(model: GPT, *args, **kwargs) -> tuple[list[str], dict]:
+        dtypes.append(model.transformer.wte.weight.dtype)
+        return generate_samples(model, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate_samples", spy)
     args = [f"--out_dir={char_run}", "--start=ab", "--num_samples=2", "--max_new_tokens=8", "--dtype=bfloat16"]
     a, _ = run(capsys, *args)
     b, _ = run(capsys, *args)
     assert a == b and a.startswith("ab") and a.count(SEPARATOR) == 2
+    assert a == expected_output(char_run, "ab", 2, 8, 1337, dtype=torch.bfloat16, temperature=0.8, top_k=200)
+    assert dtypes == [torch.bfloat16] * 2
 
 
 def test_file_prompt_and_stdin_prompt(char_run, capsys, tmp_path, monkeypatch):
@@ -157,7 +170,8 @@ def test_stop_at_end_of_text(bpe_run, capsys):
                    "--top_k=none", "--temperature=1.0", "--stop=eot", "--seed=5")
     assert out == expected_output(bpe_run, "Hello", 4, 40, 5, stop_eot=True, temperature=1.0)
     assert "<|endoftext|>" not in out
-    assert "= 160 new tokens" not in err  # with P(eot) ~0.2 every sample stops long before 40 tokens: the batch ends
+    # P(eot) is ~0.06 a step: with this seed the 4 samples end after 2, 19, 2 and 22 tokens, and so does the batch
+    assert "= 160 new tokens" not in err
 
 
 def test_stop_at_a_string(char_run, capsys):
@@ -197,6 +211,34 @@ def test_streaming_prints_the_same_text(bpe_run, char_run, capsys):
         c.add(token)
         held += c.settled() != c.text
     assert held >= 5 and "🙂" in c.text and "\ufffd" in c.text
+
+
+class Scripted:
+    """Stands in for a GPT in generate_samples: its generate_stream yields fixed tokens, the same in every row."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+        self.transformer = SimpleNamespace(wte=SimpleNamespace(weight=torch.zeros(1)))  # for its device
+
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, *args) -> Iterator[torch.Tensor]:
+        for token in self.tokens[:max_new_tokens]:
+            yield torch.full((idx.size(0), 1), token)
+
+
+@pytest.mark.parametrize("text, split, stop", [
+    ("x a", [8582, 25081], "a🙂"),  # "a" is held back while 🙂 lacks its last bytes: it ends up cut
+    ("x a", [8582, 25081, 10], "a🙂"),  # 🙂 then "+": the same cut
+    ("x a", [45739, 252], "a🙂"),  # 語 completes instead: "a" is printed after all
+    ("x", [8582, 25081], "🙂"),
+    ("x ab", [8582, 25081], "b🙂"),
+])
+def test_streamed_text_is_the_final_text_when_a_stop_string_meets_a_split_character(text, split, stop):
+    bpe = Tokenizer.tiktoken("gpt2")
+    tokens = bpe.encode(text) + split
+    cfg = SampleConfig(num_samples=1, max_new_tokens=len(tokens), stop=stop)
+    stream = io.StringIO()
+    texts, _ = generate_samples(Scripted(tokens), bpe, [EOT], cfg, torch.Generator(), stream_to=stream)
+    assert stream.getvalue() == texts[0] == bpe.decode(tokens).split(stop)[0]
 
 
 def test_streaming_holds_back_split_characters_and_stop_prefixes():
@@ -325,15 +367,43 @@ def test_compiled_step_is_captured_once_and_gives_generate_tokens(monkeypatch):
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
-    monkeypatch.setitem(sample._compiled, "default", torch.compile(GPT.forward_static, backend=counting_backend))
-    model = tiny_gpt(len(CHARS))
-    idx = torch.randint(0, len(CHARS), (2, 5))
-    for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10)):
-        expected = model.generate(idx, 45, generator=torch.Generator().manual_seed(2), **kwargs)
-        assert torch.equal(compiled_generate(model, idx, 45, generator=torch.Generator().manual_seed(2), **kwargs),
-                           expected)
-    assert len(graphs) == 1
+    try:
+        monkeypatch.setitem(sample._compiled, "default", torch.compile(GPT.forward_static, backend=counting_backend))
+        model = tiny_gpt(len(CHARS))
+        idx = torch.randint(0, len(CHARS), (2, 5))
+        for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10)):
+            expected = model.generate(idx, 45, generator=torch.Generator().manual_seed(2), **kwargs)
+            assert torch.equal(compiled_generate(model, idx, 45, generator=torch.Generator().manual_seed(2),
+                                                 **kwargs), expected)
+        assert len(graphs) == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_generate_after_the_model_is_cast_to_bfloat16(monkeypatch):
+    """The static cache follows the model's dtype (a cache kept from its fp32 use would be fed bf16 keys), and the
+    one compiled function is captured again for the bf16 weights (aot_eager: no C++ to build)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
     torch._dynamo.reset()
+    try:
+        monkeypatch.setitem(sample._compiled, "default", torch.compile(GPT.forward_static, backend=counting_backend))
+        model = tiny_gpt(len(CHARS))
+        idx = torch.randint(0, len(CHARS), (2, 5))
+        assert torch.equal(compiled_generate(model, idx, 8, temperature=0), model.generate(idx, 8, temperature=0))
+        model.to(torch.bfloat16)
+        out = compiled_generate(model, idx, 8, temperature=0)
+        # the same fixed-shape decoding, uncompiled, on a new bf16 cache: bf16 rounds like it, not like generate()
+        eager = model.generate_stream(idx, 8, temperature=0, decode_step=model.forward_static,
+                                      cache=sample.StaticKVCache.for_model(model, 2))
+        assert torch.equal(out, torch.cat([idx, *eager], dim=1))
+        assert len(graphs) == 2
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not os.environ.get("SMALLGPT_SLOW_TESTS"),
@@ -347,3 +417,29 @@ def test_compiled_decoding_gives_generate_tokens(char_run, capsys):
                            expected)
     args = [f"--out_dir={char_run}", "--num_samples=2", "--max_new_tokens=40", "--stop=xy"]
     assert run(capsys, *args, "--compile=true")[0] == run(capsys, *args)[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_generate_gives_generate_tokens(monkeypatch):
+    """sample.py --compile on a GPU: inductor, CUDA graphs (mode="reduce-overhead") and a CUDA generator. In fp32
+    the tokens are generate()'s, greedy and sampled; in bf16 the fixed-shape attention rounds differently and may
+    pick another token where two nearly tie, so most tokens must agree, not all."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # bench.main turns TF32 on for the process
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch._dynamo.reset()
+    try:
+        model = tiny_gpt(len(CHARS)).cuda()
+        idx = torch.randint(0, len(CHARS), (8, 5), generator=torch.Generator().manual_seed(0)).cuda()
+        for dtype in (torch.float32, torch.bfloat16):
+            model.to(dtype)
+            for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10)):  # the second reuses the cache
+                expected = model.generate(idx, 45, generator=torch.Generator("cuda").manual_seed(2), **kwargs)
+                out = compiled_generate(model, idx, 45, generator=torch.Generator("cuda").manual_seed(2), **kwargs)
+                assert out.device == expected.device and out.shape == expected.shape == (8, 50)
+                if dtype == torch.float32:
+                    assert torch.equal(out, expected), kwargs
+                else:
+                    agreement = (out[:, 5:] == expected[:, 5:]).float().mean().item()
+                    assert agreement >= 0.9, (kwargs, agreement)
+    finally:
+        torch._dynamo.reset()
