@@ -10,7 +10,9 @@
 
 Settings resolve as TrainConfig's defaults < the TOML file < --key=value. The run writes into out_dir: checkpoints
 (ckpt_NNNNNN/ with `latest` and `best` links, see checkpoint.py), metrics.jsonl (one JSON object per log line or
-evaluation) and loss.png (when matplotlib is installed).
+evaluation) and loss.png (when matplotlib is installed). A resumed run takes the model's shape, the weights and the
+optimizer's state from the checkpoint and every other setting (max_iters, betas, weight_decay, ...) from its own
+command line; when the checkpoint is already at max_iters it says so and exits.
 
 Reproducibility. Every random choice a training step makes (which windows of the corpus it reads, which dropout
 masks it draws) comes from generators seeded by (seed, iteration, micro-step) alone. So the global batch of a step is
@@ -22,10 +24,13 @@ What survives what (tests/test_train.py injects each):
     written and the run exits, saying how to resume; a second signal exits at once (the checkpoints on disk are whole:
     checkpoint.py writes atomically), except SIGTERM again within 2 s, which under SLURM is the same request
     delivered twice (see StopSignal). Under torchrun every rank stops at the same step.
-  - kill -9, a power cut: resume from the last checkpoint (`--init_from=resume`) and end with the same weights.
-  - a NaN/Inf loss or gradient: the update is skipped on every rank; after max_skipped_steps in a row the run stops,
-    keeping the last good checkpoint.
-  - GPU out of memory: a message with the settings to change; no partial checkpoint.
+  - kill -9, a power cut: resume from the last checkpoint (`--init_from=resume`) and end with the same weights; a
+    half-written last line of metrics.jsonl is dropped.
+  - a NaN/Inf loss or gradient norm: the update is skipped on every rank; after max_skipped_steps in a row the run
+    stops, keeping the last good checkpoint. (In float16 an overflowing gradient is the GradScaler's: it skips that
+    update and lowers its scale.)
+  - GPU out of memory: a message with the settings to change; the checkpoints saved before stay as they are, and
+    no partial or newer one is written.
 """
 
 from __future__ import annotations
@@ -554,8 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if writes:
         # A fresh run starts a new metrics.jsonl; a resumed one drops the lines past its checkpoint, which the
-        # interrupted run wrote but whose steps are now done again.
-        # A line that does not parse is the partial last one of a run killed (kill -9, a power cut) mid-write.
+        # interrupted run wrote but whose steps are now done again, and a line that does not parse: the last one,
+        # half-written when a kill -9 or a power cut stopped that run.
         kept = []
         if resuming and metrics_path.exists():
             for line in metrics_path.read_text().splitlines():
