@@ -15,6 +15,7 @@ import torch
 
 import sample
 from checkpoint import save_checkpoint
+from conftest import gpt2_bpe
 from model import GPT, GPTConfig
 from sample import SEPARATOR, Continuation, SampleConfig, compiled_generate, decode, generate_samples, main
 from tokens import Tokenizer
@@ -54,7 +55,7 @@ def bpe_run(tmp_path_factory) -> Path:
         model.transformer.ln_f.bias.copy_(direction)
         model.transformer.wte.weight[EOT] = 9.4 * direction
         model.transformer.wte.weight[SPLIT_TOKENS] = 10.5 * direction
-    return save_run(tmp_path_factory.mktemp("bpe") / "out", model, Tokenizer.tiktoken("gpt2"))
+    return save_run(tmp_path_factory.mktemp("bpe") / "out", model, gpt2_bpe())
 
 
 def run(capsys, *args: str) -> tuple[str, str]:
@@ -203,7 +204,7 @@ def test_streaming_prints_the_same_text(bpe_run, char_run, capsys):
         assert streamed == printed
 
     # The first stream above really had characters split across tokens: text was held back at some steps.
-    model, bpe = GPT.from_pretrained(bpe_run / "latest"), Tokenizer.tiktoken("gpt2")
+    model, bpe = GPT.from_pretrained(bpe_run / "latest"), gpt2_bpe()
     tokens = model.generate(torch.tensor([bpe.encode("Hi")]), 60, top_k=None,
                             generator=torch.Generator().manual_seed(1337))[0, 1:].tolist()
     c, held = Continuation(bpe, None, None), 0
@@ -233,7 +234,7 @@ class Scripted:
     ("x ab", [8582, 25081], "b🙂"),
 ])
 def test_streamed_text_is_the_final_text_when_a_stop_string_meets_a_split_character(text, split, stop):
-    bpe = Tokenizer.tiktoken("gpt2")
+    bpe = gpt2_bpe()
     tokens = bpe.encode(text) + split
     cfg = SampleConfig(num_samples=1, max_new_tokens=len(tokens), stop=stop)
     stream = io.StringIO()
@@ -242,7 +243,7 @@ def test_streamed_text_is_the_final_text_when_a_stop_string_meets_a_split_charac
 
 
 def test_streaming_holds_back_split_characters_and_stop_prefixes():
-    bpe = Tokenizer.tiktoken("gpt2")
+    bpe = gpt2_bpe()
     ids = bpe.encode("🙂")
     assert len(ids) > 1  # GPT-2 BPE spells this emoji with several byte tokens
     c = Continuation(bpe, None, None)
@@ -261,7 +262,7 @@ def test_streaming_holds_back_split_characters_and_stop_prefixes():
 
 
 def test_padded_vocabulary_ids_decode_as_replacement_characters():
-    bpe = Tokenizer.tiktoken("gpt2")
+    bpe = gpt2_bpe()
     ids = bpe.encode("Hello world")
     assert decode(bpe, ids[:1] + [50300] + ids[1:]) == "Hello\ufffd world"
 
@@ -331,7 +332,7 @@ def test_sampling_from_a_hugging_face_gpt2_folder_matches_transformers(tmp_path,
     hf = transformers.GPT2LMHeadModel(config).eval()
     hf.save_pretrained(tmp_path / "gpt2-tiny", safe_serialization=True)
 
-    bpe = Tokenizer.tiktoken("gpt2")
+    bpe = gpt2_bpe()
     prompt = "The quick brown fox"
     out, _ = run(capsys, f"--init_from={tmp_path / 'gpt2-tiny'}", f"--start={prompt}", "--num_samples=1",
                  "--max_new_tokens=15", "--temperature=0")
