@@ -730,3 +730,50 @@ def report(name: str, out_dir: Path, stats: dict) -> None:
         f"documents, {stats['bytes'] / 1e6:.1f} MB in {stats['seconds']:.2f} s ({mbps:.1f} MB/s, {stats['threads']} "
         f"threads kept {stats['cpu_seconds'] / max(stats['seconds'], 1e-9):.2f} cores busy) -> {out_dir}"
     )
+
+
+def prepare_web_corpus(argv: list[str] | None, *, corpus: str, doc: str, dataset: str, name: str | None,
+                       val_tokens: int) -> dict:
+    """The whole of data/fineweb/prepare.py and data/openwebtext/prepare.py, which differ only in their arguments.
+
+    Streams `dataset` (configuration `name`) from the Hugging Face hub, or reads --input files, tokenizes with GPT-2
+    BPE into shards under --out_dir (default data/<corpus>/), the first --val_tokens tokens (0: one shard) as val.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    parser.add_argument("--input", action="append", help="local .txt/.jsonl/.parquet files or folders instead of streaming")
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "data" / corpus),
+                        help="where the shards go")
+    parser.add_argument("--dataset", default=dataset, help="Hugging Face dataset to stream")
+    if name is not None:
+        parser.add_argument("--name", default=name, help="its configuration: sample-10BT, sample-100BT, ...")
+    parser.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="tokens per shard file")
+    parser.add_argument("--val_tokens", type=int, default=val_tokens,
+                        help="the first this many tokens are val; 0 = one shard")
+    parser.add_argument("--text_field", default="text", help="the field holding each document's text")
+    parser.add_argument("--encoding", default="gpt2", help="tiktoken encoding name")
+    parser.add_argument("--num_threads", type=int, default=0, help="tokenizer threads; 0 = all cores")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    config_name = getattr(args, "name", None)
+
+    tok = Tokenizer.tiktoken(args.encoding)
+    hashes: dict[str, str] = {}
+    if args.input:
+        files = find_inputs(args.input)
+        pieces, total = iter_files(files, hashes, args.text_field), sum(f.stat().st_size for f in files)
+        source: str | list[str] = [str(f) for f in files]
+    else:
+        pieces, total = iter_hf_dataset(args.dataset, config_name, args.text_field), None
+        source = f"https://huggingface.co/datasets/{args.dataset}" + (f" ({config_name})" if config_name else "")
+    val = args.val_tokens or args.shard_size
+    stats = tokenize_to_shards(pieces, tok, out_dir, shard_size=args.shard_size, val_tokens=val, total_bytes=total,
+                               num_threads=args.num_threads or None)
+    meta = dataset_meta(
+        tok, stats["train_tokens"], stats["val_tokens"], source=source, sha256=hashes or None,
+        prepare=prepare_command(f"data/{corpus}/prepare.py", argv), files=stats["files"],
+        documents=stats["documents"], shard_size=args.shard_size,
+        split=f"the first {val:,} tokens of the stream are val, the rest train",
+    )
+    write_meta(out_dir, meta)
+    report(corpus, out_dir, stats)
+    return meta

@@ -358,9 +358,9 @@ def test_static_cache_path_gives_generate_tokens():
         assert torch.equal(torch.cat([idx, *new], dim=1), expected)
 
 
-def test_compiled_step_is_captured_once_and_gives_generate_tokens(monkeypatch):
-    """torch.compile's capture of the decode step (aot_eager: functionalized like inductor's input, but no C++ to
-    build): one graph for every step and for a second call, which reuses the static cache; generate()'s tokens."""
+def compile_with_aot_eager(monkeypatch) -> list:
+    """Make sample.py compile its decode step with aot_eager (functionalized like inductor's input, but no C++ to
+    build); returns the list of graphs captured, which grows by one per (re)compilation."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -368,8 +368,15 @@ def test_compiled_step_is_captured_once_and_gives_generate_tokens(monkeypatch):
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
+    monkeypatch.setitem(sample._compiled, "default", torch.compile(GPT.forward_static, backend=counting_backend))
+    return graphs
+
+
+def test_compiled_step_is_captured_once_and_gives_generate_tokens(monkeypatch):
+    """torch.compile's capture of the decode step (aot_eager: functionalized like inductor's input, but no C++ to
+    build): one graph for every step and for a second call, which reuses the static cache; generate()'s tokens."""
+    graphs = compile_with_aot_eager(monkeypatch)
     try:
-        monkeypatch.setitem(sample._compiled, "default", torch.compile(GPT.forward_static, backend=counting_backend))
         model = tiny_gpt(len(CHARS))
         idx = torch.randint(0, len(CHARS), (2, 5))
         for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10)):
@@ -384,15 +391,8 @@ def test_compiled_step_is_captured_once_and_gives_generate_tokens(monkeypatch):
 def test_compiled_generate_after_the_model_is_cast_to_bfloat16(monkeypatch):
     """The static cache follows the model's dtype (a cache kept from its fp32 use would be fed bf16 keys), and the
     one compiled function is captured again for the bf16 weights (aot_eager: no C++ to build)."""
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
+    graphs = compile_with_aot_eager(monkeypatch)
     try:
-        monkeypatch.setitem(sample._compiled, "default", torch.compile(GPT.forward_static, backend=counting_backend))
         model = tiny_gpt(len(CHARS))
         idx = torch.randint(0, len(CHARS), (2, 5))
         assert torch.equal(compiled_generate(model, idx, 8, temperature=0), model.generate(idx, 8, temperature=0))
