@@ -29,9 +29,9 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import load_model
-from config import format_config, parse_config
 from model import GPT, CausalSelfAttention
-from sample import read_prompt, resolve_device
+from config import format_config, parse_config, resolve_device
+from sample import read_prompt
 from tokens import Tokenizer
 
 if TYPE_CHECKING:  # matplotlib is optional: imported for real only inside the plotting functions

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from config import format_config, load_toml, parse_config
+from config import format_config, load_toml, parse_config, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, sample_next
-from sample import resolve_device
 from train import device_peak_flops
 
 BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT-2 has them)"
@@ -273,8 +272,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(BenchConfig, argv, description=__doc__)
     print(format_config(cfg))
     device = str(resolve_device(cfg.device))  # "cuda" for auto on a GPU; SystemExit for a device that is not here
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if is_cuda(device) else "float32")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    dtype = resolve_dtype(cfg.dtype, torch.device(device))
+    dtype_name = str(dtype).removeprefix("torch.")
     if is_cuda(device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -35,6 +35,8 @@ import types
 import typing
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -229,3 +231,36 @@ def format_config(cfg: Any) -> str:
     width = max((len(k) for k in d), default=0)
     return "\n".join(f"{k:<{width}} = {v!r}" if isinstance(v, str) else f"{k:<{width}} = {_show(v)}"
                      for k, v in d.items())
+
+
+# ---------------------------------------------------------------------------------- device and dtype settings
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a `device` setting names (auto: cuda, else mps, else cpu); SystemExit if it is not here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                            else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device={name} is not a device: use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device={name} but this torch sees no CUDA GPU: use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device={name} but MPS is not available here: use --device=cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype a `dtype` setting names (auto: bfloat16 where CUDA supports it, else float32)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise SystemExit(f"--dtype={name}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]

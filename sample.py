@@ -26,12 +26,11 @@ from typing import TextIO
 import torch
 
 from checkpoint import load_model
-from config import format_config, parse_config
+from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype
 from model import GPT, StaticKVCache, check_sampling
 from tokens import Tokenizer
 
 SEPARATOR = "---------------"  # printed after every sample, as nanoGPT's sample.py does
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -265,30 +264,6 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
         return tokenizer.encode(text)
     except ValueError as e:
         raise SystemExit(f"the prompt cannot be encoded: {e}") from None
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device that --device names (auto: cuda when there is one, else cpu); SystemExit if it is not here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"--device={name} is not a device: use cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device={name} but this torch sees no CUDA GPU: use --device=cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"--device={name} but MPS is not available here: use --device=cpu")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from checkpoint import (check_tokenizer_matches, find_checkpoint, has_checkpoint, load_model, load_state,
                         save_checkpoint)
-from config import config_to_dict, format_config, parse_config
+from config import config_to_dict, format_config, parse_config, resolve_device, resolve_dtype
 from model import GPT, HUB_MODELS, GPTConfig
 from tokens import Tokenizer, load_meta, load_split
 
@@ -345,28 +345,16 @@ def main(argv: list[str] | None = None) -> dict:
                          f"--gradient_accumulation_steps={max(world_size, accum // world_size * world_size)}")
     local_accum = accum // world_size  # micro-steps this process runs per optimizer step
 
-    if cfg.device == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        device_name = cfg.device
-    if device_name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SystemExit(f"device={cfg.device} but this torch sees no CUDA GPU: use --device=cpu (or mps)")
-        if ddp:
-            device_name = f"cuda:{local_rank}"  # one GPU per process
-        elif device_name == "cuda":
-            device_name = f"cuda:{torch.cuda.current_device()}"  # an explicit index, as set_device and NCCL need
-        torch.cuda.set_device(device_name)
-    elif device_name == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("device=mps but this torch has no MPS support: use --device=cpu")
-    device = torch.device(device_name)
-    if cfg.dtype == "auto":
-        dtype_name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    else:
-        dtype_name = cfg.dtype
-    if dtype_name == "float16" and device.type == "cpu":
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        # An explicit index, as set_device and NCCL need: one GPU per process under torchrun.
+        index = local_rank if ddp else device.index if device.index is not None else torch.cuda.current_device()
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    ptdtype = resolve_dtype(cfg.dtype, device)
+    dtype_name = str(ptdtype).removeprefix("torch.")
+    if ptdtype == torch.float16 and device.type == "cpu":
         raise SystemExit("dtype=float16 needs a GPU: use --dtype=bfloat16 or --dtype=float32 on the CPU")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
 
     out_dir = Path(cfg.out_dir)

@@ -244,3 +244,20 @@ def test_config_to_dict_and_format_config():
     assert "max_iters     = 5000" in lines and "compile       = true" in lines
     assert "dataset       = 'shakespeare#char'" in lines and "seed          = none" in lines
     assert len({line.index("=") for line in lines}) == 1  # aligned
+
+
+def test_device_and_dtype_resolution_shared_by_the_entry_points():
+    import torch
+
+    from config import resolve_device, resolve_dtype
+
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+            resolve_device("cuda:1")
+    with pytest.raises(SystemExit, match="is not a device"):
+        resolve_device("tpu")
+    with pytest.raises(SystemExit, match="--dtype=fp8"):
+        resolve_dtype("fp8", torch.device("cpu"))
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
