@@ -18,6 +18,10 @@ the tokens it attends to most in each layer, averaged over the heads and for eac
 
 from __future__ import annotations
 
+import errors
+
+errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
+
 import math
 import os
 from dataclasses import dataclass

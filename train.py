@@ -35,6 +35,10 @@ What survives what (tests/test_train.py injects each):
 
 from __future__ import annotations
 
+import errors
+
+errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
+
 import json
 import math
 import os
@@ -710,7 +714,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C before the training loop has started: there is nothing to save yet
-        raise SystemExit("interrupted before training started; nothing was saved") from None
+    main()
