@@ -505,6 +505,10 @@ class GPT(nn.Module):
                 if tensor.shape != target.shape:
                     raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config asks for "
                                      f"{tuple(target.shape)}")
+                if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                    what = f"holds {tensor.dtype} values" if not tensor.is_floating_point() else "holds NaN or Inf"
+                    raise ValueError(f"{source}: {name} {what}: weights must be finite floating-point numbers; "
+                                     f"use another checkpoint")
                 target.copy_(tensor)
 
 
@@ -518,6 +522,7 @@ _GPT2_SETTINGS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "lay
 
 def _config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
     """GPTConfig from a Hugging Face GPT-2 config.json (ours add a "smallgpt" entry); refuse what GPT-2 is not."""
+    hf = hf if isinstance(hf, dict) else {}
     block_size = hf.get("n_positions", hf.get("n_ctx"))  # older configs name the context n_ctx only
     missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
     if missing or block_size is None:
@@ -528,9 +533,27 @@ def _config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
             raise ValueError(f"{path}: {key}={hf[key]!r} is not supported: this GPT implements GPT-2's "
                              f"{key}={allowed[0]!r}")
     own = hf.get("smallgpt", {})
-    return GPTConfig(block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                     n_embd=hf["n_embd"], bias=own.get("bias", True),
-                     dropout=dropout if dropout is not None else own.get("dropout", 0.0))
+    sizes = {"n_positions": block_size, **{k: hf[k] for k in ("vocab_size", "n_layer", "n_head", "n_embd")}}
+    for key, value in sizes.items():
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{path}: {key}={value!r} is not a positive integer")
+    if not isinstance(own, dict) or type(own.get("bias", True)) is not bool or \
+            type(own.get("dropout", 0.0)) not in (int, float):
+        raise ValueError(f"{path}: \"smallgpt\" must be an object with a boolean bias and a numeric dropout, got "
+                         f"{own!r:.80}")
+    # Every weight takes at least a byte of model.safetensors: a config that asks for more (a damaged or foreign
+    # config.json) would have the allocation fail or swap before the shapes are compared.
+    weights = path.with_name("model.safetensors")
+    params = (sizes["vocab_size"] + sizes["n_positions"] + sizes["n_layer"] * sizes["n_embd"]) * sizes["n_embd"]
+    if weights.is_file() and params > weights.stat().st_size:
+        raise ValueError(f"{path}: {sizes} make ~{params:,} weights, more than the {weights.stat().st_size:,} bytes "
+                         f"of {weights}: the config does not belong to these weights")
+    try:
+        return GPTConfig(block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"], bias=own.get("bias", True),
+                         dropout=dropout if dropout is not None else own.get("dropout", 0.0))
+    except ValueError as e:  # GPTConfig's own checks (divisibility, dropout range)
+        raise ValueError(f"{path}: {e}") from None
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
