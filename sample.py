@@ -70,8 +70,13 @@ class SampleConfig:
             raise ValueError("stop must not be empty: pass none, eot, or the string to stop before")
         if self.stream and self.num_samples > 1:
             raise ValueError("stream=true prints one sample as it grows: use it with num_samples=1")
-        if self.out_file is not None and not Path(self.out_file).parent.is_dir():
-            raise ValueError(f"out_file={self.out_file}: the folder {Path(self.out_file).parent} does not exist")
+        out = Path(self.out_file) if self.out_file is not None else None
+        if out is not None and not out.parent.is_dir():
+            raise ValueError(f"out_file={self.out_file}: the folder {out.parent} does not exist")
+        if out is not None and out.is_dir():  # found now, not after generating everything
+            raise ValueError(f"out_file={self.out_file} is a folder: pass a file path")
+        if out is not None and not os.access(out.parent, os.W_OK):
+            raise ValueError(f"out_file={self.out_file}: the folder {out.parent} is not writable")
 
 
 # ---------------------------------------------------------------------------------------------------------- decoding
@@ -311,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("".join(f"{s}\n{SEPARATOR}\n" for s in samples))
     sys.stdout.flush()
     if cfg.out_file is not None:
-        Path(cfg.out_file).write_text("".join(f"{s}\n{SEPARATOR}\n" for s in samples), encoding="utf-8")
+        with errors.writing(cfg.out_file):
+            Path(cfg.out_file).write_text("".join(f"{s}\n{SEPARATOR}\n" for s in samples), encoding="utf-8")
 
     new_tokens = cfg.num_samples * timing["steps"]
     rate = f", then {timing['decode_tokens_per_s']:.1f} tokens/s" if timing["decode_tokens_per_s"] else ""
