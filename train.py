@@ -418,7 +418,10 @@ def main(argv: list[str] | None = None) -> dict:
     data_dir = resolve_dataset(cfg.dataset)
     try:
         meta = load_meta(data_dir)
-        tokenizer = Tokenizer.from_meta(meta["tokenizer"])
+        try:
+            tokenizer = Tokenizer.from_meta(meta["tokenizer"])
+        except ValueError as e:
+            raise ValueError(f"{data_dir / 'meta.json'}: bad \"tokenizer\" entry: {e}") from None
         splits = {split: load_split(data_dir, split) for split in ("train", "val")}
     except ValueError as e:  # tokens.py's messages name the file and the prepare.py command to run
         raise SystemExit(str(e)) from None
