@@ -224,13 +224,6 @@ def resolve_dataset(name: str) -> Path:
                      f"of a prepared dataset or one of those names")
 
 
-def crop_block_size(model: GPT, block_size: int) -> None:
-    """Shorten a pretrained model's context to block_size by keeping its first block_size position embeddings."""
-    assert block_size <= model.config.block_size
-    model.config.block_size = block_size
-    model.transformer.wpe.weight = torch.nn.Parameter(model.transformer.wpe.weight[:block_size].detach().clone())
-
-
 def device_peak_flops(device: torch.device) -> float | None:
     """Dense bf16 tensor-core peak FLOP/s of known GPUs (NVIDIA's data sheets, SXM parts); None when unknown."""
     if device.type != "cuda":
@@ -448,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"block_size={cfg.block_size} is longer than {cfg.init_from}'s context of "
                              f"{model.config.block_size} tokens: set --block_size={model.config.block_size} or less")
         if cfg.block_size < model.config.block_size:
-            crop_block_size(model, cfg.block_size)
+            model.crop_block_size(cfg.block_size)
     block_size = model.config.block_size
     if model.config.vocab_size < tokenizer.vocab_size:
         raise SystemExit(f"{data_dir / 'meta.json'} has {tokenizer.vocab_size} tokens but the model only "
