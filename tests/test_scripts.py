@@ -1,4 +1,5 @@
-"""scripts/gpu_check.sh runs only on a GPU machine; here: it parses, and its report reads what the runs write."""
+"""scripts/: gpu_check.sh (run only on a GPU machine; here: it parses, and its report reads what the runs write) and
+the ablation's variants."""
 
 import json
 import subprocess
@@ -33,3 +34,18 @@ def test_report_finds_the_first_evaluation_at_the_target(tmp_path):
     lines = gpu_report.report(tmp_path)
     assert any('"mfu": 0.41' in line for line in lines)
     assert any("iteration 200 after 18 s" in line and "best val 1.44" in line for line in lines)
+
+
+def test_every_ablation_variant_is_a_valid_training_config():
+    import ablation
+    from config import parse_config
+    from train import TrainConfig
+
+    variants = ablation.variants()
+    assert len(variants) == 2 + 2 * len(ablation.SWITCHES)  # GQA is added only: the recipe does not use it
+    recipe = parse_config(TrainConfig, [ablation.RECIPE])
+    for name, (config, settings) in variants.items():
+        cfg = parse_config(TrainConfig, ablation.argv(config, settings))
+        if name.startswith("recipe - "):  # removing a switch changes the recipe, and only where the switch acts
+            changed = {k for k in vars(cfg) if getattr(cfg, k) != getattr(recipe, k)}
+            assert changed and changed <= set(settings), name
