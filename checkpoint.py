@@ -45,6 +45,8 @@ FILES = ("model.safetensors", "config.json", "state.pt")  # what a complete chec
 LINKS = ("latest", "best")  # the symlinks in an out_dir; a checkpoint that no link points to is deleted on save
 _CKPT = re.compile(r"ckpt_(\d+)")
 _REQUIRED_CONFIG = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # what GPT.from_pretrained reads
+_REQUIRED_NANOCHAT = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "max_position_embeddings")  # the same, for the NanoChat layout (GPT.hf_format() "nanochat")
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -148,9 +150,12 @@ def read_config(folder: Path) -> dict:
         raise ValueError(f"{path} not found: a checkpoint folder holds config.json and model.safetensors") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; use another checkpoint") from None
-    if not isinstance(config, dict) or any(key not in config for key in _REQUIRED_CONFIG):
-        missing = [k for k in _REQUIRED_CONFIG if not isinstance(config, dict) or k not in config]
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a GPT-2 config.json")
+    nanochat = isinstance(config, dict) and config.get("model_type") == "nanochat"
+    required = _REQUIRED_NANOCHAT if nanochat else _REQUIRED_CONFIG
+    if not isinstance(config, dict) or any(key not in config for key in required):
+        missing = [k for k in required if not isinstance(config, dict) or k not in config]
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a {'NanoChat' if nanochat else 'GPT-2'} "
+                         f"config.json")
     return config
 
 
