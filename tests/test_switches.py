@@ -455,6 +455,22 @@ def test_nanochat_folder_from_transformers_loads(tmp_path):
     with torch.no_grad():
         assert (hf(idx).logits - ours(idx)[0]).abs().max() < 1e-4
 
+    # Older config.json files keep rope_theta at the top level (transformers still reads them so)
+    config = json.loads((tmp_path / "config.json").read_text())
+    older = {k: v for k, v in config.items() if k != "rope_parameters"} | {"rope_theta": 500.0}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    hf, ours = transformers.NanoChatForCausalLM.from_pretrained(tmp_path).eval(), GPT.from_pretrained(tmp_path).eval()
+    assert ours.config.rope_theta == 500.0
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max() < 1e-4
+    # and settings that change the maths in ways this GPT does not implement are refused
+    for key, value, words in [("rope_parameters", {"rope_type": "linear", "factor": 2.0}, "rope_type 'linear'"),
+                              ("rms_norm_eps", 1e-5, "rms_norm_eps"), ("hidden_act", "gelu", "hidden_act"),
+                              ("intermediate_size", 96, "intermediate_size")]:
+        (tmp_path / "config.json").write_text(json.dumps(config | {key: value}))
+        with pytest.raises(ValueError, match=words):
+            GPT.from_pretrained(tmp_path)
+
 
 # ---------------------------------------------------------------------------- Muon
 
