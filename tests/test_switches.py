@@ -520,7 +520,7 @@ def test_muon_groups_cover_every_parameter_once():
     assert sorted(everything) == sorted(id(p) for p in model.parameters())
 
 
-def one_update(model: GPT, optimizer: Muon) -> dict[str, torch.Tensor]:
+def one_update(model: GPT, optimizer: Muon) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The change of every weight in one step on a fixed batch, and the gradients it came from."""
     idx = tokens(4, 32)
     model(idx, targets=idx.roll(-1, dims=1))[1].backward()
