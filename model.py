@@ -600,7 +600,7 @@ class GPT(nn.Module):
                 raise ValueError(f"{path} not found: a model folder holds config.json and model.safetensors "
                                  f"(pytorch_model.bin is not read: convert it to safetensors)")
         hf = json.loads(config_path.read_text())
-        config = _config_from_hf(hf, config_path, dropout)
+        config = config_from_hf(hf, config_path, dropout)
         try:
             weights = load_file(weights_path)
         except Exception as e:  # safetensors raises its own error types for truncated or corrupted files
@@ -647,7 +647,7 @@ _NANOCHAT_SETTINGS = {"hidden_act": ("relu2",), "attention_bias": (False,), "tie
                       "rms_norm_eps": (1e-6,)}
 
 
-def _config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
+def config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
     """GPTConfig from a config.json: GPT-2's or NanoChat's keys, overridden by our own "smallgpt" entry where
     present (ours always write one); refuse settings this model does not implement."""
     model_type = hf.get("model_type", "gpt2")
