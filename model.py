@@ -643,7 +643,8 @@ _SWITCHES = ("pos_embedding", "norm", "embed_norm", "qk_norm", "mlp", "tie_embed
 _GPT2_SETTINGS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
                   "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
                   "tie_word_embeddings": (True,)}
-_NANOCHAT_SETTINGS = {"hidden_act": ("relu2",), "attention_bias": (False,), "tie_word_embeddings": (False,)}
+_NANOCHAT_SETTINGS = {"hidden_act": ("relu2",), "attention_bias": (False,), "tie_word_embeddings": (False,),
+                      "rms_norm_eps": (1e-6,)}
 
 
 def config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
@@ -673,7 +674,10 @@ def config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
     if model_type == "nanochat":
         if hf.get("intermediate_size", 4 * hf["hidden_size"]) != 4 * hf["hidden_size"]:
             raise ValueError(f"{path}: intermediate_size must be 4 * hidden_size, as in this GPT's MLP")
-        rope = hf.get("rope_parameters") or {}
+        rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}  # older: at the top level
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{path}: rope_type {rope['rope_type']!r} is not supported: this GPT implements "
+                             f"RoPE's default type")
         base = dict(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
                     n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
                     n_kv_head=hf.get("num_key_value_heads"), bias=False, pos_embedding="rope",

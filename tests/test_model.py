@@ -456,7 +456,6 @@ def test_exported_folder_loads_in_transformers(tmp_path):
 # ---------------------------------------------------------------------------- CUDA only
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 MODERN = dict(pos_embedding="rope", norm="rmsnorm", embed_norm=True, qk_norm=True, mlp="relu2", n_kv_head=2,
               tie_embeddings=False, logit_softcap=15.0, bias=False)
 
