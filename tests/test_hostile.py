@@ -359,17 +359,24 @@ def test_disk_full_inside_torch_save(run_copy: Path, monkeypatch: pytest.MonkeyP
 # ------------------------------------------------------------------------------------- sampling and loading weights
 
 
-@pytest.mark.parametrize("key, value, pattern", [
-    ("n_embd", "16", r"config.json: n_embd='16' is not a positive integer"),
-    ("n_layer", True, r"config.json: n_layer=True is not a positive integer"),
-    ("n_positions", 10 ** 12, r"config.json: .* weights, more than the .* bytes of .*model.safetensors"),
-    ("n_head", 3, r"config.json: n_embd \(16\) must be divisible by n_head \(3\)"),
-    ("smallgpt", {"bias": "yes"}, r"\"smallgpt\" must be an object with a boolean bias"),
+@pytest.mark.parametrize("key, own_key, value, pattern", [  # key: GPT-2's; own_key: the "smallgpt" entry's
+    ("n_embd", None, "16", r"config.json: n_embd='16' is not of type int"),
+    ("n_positions", None, 10 ** 12, r"config.json: its sizes make ~.* weights, more than the .* bytes of .*model"),
+    (None, "block_size", 10 ** 12, r"config.json: its sizes make ~.* weights, more than the .* bytes of .*model"),
+    ("n_layer", "n_layer", True, r"config.json: n_layer=True is not of type int"),
+    ("n_head", "n_head", 3, r"config.json: n_embd \(16\) must be divisible by n_head \(3\)"),
+    (None, "bias", "yes", r"config.json: bias='yes' is not of type bool"),
 ])
-def test_config_json_types_and_sizes(run_copy: Path, key: str, value: object, pattern: str,
-                                     capsys: pytest.CaptureFixture) -> None:
+def test_config_json_types_and_sizes(run_copy: Path, key: str | None, own_key: str | None, value: object,
+                                     pattern: str, capsys: pytest.CaptureFixture) -> None:
     path = run_copy / "latest" / "config.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    config = json.loads(path.read_text())
+    if own_key is None:
+        del config["smallgpt"]  # a Hugging Face GPT-2 folder: its GPT-2 keys are read
+    else:
+        config["smallgpt"][own_key] = value  # ours: the "smallgpt" entry wins over GPT-2's keys
+    config |= {key: value} if key else {}
+    path.write_text(json.dumps(config))
     before = snapshot(run_copy)
     assert_one_line(outcome(sample.main, [f"--out_dir={run_copy}", "--max_new_tokens=2"], capsys), pattern)
     assert snapshot(run_copy) == before
