@@ -1,7 +1,8 @@
 """Checkpoints: save a training run atomically, find it again, and load a model from anywhere.
 
-    from checkpoint import load_model, save_checkpoint
+    from checkpoint import from_pretrained, load_model, save_checkpoint
     model, tokenizer, config = load_model("out/shakespeare_char")   # or a ckpt_* folder, an HF folder, "gpt2"
+    model = from_pretrained("gpt2")                                  # the model alone, from the same places
     save_checkpoint(out_dir, raw_model, extra_config, state, iter_num=80, is_best=True)
 
 The layout of an out_dir (every folder of a GPT-2 model also loads with transformers.GPT2LMHeadModel, of a
@@ -41,9 +42,10 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from model import GPT, HUB_MODELS, config_from_hf
+from model import GPT, GPTConfig, config_from_hf
 from tokens import Tokenizer
 
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2s, openai-community/* on the hub
 FILES = ("model.safetensors", "config.json", "state.pt")  # what a complete checkpoint folder holds
 LINKS = ("latest", "best")  # the symlinks in an out_dir; a checkpoint that no link points to is deleted on save
 _CKPT = re.compile(r"ckpt_(\d+)")
@@ -103,27 +105,51 @@ def load_model(name_or_path: str | Path, which: str = "latest", device: str = "c
                dropout: float | None = None) -> tuple[GPT, Tokenizer, dict]:
     """A model in eval mode on `device`, its tokenizer, and its config.json as a dict.
 
-    name_or_path: an out_dir (its `which` checkpoint), a ckpt_* folder, a local Hugging Face GPT-2 folder, or a hub
-    name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). The tokenizer is config.json's "tokenizer"; folders without one
-    (Hugging Face's) use GPT-2 BPE. dropout overrides the saved value (for fine-tuning); None keeps it.
+    name_or_path: an out_dir (its `which` checkpoint), a ckpt_* folder, a local Hugging Face GPT-2 or NanoChat
+    folder, or a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). The tokenizer is config.json's "tokenizer";
+    folders without one (Hugging Face's) use GPT-2 BPE. dropout overrides the saved value (for fine-tuning); None
+    keeps it.
     """
+    folder = model_folder(name_or_path, which)
+    config, gpt_config = _read_config(folder, dropout)
+    tokenizer = config_tokenizer(config, folder / "config.json")
+    if tokenizer.vocab_size > gpt_config.vocab_size:
+        raise ValueError(f"{folder / 'config.json'}: its tokenizer has {tokenizer.vocab_size} tokens but the "
+                         f"model only {gpt_config.vocab_size} (vocab_size): the config does not belong to these "
+                         f"weights; save the checkpoint again")
+    return _load_weights(folder, gpt_config).to(device).eval(), tokenizer, config
+
+
+def from_pretrained(name_or_path: str | Path, which: str = "latest", dropout: float | None = None) -> GPT:
+    """The model alone (in train mode, on the CPU), from any place load_model reads; no tokenizer is loaded."""
+    folder = model_folder(name_or_path, which)
+    return _load_weights(folder, _read_config(folder, dropout)[1])
+
+
+def model_folder(name_or_path: str | Path, which: str = "latest") -> Path:
+    """The folder holding config.json and model.safetensors: a hub name's (downloaded once), else find_checkpoint."""
     if str(name_or_path) in HUB_MODELS and not Path(name_or_path).exists():
-        model = GPT.from_pretrained(str(name_or_path), dropout=dropout)
-        config = model.hf_config()
-        tokenizer = Tokenizer.tiktoken("gpt2")
-    else:
-        folder = find_checkpoint(name_or_path, which)
-        config = read_config(folder)
-        if not (folder / "model.safetensors").is_file():
-            raise ValueError(f"{folder / 'model.safetensors'} not found: a model folder holds config.json and "
-                             f"model.safetensors (pytorch_model.bin is not read: convert it to safetensors)")
-        tokenizer = config_tokenizer(config, folder / "config.json")
-        if tokenizer.vocab_size > config["vocab_size"]:
-            raise ValueError(f"{folder / 'config.json'}: its tokenizer has {tokenizer.vocab_size} tokens but the "
-                             f"model only {config['vocab_size']} (vocab_size): the config does not belong to these "
-                             f"weights; save the checkpoint again")
-        model = GPT.from_pretrained(folder, dropout=dropout)  # refuses a missing, truncated or damaged safetensors
-    return model.to(device).eval(), tokenizer, config
+        return download_gpt2(str(name_or_path))
+    return find_checkpoint(name_or_path, which)
+
+
+def download_gpt2(name: str) -> Path:
+    """The hub's openai-community/<name> config.json and model.safetensors, through huggingface_hub: its cache is
+    shared with transformers, honours HF_HOME, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE, resumes and verifies."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise SystemExit(f"{name} is downloaded from the Hugging Face hub, which needs huggingface_hub: pip install "
+                         f"huggingface_hub (or pass a folder holding its config.json and model.safetensors)") from None
+    try:
+        paths = [Path(hf_hub_download(f"openai-community/{name}", file)) for file in ("config.json", "model.safetensors")]
+    except Exception as e:  # offline, a proxy, a failed check: huggingface_hub raises many types, all say the same
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise SystemExit(f"could not download {name} from the Hugging Face hub ({type(e).__name__}: {first}). "
+                         f"Offline? Download its config.json and model.safetensors elsewhere and pass their folder "
+                         f"instead of {name!r}") from None
+    assert paths[0].parent == paths[1].parent, "huggingface_hub keeps one revision's files in one snapshot folder"
+    return paths[1].parent
 
 
 def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
@@ -149,18 +175,44 @@ def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
 
 
 def read_config(folder: Path) -> dict:
-    """config.json of a checkpoint folder, checked to be JSON with the model keys GPT.from_pretrained reads."""
-    path = Path(folder) / "config.json"
+    """config.json of a model folder, checked to be JSON with model settings that fit model.safetensors beside it."""
+    return _read_config(Path(folder), None)[0]
+
+
+def _read_config(folder: Path, dropout: float | None) -> tuple[dict, GPTConfig]:
+    """config.json of a model folder and the GPTConfig it describes; the one place that reads the file."""
+    path, weights = folder / "config.json", folder / "model.safetensors"
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path} not found: a checkpoint folder holds config.json and model.safetensors") from None
+        raise ValueError(f"{path} not found: a model folder holds config.json and model.safetensors") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; use another checkpoint") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} holds no JSON object: it is not a model's config.json")
-    config_from_hf(config, path, None)  # the model settings, checked where GPT.from_pretrained reads them
-    return config
+    c = config_from_hf(config, str(path), dropout)
+    if not weights.is_file():
+        raise ValueError(f"{weights} not found: a model folder holds config.json and model.safetensors "
+                         f"(pytorch_model.bin is not read: convert it to safetensors)")
+    # Every weight takes at least a byte of model.safetensors: a config that asks for more (a damaged or foreign
+    # config.json) would have the allocation fail or swap before load_hf_state_dict compares the shapes.
+    params = (c.vocab_size + c.block_size * (c.pos_embedding == "learned") + c.n_layer * c.n_embd) * c.n_embd
+    if params > weights.stat().st_size:
+        raise ValueError(f"{path}: its sizes make ~{params:,} weights, more than the {weights.stat().st_size:,} "
+                         f"bytes of {weights}: the config does not belong to these weights")
+    return config, c
+
+
+def _load_weights(folder: Path, config: GPTConfig) -> GPT:
+    """A GPT of `config` holding folder/model.safetensors; refuses a truncated, damaged or mismatched file."""
+    path = folder / "model.safetensors"
+    try:
+        weights = safetensors.torch.load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupted files
+        raise ValueError(f"{path} could not be read ({e}); the file is damaged: download or save it again") from None
+    model = GPT(config)
+    model.load_hf_state_dict(weights, source=str(path))
+    return model
 
 
 GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": "gpt2"}  # Tokenizer.tiktoken("gpt2").to_meta(), without loading it

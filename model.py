@@ -1,9 +1,9 @@
 """A decoder-only GPT in one file: GPT-2's architecture and names, the modern recipe as switches, a KV cache,
-generation, and Hugging Face import/export.
+generation, and the mapping to Hugging Face's GPT-2 and NanoChat formats (checkpoint.py reads and writes the files).
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65))
-    model = GPT.from_pretrained("gpt2")                 # or a local Hugging Face GPT-2 / NanoChat folder
+    model = checkpoint.from_pretrained("gpt2")          # or a local Hugging Face GPT-2 / NanoChat folder
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
 GPTConfig's defaults are GPT-2 (Radford et al. 2019) exactly; the switches (RoPE, RMSNorm, QK-norm, ReLU², GQA, an
@@ -12,19 +12,11 @@ untied head, a logit softcap, zero-initialised projections) are nanochat's and m
 
 from __future__ import annotations
 
-import hashlib
-import http.client
-import json
 import math
-import os
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -580,40 +572,11 @@ class GPT(nn.Module):
             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
             "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout} | own
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dropout: float | None = None,
-                        cache_dir: str | os.PathLike | None = None) -> GPT:
-        """Load a model folder (config.json + model.safetensors: GPT-2, NanoChat, or any folder train.py wrote) or
-        a GPT-2 hub name ("gpt2", ...), downloaded once into cache_dir (default $SMALLGPT_CACHE or
-        ~/.cache/smallgpt, a mirror through $HF_ENDPOINT) and checked against the sha256 the hub reports."""
-        from safetensors.torch import load_file
-
-        folder = Path(name_or_path)
-        if not folder.is_dir():
-            if str(name_or_path) not in HUB_MODELS:
-                raise ValueError(f"{name_or_path!r} is neither a folder nor one of {', '.join(HUB_MODELS)}: "
-                                 f"pass a folder holding config.json and model.safetensors, or a GPT-2 name")
-            folder = _download_hub_model(str(name_or_path), cache_dir)
-        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise ValueError(f"{path} not found: a model folder holds config.json and model.safetensors "
-                                 f"(pytorch_model.bin is not read: convert it to safetensors)")
-        hf = json.loads(config_path.read_text())
-        config = config_from_hf(hf, config_path, dropout)
-        try:
-            weights = load_file(weights_path)
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupted files
-            raise ValueError(f"{weights_path} could not be read ({e}); the file is damaged: download or save it "
-                             f"again") from None
-        if hf.get("model_type") == "nanochat":
-            weights = _from_nanochat(weights, config)
-        model = cls(config)
-        model.load_hf_state_dict(weights, source=str(weights_path))
-        return model
-
     def load_hf_state_dict(self, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
-        """Copy weights in Hugging Face's GPT-2 layout (with or without the `transformer.` prefix) into the model."""
+        """Copy weights as hf_state_dict() names them (GPT-2's layout with or without the `transformer.` prefix, or
+        NanoChat's) into the model; refuse missing, unexpected, misshapen and non-finite ones, naming `source`."""
+        if self.hf_format() == "nanochat":
+            weights = _from_nanochat(weights, self.config)
         ours = self.state_dict()
         tied = self.config.tie_embeddings
         expected = {k.removeprefix("transformer.") for k in ours if not (tied and k == "lm_head.weight")}
@@ -643,7 +606,6 @@ class GPT(nn.Module):
                 target.copy_(tensor)
 
 
-HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _SWITCHES = ("pos_embedding", "norm", "embed_norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap", "zero_init")
 
 # config.json settings that change the maths, and the values of GPT-2 that this model implements.
@@ -654,10 +616,10 @@ _NANOCHAT_SETTINGS = {"hidden_act": ("relu2",), "attention_bias": (False,), "tie
                       "rms_norm_eps": (1e-6,)}
 
 
-def config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
-    """GPTConfig from a config.json: GPT-2's or NanoChat's keys, overridden by our own "smallgpt" entry where
-    present (ours always write one); refuse settings this model does not implement, values of the wrong type, and
-    sizes that model.safetensors beside it cannot hold."""
+def config_from_hf(hf: dict, path: str, dropout: float | None) -> GPTConfig:
+    """GPTConfig from a config.json's contents (`path` names it in errors): GPT-2's or NanoChat's keys, overridden by
+    our own "smallgpt" entry where present (ours always write one); refuse settings this model does not implement
+    and values of the wrong type. The inverse of GPT.hf_config; checkpoint.py reads the file."""
     hf = hf if isinstance(hf, dict) else {}
     model_type = hf.get("model_type", "gpt2")
     if model_type == "nanochat":
@@ -708,13 +670,6 @@ def config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
         raise ValueError(f"{path}: {e}; save the checkpoint again") from None
     except ValueError as e:  # GPTConfig's own checks (sizes, divisibility, switches)
         raise ValueError(f"{path}: {e}") from None
-    # Every weight takes at least a byte of model.safetensors: a config that asks for more (a damaged or foreign
-    # config.json) would have the allocation fail or swap before load_hf_state_dict compares the shapes.
-    weights = path.with_name("model.safetensors")
-    params = (c.vocab_size + c.block_size * (c.pos_embedding == "learned") + c.n_layer * c.n_embd) * c.n_embd
-    if weights.is_file() and params > weights.stat().st_size:
-        raise ValueError(f"{path}: its sizes make ~{params:,} weights, more than the {weights.stat().st_size:,} "
-                         f"bytes of {weights}: the config does not belong to these weights")
     return c
 
 
@@ -752,60 +707,3 @@ def _from_nanochat(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
         if all(t is not None for t in parts):
             out[f"h.{i}.attn.c_attn.weight"] = torch.cat([t.t() for t in parts], dim=1)
     return out
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        return None  # a redirect then surfaces as an HTTPError whose headers _fetch reads
-
-
-def _download_hub_model(name: str, cache_dir: str | os.PathLike | None) -> Path:
-    """Fetch config.json and model.safetensors of a GPT-2 from the hub, once, verifying the weights' sha256."""
-    root = Path(cache_dir or os.environ.get("SMALLGPT_CACHE") or Path.home() / ".cache" / "smallgpt")
-    hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # the variable huggingface_hub reads
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for filename in ("config.json", "model.safetensors"):
-        dest = folder / filename
-        if not dest.is_file():
-            _fetch(f"{hub}/openai-community/{name}/resolve/main/{filename}", dest,
-                   need_sha256=filename.endswith(".safetensors"), name=name)
-    return folder
-
-
-def _fetch(url: str, dest: Path, need_sha256: bool, name: str) -> None:
-    """Download url into dest through dest.partial, checking the sha256 that the hub reports for large files.
-
-    The hub answers a request for a large (git LFS) file with a redirect to its CDN and gives the file's sha256 in
-    that redirect's X-Linked-Etag header; the CDN's own ETag is something else. So redirects are followed by hand.
-    """
-    tmp = dest.with_name(dest.name + ".partial")
-    opener = urllib.request.build_opener(_NoRedirect)
-    expected, where = None, url
-    try:
-        for _ in range(10):
-            try:
-                response = opener.open(where, timeout=60)
-                break
-            except urllib.error.HTTPError as e:
-                if e.code not in (301, 302, 303, 307, 308):
-                    raise
-                expected = (e.headers.get("X-Linked-Etag") or "").strip('"').lower() or expected
-                where = urllib.parse.urljoin(where, e.headers["Location"])
-        else:
-            raise OSError("more than 10 redirects")
-        digest = hashlib.sha256()
-        with response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                f.write(chunk)
-    except (OSError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors; IncompleteRead is not
-        tmp.unlink(missing_ok=True)
-        raise SystemExit(f"could not download {url} ({e}). Offline? Download {name}'s config.json and "
-                         f"model.safetensors elsewhere and pass their folder instead of {name!r}") from None
-    if need_sha256 and not (expected and len(expected) == 64 and digest.hexdigest() == expected):
-        tmp.unlink(missing_ok=True)
-        reported = f"the hub's sha256 {expected}" if expected else "no sha256 from the hub"
-        raise SystemExit(f"{url}: downloaded sha256 {digest.hexdigest()} does not match {reported}; nothing was "
-                         f"kept: try again")
-    os.replace(tmp, dest)

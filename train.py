@@ -59,10 +59,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (check_tokenizer_matches, find_checkpoint, has_checkpoint, load_model, load_state,
+from checkpoint import (HUB_MODELS, check_tokenizer_matches, find_checkpoint, has_checkpoint, load_model, load_state,
                         save_checkpoint)
 from config import config_to_dict, format_config, parse_config, resolve_device, resolve_dtype
-from model import GPT, HUB_MODELS, GPTConfig
+from model import GPT, GPTConfig
 from tokens import Tokenizer, load_meta, load_split
 
 REPO = Path(__file__).resolve().parent

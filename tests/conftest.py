@@ -53,3 +53,29 @@ def gpt2_bpe():
         return Tokenizer.tiktoken("gpt2")
     except SystemExit as e:  # tokens.py's one-line "could not load the tiktoken encoding" message
         pytest.skip(str(e))
+
+
+class FakeHub:
+    """huggingface_hub.hf_hub_download without the network: serves the files of `repos[repo_id]` (a local folder)
+    from a snapshot folder, as the real cache lays them out, and records every (repo_id, filename) asked for."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.repos, self.calls = root, {}, []
+        self.error: Exception | None = None  # raised instead of serving, as a failed download would
+
+    def hf_hub_download(self, repo_id: str, filename: str, **kwargs) -> str:
+        self.calls.append((repo_id, filename))
+        if self.error is not None:
+            raise self.error
+        snapshot = self.root / repo_id / "snapshots" / "0123abc"
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (snapshot / filename).write_bytes((self.repos[repo_id] / filename).read_bytes())
+        return str(snapshot / filename)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeHub:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    hub = FakeHub(tmp_path / "hub-cache")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    return hub

@@ -112,16 +112,17 @@ def test_optimizer_state_comes_back_exactly(tmp_path: Path) -> None:
     assert restored.param_groups[0]["betas"] == (0.9, 0.95)
 
 
-def test_hub_names_are_not_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_names_are_not_paths(tmp_path: Path, fake_hub) -> None:
     gpt2_bpe()  # the code under test loads GPT-2's BPE: skip without its files
-    calls = []
-
-    def fake_from_pretrained(name, dropout=None):  # no network in tests: stand in for the download
-        calls.append((name, dropout))
-        return tiny_model(0).train()
-    monkeypatch.setattr(GPT, "from_pretrained", fake_from_pretrained)
-    model, tokenizer, config = load_model("gpt2-medium", dropout=0.1)
-    assert calls == [("gpt2-medium", 0.1)] and not model.training
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257))  # GPT-2 BPE's size
+    (tmp_path / "src").mkdir()
+    safetensors.torch.save_file(model.hf_state_dict(), tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(model.hf_config()))
+    fake_hub.repos["openai-community/gpt2-medium"] = tmp_path / "src"
+    loaded, tokenizer, config = load_model("gpt2-medium", dropout=0.1)
+    assert [repo for repo, _ in fake_hub.calls] == ["openai-community/gpt2-medium"] * 2
+    assert loaded.config.dropout == 0.1 and not loaded.training and same_weights(loaded, model)
     assert tokenizer == gpt2_bpe() and config["n_embd"] == 32
 
 

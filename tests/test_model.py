@@ -3,11 +3,13 @@ sampling, GPT-2 import against Hugging Face transformers, and the safetensors ro
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from checkpoint import from_pretrained
 from model import GPT, GPTConfig, KVCache, sample_next
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
@@ -285,7 +287,7 @@ def save_hf_gpt2(tmp_path, n_positions=32, vocab_size=97):
 
 def test_parity_with_transformers_gpt2(tmp_path):
     hf = save_hf_gpt2(tmp_path)
-    ours = GPT.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 97, (2, 32))
     with torch.no_grad():
         expected = hf(idx).logits
@@ -301,13 +303,13 @@ def test_parity_with_transformers_gpt2(tmp_path):
 def test_import_accepts_transformer_prefix_and_ignores_mask_buffers(tmp_path):
     from safetensors.torch import load_file, save_file
     save_hf_gpt2(tmp_path)
-    reference = GPT.from_pretrained(tmp_path)
+    reference = from_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     prefixed = {("transformer." + k if not k.startswith("transformer.") else k): v for k, v in weights.items()}
     prefixed["transformer.h.0.attn.bias"] = torch.ones(1, 1, 32, 32)
     prefixed["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(prefixed, tmp_path / "model.safetensors")
-    again = GPT.from_pretrained(tmp_path)
+    again = from_pretrained(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), again.state_dict().values()))
 
 
@@ -316,114 +318,61 @@ def test_import_rejects_mismatched_and_damaged_files(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
     with pytest.raises(ValueError, match="shape"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="damaged"):
-        GPT.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="neither a folder"):
-        GPT.from_pretrained(tmp_path / "nowhere")
+        from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        from_pretrained(tmp_path / "nowhere")
 
 
 def test_import_reads_n_ctx_and_refuses_what_gpt2_is_not(tmp_path):
     save_hf_gpt2(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    reference = GPT.from_pretrained(tmp_path)
+    reference = from_pretrained(tmp_path)
     older = {k: v for k, v in config.items() if k != "n_positions"} | {"n_ctx": config["n_positions"]}
     (tmp_path / "config.json").write_text(json.dumps(older))
-    assert GPT.from_pretrained(tmp_path).config == reference.config
+    assert from_pretrained(tmp_path).config == reference.config
     for key, value in [("activation_function", "relu"), ("layer_norm_epsilon", 1e-2), ("scale_attn_weights", False),
                        ("tie_word_embeddings", False)]:
         (tmp_path / "config.json").write_text(json.dumps(config | {key: value}))
         with pytest.raises(ValueError, match=key):
-            GPT.from_pretrained(tmp_path)
+            from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "n_layer"}))
     with pytest.raises(ValueError, match="lacks n_layer"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
-class FakeHub:
-    """A stand-in for huggingface.co on 127.0.0.1: config.json directly, the weights through a redirect to a
-    "CDN" that carries the sha256 in X-Linked-Etag, as the hub does."""
-
-    def __init__(self, folder, sha256: str | None = None):
-        import hashlib
-        import http.server
-        import threading
-
-        files = {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
-        sha = sha256 or hashlib.sha256(files["model.safetensors"]).hexdigest()
-        self.requests = []
-        hub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                hub.requests.append(self.path)
-                if self.path.endswith("/resolve/main/config.json"):
-                    self._send(200, files["config.json"])
-                elif self.path.endswith("/resolve/main/model.safetensors"):
-                    self.send_response(302)
-                    self.send_header("Location", "/cdn/blob")
-                    self.send_header("X-Linked-Etag", f'"{sha}"')
-                    self.end_headers()
-                elif self.path == "/cdn/blob":
-                    self._send(200, files["model.safetensors"], etag='"not-a-sha256"')
-                else:
-                    self._send(404, b"")
-
-            def _send(self, code, body, etag=None):
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                if etag:
-                    self.send_header("ETag", etag)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_hub_download_checks_sha256_and_caches(tmp_path, monkeypatch):
+def test_hub_download_goes_through_huggingface_hub(tmp_path, fake_hub):
     save_hf_gpt2(tmp_path / "src")
-    reference = GPT.from_pretrained(tmp_path / "src")
-    hub = FakeHub(tmp_path / "src")
-    try:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        model = GPT.from_pretrained("gpt2", cache_dir=tmp_path / "cache")
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
-        assert hub.requests == ["/openai-community/gpt2/resolve/main/config.json",
-                                "/openai-community/gpt2/resolve/main/model.safetensors", "/cdn/blob"]
-        GPT.from_pretrained("gpt2", cache_dir=tmp_path / "cache")  # cached: no second download
-        assert len(hub.requests) == 3
-    finally:
-        hub.close()
+    reference = from_pretrained(tmp_path / "src")
+    fake_hub.repos["openai-community/gpt2"] = tmp_path / "src"
+    model = from_pretrained("gpt2")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert fake_hub.calls == [("openai-community/gpt2", "config.json"), ("openai-community/gpt2", "model.safetensors")]
 
 
-def test_hub_download_refuses_a_wrong_sha256(tmp_path, monkeypatch):
-    save_hf_gpt2(tmp_path / "src")
-    hub = FakeHub(tmp_path / "src", sha256="0" * 64)
-    try:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        with pytest.raises(SystemExit, match="does not match"):
-            GPT.from_pretrained("gpt2", cache_dir=tmp_path / "cache")
-        assert sorted(p.name for p in (tmp_path / "cache" / "gpt2").iterdir()) == ["config.json"]  # no weights kept
-    finally:
-        hub.close()
+def test_hub_download_failure_is_one_line_naming_the_folder_alternative(tmp_path, fake_hub):
+    fake_hub.error = OSError("Consistency check failed: file should be of size 500 but has size 250")
+    with pytest.raises(SystemExit, match="could not download gpt2 .*Consistency check failed.*pass their folder"):
+        from_pretrained("gpt2")
 
 
 def test_hub_download_offline_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
-    with pytest.raises(SystemExit, match="could not download .* Offline"):
-        GPT.from_pretrained("gpt2-medium", cache_dir=tmp_path)
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does; the real hf_hub_download
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(SystemExit, match="could not download gpt2-medium .* Offline\\? .*pass their folder") as e:
+        from_pretrained("gpt2-medium")
+    assert "\n" not in str(e.value)
+
+
+def test_hub_without_huggingface_hub_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if it were not installed
+    with pytest.raises(SystemExit, match="pip install huggingface_hub"):
+        from_pretrained("gpt2")
 
 
 def test_safetensors_round_trip_keeps_tied_weights(tmp_path):
@@ -431,7 +380,7 @@ def test_safetensors_round_trip_keeps_tied_weights(tmp_path):
     model = tiny_model(bias=False, dropout=0.1)
     save_file(model.hf_state_dict(), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(model.hf_config()))
-    loaded = GPT.from_pretrained(tmp_path).eval()
+    loaded = from_pretrained(tmp_path).eval()
     assert loaded.config == model.config
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
     idx = torch.randint(0, 97, (2, 10))

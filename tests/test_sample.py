@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sample
-from checkpoint import save_checkpoint
+from checkpoint import from_pretrained, save_checkpoint
 from conftest import gpt2_bpe
 from model import GPT, GPTConfig
 from sample import SEPARATOR, Continuation, SampleConfig, compiled_generate, decode, generate_samples, main
@@ -68,7 +68,7 @@ def run(capsys, *args: str) -> tuple[str, str]:
 def expected_output(out_dir: Path, prompt: str, n: int, new: int, seed: int, stop_eot: bool = False,
                     stop: str | None = None, dtype: torch.dtype = torch.float32, **sampling) -> str:
     """What sample.py must print, built from model.generate with a generator seeded the same way."""
-    model = GPT.from_pretrained(out_dir / "latest").to(dtype).eval()
+    model = from_pretrained(out_dir / "latest").to(dtype).eval()
     tokenizer = Tokenizer.from_meta(__import__("json").loads((out_dir / "latest" / "config.json").read_text())["tokenizer"])
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
     idx = torch.tensor([ids] * n)
@@ -204,7 +204,7 @@ def test_streaming_prints_the_same_text(bpe_run, char_run, capsys):
         assert streamed == printed
 
     # The first stream above really had characters split across tokens: text was held back at some steps.
-    model, bpe = GPT.from_pretrained(bpe_run / "latest"), gpt2_bpe()
+    model, bpe = from_pretrained(bpe_run / "latest"), gpt2_bpe()
     tokens = model.generate(torch.tensor([bpe.encode("Hi")]), 60, top_k=None,
                             generator=torch.Generator().manual_seed(1337))[0, 1:].tolist()
     c, held = Continuation(bpe, None, None), 0

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from attention import attention_maps, explicit_attention
-from checkpoint import load_model, save_checkpoint
+from checkpoint import from_pretrained, load_model, save_checkpoint
 from model import GPT, GPTConfig, KVCache, apply_rope, attend, rms_norm
 from muon import Muon, orthogonalize
 from test_model import generate_uncached
@@ -405,7 +405,7 @@ def test_other_switches_are_smallgpt_which_transformers_refuses(name, tmp_path):
         transformers.AutoConfig.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="smallgpt"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    loaded = GPT.from_pretrained(tmp_path).eval()  # but we load it
+    loaded = from_pretrained(tmp_path).eval()  # but we load it
     assert loaded.config == model.config
     idx = tokens(2, 20)
     with torch.no_grad():
@@ -431,7 +431,7 @@ def test_nanochat_export_matches_transformers(n_kv_head, cap, tmp_path):
         assert torch.equal(model.generate(idx[:, :4], 10, temperature=0),
                            hf.generate(idx[:, :4], max_new_tokens=10, do_sample=False,
                                        attention_mask=torch.ones_like(idx[:, :4])))
-    loaded = GPT.from_pretrained(tmp_path).eval()
+    loaded = from_pretrained(tmp_path).eval()
     assert loaded.config == model.config
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], ours, atol=0, rtol=0)
@@ -449,7 +449,7 @@ def test_nanochat_folder_from_transformers_loads(tmp_path):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.15)
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path).eval()
     assert ours.config == GPTConfig(**TINY | NANOCHAT | {"zero_init": False})
     idx = tokens(2, 32)
     with torch.no_grad():
@@ -459,7 +459,7 @@ def test_nanochat_folder_from_transformers_loads(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     older = {k: v for k, v in config.items() if k != "rope_parameters"} | {"rope_theta": 500.0}
     (tmp_path / "config.json").write_text(json.dumps(older))
-    hf, ours = transformers.NanoChatForCausalLM.from_pretrained(tmp_path).eval(), GPT.from_pretrained(tmp_path).eval()
+    hf, ours = transformers.NanoChatForCausalLM.from_pretrained(tmp_path).eval(), from_pretrained(tmp_path).eval()
     assert ours.config.rope_theta == 500.0
     with torch.no_grad():
         assert (hf(idx).logits - ours(idx)[0]).abs().max() < 1e-4
@@ -469,7 +469,7 @@ def test_nanochat_folder_from_transformers_loads(tmp_path):
                               ("intermediate_size", 96, "intermediate_size")]:
         (tmp_path / "config.json").write_text(json.dumps(config | {key: value}))
         with pytest.raises(ValueError, match=words):
-            GPT.from_pretrained(tmp_path)
+            from_pretrained(tmp_path)
 
 
 # ---------------------------------------------------------------------------- Muon
