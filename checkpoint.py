@@ -42,6 +42,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+import errors
 from model import GPT, GPTConfig, config_from_hf
 from tokens import Tokenizer
 
@@ -307,14 +308,14 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
         with open(tmp / "state.pt", "wb") as f, _write_error_as_os_error(tmp / "state.pt"):
             torch.save(state, f)
         for file in FILES:
-            _fsync(tmp / file)
-        _fsync(tmp)  # the folder's entries too, or a power cut could leave it empty under its final name
+            errors.fsync(tmp / file)
+        errors.fsync(tmp)  # the folder's entries too, or a power cut could leave it empty under its final name
         _install(tmp, out_dir / name)
-        _fsync(out_dir)  # the folder's new name is on disk before any link names it
+        errors.fsync(out_dir)  # the folder's new name is on disk before any link names it
         _point(out_dir, "latest", name)
         if is_best:
             _point(out_dir, "best", name)
-        _fsync(out_dir)
+        errors.fsync(out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # ignore_errors: report the first failure, not one from the cleanup
         raise CheckpointError(_save_failed(out_dir, out_dir / name, e)) from None
@@ -348,7 +349,7 @@ def cleanup_partial(out_dir: Path) -> None:
     linked = {(out_dir / link).resolve() for link in LINKS if (out_dir / link).is_symlink()}
     for path in out_dir.iterdir():
         pid = re.fullmatch(r"\.tmp-.*-(\d+)", path.name)
-        if not pid or (int(pid[1]) != os.getpid() and _alive(int(pid[1]))):
+        if not pid or (int(pid[1]) != os.getpid() and errors.pid_alive(int(pid[1]))):
             continue
         if path.is_symlink() or path.resolve() not in linked:
             _remove(path)
@@ -365,7 +366,7 @@ def _install(tmp: Path, final: Path) -> None:
     # hold the same iteration, so whatever mix a crash leaves is a complete, loadable checkpoint.
     for file in FILES:
         os.replace(tmp / file, final / file)
-    _fsync(final)
+    errors.fsync(final)
     _remove(tmp)
 
 
@@ -435,22 +436,3 @@ def _check_plain(obj: object, where: str) -> None:
     else:
         raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
                         f"torch.load(weights_only=True) refuses: store it as a tensor, number, string, list or dict")
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's contents to the disk (a folder's: its list of entries)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True

@@ -91,3 +91,23 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         if e.filename is None:
             e.filename = os.fspath(path)
         raise
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's contents to the disk (a folder's: its list of entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (to tell a dead run's temporary files from a live one's)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

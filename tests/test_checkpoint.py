@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 
 import checkpoint
+import errors
 from checkpoint import (CheckpointError, check_tokenizer_matches, cleanup_partial, find_checkpoint, has_checkpoint,
                         load_model, load_state, save_checkpoint)
 from conftest import gpt2_bpe
@@ -201,7 +202,7 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[int]:
         wrap(os, name)
     wrap(safetensors.torch, "save_file")
     wrap(torch, "save")
-    wrap(checkpoint, "_fsync")
+    wrap(errors, "fsync")
     return count
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import prepare_data
 import tokens
 from conftest import REPO, corpus, gpt2_bpe
 
@@ -141,7 +142,7 @@ def test_text_gpt2_on_files_and_a_folder(tmp_path: Path, small_docs: list[Path],
     train_bytes = len(gpt2.decode(train).encode()) - len(EOT) * np.count_nonzero(train == gpt2.eot_token)
     assert abs(train_bytes - int(0.9 * total)) < 0.005 * total
     assert meta["source"] == [str(f) for f in small_docs]
-    assert meta["sha256"] == {str(f): tokens.file_sha256(f) for f in small_docs}
+    assert meta["sha256"] == {str(f): prepare_data.file_sha256(f) for f in small_docs}
     assert (meta["documents"], meta["train_tokens"], meta["val_tokens"]) == (5, len(train), len(val))
     assert meta["files"] == {"train": ["train.bin"], "val": ["val.bin"]}
     assert "data/text/prepare.py --input" in meta["prepare"]
@@ -219,7 +220,7 @@ def test_fineweb_shards_from_a_local_file(tmp_path: Path, small_docs: list[Path]
     val, train = tokens.load_split(out, "val"), tokens.load_split(out, "train")
     assert len(val[0]) == 10_000 and all(len(s) == 10_000 for s in train[:-1])
     assert gpt2.decode(np.concatenate(val + train)) == EOT.join(documents(small_docs))
-    assert meta["sha256"] == {str(f): tokens.file_sha256(f) for f in small_docs}
+    assert meta["sha256"] == {str(f): prepare_data.file_sha256(f) for f in small_docs}
 
     # the header check refuses a truncated shard and names it
     shard = out / "train_000001.bin"

@@ -179,8 +179,8 @@ def test_out_dir_that_is_a_file(tmp_path: Path, corpus: Path) -> None:
 
 
 KILL_WHILE_WRITING = """
-import os, signal, tokens
-tokens.ShardWriter.write = lambda self, ids: os.kill(os.getpid(), signal.SIGKILL)
+import os, signal, prepare_data
+prepare_data.ShardWriter.write = lambda self, ids: os.kill(os.getpid(), signal.SIGKILL)
 """
 KILL_WHILE_SWAPPING = """
 import os, signal
@@ -246,7 +246,7 @@ def test_disk_full_during_preparation(prepared: Path, corpus: Path) -> None:
 
 def test_ctrl_c_during_preparation_and_during_imports(prepared: Path, corpus: Path) -> None:
     before = snapshot(prepared)
-    slow = "import time, tokens\ntokens.ShardWriter.write = lambda self, ids: (print('writing', flush=True), " \
+    slow = "import time, prepare_data\nprepare_data.ShardWriter.write = lambda self, ids: (print('writing', flush=True), " \
            "time.sleep(60))"
     proc = subprocess.Popen([sys.executable, "-c", HARNESS.format(repo=str(REPO), pre=slow),
                              str(REPO / "data/text/prepare.py"), "--input", str(corpus), "--out_dir", str(prepared)],
@@ -415,7 +415,7 @@ def test_a_prompt_outside_a_char_vocabulary(run_copy: Path, capsys: pytest.Captu
 
 
 def test_a_bug_keeps_its_traceback_and_smallgpt_debug_shows_everything(corpus: Path, tmp_path: Path) -> None:
-    bug = "import tokens\ntokens.find_inputs = lambda inputs: None + 1"
+    bug = "import prepare_data\nprepare_data.find_inputs = lambda inputs: None + 1"
     status, lines = run("data/text/prepare.py", "--input", corpus, "--out_dir", tmp_path / "o", pre=bug)
     assert status == 1 and lines[0] == "Traceback (most recent call last):" and lines[-1].startswith("TypeError")
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import prepare_data
 import tokens
 from conftest import corpus, gpt2_bpe
 
@@ -183,7 +184,7 @@ def test_token_count_is_64_bit(tmp_path: Path) -> None:
 
 def test_shard_writer_sizes_names_and_content(tmp_path: Path) -> None:
     data = np.arange(25_500) % 50257
-    with tokens.ShardWriter(tmp_path, "train", np.uint16, shard_size=10_000) as w:
+    with prepare_data.ShardWriter(tmp_path, "train", np.uint16, shard_size=10_000) as w:
         for chunk in np.array_split(data, 37):  # chunks that straddle shard boundaries
             w.write(chunk)
     assert [p.name for p in w.files] == ["train_000000.bin", "train_000001.bin", "train_000002.bin"]
@@ -193,19 +194,19 @@ def test_shard_writer_sizes_names_and_content(tmp_path: Path) -> None:
 
 
 def test_shard_writer_single_shard_is_nanogpt_layout_and_clears_old_files(tmp_path: Path) -> None:
-    with tokens.ShardWriter(tmp_path, "val", np.uint16, shard_size=10) as w:
+    with prepare_data.ShardWriter(tmp_path, "val", np.uint16, shard_size=10) as w:
         w.write(np.arange(25))
-    with tokens.ShardWriter(tmp_path, "val", np.uint16, shard_size=10) as w:
+    with prepare_data.ShardWriter(tmp_path, "val", np.uint16, shard_size=10) as w:
         w.write(np.arange(10))  # exactly one full shard: still the single-file name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val.bin"]
-    with tokens.ShardWriter(tmp_path, "val", np.uint16, shard_size=10) as w:
+    with prepare_data.ShardWriter(tmp_path, "val", np.uint16, shard_size=10) as w:
         w.write(np.arange(11))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val_000000.bin", "val_000001.bin"]
 
 
 def test_shard_writer_refuses_ids_too_wide(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not fit uint16"):
-        tokens.ShardWriter(tmp_path, "train", np.uint16, 10).write(np.array([70_000]))
+        prepare_data.ShardWriter(tmp_path, "train", np.uint16, 10).write(np.array([70_000]))
 
 
 def test_load_split_and_meta_errors_name_the_folder_and_the_script(tmp_path: Path) -> None:
@@ -236,24 +237,24 @@ def test_load_split_refuses_mixed_layouts(tmp_path: Path) -> None:
 
 
 def test_download_verifies_caches_and_is_atomic(tmp_path: Path, shakespeare_path: Path, monkeypatch) -> None:
-    sha = tokens.file_sha256(shakespeare_path)
+    sha = prepare_data.file_sha256(shakespeare_path)
     dest = tmp_path / "input.txt"
-    assert tokens.download(shakespeare_path.as_uri(), dest, sha) == dest
+    assert prepare_data.download(shakespeare_path.as_uri(), dest, sha) == dest
     assert dest.read_bytes() == shakespeare_path.read_bytes()
 
     def no_network(*args, **kwargs):
         raise AssertionError("a cached file with the right hash must not be downloaded again")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    tokens.download(shakespeare_path.as_uri(), dest, sha)
+    prepare_data.download(shakespeare_path.as_uri(), dest, sha)
     monkeypatch.undo()
 
     dest.write_text("corrupted")  # a bad cached copy is fetched again
-    tokens.download(shakespeare_path.as_uri(), dest, sha)
-    assert tokens.file_sha256(dest) == sha
+    prepare_data.download(shakespeare_path.as_uri(), dest, sha)
+    assert prepare_data.file_sha256(dest) == sha
 
     with pytest.raises(SystemExit, match="expected 0000"):
-        tokens.download(shakespeare_path.as_uri(), tmp_path / "other.txt", "0000")
+        prepare_data.download(shakespeare_path.as_uri(), tmp_path / "other.txt", "0000")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt"]  # neither the bad file nor a .part remains
 
 
@@ -262,7 +263,7 @@ def test_download_offline_is_one_line_naming_url_and_flag(tmp_path: Path, monkey
         monkeypatch.delenv(var, raising=False)
     url = "http://127.0.0.1:9/input.txt"  # the discard port: connection refused at once
     with pytest.raises(SystemExit) as e:
-        tokens.download(url, tmp_path / "input.txt", None)
+        prepare_data.download(url, tmp_path / "input.txt", None)
     msg = str(e.value)
     assert url in msg and "--input" in msg and "\n" not in msg
     assert not list(tmp_path.iterdir())
@@ -277,7 +278,7 @@ def test_pieces_tokenize_exactly_like_the_whole_text(gpt2: tokens.Tokenizer, tmp
     text += "\n\n  tricky   spacing\t\tand\n\n\nnewlines  \n x ünïcødé 123 456's we'll " * 50
     path = tmp_path / "doc.txt"
     path.write_text(text)
-    pieces = list(tokens.iter_files([path], {}, piece_chars=1000))
+    pieces = list(prepare_data.iter_files([path], {}, piece_chars=1000))
     assert len(pieces) > 200 and max(len(p[0]) for p in pieces) <= 1000
     assert [p[1] for p in pieces] == [True] + [False] * (len(pieces) - 1)
     assert sum(p[2] for p in pieces) == path.stat().st_size
@@ -286,6 +287,16 @@ def test_pieces_tokenize_exactly_like_the_whole_text(gpt2: tokens.Tokenizer, tmp
 
 
 def test_safe_cut_falls_back_when_there_is_no_space() -> None:
-    assert tokens._safe_cut("x" * 50, 20) == 20
-    assert tokens._safe_cut("ab cd\nef gh", 8) == 5  # a newline is preferred over a later space
-    assert tokens._safe_cut("ab  cd", 5) == 5  # two spaces are not a safe point
+    assert prepare_data._safe_cut("x" * 50, 20) == 20
+    assert prepare_data._safe_cut("ab cd\nef gh", 8) == 5  # a newline is preferred over a later space
+    assert prepare_data._safe_cut("ab  cd", 5) == 5  # two spaces are not a safe point
+
+
+def test_training_and_sampling_do_not_import_the_preparation_machinery() -> None:
+    import subprocess
+    import sys
+    code = ("import sys, train, sample, attention, checkpoint; "
+            "print(sorted(m for m in ('prepare_data', 'huggingface_hub') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(tokens.__file__).parent, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 import model as model_module
+import prepare_data
 import tokens
 from checkpoint import load_model, load_state
 from config import parse_config
@@ -80,8 +81,8 @@ def write_dataset(folder: Path, tokenizer: tokens.Tokenizer, text: str) -> Path:
     dtype = tokens.token_dtype(tokenizer.vocab_size)
     tokens.write_tokens(folder / "train.bin", ids[:n], dtype)
     tokens.write_tokens(folder / "val.bin", ids[n:], dtype)
-    tokens.write_meta(folder, tokens.dataset_meta(tokenizer, n, len(ids) - n, source="synthetic", sha256=None,
-                                                  prepare="tests/test_train.py"))
+    prepare_data.write_meta(folder, prepare_data.dataset_meta(tokenizer, n, len(ids) - n, source="synthetic",
+                                                              sha256=None, prepare="tests/test_train.py"))
     return folder
 
 

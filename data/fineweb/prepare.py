@@ -1,4 +1,4 @@
-"""FineWeb-Edu for the GPT-2 (124M) reproduction: streamed through `datasets`, GPT-2 BPE, shards of 100M tokens.
+"""FineWeb-Edu for the GPT-2 (124M) reproduction: streamed through `datasets`, GPT-2 BPE, shards of 100M prepare_data.
 
     pip install -e '.[web]'
     python data/fineweb/prepare.py                              # sample-10BT: ~10B tokens, ~100 shards, ~20 GB
@@ -15,17 +15,17 @@ same on every run. Then `python train.py --dataset=data/fineweb ...`.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # prepare_data.py lives at the repository root
 import errors  # noqa: E402
 
 errors.install(__name__)  # before numpy loads: a Ctrl-C while it does is one line too
-import tokens  # noqa: E402
+import prepare_data  # noqa: E402
 
 DATASET = "HuggingFaceFW/fineweb-edu"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return tokens.prepare_web_corpus(argv, corpus="fineweb", doc=__doc__, dataset=DATASET, name="sample-10BT",
+    return prepare_data.prepare_web_corpus(argv, corpus="fineweb", doc=__doc__, dataset=DATASET, name="sample-10BT",
                                      val_tokens=0)
 
 

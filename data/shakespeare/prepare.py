@@ -11,44 +11,44 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # prepare_data.py lives at the repository root
 import errors  # noqa: E402
 
 errors.install(__name__)  # before numpy loads: a Ctrl-C while it does is one line too
-import tokens  # noqa: E402
+import prepare_data  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=tokens.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=prepare_data.HelpFormatter)
     parser.add_argument("--input", help="local copy of input.txt instead of downloading it")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the files go")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="the last this much of the text is val")
     parser.add_argument("--encoding", default="gpt2", help="tiktoken encoding name")
     args = parser.parse_args(argv)
-    tokens.check_args(args)
+    prepare_data.check_args(args)
     out_dir = Path(args.out_dir)
-    prep = tokens.Preparation(out_dir)
+    prep = prepare_data.Preparation(out_dir)
 
-    path = tokens.local_or_download(args.input, URL, out_dir / "input.txt", SHA256)
-    text = tokens.read_utf8(path)
-    tok = tokens.Tokenizer.tiktoken(args.encoding)
+    path = prepare_data.local_or_download(args.input, URL, out_dir / "input.txt", SHA256)
+    text = prepare_data.read_utf8(path)
+    tok = prepare_data.Tokenizer.tiktoken(args.encoding)
     n = int(len(text) * (1 - args.val_fraction))  # split the characters first, then encode each part: nanoGPT's way
     if not 0 < n < len(text):
         raise SystemExit(f"{path} has {len(text):,} characters: too few for a train and a val split with "
                          f"--val_fraction={args.val_fraction}; use a longer text")
     train_ids, val_ids = tok.encode_batch([text[:n], text[n:]])
-    dtype, files = tokens.token_dtype(tok.vocab_size), {}
+    dtype, files = prepare_data.token_dtype(tok.vocab_size), {}
     with prep:
         for split, ids in (("train", train_ids), ("val", val_ids)):
-            with tokens.ShardWriter(prep.dir, split, dtype) as w:
+            with prepare_data.ShardWriter(prep.dir, split, dtype) as w:
                 w.write(ids)
             files[split] = [f.name for f in w.files]
-        meta = tokens.dataset_meta(
+        meta = prepare_data.dataset_meta(
             tok, len(train_ids), len(val_ids), source=str(args.input) if args.input else URL,
-            sha256=tokens.file_sha256(path), prepare=tokens.prepare_command("data/shakespeare/prepare.py", argv),
+            sha256=prepare_data.file_sha256(path), prepare=prepare_data.prepare_command("data/shakespeare/prepare.py", argv),
             files=files, split=f"by characters: the first {1 - args.val_fraction:.0%} train, the rest val",
         )
         prep.commit(meta)

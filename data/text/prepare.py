@@ -14,52 +14,52 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # prepare_data.py lives at the repository root
 import errors  # noqa: E402
 
 errors.install(__name__)  # before numpy loads: a Ctrl-C while it does is one line too
-import tokens  # noqa: E402
+import prepare_data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=tokens.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=prepare_data.HelpFormatter)
     parser.add_argument("--input", action="append", required=True, help="a .txt/.jsonl/.parquet file or a folder; repeatable")
     parser.add_argument("--tokenizer", default="gpt2", help="'char', or a tiktoken encoding name (gpt2, cl100k_base, ...)")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the files go")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="the last this much of the source bytes is val")
-    parser.add_argument("--shard_size", type=int, default=tokens.DEFAULT_SHARD_SIZE, help="tokens per shard file")
+    parser.add_argument("--shard_size", type=int, default=prepare_data.DEFAULT_SHARD_SIZE, help="tokens per shard file")
     parser.add_argument("--text_field", default="text", help="the field (jsonl) or column (parquet) holding the text")
     parser.add_argument("--num_threads", type=int, default=0, help="tokenizer threads; 0 = all cores")
     args = parser.parse_args(argv)
-    tokens.check_args(args)
-    prep = tokens.Preparation(Path(args.out_dir))
-    files = tokens.find_inputs(args.input)
+    prepare_data.check_args(args)
+    prep = prepare_data.Preparation(Path(args.out_dir))
+    files = prepare_data.find_inputs(args.input)
     hashes: dict[str, str] = {}
 
     def pieces():  # a fresh pass over the corpus each time it is called
-        return tokens.iter_files(files, hashes, args.text_field)
+        return prepare_data.iter_files(files, hashes, args.text_field)
 
     if args.tokenizer == "char":
-        tok = tokens.Tokenizer.char(tokens.collect_chars(pieces()))  # a first pass to find the vocabulary
+        tok = prepare_data.Tokenizer.char(prepare_data.collect_chars(pieces()))  # a first pass to find the vocabulary
     else:
         try:
-            tok = tokens.Tokenizer.tiktoken(args.tokenizer)
+            tok = prepare_data.Tokenizer.tiktoken(args.tokenizer)
         except ValueError as e:
             raise SystemExit(f"--tokenizer={args.tokenizer}: {e}, or char") from None
     total = sum(f.stat().st_size for f in files)
     with prep:
-        stats = tokens.tokenize_to_shards(
+        stats = prepare_data.tokenize_to_shards(
             pieces(), tok, prep.dir, shard_size=args.shard_size, train_bytes=int(total * (1 - args.val_fraction)),
             total_bytes=total, num_threads=args.num_threads or None,
         )
-        meta = tokens.dataset_meta(
+        meta = prepare_data.dataset_meta(
             tok, stats["train_tokens"], stats["val_tokens"], source=[str(f) for f in files], sha256=hashes,
-            prepare=tokens.prepare_command("data/text/prepare.py", argv), files=stats["files"],
+            prepare=prepare_data.prepare_command("data/text/prepare.py", argv), files=stats["files"],
             documents=stats["documents"], shard_size=args.shard_size,
             split=f"by source bytes in file order: the first {1 - args.val_fraction:.0%} train, the rest val",
         )
         prep.commit(meta)
-    tokens.report("text", Path(args.out_dir), stats)
+    prepare_data.report("text", Path(args.out_dir), stats)
     return meta
 
 
