@@ -34,8 +34,7 @@ from torch.nn import functional as F
 
 from checkpoint import load_model
 from model import GPT, CausalSelfAttention
-from config import format_config, parse_config, resolve_device
-from sample import read_prompt
+from config import format_config, parse_config, read_prompt, resolve_device
 from tokens import Tokenizer
 
 if TYPE_CHECKING:  # matplotlib is optional: imported for real only inside the plotting functions

@@ -27,15 +27,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from config import format_config, load_toml, parse_config, resolve_device, resolve_dtype
-from model import GPT, GPTConfig, sample_next
-from train import MODEL_FIELDS, device_peak_flops
+from config import (autocast_context, enable_tf32, format_config, load_toml, parse_config, resolve_device, resolve_dtype,
+                    synchronize)
+from model import GPT, MODEL_FIELDS, GPTConfig, device_peak_flops, padded_vocab_size, sample_next
+from tokens import load_meta, resolve_dataset
 
 BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT-2 has them)"
 
@@ -49,7 +48,7 @@ class BenchConfig:
     compile: str = "false"  # torch.compile: false, true, or both (each measured separately)
     batch_size: int | None = None  # training micro-batch; none: the config file's, else 8
     block_size: int | None = None  # training sequence length; none: the model's block_size
-    vocab_size: int | None = None  # none: 50304, or the training config's dataset vocabulary when it is prepared
+    vocab_size: int | None = None  # none: the config's dataset vocabulary, padded as train.py pads it; else 50304
     train_steps: int = 10  # timed training steps per repeat
     warmup: int = 3  # untimed steps (or decodes) before timing
     repeats: int = 3  # timed repeats; the median is reported
@@ -57,7 +56,7 @@ class BenchConfig:
     prompt_len: int = 16  # prompt tokens before decoding
     decode_tokens: int = 64  # new tokens per timed decode
     baselines: bool = False  # decode: also time nanoGPT's recompute loop and transformers' GPT2 generate
-    peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: train.py's table of GPUs (H100 989e12, ...)
+    peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: model.py's table (H100 989e12, ...)
     profile: bool = False  # train: print a torch.profiler table of a few steps instead of timing
     out: str = "bench_results.jsonl"  # results are appended here, one JSON object per measurement
     seed: int = 1337  # weights and tokens are random, from this seed
@@ -89,34 +88,30 @@ def model_config(cfg: BenchConfig) -> tuple[GPTConfig, int]:
     if cfg.model in SIZES:
         n_layer, n_head, n_embd = SIZES[cfg.model]
         gpt = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, dropout=0.0,
-                        vocab_size=cfg.vocab_size or 50304)
+                        vocab_size=cfg.vocab_size or GPTConfig.vocab_size)
         return gpt, cfg.batch_size or 8
     if not cfg.model.endswith(".toml"):
         raise SystemExit(f"--model={cfg.model}: give one of {', '.join(SIZES)} or a training config .toml")
     train = load_toml(cfg.model)
-    vocab = cfg.vocab_size or _dataset_vocab(train.get("dataset")) or 50304
+    vocab = cfg.vocab_size or _dataset_vocab(train.get("dataset")) or GPTConfig.vocab_size
     gpt = GPTConfig(vocab_size=vocab, **{k: train[k] for k in MODEL_FIELDS if k in train})  # every switch
     return gpt, cfg.batch_size or train.get("batch_size", 8)
 
 
 def _dataset_vocab(dataset: str | None) -> int | None:
-    """The vocabulary of a prepared dataset (data/NAME/meta.json), so char models are measured at their size."""
+    """The model vocabulary train.py builds for a prepared dataset (a char model at its size, cl100k_base at 100,288);
+    None when the dataset is not prepared here."""
     if not dataset:
         return None
-    meta = Path(dataset) / "meta.json" if "/" in dataset else Path(__file__).parent / "data" / dataset / "meta.json"
-    if not meta.is_file():
+    try:
+        meta = load_meta(resolve_dataset(dataset))
+    except (SystemExit, ValueError):  # no such folder, or not prepared: bench the default vocabulary instead
         return None
-    vocab = json.loads(meta.read_text())["vocab_size"]
-    return vocab if vocab < 50257 else 50304  # BPE vocabularies are padded to a multiple of 64 as in train.py
+    return padded_vocab_size(meta["vocab_size"], char=meta["tokenizer"].get("kind") == "char")
 
 
 def is_cuda(device: str) -> bool:
     return torch.device(device).type == "cuda"  # also cuda:1
-
-
-def synchronize(device: str) -> None:
-    if is_cuda(device):
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -128,12 +123,6 @@ def peak_memory_mb(device: str) -> float:
     if is_cuda(device):
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def autocast(device: str, dtype: torch.dtype) -> AbstractContextManager:
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)  # the type: "cuda", not "cuda:1"
 
 
 def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, dtype: torch.dtype,
@@ -148,7 +137,7 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
     y = torch.randint(0, gpt.vocab_size, (batch_size, T), device=device)
 
     def step() -> None:  # the training step of train.py: forward, backward, clip, update
-        with autocast(device, dtype):
+        with autocast_context(device, dtype):
             _, loss = step_model(x, y)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -280,9 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = str(resolve_device(cfg.device))  # "cuda" for auto on a GPU; SystemExit for a device that is not here
     dtype = resolve_dtype(cfg.dtype, torch.device(device))
     dtype_name = str(dtype).removeprefix("torch.")
-    if is_cuda(device):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32()  # as train.py
     gpt, batch_size = model_config(cfg)
     if cfg.optimizer == "auto":
         cfg.optimizer = load_toml(cfg.model).get("optimizer", "adamw") if cfg.model.endswith(".toml") else "adamw"

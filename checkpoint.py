@@ -143,7 +143,7 @@ def download_gpt2(name: str) -> Path:
         raise SystemExit(f"{name} is downloaded from the Hugging Face hub, which needs huggingface_hub: pip install "
                          f"huggingface_hub (or pass a folder holding its config.json and model.safetensors)") from None
     try:
-        paths = [Path(hf_hub_download(f"openai-community/{name}", file)) for file in ("config.json", "model.safetensors")]
+        paths = [Path(hf_hub_download(f"openai-community/{name}", f)) for f in ("config.json", "model.safetensors")]
     except Exception as e:  # offline, a proxy, a failed check: huggingface_hub raises many types, all say the same
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise SystemExit(f"could not download {name} from the Hugging Face hub ({type(e).__name__}: {first}). "
@@ -287,11 +287,11 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
     Raises CheckpointError if the disk is full or out_dir is not writable; the previous checkpoint stays intact.
     """
     assert isinstance(model, GPT), f"pass the unwrapped GPT (ddp_model.module, compiled._orig_mod), not {type(model)}"
-    hf_config = model.hf_config()
-    clash = hf_config.keys() & extra_config.keys()
-    assert not clash, f"extra_config must not override the model's config.json keys {sorted(clash)}"
     if "tokenizer" not in extra_config:  # loading would fall back to GPT-2 BPE and misread a char model's ids
         raise ValueError("extra_config needs \"tokenizer\": tokenizer.to_meta(), so that the checkpoint decodes")
+    hf_config = model.hf_config(eot_token=Tokenizer.from_meta(extra_config["tokenizer"]).eot_token)
+    clash = hf_config.keys() & extra_config.keys()
+    assert not clash, f"extra_config must not override the model's config.json keys {sorted(clash)}"
     _check_plain(state, "state")
     config_text = json.dumps(hf_config | extra_config | {"iter_num": iter_num}, indent=2)  # TypeError now, not later
     weights = model.hf_state_dict()

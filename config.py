@@ -33,6 +33,8 @@ import tokenize
 import tomllib
 import types
 import typing
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -269,3 +271,40 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise SystemExit(f"--dtype={name}: use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def autocast_context(device: torch.device | str, dtype: torch.dtype) -> AbstractContextManager:
+    """Mixed precision for a forward pass: autocast to dtype on the device's type ("cuda", not "cuda:1"); nothing
+    for float32."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def enable_tf32() -> None:
+    """TF32 for float32 matmuls and convolutions on Ampere and newer (no effect elsewhere)."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), before reading a clock."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------- text settings
+
+
+def read_prompt(text: str, option: str = "--start") -> str:
+    """The text a prompt setting names (sample.py's --start, attention.py's --text): the text itself, FILE:path, or
+    - for standard input."""
+    if text == "-":
+        return sys.stdin.read()
+    if text.startswith("FILE:"):
+        path = Path(text.removeprefix("FILE:"))
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SystemExit(f"{option}=FILE:{path} cannot be read as UTF-8 text: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"{option}=FILE:{path} cannot be read as UTF-8 text ({e})") from None
+    return text

@@ -52,8 +52,10 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
+            near = min((d for d in range(1, self.n_embd + 1) if self.n_embd % d == 0),
+                       key=lambda d: abs(d - self.n_head))
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): change n_head to "
-                             f"a divisor of n_embd, or n_embd to a multiple of n_head")
+                             f"a divisor of n_embd (e.g. n_head={near}), or n_embd to a multiple of n_head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in (("pos_embedding", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
@@ -75,6 +77,16 @@ class GPTConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+
+MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # set by a config; vocab: the data's
+
+
+def padded_vocab_size(vocab_size: int, char: bool) -> int:
+    """The model's vocabulary for a tokenizer of vocab_size tokens, the one rule train.py and bench.py share: a BPE
+    vocabulary rounds up to a multiple of 64 (GPT-2's 50257 to 50304: faster embedding and head matmuls, as
+    nanoGPT; the extra logits learn to be never predicted); a char vocabulary stays exact."""
+    return vocab_size if char else -(-vocab_size // 64) * 64
 
 
 class KVCache:
@@ -528,7 +540,7 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
 
     def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, seq_len: int | None = None) -> float:
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (e.g. 989e12 for H100 bf16)."""
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (see device_peak_flops)."""
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
     # ------------------------------------------------------------------ Hugging Face import and export
@@ -550,11 +562,13 @@ class GPT(nn.Module):
                 if not (k == "lm_head.weight" and self.config.tie_embeddings)}
         return _to_nanochat(ours, self.config) if self.hf_format() == "nanochat" else ours
 
-    def hf_config(self) -> dict:
+    def hf_config(self, eot_token: int | None = None) -> dict:
         """config.json for hf_format(), plus every GPTConfig field under "smallgpt". A model no transformers class
-        implements gets model_type "smallgpt", which transformers refuses rather than loads with other maths."""
+        implements gets model_type "smallgpt", which transformers refuses rather than loads with other maths.
+        eot_token: the tokenizer's end-of-text id, written as bos/eos (None for a char vocabulary, which has none;
+        left out, transformers would assume GPT-2's 50256)."""
         c, fmt = self.config, self.hf_format()
-        own = {"smallgpt": asdict(c)}
+        own = {"bos_token_id": eot_token, "eos_token_id": eot_token, "smallgpt": asdict(c)}
         if fmt == "nanochat":
             return {"model_type": "nanochat", "architectures": ["NanoChatForCausalLM"], "vocab_size": c.vocab_size,
                     "hidden_size": c.n_embd, "intermediate_size": 4 * c.n_embd, "num_hidden_layers": c.n_layer,
@@ -562,8 +576,7 @@ class GPT(nn.Module):
                     "max_position_embeddings": c.block_size, "hidden_act": "relu2", "rms_norm_eps": 1e-6,
                     "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
                     "final_logit_softcapping": c.logit_softcap, "attention_bias": False,
-                    "attention_dropout": c.dropout, "tie_word_embeddings": False,
-                    "bos_token_id": None, "eos_token_id": None, "pad_token_id": None} | own
+                    "attention_dropout": c.dropout, "tie_word_embeddings": False, "pad_token_id": None} | own
         sizes = {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd,
                  "n_layer": c.n_layer, "n_head": c.n_head}
         if fmt == "smallgpt":
@@ -604,6 +617,19 @@ class GPT(nn.Module):
                     raise ValueError(f"{source}: {name} {what}: weights must be finite floating-point numbers; "
                                      f"use another checkpoint")
                 target.copy_(tensor)
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 tensor-core peak FLOP/s of known GPUs (NVIDIA's data sheets, SXM parts), for estimate_mfu; None
+    when unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+                       ("L40S", 362e12), ("4090", 165e12), ("A10G", 70e12), ("3090", 71e12)):
+        if key in name:
+            return flops
+    return None
 
 
 _SWITCHES = ("pos_embedding", "norm", "embed_norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap", "zero_init")

@@ -30,7 +30,7 @@ from typing import TextIO
 import torch
 
 from checkpoint import load_model
-from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype
+from config import DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, synchronize
 from model import GPT, KVCache, check_sampling
 from tokens import Tokenizer
 
@@ -213,7 +213,7 @@ def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cf
         tokens = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
     for steps, token in enumerate(tokens, start=1):  # token: (num_samples, 1)
         if steps == 1:
-            _synchronize(device)
+            synchronize(device)
             t_first = time.perf_counter()  # prefill done
         if not watch:
             pending.append(token)
@@ -227,7 +227,7 @@ def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cf
             printed = len(settled)
         if all(s.done for s in samples):
             break
-    _synchronize(device)
+    synchronize(device)
     t_end = time.perf_counter()
     if pending:
         for sample, row in zip(samples, torch.cat(pending, dim=1).tolist()):  # one transfer for the whole batch
@@ -239,27 +239,7 @@ def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cf
     return [s.text for s in samples], timing
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------------------------------------- setup
-
-
-def read_prompt(start: str, option: str = "--start") -> str:
-    """The text that --start (or attention.py's --text) names: the text itself, FILE:path, or - for standard input."""
-    if start == "-":
-        return sys.stdin.read()
-    if start.startswith("FILE:"):
-        path = Path(start.removeprefix("FILE:"))
-        try:
-            return path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SystemExit(f"{option}=FILE:{path} cannot be read as UTF-8 text: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"{option}=FILE:{path} cannot be read as UTF-8 text ({e})") from None
-    return start
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -288,6 +288,17 @@ def load_split(dataset_dir: Path, split: str) -> list[np.memmap]:
     return [open_tokens(p, expected) for p in ([single] if single else shards)]
 
 
+def resolve_dataset(name: str) -> Path:
+    """A `dataset` setting as a folder: a path as given, else data/<name> of this repository."""
+    if Path(name).is_dir():
+        return Path(name)
+    if (REPO / "data" / name).is_dir():
+        return REPO / "data" / name
+    known = sorted(p.parent.name for p in (REPO / "data").glob("*/prepare.py"))
+    raise SystemExit(f"dataset={name!r} is neither a folder nor one of data/{{{','.join(known)}}}: pass the folder "
+                     f"of a prepared dataset or one of those names")
+
+
 def load_meta(dataset_dir: Path) -> dict:
     """meta.json of a prepared dataset: the tokenizer, vocab size, dtype, token counts and the source."""
     path = Path(dataset_dir) / "meta.json"

@@ -50,7 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +61,11 @@ from tqdm import tqdm
 
 from checkpoint import (HUB_MODELS, check_tokenizer_matches, find_checkpoint, has_checkpoint, load_model, load_state,
                         save_checkpoint)
-from config import config_to_dict, format_config, parse_config, resolve_device, resolve_dtype
-from model import GPT, GPTConfig
-from tokens import Tokenizer, load_meta, load_split
+from config import (autocast_context, config_to_dict, enable_tf32, format_config, parse_config, resolve_device,
+                    resolve_dtype)
+from model import GPT, MODEL_FIELDS, GPTConfig, device_peak_flops, padded_vocab_size
+from tokens import Tokenizer, load_meta, load_split, resolve_dataset
 
-REPO = Path(__file__).resolve().parent
 METRICS_KEYS = {"iter", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu", "elapsed"}  # of every metrics.jsonl line
 
 
@@ -130,17 +130,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                     "block_size", "n_layer", "n_head", "n_embd", "max_skipped_steps"):
+                     "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "muon_momentum_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): change one of "
-                             f"them, e.g. --n_head={_divisor_near(self.n_embd, self.n_head)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0 or self.min_lr < 0:
             raise ValueError(f"learning_rate must be > 0 and min_lr >= 0, got {self.learning_rate} and {self.min_lr}")
         if self.decay_lr and self.min_lr > self.learning_rate:
@@ -171,7 +166,7 @@ class TrainConfig:
         if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
             raise ValueError(f"muon_lr must be > 0, muon_momentum in [0, 1), muon_weight_decay >= 0; got "
                              f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}")
-        self.gpt_config(vocab_size=1)  # GPTConfig checks the switches, naming the one that is wrong
+        self.gpt_config(vocab_size=1)  # GPTConfig checks the model's fields (sizes, switches), naming the wrong one
         if self.init_from not in ("scratch", "resume", *HUB_MODELS) and not Path(self.init_from).is_dir():
             raise ValueError(f"init_from={self.init_from!r} is not scratch, resume, one of {', '.join(HUB_MODELS)} "
                              f"or an existing model folder")
@@ -179,14 +174,6 @@ class TrainConfig:
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         """The model these settings describe."""
         return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in MODEL_FIELDS})
-
-
-MODEL_FIELDS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # TrainConfig fields GPTConfig takes
-
-
-def _divisor_near(n: int, k: int) -> int:
-    """The divisor of n closest to k, for error messages."""
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -261,29 +248,6 @@ def seed_dropout(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)  # this process's GPU only: manual_seed_all would touch every visible GPU
     elif device.type == "mps":
         torch.mps.manual_seed(seed)
-
-
-def resolve_dataset(name: str) -> Path:
-    """`dataset` as a folder: a path as given, else data/<name> of this repository."""
-    if Path(name).is_dir():
-        return Path(name)
-    if (REPO / "data" / name).is_dir():
-        return REPO / "data" / name
-    known = sorted(p.parent.name for p in (REPO / "data").glob("*/prepare.py"))
-    raise SystemExit(f"dataset={name!r} is neither a folder nor one of data/{{{','.join(known)}}}: pass the folder "
-                     f"of a prepared dataset or one of those names")
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 tensor-core peak FLOP/s of known GPUs (NVIDIA's data sheets, SXM parts); None when unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-                       ("L40S", 362e12), ("4090", 165e12), ("A10G", 70e12), ("3090", 71e12)):
-        if key in name:
-            return flops
-    return None
 
 
 class StopSignal:
@@ -447,8 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         if device.type == "cpu":  # processes on one machine share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer; no effect on the CPU
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
+    enable_tf32()
+    autocast = autocast_context(device, ptdtype)
     if master:
         print(format_config(cfg))
 
@@ -501,11 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
             if changed:
                 print(f"settings changed since that checkpoint: {', '.join(changed)}")
     elif cfg.init_from == "scratch":
-        # Small character vocabularies stay as they are; GPT-2's 50257 is padded to 50304, a multiple of 64, which
-        # makes the embedding and head matmuls faster (nanoGPT); the extra logits learn to be never predicted.
-        vocab_size = tokenizer.vocab_size if tokenizer.kind == "char" else -(-tokenizer.vocab_size // 64) * 64
         torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
-        model = GPT(cfg.gpt_config(vocab_size))
+        model = GPT(cfg.gpt_config(padded_vocab_size(tokenizer.vocab_size, char=tokenizer.kind == "char")))
     else:  # fine-tune: GPT-2 from the hub, a Hugging Face folder, or another run's out_dir or checkpoint
         if ddp and not master:
             dist.barrier()  # let rank 0 download a hub model into the cache first, rather than all ranks at once

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import bench
+import config
+from model import padded_vocab_size
 
 TINY = ["--model=tiny", "--block_size=32", "--batch_size=2", "--vocab_size=128", "--train_steps=2", "--repeats=2",
         "--warmup=1", "--decode_tokens=3", "--prompt_len=4", "--decode_batch=1,2", "--device=cpu"]
@@ -36,6 +38,18 @@ def test_bench_reads_a_training_config(tmp_path):
     assert (gpt.n_layer, gpt.n_head, gpt.n_embd, gpt.block_size, gpt.vocab_size, batch) == (1, 2, 16, 8, 40, 3)
 
 
+@pytest.mark.parametrize("kind, vocab, model_vocab", [("char", 65, 65), ("tiktoken", 50257, 50304),
+                                                     ("tiktoken", 100277, 100288)])  # cl100k_base
+def test_bench_measures_the_vocabulary_train_builds(tmp_path, kind, vocab, model_vocab):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"tokenizer": {"kind": kind}, "vocab_size": vocab}))
+    toml = tmp_path / "small.toml"
+    toml.write_text(f"n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 8\ndataset = '{data}'\n")
+    gpt, _ = bench.model_config(bench.BenchConfig(model=str(toml)))
+    assert gpt.vocab_size == model_vocab == padded_vocab_size(vocab, char=kind == "char")  # train.py's one rule
+
+
 @pytest.mark.parametrize("arg, words", [
     ("--what=fly", "--what takes train and/or decode, got ['fly']"),
     ("--compile=maybe", "--compile takes false, true or both, got 'maybe'"),
@@ -61,12 +75,12 @@ def test_numbered_cuda_devices_count_as_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: calls.append(("peak", device)) or 2**21)
-    bench.synchronize("cuda:1")
+    config.synchronize("cuda:1")
     assert bench.peak_memory_mb("cuda:1") == 2.0
     assert calls == [("synchronize", "cuda:1"), ("peak", "cuda:1")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # without CUDA, autocast warns that it disables itself
-        assert bench.autocast("cuda:1", torch.bfloat16).device == "cuda"
+        assert config.autocast_context("cuda:1", torch.bfloat16).device == "cuda"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

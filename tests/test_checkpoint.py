@@ -473,3 +473,17 @@ def test_tokenizer_check_needs_no_bpe_files_for_a_char_model(monkeypatch, tmp_pa
     checkpoint.check_tokenizer_matches({"tokenizer": char}, {"tokenizer": char}, tmp_path / "meta.json")
     with pytest.raises(ValueError, match="tiktoken gpt2"):
         checkpoint.check_tokenizer_matches({}, {"tokenizer": char}, tmp_path / "meta.json")
+
+
+def test_config_json_gives_the_tokenizers_own_end_of_text_id(tmp_path: Path) -> None:
+    char_ckpt = save(tmp_path / "char", tiny_model(0), 10)  # a 65-symbol char vocabulary: no end-of-text token
+    config = json.loads((char_ckpt / "config.json").read_text())
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None  # not GPT-2's 50256, outside 65 tokens
+    bpe = gpt2_bpe()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50304))
+    bpe_ckpt = save_checkpoint(tmp_path / "bpe", model, {"tokenizer": bpe.to_meta()}, {}, iter_num=1, is_best=False)
+    config = json.loads((bpe_ckpt / "config.json").read_text())
+    assert config["bos_token_id"] == config["eos_token_id"] == bpe.eot_token == 50256
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoConfig.from_pretrained(char_ckpt).eos_token_id is None

@@ -246,8 +246,8 @@ def test_disk_full_during_preparation(prepared: Path, corpus: Path) -> None:
 
 def test_ctrl_c_during_preparation_and_during_imports(prepared: Path, corpus: Path) -> None:
     before = snapshot(prepared)
-    slow = "import time, prepare_data\nprepare_data.ShardWriter.write = lambda self, ids: (print('writing', flush=True), " \
-           "time.sleep(60))"
+    slow = ("import time, prepare_data\nprepare_data.ShardWriter.write = lambda self, ids: "
+            "(print('writing', flush=True), time.sleep(60))")
     proc = subprocess.Popen([sys.executable, "-c", HARNESS.format(repo=str(REPO), pre=slow),
                              str(REPO / "data/text/prepare.py"), "--input", str(corpus), "--out_dir", str(prepared)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

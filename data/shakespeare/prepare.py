@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
             files[split] = [f.name for f in w.files]
         meta = prepare_data.dataset_meta(
             tok, len(train_ids), len(val_ids), source=str(args.input) if args.input else URL,
-            sha256=prepare_data.file_sha256(path), prepare=prepare_data.prepare_command("data/shakespeare/prepare.py", argv),
+            sha256=prepare_data.file_sha256(path),
+            prepare=prepare_data.prepare_command("data/shakespeare/prepare.py", argv),
             files=files, split=f"by characters: the first {1 - args.val_fraction:.0%} train, the rest val",
         )
         prep.commit(meta)
