@@ -6,9 +6,11 @@ beside the repository is used when it exists. Tests that need a corpus skip when
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the flat top-level modules (model.py, train.py, ...) import without installing
@@ -16,6 +18,39 @@ sys.path.insert(0, str(REPO))  # the flat top-level modules (model.py, train.py,
 _shared = REPO.parent / "shared"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (_shared / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_shared / "tiktoken_cache")
+
+
+from model import GPT, GPTConfig  # noqa: E402  (after the path is set)
+
+TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)  # the tiny model's GPTConfig
+CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's 65 symbols
+
+
+def tiny_model(seed: int = 0, **overrides: object) -> GPT:
+    """A GPT of TINY (| overrides) in eval mode, its weights drawn from seed."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**TINY | overrides)).eval()
+
+
+def same_weights(a: GPT | dict, b: GPT | dict) -> bool:
+    a, b = (x.state_dict() if isinstance(x, torch.nn.Module) else x for x in (a, b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_same_weights(a: GPT | dict, b: GPT | dict) -> None:
+    """Models or state dicts with the same keys and bit-identical tensors; names the first that differs."""
+    a, b = (x.state_dict() if isinstance(x, torch.nn.Module) else x for x in (a, b))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs by {(a[key] - b[key]).abs().max().item()}"
+
+
+def exit_message(main: Callable, *args: object) -> str:
+    """The message of the SystemExit that main(*args) raises, checked to be one line (a user's error)."""
+    with pytest.raises(SystemExit) as e:
+        main(*args)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code, "user errors are one line, no traceback"
+    return e.value.code
 
 
 def _data_dir() -> Path | None:

@@ -7,18 +7,17 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import attention
-from attention import attention_maps, explicit_attention, output_paths, report, save_grid, save_head, token_labels
-from conftest import gpt2_bpe
-from model import GPT, GPTConfig
+from attention import attention_maps, output_paths, report, save_grid, save_head, token_labels
+from conftest import CHARS, gpt2_bpe, tiny_model
+from model import GPT
 from tokens import Tokenizer
 
-CHARS = " \n!',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-TINY = dict(block_size=32, vocab_size=len(CHARS), n_layer=2, n_head=4, n_embd=32)
 
 
 def sharp_model(seed: int = 0) -> GPT:
@@ -27,8 +26,7 @@ def sharp_model(seed: int = 0) -> GPT:
     At GPT-2's initialisation (std 0.02) the scores are ~0.01 and every head averages its inputs evenly; any
     mistake in q or k would then hide below the tolerance. Scaling c_attn up makes the heads pick tokens.
     """
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**TINY)).eval()
+    model = tiny_model(seed, vocab_size=len(CHARS))
     with torch.no_grad():
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(25.0)
@@ -54,7 +52,7 @@ def ckpt_dir(tmp_path):
 
 def test_rows_sum_to_one_and_future_is_exactly_zero():
     model = sharp_model()
-    idx = torch.randint(0, TINY["vocab_size"], (2, 20))
+    idx = torch.randint(0, len(CHARS), (2, 20))
     weights = attention_maps(model, idx)
     assert weights.shape == (2, 2, 4, 20, 20)  # (n_layer, B, n_head, T, T)
     torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2, 2, 4, 20), atol=1e-6, rtol=0)
@@ -65,32 +63,12 @@ def test_rows_sum_to_one_and_future_is_exactly_zero():
     assert weights.max() > 0.9  # the heads of sharp_model are peaked (this is what makes the next test bite)
 
 
-def test_weights_times_values_reproduce_the_attention_module():
-    """softmax weights @ v, heads side by side, through c_proj == the module's own (SDPA) output, in every layer."""
-    model = sharp_model()
-    idx = torch.randint(0, TINY["vocab_size"], (2, 24))
-    seen = []  # (module, input, output) of each attention module, from the model's ordinary forward
-    handles = [b.attn.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out)))
-               for b in model.transformer.h]
-    with torch.no_grad():
-        model(idx)
-    for h in handles:
-        h.remove()
-    maps = attention_maps(model, idx)
-    assert len(seen) == TINY["n_layer"]
-    with torch.no_grad():
-        for layer, (attn, x, expected) in enumerate(seen):
-            weights, heads = explicit_attention(attn, x)  # (B, n_head, T, T), (B, n_head, T, head_dim)
-            y = heads.transpose(1, 2).reshape(x.shape)  # (B, T, n_embd)
-            torch.testing.assert_close(attn.c_proj(y), expected, atol=1e-5, rtol=0)
-            assert torch.equal(maps[layer], weights)  # attention_maps returns exactly these weights
-    # the maps differ between layers and from uniform: a bug returning one layer's map for all would show here
-    assert not torch.allclose(maps[0], maps[1], atol=1e-3)
+# softmax weights @ v reproduce each attention module's SDPA output, for every switch: tests/test_switches.py
 
 
 def test_one_sequence_and_model_state_restored():
     model = sharp_model().train()
-    idx = torch.randint(0, TINY["vocab_size"], (12,))
+    idx = torch.randint(0, len(CHARS), (12,))
     weights = attention_maps(model, idx)
     assert weights.shape == (2, 1, 4, 12, 12)
     assert model.training  # the mode is restored
@@ -167,7 +145,15 @@ def test_main_end_to_end(ckpt_dir, tmp_path, capsys):
     assert "token 17 'b' attends most to (top 3" in printed
     grid = image.imread(tmp_path / "maps" / "attention_grid.png")
     head = image.imread(tmp_path / "maps" / "attention_L1_H2.png")
-    assert grid.shape[0] > 0 and head.shape[0] > 0
+    # the PNGs draw these weights: layer -1 = 1 and head 2 in the full-size one, at --dpi=40
+    labels = token_labels(tok, ids)
+    title = "layer 1, head 2: how much each token (row) attends to each earlier token (column)"
+    w, h = save_head(weights[1, 2].numpy(), labels, title, tmp_path / "head.png", dpi=40)
+    save_head(weights[1, 0].numpy(), labels, title, tmp_path / "other_head.png", dpi=40)
+    assert head.shape[:2] == (h, w) and np.array_equal(head, image.imread(tmp_path / "head.png"))
+    assert not np.array_equal(head, image.imread(tmp_path / "other_head.png"))
+    save_grid(weights.numpy(), labels, tmp_path / "grid.png", dpi=40)
+    assert np.array_equal(grid, image.imread(tmp_path / "grid.png"))
 
 
 @pytest.mark.parametrize("arg, words", [

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,12 @@ import checkpoint
 import errors
 from checkpoint import (CheckpointError, check_tokenizer_matches, cleanup_partial, find_checkpoint, has_checkpoint,
                         load_model, load_state, save_checkpoint)
-from conftest import gpt2_bpe
+from conftest import CHARS, TINY, assert_same_weights, gpt2_bpe, same_weights, tiny_model
 from model import GPT, GPTConfig
 from tokens import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-CHARS = "".join(chr(c) for c in range(32, 97))  # 65 symbols, like Tiny Shakespeare's table
 TOKENIZER = {"tokenizer": Tokenizer.char(CHARS).to_meta()}
-CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65)
-
-
-def tiny_model(seed: int) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CONFIG)
 
 
 def save(out_dir: Path, model: GPT, iter_num: int, is_best: bool = False, val_loss: float = 1.0) -> Path:
@@ -44,17 +36,6 @@ def save(out_dir: Path, model: GPT, iter_num: int, is_best: bool = False, val_lo
     state = {"iter_num": iter_num, "best_val_loss": val_loss, "rng": {"torch": torch.get_rng_state()},
              "optimizer": optimizer}
     return save_checkpoint(out_dir, model, extra, state, iter_num=iter_num, is_best=is_best)
-
-
-def assert_same_weights(a: GPT, b: GPT) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
-
-
-def same_weights(a: GPT, b: GPT) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def entries(out_dir: Path) -> set[str]:
@@ -84,7 +65,7 @@ def test_round_trip(tmp_path: Path) -> None:
         assert tokenizer == Tokenizer.char(CHARS)
         assert config["iter_num"] == 80 and config["val_loss"] == 1.5 and config["train"] == {"learning_rate": 1e-3}
         assert config["smallgpt"] == json.loads(json.dumps(model.hf_config()["smallgpt"]))
-        assert config["vocab_size"] == 65 and config["n_layer"] == 2
+        assert config["vocab_size"] == TINY["vocab_size"] and config["n_layer"] == 2
     assert find_checkpoint(tmp_path) == folder.resolve()
     assert load_model(tmp_path, dropout=0.25)[0].config.dropout == 0.25
 
@@ -98,7 +79,7 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_optimizer_state_comes_back_exactly(tmp_path: Path) -> None:
     model = tiny_model(0)
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    idx = torch.randint(0, CONFIG.vocab_size, (2, 8))
+    idx = torch.randint(0, TINY["vocab_size"], (2, 8))
     model(idx, idx)[1].backward()
     optimizer.step()
     state = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
@@ -133,7 +114,7 @@ def test_transformers_loads_our_checkpoint_and_we_load_theirs(tmp_path: Path) ->
     model = tiny_model(1)
     save(tmp_path / "out", model, 10)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "latest").eval()
-    idx = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size))
+    idx = torch.randint(0, TINY["vocab_size"], (2, TINY["block_size"]))
     with torch.no_grad():
         ours = model.eval()(idx)[0]
         theirs = hf(idx).logits
@@ -364,7 +345,7 @@ def test_bad_config_json_is_refused(tmp_path: Path) -> None:
     # A tokenizer with more tokens than the model has embeddings: the config belongs to another model.
     config["tokenizer"] = Tokenizer.char("".join(chr(c) for c in range(32, 132))).to_meta()
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"{config_path}: its tokenizer has 100 tokens but the model only 65"):
+    with pytest.raises(ValueError, match=f"{config_path}: its tokenizer has 100 tokens but the model only {TINY['vocab_size']}"):
         load_model(tmp_path)
 
 

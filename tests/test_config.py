@@ -7,12 +7,14 @@ The future import makes every annotation below a string, as in modules that use 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from config import config_to_dict, field_help, format_config, load_toml, parse_config, parse_value
+from conftest import exit_message
 
 
 @dataclass
@@ -30,17 +32,13 @@ class Cfg:
             raise ValueError(f"max_iters must be >= 0, got {self.max_iters}")
 
 
+config_error = functools.partial(exit_message, parse_config, Cfg)  # config_error(argv): parse_config's one line
+
+
 def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "run.toml"
     path.write_text(text)
     return str(path)
-
-
-def exit_message(argv: list[str], cls: type = Cfg) -> str:
-    with pytest.raises(SystemExit) as e:
-        parse_config(cls, argv)
-    assert isinstance(e.value.code, str) and "\n" not in e.value.code, "errors are one line, not an exit code"
-    return e.value.code
 
 
 def test_defaults():
@@ -69,27 +67,27 @@ def test_bool_from_cli(text, expected):
 
 
 def test_bool_rejects_other_text():
-    assert exit_message(["--compile=maybe"]) == "--compile expects true or false, got 'maybe'"
+    assert config_error(["--compile=maybe"]) == "--compile expects true or false, got 'maybe'"
 
 
 def test_numbers_from_cli():
     cfg = parse_config(Cfg, ["--max_iters=5_000", "--learning_rate=6e-4", "--dropout=1"])
     assert cfg.max_iters == 5000 and type(cfg.max_iters) is int
     assert cfg.learning_rate == 6e-4 and type(cfg.dropout) is float
-    assert exit_message(["--max_iters=1e3"]) == "--max_iters expects an integer, got '1e3'"
-    assert exit_message(["--max_iters=abc"]) == "--max_iters expects an integer, got 'abc'"
-    assert exit_message(["--learning_rate=fast"]) == "--learning_rate expects a number, got 'fast'"
+    assert config_error(["--max_iters=1e3"]) == "--max_iters expects an integer, got '1e3'"
+    assert config_error(["--max_iters=abc"]) == "--max_iters expects an integer, got 'abc'"
+    assert config_error(["--learning_rate=fast"]) == "--learning_rate expects a number, got 'fast'"
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-Infinity", "1e999"])
 def test_non_finite_numbers_from_cli_are_rejected(text):
-    assert exit_message([f"--learning_rate={text}"]) == f"--learning_rate expects a finite number, got {text!r}"
+    assert config_error([f"--learning_rate={text}"]) == f"--learning_rate expects a finite number, got {text!r}"
 
 
 @pytest.mark.parametrize("value, shown", [("nan", "nan"), ("inf", "inf"), ("-inf", "-inf"), ("1e999", "inf")])
 def test_non_finite_numbers_from_toml_are_rejected(tmp_path, value, shown):
     path = write(tmp_path, f"dropout = {value}\n")
-    assert exit_message([path]) == f"{path}: dropout expects a finite number, got {shown}"
+    assert config_error([path]) == f"{path}: dropout expects a finite number, got {shown}"
 
 
 def test_optional_none_and_value():
@@ -97,21 +95,21 @@ def test_optional_none_and_value():
     assert parse_config(Cfg, ["--seed=NULL"]).seed is None
     assert parse_config(Cfg, ["--seed=3"]).seed == 3
     assert parse_config(Cfg, ["--seed=3", "--seed=none"]).seed is None
-    assert exit_message(["--seed=x"]) == "--seed expects an integer, got 'x'"
+    assert config_error(["--seed=x"]) == "--seed expects an integer, got 'x'"
     # none is only special for Optional fields
     assert parse_config(Cfg, ["--dataset=none"]).dataset == "none"
-    assert exit_message(["--max_iters=none"]) == "--max_iters expects an integer, got 'none'"
+    assert config_error(["--max_iters=none"]) == "--max_iters expects an integer, got 'none'"
 
 
 def test_unknown_key_from_cli_suggests_closest():
-    msg = exit_message(["--lerning_rate=1e-3"])
+    msg = config_error(["--lerning_rate=1e-3"])
     assert msg == "unknown setting 'lerning_rate' (did you mean 'learning_rate'?); run with --help to list them"
-    assert "did you mean" not in exit_message(["--zzzzzz=1"])
+    assert "did you mean" not in config_error(["--zzzzzz=1"])
 
 
 def test_unknown_key_from_toml_names_file(tmp_path):
     path = write(tmp_path, "max_itres = 10\n")
-    msg = exit_message([path])
+    msg = config_error([path])
     assert msg == f"unknown setting 'max_itres' in {path} (did you mean 'max_iters'?); run with --help to list them"
 
 
@@ -132,20 +130,25 @@ def test_toml_types(tmp_path):
 ])
 def test_wrong_type_from_toml_names_file_and_key(tmp_path, line, expected):
     path = write(tmp_path, line + "\n")
-    assert exit_message([path]) == f"{path}: {expected}"
+    assert config_error([path]) == f"{path}: {expected}"
 
 
 def test_toml_file_errors(tmp_path):
-    assert exit_message([str(tmp_path / "nope.toml")]) == f"config file not found: {tmp_path / 'nope.toml'}"
+    assert config_error([str(tmp_path / "nope.toml")]) == f"config file not found: {tmp_path / 'nope.toml'}"
     bad = write(tmp_path, "max_iters = = 3\n")
-    msg = exit_message([bad])
+    msg = config_error([bad])
     assert msg.startswith(f"{bad}: invalid TOML: ")
     table = write(tmp_path, "[train]\nmax_iters = 3\n")
-    assert "[train] is a table" in exit_message([table]) and table in exit_message([table])
+    assert "[train] is a table" in config_error([table]) and table in config_error([table])
 
 
-def test_load_toml_returns_flat_dict(tmp_path):
-    assert load_toml(write(tmp_path, "a = 1\nb = 'x'\n")) == {"a": 1, "b": "x"}
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.toml")))
+def test_every_shipped_config_resolves(name):
+    """configs/*.toml: flat, every key a TrainConfig setting of the right type, every value accepted."""
+    from train import TrainConfig
+    path = Path(__file__).parents[1] / "configs" / name
+    cfg = parse_config(TrainConfig, [str(path)])
+    assert all(getattr(cfg, key) == pytest.approx(value) for key, value in load_toml(path).items())
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -156,11 +159,11 @@ def test_load_toml_returns_flat_dict(tmp_path):
     (["a.toml", "b.toml"], "only one config file may be given, got 'a.toml' and 'b.toml'"),
 ])
 def test_malformed_command_lines(argv, expected):
-    assert exit_message(argv) == expected
+    assert config_error(argv) == expected
 
 
 def test_post_init_value_error_becomes_one_line_exit(tmp_path):
-    assert exit_message(["--max_iters=-1"]) == "max_iters must be >= 0, got -1"
+    assert config_error(["--max_iters=-1"]) == "max_iters must be >= 0, got -1"
     # validation sees the final value: a bad TOML value fixed on the command line passes
     assert parse_config(Cfg, [write(tmp_path, "max_iters = -5\n"), "--max_iters=5"]).max_iters == 5
 
@@ -217,7 +220,8 @@ def test_real_annotations_and_no_source(capsys):
     with pytest.raises(SystemExit):
         parse_config(Made, ["--help"])
     assert "--n=1  " in capsys.readouterr().out
-    assert exit_message([], Made) == "missing required setting 'name': pass --name=VALUE or set it in the config file"
+    assert (exit_message(parse_config, Made, [])
+            == "missing required setting 'name': pass --name=VALUE or set it in the config file")
 
 
 def test_unsupported_field_type_is_rejected():

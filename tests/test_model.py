@@ -10,15 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import from_pretrained
+from conftest import TINY, tiny_model
 from model import GPT, GPTConfig, KVCache, sample_next
-
-TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
-
 
 def generate_uncached(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None,
@@ -261,11 +254,26 @@ def test_optimizer_groups_decay_only_matrices():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params(non_embedding=False)
 
 
-def test_flops_and_mfu():
-    model = GPT(GPTConfig())  # GPT-2 124M: about 124M parameters, 85M of them outside the embeddings
-    n = model.num_params()
+@pytest.mark.parametrize("switches", [{}, dict(bias=False, norm="rmsnorm"),
+                                      dict(bias=False, norm="rmsnorm", pos_embedding="rope", n_kv_head=2,
+                                           tie_embeddings=False)])
+def test_flops_per_token_matches_torchs_flop_counter(switches):
+    """flops_per_token (PaLM's 6N + attention) against the matmul FLOPs torch counts in a forward and backward. The
+    formula also counts 6 per bias and norm weight, which are no matmuls: the only difference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = tiny_model(**switches).train()
+    B, T = 2, TINY["block_size"]
+    idx = torch.randint(0, TINY["vocab_size"], (B, T))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # SDPA as countable matmuls
+        model(idx, idx)[1].backward()
+    not_matmul = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 1)  # biases, LayerNorms
+    assert counter.get_total_flops() == (model.flops_per_token(T) - 6 * not_matmul) * B * T
+
+
+def test_mfu_and_gpt2_size():
+    model = GPT(GPTConfig())  # GPT-2 124M
     assert 123e6 < model.num_params(non_embedding=False) < 125e6
-    assert model.flops_per_token() == 6 * n + 12 * 12 * 12 * 64 * 1024
     assert model.estimate_mfu(tokens_per_sec=1000, peak_flops=model.flops_per_token() * 2000) == 0.5
 
 

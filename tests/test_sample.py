@@ -15,21 +15,14 @@ import torch
 
 import sample
 from checkpoint import from_pretrained, save_checkpoint
-from conftest import gpt2_bpe
-from model import GPT, GPTConfig
+from conftest import CHARS, gpt2_bpe, tiny_model
+from model import GPT
 from sample import SEPARATOR, Continuation, SampleConfig, compiled_generate, decode, generate_samples, main
 from tokens import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-CHARS = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-BLOCK = 32
 EOT = 50256
 SPLIT_TOKENS = [8582, 25081, 45739, 252]  # GPT-2 BPE: b"\xf0\x9f" b"\x99\x82" (🙂), b"\xe8\xaa" b"\x9e" (語)
-
-
-def tiny_gpt(vocab_size: int, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=BLOCK, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16)).eval()
 
 
 def save_run(out_dir: Path, model: GPT, tokenizer: Tokenizer) -> Path:
@@ -40,7 +33,7 @@ def save_run(out_dir: Path, model: GPT, tokenizer: Tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory) -> Path:
     """An out_dir with one checkpoint of a tiny char-level model."""
-    return save_run(tmp_path_factory.mktemp("char") / "out", tiny_gpt(len(CHARS)), Tokenizer.char(CHARS))
+    return save_run(tmp_path_factory.mktemp("char") / "out", tiny_model(vocab_size=len(CHARS)), Tokenizer.char(CHARS))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +41,7 @@ def bpe_run(tmp_path_factory) -> Path:
     """A tiny GPT-2 BPE model that, at every step, picks end-of-text with probability ~0.06, one of four tokens that
     hold parts of multi-byte characters with ~0.89 (so characters get split across tokens, or come out invalid), and
     any other token otherwise."""
-    model = tiny_gpt(50257)
+    model = tiny_model(vocab_size=50257, n_head=2, n_embd=16)
     with torch.no_grad():
         direction = torch.nn.functional.normalize(torch.randn(16), dim=0)
         model.transformer.ln_f.weight.fill_(0.05)  # every position's output is ~ the bias, and logits ~ wte @ bias
@@ -348,7 +341,7 @@ def test_sampling_from_a_hugging_face_gpt2_folder_matches_transformers(tmp_path,
 
 def test_static_cache_path_gives_generate_tokens():
     """The fixed-shape path (a static KVCache + forward_static) in eager mode, past block_size, cache reused."""
-    model = tiny_gpt(len(CHARS))
+    model = tiny_model(vocab_size=len(CHARS))
     idx = torch.randint(0, len(CHARS), (3, 5))
     cache = sample.KVCache.for_model(model, 3, static=True)
     for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10), dict(temperature=0.9, top_p=0.8)):
@@ -377,7 +370,7 @@ def test_compiled_step_is_captured_once_and_gives_generate_tokens(monkeypatch):
     build): one graph for every step and for a second call, which reuses the static cache; generate()'s tokens."""
     graphs = compile_with_aot_eager(monkeypatch)
     try:
-        model = tiny_gpt(len(CHARS))
+        model = tiny_model(vocab_size=len(CHARS))
         idx = torch.randint(0, len(CHARS), (2, 5))
         for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10)):
             expected = model.generate(idx, 45, generator=torch.Generator().manual_seed(2), **kwargs)
@@ -393,7 +386,7 @@ def test_compiled_generate_after_the_model_is_cast_to_bfloat16(monkeypatch):
     one compiled function is captured again for the bf16 weights (aot_eager: no C++ to build)."""
     graphs = compile_with_aot_eager(monkeypatch)
     try:
-        model = tiny_gpt(len(CHARS))
+        model = tiny_model(vocab_size=len(CHARS))
         idx = torch.randint(0, len(CHARS), (2, 5))
         assert torch.equal(compiled_generate(model, idx, 8, temperature=0), model.generate(idx, 8, temperature=0))
         model.to(torch.bfloat16)
@@ -410,7 +403,7 @@ def test_compiled_generate_after_the_model_is_cast_to_bfloat16(monkeypatch):
 @pytest.mark.skipif(not os.environ.get("SMALLGPT_SLOW_TESTS"),
                     reason="compiles with inductor (~40 s on 2 CPU cores): set SMALLGPT_SLOW_TESTS=1")
 def test_compiled_decoding_gives_generate_tokens(char_run, capsys):
-    model = tiny_gpt(len(CHARS))
+    model = tiny_model(vocab_size=len(CHARS))
     idx = torch.randint(0, len(CHARS), (2, 5))
     for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10)):  # twice: the cache is reused
         expected = model.generate(idx, 45, generator=torch.Generator().manual_seed(2), **kwargs)
@@ -429,7 +422,7 @@ def test_cuda_compiled_generate_gives_generate_tokens(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch._dynamo.reset()
     try:
-        model = tiny_gpt(len(CHARS)).cuda()
+        model = tiny_model(vocab_size=len(CHARS)).cuda()
         idx = torch.randint(0, len(CHARS), (8, 5), generator=torch.Generator().manual_seed(0)).cuda()
         for dtype in (torch.float32, torch.bfloat16):
             model.to(dtype)

@@ -14,13 +14,13 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from attention import attention_maps, explicit_attention
+from conftest import CHARS, TINY
 from checkpoint import from_pretrained, load_model, save_checkpoint
 from model import GPT, GPTConfig, KVCache, apply_rope, attend, rms_norm
 from muon import Muon, orthogonalize
 from test_model import generate_uncached
 from tokens import Tokenizer
 
-TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
 NANOCHAT = dict(pos_embedding="rope", norm="rmsnorm", embed_norm=True, qk_norm=True, mlp="relu2", bias=False,
                 tie_embeddings=False, logit_softcap=15.0, zero_init=True, n_kv_head=2)
 SWITCHES = {
@@ -40,7 +40,6 @@ SWITCHES = {
     "all": NANOCHAT,
 }
 HF_FORMAT = {"gpt2": "gpt2", "zero_init": "gpt2", "no_bias": "gpt2", "all": "nanochat"}  # the rest: "smallgpt"
-CHARS = "".join(chr(c) for c in range(32, 129))  # 97 symbols: a tokenizer for the checkpoints
 
 
 def randomize(model: GPT, seed: int = 0) -> GPT:
@@ -174,7 +173,9 @@ def test_explicit_attention_reproduces_the_module(name):
             weights, heads = explicit_attention(attn, x, rope)  # (B, n_head, T, T), (B, n_head, T, head_dim)
             torch.testing.assert_close(attn.c_proj(heads.transpose(1, 2).reshape(x.shape)), expected,
                                        atol=1e-5, rtol=1e-5)
-            assert torch.equal(maps[layer], weights)
+            assert torch.equal(maps[layer], weights)  # attention_maps returns exactly these weights
+    # the maps differ between layers: a bug returning one layer's map for all would show here
+    assert not torch.allclose(maps[0], maps[1], atol=1e-3)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import model as model_module
 import prepare_data
 import tokens
 from checkpoint import load_model, load_state
+from conftest import assert_same_weights, exit_message
 from config import parse_config
 from model import GPT
 from train import TrainConfig, learning_rate, main, muon_momentum, resume_command
@@ -110,12 +111,6 @@ def weights(out_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(out_dir / "latest" / "model.safetensors")
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs by {(a[key] - b[key]).abs().max().item()}"
-
-
 def iteration(out_dir: Path) -> int:
     return json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"]
 
@@ -132,13 +127,6 @@ def reference(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out_dir = tmp_path_factory.mktemp("reference")
     run(char_data, out_dir, f"--max_iters={ITERS}")
     return out_dir
-
-
-def exit_message(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert isinstance(e.value.code, str) and "\n" not in e.value.code, "user errors are one line, no traceback"
-    return e.value.code
 
 
 def slow_process(data: Path, out_dir: Path, *extra: str, delay: float = 0.01) -> subprocess.Popen:
@@ -180,22 +168,22 @@ def test_precedence_cli_over_toml_and_unknown_keys(char_data: Path, tmp_path: Pa
     assert saved["eval_interval"] == 20 and saved["beta2"] == TrainConfig.beta2
     assert iteration(tmp_path / "out") == 3
 
-    assert "did you mean 'max_iters'" in exit_message([str(toml), "--max_iter=3"])
+    assert "did you mean 'max_iters'" in exit_message(main, [str(toml), "--max_iter=3"])
     toml.write_text("learning_rat = 1e-3\n")
-    assert "learning_rat" in exit_message([str(toml)])
-    assert "n_head" in exit_message(["--n_embd=30", "--n_head=4"])
-    assert "lr_decay_iters" in exit_message(["--warmup_iters=100", "--lr_decay_iters=50"])
+    assert "learning_rat" in exit_message(main, [str(toml)])
+    assert "n_head" in exit_message(main, ["--n_embd=30", "--n_head=4"])
+    assert "lr_decay_iters" in exit_message(main, ["--warmup_iters=100", "--lr_decay_iters=50"])
 
 
 def test_errors_before_any_work(char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "prepare.py" in exit_message([f"--dataset={empty}", f"--out_dir={tmp_path / 'o1'}", *TINY])
-    assert "neither a folder" in exit_message(["--dataset=no_such_corpus", f"--out_dir={tmp_path / 'o2'}", *TINY])
+    assert "prepare.py" in exit_message(main, [f"--dataset={empty}", f"--out_dir={tmp_path / 'o1'}", *TINY])
+    assert "neither a folder" in exit_message(main, ["--dataset=no_such_corpus", f"--out_dir={tmp_path / 'o2'}", *TINY])
 
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    assert "out_dir" in exit_message([f"--dataset={char_data}", f"--out_dir={a_file / 'sub'}", *TINY])
+    assert "out_dir" in exit_message(main, [f"--dataset={char_data}", f"--out_dir={a_file / 'sub'}", *TINY])
 
     # A token id outside meta.json's vocabulary (a file from another tokenizer) is named before training starts.
     bad = tmp_path / "bad_data"
@@ -205,13 +193,13 @@ def test_errors_before_any_work(char_data: Path, tmp_path: Path, monkeypatch: py
     ids = np.array(tokens.open_tokens(char_data / "train.bin"))
     ids[100] = 200
     tokens.write_tokens(bad / "train.bin", ids, np.uint16)
-    assert "train.bin" in exit_message([f"--dataset={bad}", f"--out_dir={tmp_path / 'o3'}", *TINY])
+    assert "train.bin" in exit_message(main, [f"--dataset={bad}", f"--out_dir={tmp_path / 'o3'}", *TINY])
 
     # Under torchrun with 2 processes, 3 micro-steps cannot be shared out: refused before the process group starts.
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path / 'o4'}", *TINY,
+    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={tmp_path / 'o4'}", *TINY,
                             "--gradient_accumulation_steps=3"])
     assert "gradient_accumulation_steps" in message and "--gradient_accumulation_steps=2" in message
     assert not (tmp_path / "o4").exists() or not any((tmp_path / "o4").iterdir())
@@ -219,7 +207,7 @@ def test_errors_before_any_work(char_data: Path, tmp_path: Path, monkeypatch: py
 
 def test_refuses_a_fresh_run_over_a_checkpoint(reference: Path, char_data: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
-    message = exit_message([f"--dataset={char_data}", f"--out_dir={reference}", *TINY, "--max_iters=5"])
+    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={reference}", *TINY, "--max_iters=5"])
     assert "--init_from=resume" in message and "--out_dir" in message
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before  # nothing touched
 
@@ -365,15 +353,6 @@ def test_recipe_resume_is_bit_exact(recipe_reference: Path, char_data: Path, tmp
     assert model.config == parse_config(TrainConfig, [*TINY, *RECIPE]).gpt_config(model.config.vocab_size)
 
 
-def test_recipe_checkpoint_loads_in_transformers_nanochat(recipe_reference: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.NanoChatForCausalLM.from_pretrained(recipe_reference / "latest").eval()
-    ours, _, _ = load_model(recipe_reference)
-    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
-
-
 def test_recipe_two_processes_equal_one(recipe_reference: Path, char_data: Path, tmp_path: Path) -> None:
     """torchrun --nproc_per_node=2 (gloo) with Muon: DDP averages the gradients before Muon orthogonalises them, so
     every rank computes the update of the one-process run (up to float summation order)."""
@@ -418,7 +397,7 @@ def test_muon_momentum_warms_up() -> None:
 
 def test_resume_with_another_optimizer_is_one_line(recipe_reference: Path, char_data: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in recipe_reference.rglob("*")}
-    message = exit_message([f"--dataset={char_data}", f"--out_dir={recipe_reference}", *TINY, *RECIPE,
+    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={recipe_reference}", *TINY, *RECIPE,
                             f"--max_iters={ITERS + 10}", "--init_from=resume", "--optimizer=adamw"])
     assert "optimizer=muon" in message and "--optimizer=muon" in message
     assert {p: p.stat().st_mtime_ns for p in recipe_reference.rglob("*")} == before  # nothing touched
@@ -451,10 +430,13 @@ def test_metrics_and_loss_plot(reference: Path) -> None:
     assert config["val_loss"] == evals[-1]["val_loss"] and config["iter_num"] == ITERS
 
 
-def test_checkpoint_loads_with_transformers(reference: Path) -> None:
+@pytest.mark.parametrize("run, hf_class", [("reference", "GPT2LMHeadModel"),
+                                           ("recipe_reference", "NanoChatForCausalLM")])  # the modern recipe's
+def test_checkpoint_loads_with_transformers(run: str, hf_class: str, request: pytest.FixtureRequest) -> None:
     transformers = pytest.importorskip("transformers")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(reference / "latest").eval()
-    ours, _, _ = load_model(reference)
+    out_dir = request.getfixturevalue(run)
+    hf = getattr(transformers, hf_class).from_pretrained(out_dir / "latest").eval()
+    ours, _, _ = load_model(out_dir)
     idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
@@ -489,8 +471,8 @@ def test_finetune_from_a_hugging_face_folder(char_data: Path, tmp_path: Path) ->
     config = json.loads((tmp_path / "tuned" / "latest" / "config.json").read_text())
     assert config["resid_pdrop"] == 0.05 and config["tokenizer"] == bpe.to_meta()
 
-    assert "--block_size=64" in exit_message([*args, f"--out_dir={tmp_path / 'x'}", "--block_size=128"])
-    assert "meta.json" in exit_message([f"--dataset={char_data}", *TINY, f"--init_from={hf_dir}",
+    assert "--block_size=64" in exit_message(main, [*args, f"--out_dir={tmp_path / 'x'}", "--block_size=128"])
+    assert "meta.json" in exit_message(main, [f"--dataset={char_data}", *TINY, f"--init_from={hf_dir}",
                                         f"--out_dir={tmp_path / 'y'}"])  # char data for a BPE model
 
 
@@ -526,7 +508,7 @@ def test_nonfinite_steps_are_skipped(char_data: Path, tmp_path: Path, monkeypatc
 def test_nonfinite_run_stops_and_keeps_the_last_good_checkpoint(char_data: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     nan_forward(monkeypatch, range(50, 10_000))  # from iteration 26 on
-    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=40",
+    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=40",
                             "--max_skipped_steps=3"])
     assert "3 steps in a row" in message and "iterations 26-28" in message and "ckpt_000020" in message
     assert iteration(tmp_path) == 20 and not (tmp_path / "ckpt_000028").exists()
@@ -545,7 +527,7 @@ def test_nonfinite_gradient_norm_skips_the_update(char_data: Path, tmp_path: Pat
         return norm * float("nan") if len(before) in (6, 7) or len(before) >= 26 else norm
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", patched)
-    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=40",
+    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=40",
                             "--max_skipped_steps=3"])
     assert "3 steps in a row" in message and "iterations 26-28" in message and "ckpt_000020" in message
     assert iteration(tmp_path) == 20 and not (tmp_path / "ckpt_000028").exists()
@@ -569,7 +551,7 @@ def test_out_of_memory_says_what_to_change_and_saves_nothing(char_data: Path, tm
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(model_module.GPT, "forward", patched)
-    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=60"])
+    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=60"])
     assert "--batch_size=2 --gradient_accumulation_steps=4" in message
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ckpt_", ".tmp"))) == ["ckpt_000020"]
     assert iteration(tmp_path) == 20 and load_state(tmp_path / "latest")["iter_num"] == 20
