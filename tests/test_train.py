@@ -175,6 +175,16 @@ def test_precedence_cli_over_toml_and_unknown_keys(char_data: Path, tmp_path: Pa
     assert "lr_decay_iters" in exit_message(main, ["--warmup_iters=100", "--lr_decay_iters=50"])
 
 
+def test_init_from_gpt2_offline_is_one_line_naming_the_folder(char_data: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does, with an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={tmp_path / 'o'}", *TINY, "--init_from=gpt2"])
+    assert "could not download gpt2" in message and "pass their folder instead of 'gpt2'" in message
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
 def test_errors_before_any_work(char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
