@@ -136,6 +136,21 @@ class Tokenizer:
             return "".join([self.chars[i] for i in ids])
         return self._enc.decode(ids)
 
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each token id stands for (0 for special tokens such as end-of-text), (vocab_size,):
+        summed over the tokens of a text, its UTF-8 length, the denominator of bits per byte."""
+        if self.kind == "char":
+            return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
+        special = {self._enc.encode_single_token(s) for s in self._enc.special_tokens_set}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if i not in special:
+                try:
+                    lengths[i] = len(self._enc.decode_single_token_bytes(i))
+                except KeyError:  # an unused id inside the range (some encodings have gaps)
+                    pass
+        return lengths
+
     def _encode_array(self, text: str) -> np.ndarray:
         if self.kind == "tiktoken":
             if hasattr(self._enc, "encode_to_numpy"):  # tiktoken >= 0.8: no Python list, less time holding the GIL

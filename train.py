@@ -301,7 +301,7 @@ def resume_command(argv: list[str]) -> str:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """loss.png from metrics.jsonl: the training loss of each log line, and train/val loss of each evaluation."""
+    """loss.png from metrics.jsonl: the training loss of each log line, train/val loss and val bpb of each evaluation."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display needed
@@ -318,6 +318,12 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (eval)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("cross-entropy loss")
+    bpb = [r for r in evals if r.get("val_bpb") is not None]  # runs from before bpb was logged have none
+    if bpb:  # bits per byte, comparable across tokenizers, on its own axis
+        ax2 = ax.twinx()
+        ax2.plot([r["iter"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="tab:red", label="val bpb")
+        ax2.set_ylabel("val bits per byte")
+        ax2.legend(loc="center right")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.savefig(png_path, dpi=100, bbox_inches="tight")
@@ -496,22 +502,32 @@ def main(argv: list[str] | None = None) -> dict:
     # continues the curve where it stopped.
 
     # ------------------------------------------------------------------------------------------------ evaluation
+    # UTF-8 bytes of each token id: bits per byte = nats / ln 2 / bytes of the targets, comparable across tokenizers
+    byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
+
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        """Mean loss over eval_iters batches per split: the same batches at every evaluation, shared out over ranks."""
+        """Mean loss over eval_iters batches per split, and its bits per byte ({split}_bpb): the same batches at
+        every evaluation, shared out over ranks."""
         raw_model.eval()
         losses = {}
         for tag, split in ((1, "train"), (2, "val")):
             total = torch.zeros((), device=device)
+            nbytes = torch.zeros((), dtype=torch.int64, device=device)  # UTF-8 bytes of the targets
             for k in range(rank, cfg.eval_iters, world_size):
                 rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, tag, k]))
                 x, y = get_batch[split](rng)
                 with autocast:
                     _, loss = model(x, y)
                 total += loss.float()
+                nbytes += byte_lengths[y].sum()
             if ddp:
                 dist.all_reduce(total)
+                dist.all_reduce(nbytes)
             losses[split] = total.item() / cfg.eval_iters
+            # every batch has batch_size * block_size targets: nats = mean loss * all targets
+            nats = losses[split] * cfg.eval_iters * cfg.batch_size * block_size
+            losses[f"{split}_bpb"] = nats / math.log(2) / max(nbytes.item(), 1)
         raw_model.train()
         return losses
 
@@ -540,8 +556,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def record(**values: float | None) -> None:
         """Append one line to metrics.jsonl (rank 0); every line has every key, null where it does not apply."""
-        row = {"iter": iter_num, "train_loss": None, "val_loss": None, "lr": None, "tokens_per_sec": None,
-               "mfu": None, "elapsed": round(elapsed(), 3)} | values
+        row = {"iter": iter_num, "train_loss": None, "val_loss": None, "train_bpb": None, "val_bpb": None,
+               "lr": None, "tokens_per_sec": None, "mfu": None, "elapsed": round(elapsed(), 3)} | values
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -574,13 +590,16 @@ def main(argv: list[str] | None = None) -> dict:
             if cfg.eval_only or not resuming:  # the starting point: the untrained (or pretrained) model's loss
                 losses = evaluate()
                 if master:
-                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                          f"(val bpb {losses['val_bpb']:.4f})")
                 if cfg.eval_only:
                     if ddp:
                         dist.destroy_process_group()
-                    return {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+                    return {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                            "train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"]}
                 if writes:
-                    record(train_loss=losses["train"], val_loss=losses["val"], lr=learning_rate(iter_num, cfg))
+                    record(train_loss=losses["train"], val_loss=losses["val"], train_bpb=losses["train_bpb"],
+                           val_bpb=losses["val_bpb"], lr=learning_rate(iter_num, cfg))
 
             # In a log file (not a terminal) the bar is redrawn at most every 30 s instead of 10 times a second.
             bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it",
@@ -673,10 +692,11 @@ def main(argv: list[str] | None = None) -> dict:
                     losses = evaluate()
                     val_loss = losses["val"]
                     if master:
-                        record(train_loss=losses["train"], val_loss=val_loss, lr=lr)
+                        record(train_loss=losses["train"], val_loss=val_loss, train_bpb=losses["train_bpb"],
+                               val_bpb=losses["val_bpb"], lr=lr)
                         folder, best = save(val_loss)
-                        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}; "
-                                   f"saved {folder}{' (best)' if best else ''}")
+                        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f} "
+                                   f"(val bpb {losses['val_bpb']:.4f}); saved {folder}{' (best)' if best else ''}")
                     last_saved = iter_num
                 if stopping:
                     interrupted = True

@@ -11,6 +11,7 @@ subprocess whose every forward pass sleeps a little (so that the signal lands mi
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -339,7 +340,7 @@ def test_eval_only_reproduces_the_recorded_val_loss(reference: Path, char_data: 
 
 def test_metrics_and_loss_plot(reference: Path) -> None:
     rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    keys = {"iter", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu", "elapsed"}
+    keys = {"iter", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr", "tokens_per_sec", "mfu", "elapsed"}
     assert all(set(row) == keys for row in rows)
     logs = [r for r in rows if r["val_loss"] is None]
     evals = [r for r in rows if r["val_loss"] is not None]
@@ -347,6 +348,8 @@ def test_metrics_and_loss_plot(reference: Path) -> None:
     assert [r["iter"] for r in evals] == list(range(0, ITERS + 1, 20))  # eval_interval=20, and the start
     assert all(r["tokens_per_sec"] > 0 and r["mfu"] is None for r in logs)  # no MFU without a known peak
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # it learned something
+    # an ASCII corpus: one byte a char token, so bits per byte is the loss in bits (tests/test_eval.py: other cases)
+    assert all(r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-5) for r in evals)
     assert [r["elapsed"] for r in rows] == sorted(r["elapsed"] for r in rows)
     assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((reference / "latest" / "config.json").read_text())
