@@ -32,6 +32,7 @@ from tqdm import tqdm
 from checkpoint import check_tokenizer_matches, load_model
 from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype
 from tokens import Tokenizer, find_inputs, iter_files, load_meta, load_split, local_or_download
+from train import resolve_dataset
 
 # rowanz/hellaswag publishes no checksum: the file is pinned by its commit and checked against the git blob id
 # that commit's tree gives it (sha1 of "blob <size>\0" + content), and by its example count.
@@ -104,7 +105,7 @@ def token_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def score_tokens(model: torch.nn.Module, ids: np.ndarray, stride: int, batch_size: int = 8,
-                 autocast: AbstractContextManager = nullcontext(), desc: str | None = None) -> float:
+                 autocast: AbstractContextManager = nullcontext()) -> float:
     """Total nats of ids[1:], each token given the ones before it, through windows(); ids needs 2+ tokens."""
     device = next(model.parameters()).device
     n = len(ids) - 1
@@ -112,7 +113,7 @@ def score_tokens(model: torch.nn.Module, ids: np.ndarray, stride: int, batch_siz
     length = min(model.config.block_size, n)
     positions = torch.arange(length, device=device)
     total = 0.0
-    with tqdm(total=len(plan), unit="window", desc=desc, mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
+    with tqdm(total=len(plan), unit="window", mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
         for i in range(0, len(plan), batch_size):
             batch = plan[i:i + batch_size]
             rows = torch.from_numpy(np.stack([ids[s:s + length + 1] for s, _ in batch]).astype(np.int64)).to(device)
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(str(e)) from None
     block_size = model.config.block_size
     record = {"model": str(source), "task": cfg.task, "data": None, "tokens": None, "bytes": None, "loss": None,
-              "ppl": None, "bpb": None, "acc": None, "acc_norm": None, "examples": None, "seconds": None}
+              "ppl": None, "bpb": None, "acc": None, "acc_norm": None, "examples": None, "stride": None, "seconds": None}
     t0 = time.perf_counter()
 
     if cfg.task == "hellaswag":
@@ -277,8 +278,6 @@ def main(argv: list[str] | None = None) -> dict:
                    f"{record['acc_norm']:.4f}, acc {record['acc']:.4f}")
     else:
         if cfg.dataset is not None:
-            from train import resolve_dataset  # the data/<name> lookup train.py does
-
             data_dir = resolve_dataset(cfg.dataset)
             try:
                 meta = load_meta(data_dir)
