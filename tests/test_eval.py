@@ -156,7 +156,10 @@ def test_a_text_shorter_than_the_block_is_one_forward_pass() -> None:
 # -------------------------------------------------------------------------------------------- eval.py vs train.py
 
 
-def test_eval_on_a_prepared_split_equals_train_evaluation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("switches", [[], ["--pos_embedding=rope", "--norm=rmsnorm", "--qk_norm=true", "--mlp=relu2",
+                                          "--tie_embeddings=false", "--bias=false", "--logit_softcap=15"]],
+                         ids=["gpt2", "modern"])
+def test_eval_on_a_prepared_split_equals_train_evaluation(tmp_path: Path, switches: list[str]) -> None:
     """A val split of block_size + 1 tokens has one window, which train.py's batches and eval.py's stride-block
     pass both score whole: the loss and the bpb that train.py records are eval.py's."""
     block = 16
@@ -170,7 +173,7 @@ def test_eval_on_a_prepared_split_equals_train_evaluation(tmp_path: Path) -> Non
     out = tmp_path / "run"
     train.main([f"--dataset={data}", f"--out_dir={out}", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=16",
                 f"--block_size={block}", "--batch_size=2", "--gradient_accumulation_steps=1", "--max_iters=3",
-                "--eval_interval=3", "--eval_iters=2", "--warmup_iters=1", "--lr_decay_iters=3", "--dropout=0"])
+                "--eval_interval=3", "--eval_iters=2", "--warmup_iters=1", "--lr_decay_iters=3", "--dropout=0", *switches])
     recorded = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert recorded["iter"] == 3 and recorded["val_bpb"] is not None
     record = main([f"--out_dir={out}", f"--dataset={data}", "--split=val", f"--stride={block}", "--device=cpu"])
