@@ -13,6 +13,10 @@ result; settings and the progress bar go to standard error. docs/eval.md has the
 
 from __future__ import annotations
 
+import errors
+
+errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
+
 import hashlib
 import json
 import math
@@ -312,8 +316,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    main()
