@@ -1,6 +1,6 @@
 """Score a model: loss, perplexity and bits per byte on any text, or HellaSwag accuracy.
 
-    python eval.py --out_dir=out/shakespeare_char_cpu --dataset=shakespeare_char   # a prepared split (--split=val)
+    python eval.py --out_dir=out/shakespeare_char_cpu --dataset=shakespeare_char   # a prepared split, --split=val
     python eval.py --init_from=gpt2 --input=../shared/data/tinyshakespeare.txt     # text files or a folder
     python eval.py --init_from=gpt2 --task=hellaswag --device=cuda                 # downloads the val set once
     python eval.py --out_dir=out/x --input=notes.txt --json=true                   # one JSON object on stdout
@@ -52,7 +52,7 @@ class EvalConfig:
     init_from: str | None = None  # gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder; none: out_dir
     checkpoint: str = "latest"  # which checkpoint of out_dir: latest or best (lowest validation loss)
     task: str = "text"  # text: loss, perplexity and bits per byte; hellaswag: multiple-choice accuracy
-    input: str | None = None  # text: a .txt/.jsonl/.parquet file or folder (as data/text/prepare.py reads); hellaswag: a local copy of hellaswag_val.jsonl
+    input: str | None = None  # text: a .txt/.jsonl/.parquet file or folder; hellaswag: a local hellaswag_val.jsonl
     dataset: str | None = None  # text: a prepared dataset (a folder, or a name under data/) instead of --input
     split: str = "val"  # the split of --dataset to score
     text_field: str = "text"  # the field (jsonl) or column (parquet) holding the text of --input
@@ -194,8 +194,9 @@ def read_hellaswag(path: Path, limit: int | None = None) -> list[tuple[str, list
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise SystemExit(f"{path}:{lineno}: not JSON ({e}); a HellaSwag file holds one example a line") from None
-            ctx, endings, label = (obj.get(k) for k in ("ctx", "endings", "label")) if isinstance(obj, dict) else [None] * 3
+                raise SystemExit(f"{path}:{lineno}: not JSON ({e}); a HellaSwag file has one example a line") from None
+            obj = obj if isinstance(obj, dict) else {}
+            ctx, endings, label = obj.get("ctx"), obj.get("endings"), obj.get("label")
             if isinstance(label, str) and label.isdigit():  # Hugging Face's copy stores the label as a string
                 label = int(label)
             if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
@@ -266,8 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     block_size = model.config.block_size
-    record = {"model": str(source), "task": cfg.task, "data": None, "tokens": None, "bytes": None, "loss": None,
-              "ppl": None, "bpb": None, "acc": None, "acc_norm": None, "examples": None, "stride": None, "seconds": None}
+    record = dict.fromkeys(("model", "task", "data", "tokens", "bytes", "loss", "ppl", "bpb", "acc", "acc_norm",
+                            "examples", "stride", "seconds"))
+    record |= {"model": str(source), "task": cfg.task}
     t0 = time.perf_counter()
 
     if cfg.task == "hellaswag":
