@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from checkpoint import load_model
 from model import GPT, CausalSelfAttention
-from config import format_config, parse_config, resolve_device
+from config import format_config, parse_config, resolve_device, set_threads
 from sample import read_prompt
 from tokens import Tokenizer
 
@@ -57,6 +57,7 @@ class AttentionConfig:
     out: str = "attention"  # PNG path prefix (OUT_grid.png, OUT_L0_H0.png), or a folder (existing or ending in /)
     dpi: int = 100  # pixels per inch of the PNGs
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto: one forward pass over a short text is quick anywhere
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
 
     def __post_init__(self) -> None:
         if self.checkpoint not in ("latest", "best"):
@@ -281,6 +282,7 @@ def _index(value: int, size: int, name: str, what: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(AttentionConfig, argv, description=__doc__)
     print(format_config(cfg))
+    set_threads(cfg.threads)
     source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     device = resolve_device(cfg.device)
     try:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from config import format_config, load_toml, parse_config, resolve_device, resolve_dtype
+from config import format_config, load_toml, parse_config, resolve_device, resolve_dtype, set_threads
 from model import GPT, GPTConfig, sample_next
 from train import device_peak_flops
 
@@ -57,6 +57,7 @@ class BenchConfig:
     profile: bool = False  # train: print a torch.profiler table of a few steps instead of timing
     out: str = "bench_results.jsonl"  # results are appended here, one JSON object per measurement
     seed: int = 1337  # weights and tokens are random, from this seed
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
 
     def __post_init__(self) -> None:
         unknown = set(self.what.split(",")) - {"train", "decode"}
@@ -271,6 +272,7 @@ def _transformers_decoder(model: GPT, prompt: torch.Tensor, n: int) -> Callable[
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(BenchConfig, argv, description=__doc__)
     print(format_config(cfg))
+    set_threads(cfg.threads)
     device = str(resolve_device(cfg.device))  # "cuda" for auto on a GPU; SystemExit for a device that is not here
     dtype = resolve_dtype(cfg.dtype, torch.device(device))
     dtype_name = str(dtype).removeprefix("torch.")

@@ -94,7 +94,7 @@ def test_samples_are_model_generate_with_prompt_kept_and_separators(char_run, ca
     assert out == expected_output(char_run, "ROMEO", 3, 45, 7, temperature=1.0, top_k=20)
     assert out.count(SEPARATOR) == 3
     assert all(s.startswith("ROMEO") for s in out.split(f"\n{SEPARATOR}\n")[:3])
-    assert "tokens/s" in err and "3 x 45 = 135 new tokens" in err
+    assert "tokens/s" in err and "135 new tokens (3 sample(s), 45 steps)" in err
 
 
 def test_same_seed_same_text_other_seed_other_text(char_run, capsys):
