@@ -1,8 +1,8 @@
 """Attention maps: which earlier tokens every head of a trained GPT looks at, as PNG heatmaps and a terminal report.
 
-    python attention.py --out_dir=out-shakespeare-char --text="ROMEO: But soft, what light through yonder window"
+    python attention.py --out_dir=out/shakespeare_char_cpu --text="ROMEO: But soft, what light through yonder window"
     python attention.py --init_from=gpt2 --text="The animal didn't cross the street because it was too tired"
-    python attention.py --init_from=gpt2 --layer=5 --head=1 --token=-1 --top=5 --out=maps/
+    python attention.py --init_from=gpt2 --layer=5 --head=1 --token=-1 --top=5 --out=out/maps/
     python attention.py --help
 
 For every layer and head it computes the attention probabilities softmax(q kᵀ / √head_dim) under the causal mask
@@ -10,7 +10,7 @@ through an explicit path used only here: the model runs its ordinary forward onc
 untouched), a forward pre-hook captures the input of each block's attention module, and the probabilities are
 recomputed from that input with the module's own c_attn weights.
 
-Writes OUT_grid.png (one heatmap per layer and head: rows are the attending tokens, columns the tokens attended to)
+Writes OUT_grid.png (OUT is out_dir/attention unless --out says otherwise) (one heatmap per layer and head: rows are the attending tokens, columns the tokens attended to)
 and OUT_L{layer}_H{head}.png (the chosen --layer/--head at full size), then prints, for the query token --token,
 the tokens it attends to most in each layer, averaged over the heads and for each head. The PNGs need matplotlib
 (pip install -e '.[plot]'); without it the terminal report is still printed.
@@ -54,7 +54,7 @@ class AttentionConfig:
     head: int = 0  # head drawn at full size (negative counts from the last head)
     token: int = -1  # query token of the terminal report, by position (negative counts from the end: -1 is the last)
     top: int = 5  # how many of the most attended tokens to list per layer and head
-    out: str = "attention"  # PNG path prefix (OUT_grid.png, OUT_L0_H0.png), or a folder (existing or ending in /)
+    out: str | None = None  # PNG path prefix (OUT_grid.png, OUT_L0_H0.png) or a folder (existing or ending in /); none: out_dir/attention
     dpi: int = 100  # pixels per inch of the PNGs
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto: one forward pass over a short text is quick anywhere
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(ids)} tokens: {' '.join(labels)}\n")
     print(report(weights, labels, token, cfg.top))
 
-    grid_path, head_path = output_paths(cfg.out, layer, head)
+    grid_path, head_path = output_paths(cfg.out or str(Path(cfg.out_dir) / "attention"), layer, head)
     if save_pictures(weights.numpy(), labels, layer, head, grid_path, head_path, cfg.dpi):
         print(f"\nwrote {grid_path} (every layer and head) and {head_path} (layer {layer}, head {head})")
     return 0

@@ -1,6 +1,6 @@
 """Measure training and decoding speed on this machine: tokens/s, MFU, peak memory.
 
-    python bench.py                                          # GPT-2 124M shape, training and decoding
+    python bench.py                     # training and decoding: GPT-2 124M on a GPU, the quick start's model on a CPU
     python bench.py --model=configs/shakespeare_char_cpu.toml --what=train
     python bench.py --device=cuda --dtype=bfloat16 --compile=both --peak_flops=989e12
     python bench.py --what=decode --baselines=true           # also nanoGPT's loop and transformers' generate
@@ -9,8 +9,8 @@
 Every figure is the median of --repeats timed runs after --warmup untimed steps (which also absorb compilation).
 A decode run is one call that prefills the prompt and then makes --decode_tokens one-token steps: its tokens/s and
 ms_per_token include the prefill.
-Each measurement is printed as a table row and appended to --out as one JSON line, with the device, torch
-version and date, so that docs/benchmarks.md can quote it.
+Each measurement is announced as it starts (with a bar when it runs long), printed as a table row and appended
+to --out as one JSON line, with the device, torch version and date, so that docs/benchmarks.md can quote it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from config import format_config, load_toml, parse_config, resolve_device, resolve_dtype, set_threads
 from model import GPT, GPTConfig, sample_next
@@ -38,7 +39,7 @@ BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT
 
 @dataclass
 class BenchConfig:
-    model: str = "gpt2"  # a model size (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a training config .toml
+    model: str = "auto"  # tiny, gpt2[-medium|-large|-xl] or a training config .toml; auto: gpt2 on CUDA, else CPU_MODEL
     what: str = "train,decode"  # comma-separated: train, decode
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto picks cuda when present
     dtype: str = "auto"  # float32, bfloat16 or float16; auto: bfloat16 on CUDA, float32 elsewhere
@@ -55,7 +56,7 @@ class BenchConfig:
     baselines: bool = False  # decode: also time nanoGPT's recompute loop and transformers' GPT2 generate
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: train.py's table of GPUs (H100 989e12, ...)
     profile: bool = False  # train: print a torch.profiler table of a few steps instead of timing
-    out: str = "bench_results.jsonl"  # results are appended here, one JSON object per measurement
+    out: str = "out/bench_results.jsonl"  # results are appended here, one JSON object per measurement
     seed: int = 1337  # weights and tokens are random, from this seed
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
 
@@ -69,6 +70,7 @@ class BenchConfig:
             raise ValueError("--train_steps, --repeats, --decode_tokens and --prompt_len must be at least 1")
 
 
+CPU_MODEL = "configs/shakespeare_char_cpu.toml"  # the quick start's model: GPT-2 124M takes ~40 minutes on 2 cores
 SIZES = {  # (n_layer, n_head, n_embd), GPT-2's family with its 1024-token context
     "tiny": (2, 4, 64),
     "gpt2": (12, 12, 768),
@@ -103,6 +105,15 @@ def _dataset_vocab(dataset: str | None) -> int | None:
         return None
     vocab = json.loads(meta.read_text())["vocab_size"]
     return vocab if vocab < 50257 else 50304  # BPE vocabularies are padded to a multiple of 64 as in train.py
+
+
+def announce(what: str) -> None:
+    print(f"measuring {what}", flush=True)
+
+
+def progress(total: int, unit: str) -> tqdm:
+    """A bar on standard error that appears only when a measurement runs longer than 2 s (and only on a terminal)."""
+    return tqdm(total=total, unit=unit, delay=2, leave=False, disable=not sys.stderr.isatty())
 
 
 def is_cuda(device: str) -> bool:
@@ -154,8 +165,11 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
 
     if cfg.profile:
         return profile_steps(step, device)
+    announce(f"train: batch {batch_size} x {T}, compile={compiled}: {cfg.warmup} + {cfg.repeats} x {cfg.train_steps} steps")
+    bar = progress(cfg.warmup + cfg.repeats * cfg.train_steps, "steps")
     for _ in range(cfg.warmup):
         step()
+        bar.update(1)
     synchronize(device)
     if is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
@@ -164,8 +178,10 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
         t0 = time.perf_counter()
         for _ in range(cfg.train_steps):
             step()
+            bar.update(1)
         synchronize(device)
         times.append(time.perf_counter() - t0)
+    bar.close()
     dt = statistics.median(times)
     tokens_per_sec = batch_size * T * cfg.train_steps / dt
     peak = cfg.peak_flops or device_peak_flops(torch.device(device))
@@ -213,9 +229,13 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
         run = lambda: _recompute_decode(model, prompt, n)  # noqa: E731
     else:
         run = _transformers_decoder(model, prompt, n)
+    announce(f"decode, {method}: batch {batch}, compile={compiled}: {cfg.warmup} + {cfg.repeats} runs of "
+             f"{cfg.prompt_len} + {n} tokens")
+    bar = progress(cfg.warmup + cfg.repeats, "runs")
     with torch.no_grad():
         for _ in range(cfg.warmup):
             run()
+            bar.update(1)
         synchronize(device)
         if is_cuda(device):
             torch.cuda.reset_peak_memory_stats(device)  # this decode's peak, not the training run's before it
@@ -226,6 +246,8 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
             run()
             synchronize(device)
             times.append(time.perf_counter() - t0)
+            bar.update(1)
+    bar.close()
     dt = statistics.median(times)
     return {"what": "decode", "method": method, "batch_size": batch, "prompt_len": cfg.prompt_len, "new_tokens": n,
             "tokens_per_sec": round(batch * n / dt, 1), "ms_per_token": round(1000 * dt / n, 2),
@@ -279,13 +301,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if is_cuda(device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.model == "auto":
+        cfg.model = "gpt2" if is_cuda(device) else str(Path(__file__).parent / CPU_MODEL)
+        print(f"model: {cfg.model}")
     gpt, batch_size = model_config(cfg)
     if cfg.baselines and "decode" in cfg.what and not gpt.bias:
         raise SystemExit(BASELINES_NEED_BIAS)  # now, not after the other measurements
     compile_modes = {"false": [False], "true": [True], "both": [False, True]}[cfg.compile]
     stamp = {
         "model": cfg.model, "device": device, "device_name": _device_name(device), "dtype": dtype_name,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "vocab_size": gpt.vocab_size,
         "date": datetime.date.today().isoformat(),
     }
     results = []
@@ -301,6 +326,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append({**stamp, "compile": False, **bench_decode(cfg, gpt, 1, device, dtype, False, method)})
     results = [r for r in results if r.get("what") != "profile"]
     if results:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         with open(cfg.out, "a") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")

@@ -80,3 +80,13 @@ def test_cuda_decode_rows_report_their_own_peak_memory(tmp_path):
     assert train["device"] == "cuda:0" and train["tokens_per_sec"] > 0
     assert 0 < decode["peak_memory_mb"] < train["peak_memory_mb"]
     assert decode["peak_memory_mb"] == pytest.approx(alone["peak_memory_mb"], rel=0.1)
+
+
+def test_default_model_fits_the_device(tmp_path, monkeypatch, capsys):
+    """Without --model a CPU measures the quick start's model (GPT-2 124M would take ~40 minutes on 2 cores)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    results = bench.main(["--device=cpu", "--what=train", "--train_steps=1", "--repeats=1", "--warmup=0",
+                          f"--out={tmp_path / 'r.jsonl'}"])
+    assert results[0]["model"].endswith(bench.CPU_MODEL)
+    assert (results[0]["batch_size"], results[0]["seq_len"]) == (12, 64)
+    assert "measuring train: batch 12 x 64" in capsys.readouterr().out
