@@ -257,7 +257,8 @@ class StopSignal:
     A SIGTERM that repeats a first SIGTERM within DUPLICATE_S seconds is ignored: when SLURM preempts or cancels a
     job it sends SIGTERM to every process of it, and torchrun forwards the SIGTERM it got to its workers too, so each
     worker receives the same request twice within milliseconds, and honouring the second would lose the graceful
-    save. Ctrl-C pressed again (a second SIGINT) and a later SIGTERM still exit at once.
+    save. Ctrl-C pressed again (a second SIGINT, which then has its default action) and a later SIGTERM still exit at
+    once.
     """
 
     DUPLICATE_S = 2.0
@@ -286,6 +287,9 @@ class StopSignal:
             os.write(2, f"\n{name} again: exiting now; the last saved checkpoint is intact\n".encode())
             os._exit(128 + signum)
         self.signum, self._first_at = signum, time.monotonic()
+        # A Python handler runs only between two torch calls, and on a CPU one matmul can take seconds: a second
+        # Ctrl-C gets the default action instead, which ends the process at once, wherever it is.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if self.verbose:
             os.write(2, f"\n{name}: finishing this step and saving a checkpoint (send it again to quit at once)\n"
                      .encode())
@@ -783,7 +787,8 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.close()
 
         # -------------------------------------------------------------------------------------------- end
-        if master and last_saved != iter_num:  # an interrupted run, or a fresh one with max_iters=0
+        untrained = interrupted and iter_num == start_iter  # stopped in the first evaluation: nothing new to save
+        if master and last_saved != iter_num and not untrained:  # an interrupted run, or a fresh one with max_iters=0
             folder, _ = save(None)
             print(f"saved {folder}")
         if master and metrics_path.exists() and metrics_path.stat().st_size:
@@ -793,7 +798,11 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
     if interrupted:
         signum = stop.signum or signal.SIGTERM  # a rank that got no signal itself stops because another did
-        if master:
+        if master and untrained:
+            if writes and not resuming and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            print(f"stopped by {signal.Signals(signum).name} before the first iteration; nothing was saved")
+        elif master:
             print(f"stopped by {signal.Signals(signum).name} at iteration {iter_num}; continue with:\n"
                   f"  {resume_command(argv)}")
         raise SystemExit(128 + signum)

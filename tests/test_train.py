@@ -602,19 +602,22 @@ def test_stop_during_an_evaluation_stops_it_between_batches_and_saves(char_data:
     assert json.loads((tmp_path / "latest" / "config.json").read_text())["val_loss"] is None
 
 
-def test_stop_during_the_first_evaluation_leaves_no_empty_metrics(char_data: Path, tmp_path: Path,
+def test_stop_during_the_first_evaluation_leaves_nothing(char_data: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    forward = GPT.forward
+    forward, evals = GPT.forward, [0]
 
     def patched(self, *args, **kwargs):
         if not self.training:
-            os.kill(os.getpid(), signal.SIGINT)
+            evals[0] += 1
+            if evals[0] == 1:
+                os.kill(os.getpid(), signal.SIGINT)
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(model_module.GPT, "forward", patched)
-    with pytest.raises(SystemExit):
-        run(char_data, tmp_path, f"--max_iters={ITERS}")
-    assert not (tmp_path / "metrics.jsonl").exists()
+    with pytest.raises(SystemExit) as e:
+        run(char_data, tmp_path / "run", f"--max_iters={ITERS}")
+    assert e.value.code == 128 + signal.SIGINT
+    assert evals[0] == 1 and not (tmp_path / "run").exists()  # no empty metrics.jsonl, no untrained checkpoint
 
 
 def test_failed_fine_tune_download_leaves_no_folders(char_data: Path, tmp_path: Path,
@@ -676,3 +679,17 @@ def test_training_on_bpe_tokens_needs_no_bpe_files(tmp_path: Path, monkeypatch: 
     assert iteration(tmp_path / "out") == 2
     with pytest.raises(SystemExit, match="could not load the tiktoken encoding"):
         bpe.decode([1, 2])
+
+
+def test_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_op(char_data: Path, tmp_path: Path) -> None:
+    """After a first SIGINT, a second one takes the default action: no Python handler has to wait for the op."""
+    proc = slow_process(char_data, tmp_path)
+    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:  # handled: Python would merge two pending SIGINTs into one call
+        if "finishing this step" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT  # ended by the signal itself, not by a handler (a shell shows 130)
+    load_model(tmp_path)  # the checkpoint on disk is whole
