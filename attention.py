@@ -10,8 +10,9 @@ through an explicit path used only here: the model runs its ordinary forward onc
 untouched), a forward pre-hook captures the input of each block's attention module, and the probabilities are
 recomputed from that input with the module's own c_attn weights.
 
-Writes OUT_grid.png (OUT is out_dir/attention unless --out says otherwise) (one heatmap per layer and head: rows are the attending tokens, columns the tokens attended to)
-and OUT_L{layer}_H{head}.png (the chosen --layer/--head at full size), then prints, for the query token --token,
+Writes OUT_grid.png (one heatmap per layer and head: rows are the attending tokens, columns the tokens attended to)
+and OUT_L{layer}_H{head}.png (the chosen --layer/--head at full size), OUT being out_dir/attention unless --out
+says otherwise, then prints, for the query token --token,
 the tokens it attends to most in each layer, averaged over the heads and for each head. The PNGs need matplotlib
 (pip install -e '.[plot]'); without it the terminal report is still printed.
 """

@@ -39,7 +39,7 @@ BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT
 
 @dataclass
 class BenchConfig:
-    model: str = "auto"  # tiny, gpt2[-medium|-large|-xl] or a training config .toml; auto: gpt2 on CUDA, else CPU_MODEL
+    model: str = "auto"  # tiny, gpt2[-medium|-large|-xl] or a training config .toml; auto: gpt2 on CUDA, else the quick start's config
     what: str = "train,decode"  # comma-separated: train, decode
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto picks cuda when present
     dtype: str = "auto"  # float32, bfloat16 or float16; auto: bfloat16 on CUDA, float32 elsewhere

@@ -1,6 +1,6 @@
 """Generate text from a checkpoint written by train.py, or from OpenAI's GPT-2.
 
-    python sample.py --out_dir=out/shakespeare_char --start="ROMEO:" --num_samples=3 --max_new_tokens=300
+    python sample.py --out_dir=out/shakespeare_char_cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=300
     python sample.py --init_from=gpt2 --start="FILE:out/prompt.txt" --temperature=0.8 --top_k=200 --stop=eot
     echo "The meaning of life is" | python sample.py --init_from=gpt2 --start=- --num_samples=1
     python sample.py --init_from=gpt2 --device=cuda --compile=true   # static KV cache + CUDA graphs
