@@ -1,6 +1,6 @@
 """Train a GPT from scratch, resume a run, or fine-tune GPT-2: on a laptop CPU, one GPU, or many GPUs with torchrun.
 
-    python train.py configs/shakespeare_char_cpu.toml                          # a CPU, 80-100 s on two cores
+    python train.py configs/shakespeare_char_cpu.toml                          # a CPU, 80-100 s on 2 idle cores
     python train.py configs/shakespeare_char.toml                              # one GPU
     python train.py configs/shakespeare_char.toml --init_from=resume           # continue the run in out_dir
     torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.toml   # eight GPUs on one machine
@@ -20,10 +20,11 @@ the same whatever the number of processes, and a resumed run sees exactly the da
 uninterrupted run would have: 40 iterations plus a resume to 80 ends with the same weights as 80 straight.
 
 What survives what (tests/test_train.py injects each):
-  - Ctrl-C or SIGTERM: the current optimizer step finishes (and its evaluation, if it has one), a checkpoint is
-    written and the run exits, saying how to resume; a second signal exits at once (the checkpoints on disk are whole:
-    checkpoint.py writes atomically), except SIGTERM again within 2 s, which under SLURM is the same request
-    delivered twice (see StopSignal). Under torchrun every rank stops at the same step.
+  - Ctrl-C or SIGTERM: the current optimizer step finishes (and its evaluation, if it has one; a signal during an
+    evaluation stops it at the next batch, in a single process), a checkpoint is written and the run exits, saying
+    how to resume; a second signal exits at once (the checkpoints on disk are whole: checkpoint.py writes
+    atomically), except SIGTERM again within 2 s, which under SLURM is the same request delivered twice (see
+    StopSignal). Under torchrun every rank stops at the same step.
   - kill -9, a power cut: resume from the last checkpoint (`--init_from=resume`) and end with the same weights; a
     half-written last line of metrics.jsonl is dropped.
   - a NaN/Inf loss or gradient norm: the update is skipped on every rank; after max_skipped_steps in a row the run
