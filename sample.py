@@ -139,8 +139,10 @@ class Continuation:
     only the ids since the last complete character are decoded again at each step.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop_token: int | None, stop_text: str | None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_token: int | None,
+                 stop_text: str | tuple[str, ...] | None) -> None:
         self.tokenizer, self.stop_token, self.stop_text = tokenizer, stop_token, stop_text
+        self._stops = (stop_text,) if isinstance(stop_text, str) else tuple(stop_text or ())  # serve.py passes several
         self.ids: list[int] = []
         self.text = ""
         self.done = False
@@ -164,20 +166,19 @@ class Continuation:
         self.text = self._fixed_text + tail
         if not tail.endswith("\ufffd"):  # ends on a complete character: later tokens cannot change the text so far
             self._fixed_ids, self._fixed_text = len(self.ids), self.text
-        if self.stop_text is not None:
-            cut = self.text.find(self.stop_text, max(0, searched - len(self.stop_text) + 1))
-            if cut >= 0:
-                self.text, self.done = self.text[:cut], True
+        # The earliest stop string wins; none can lie wholly before `searched`, or an earlier step would have cut.
+        cuts = [cut for stop in self._stops if (cut := self.text.find(stop, max(0, searched - len(stop) + 1))) >= 0]
+        if cuts:
+            self.text, self.done = self.text[:min(cuts)], True
 
     def settled(self) -> str:
         """The part of the text that later tokens cannot change: this much can be printed while streaming."""
         if self.done:
             return self.text
         text = self.text.rstrip("\ufffd")  # a multi-byte character may still be missing its last bytes
-        if self.stop_text is not None:  # hold back an ending that the next characters may complete to the stop string
-            held = max((n for n in range(1, len(self.stop_text)) if text.endswith(self.stop_text[:n])), default=0)
-            text = text[:len(text) - held]
-        return text
+        # hold back an ending that the next characters may complete to a stop string
+        held = max((n for stop in self._stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        return text[:len(text) - held]
 
 
 def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
