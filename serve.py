@@ -301,6 +301,9 @@ class Scheduler:
                 if self.stopping:
                     return
                 calls, self.calls = list(self.calls), deque()
+                for job in self.active:
+                    if job.cancelled:
+                        job.stream = None  # frees its KV cache now, not when the handler lets go of the job
                 self.active = [j for j in self.active if not j.cancelled]
                 rows = sum(j.rows for j in self.active)
                 while self.waiting and rows + self.waiting[0].rows <= self.max_sequences:
@@ -325,7 +328,7 @@ class Scheduler:
             with self.cond:
                 self.active = [j for j in self.active if j not in finished]
             for job in finished:
-                job.stream = None  # frees its KV cache now, not when the handler lets go of the job
+                job.stream = None
 
     def _step(self, job: Job) -> bool:
         """Advance one job by a token; send the text that settled; True when the job has ended."""
@@ -354,20 +357,6 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------------------------------------- HTTP
-
-
-class _EventStream(StreamingResponse):
-    """A StreamingResponse that runs on_close however the stream ends (finished, client gone, server stopping)."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.on_close = on_close
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -428,13 +417,15 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) ->
             return c
 
         async def events_until_done(wait: float) -> AsyncIterator[tuple | None]:
-            """The jobs' events until every choice has finished; None after `wait` seconds without one."""
-            ended = 0
+            """The jobs' events until every choice has finished, and a None every `wait` seconds."""
+            ended, tick = 0, time.monotonic() + wait
             while ended < choices:
-                try:
-                    event = await asyncio.wait_for(events.get(), wait)
-                except TimeoutError:
+                if time.monotonic() >= tick:
+                    tick = time.monotonic() + wait
                     yield None
+                try:
+                    event = await asyncio.wait_for(events.get(), max(0.0, tick - time.monotonic()))
+                except TimeoutError:
                     continue
                 if event[0] == "error":
                     raise ApiError(500, event[1], kind="server_error")
@@ -479,7 +470,14 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) ->
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
             yield "data: [DONE]\n\n"
 
-        return _EventStream(stream(), on_close=lambda: scheduler.cancel(jobs))
+        response = StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        async def send_events(scope: dict, receive: Callable, send: Callable) -> None:
+            try:
+                await response(scope, receive, send)
+            finally:  # however the stream ends: finished, client gone, server stopping
+                scheduler.cancel(jobs)
+        return send_events  # an ASGI app: Starlette awaits it as it would a Response
 
     async def attention(request: Request) -> Response:
         try:
@@ -553,8 +551,7 @@ def _parse_attention(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
 
 # ---------------------------------------------------------------------------------------------------------- page
 
-PLAYGROUND = r"""
-<!doctype html>
+PLAYGROUND = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>smallgpt playground</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
