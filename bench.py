@@ -5,6 +5,7 @@
     python bench.py --device=cuda --dtype=bfloat16 --compile=both --peak_flops=989e12
     python bench.py --what=decode --baselines=true           # also nanoGPT's loop and transformers' generate
     python bench.py --what=train --profile=true              # where a training step spends its time
+    python bench.py --what=serve --serve_clients=1,4,16      # serve.py: concurrent streaming clients (pip .[serve])
 
 Every figure is the median of --repeats timed runs after --warmup untimed steps (which also absorb compilation).
 A decode run is one call that prefills the prompt and then makes --decode_tokens one-token steps: its tokens/s and
@@ -16,11 +17,15 @@ version and date, so that docs/benchmarks.md can quote it.
 from __future__ import annotations
 
 import datetime
+import http.client
 import json
 import platform
+import re
 import resource
+import socket
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -39,7 +44,7 @@ BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT
 @dataclass
 class BenchConfig:
     model: str = "gpt2"  # a model size (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a training config .toml
-    what: str = "train,decode"  # comma-separated: train, decode
+    what: str = "train,decode"  # comma-separated: train, decode, serve
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto picks cuda when present
     dtype: str = "auto"  # float32, bfloat16 or float16; auto: bfloat16 on CUDA, float32 elsewhere
     compile: str = "false"  # torch.compile: false, true, or both (each measured separately)
@@ -51,7 +56,8 @@ class BenchConfig:
     repeats: int = 3  # timed repeats; the median is reported
     decode_batch: str = "1,8"  # comma-separated batch sizes for decoding
     prompt_len: int = 16  # prompt tokens before decoding
-    decode_tokens: int = 64  # new tokens per timed decode
+    decode_tokens: int = 64  # new tokens per timed decode (serve: per client)
+    serve_clients: str = "1,4,16"  # serve: comma-separated numbers of streaming clients at once
     baselines: bool = False  # decode: also time nanoGPT's recompute loop and transformers' GPT2 generate
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: train.py's table of GPUs (H100 989e12, ...)
     profile: bool = False  # train: print a torch.profiler table of a few steps instead of timing
@@ -59,9 +65,9 @@ class BenchConfig:
     seed: int = 1337  # weights and tokens are random, from this seed
 
     def __post_init__(self) -> None:
-        unknown = set(self.what.split(",")) - {"train", "decode"}
+        unknown = set(self.what.split(",")) - {"train", "decode", "serve"}
         if unknown:
-            raise ValueError(f"--what takes train and/or decode, got {sorted(unknown)}")
+            raise ValueError(f"--what takes train, decode and/or serve, got {sorted(unknown)}")
         if self.compile not in ("false", "true", "both"):
             raise ValueError(f"--compile takes false, true or both, got {self.compile!r}")
         if min(self.train_steps, self.repeats, self.decode_tokens, self.prompt_len) < 1:
@@ -297,6 +303,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.baselines and "decode" in cfg.what:
         for method in ("recompute (nanoGPT)", "transformers"):
             results.append({**stamp, "compile": False, **bench_decode(cfg, gpt, 1, device, dtype, False, method)})
+    if "serve" in cfg.what:
+        results += [{**stamp, **r} for r in bench_serve(cfg, gpt, device, dtype)]
     results = [r for r in results if r.get("what") != "profile"]
     if results:
         with open(cfg.out, "a") as f:
@@ -306,6 +314,102 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
+def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtype) -> list[dict]:
+    """serve.py in this process on 127.0.0.1, and for each --serve_clients count that many streaming clients at once,
+    each a different random prompt_len-token prompt and decode_tokens greedy tokens.
+
+    tokens_per_sec: all clients' tokens over the time from the first request to the last token; ttft: time to first
+    token per client; rss: the process's resident memory (read every 20 ms) with the model loaded and idle, its
+    peak during the round, and after it. The clients share the CPU with the server, as local clients do.
+    """
+    try:
+        import uvicorn
+
+        from serve import ServeConfig, create_app
+    except ImportError:
+        raise SystemExit("--what=serve needs the serve extra: pip install -e '.[serve]'") from None
+    from tokens import Tokenizer
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(gpt).to(device=device, dtype=dtype).eval()
+    # Prompts are token ids, so the tokenizer only decodes: GPT-2 BPE for BPE-sized vocabularies, else any chars.
+    tokenizer = Tokenizer.tiktoken("gpt2") if gpt.vocab_size >= 50257 else \
+        Tokenizer.char("".join(chr(0x100 + i) for i in range(gpt.vocab_size)))
+    counts = [int(c) for c in cfg.serve_clients.split(",")]
+    app = create_app(model, tokenizer, ServeConfig(max_sequences=max(counts), max_waiting=max(counts),
+                                                   max_tokens=cfg.decode_tokens), cfg.model)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = sock.getsockname()[1]
+    results = []
+    try:
+        for clients in [1, *counts]:  # the first round warms up, untimed
+            idle = _rss_mb()
+            prompts = torch.randint(0, gpt.vocab_size, (clients, cfg.prompt_len)).tolist()
+            start, runs, peak, done = threading.Barrier(clients + 1), [None] * clients, [idle], threading.Event()
+
+            def client(i: int) -> None:
+                runs[i] = _stream_completion(port, prompts[i], cfg.decode_tokens, start)
+
+            def watch() -> None:
+                while not done.wait(0.02):
+                    peak[0] = max(peak[0], _rss_mb())
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            threads.append(threading.Thread(target=watch))
+            for t in threads:
+                t.start()
+            start.wait()
+            for t in threads[:-1]:
+                t.join()
+            done.set()
+            threads[-1].join()
+            t0, t_end = min(r[0] for r in runs), max(r[2] for r in runs)
+            ttft = sorted(1000 * (r[1] - r[0]) for r in runs)
+            results.append({"what": "serve", "clients": clients, "prompt_len": cfg.prompt_len,
+                            "new_tokens": cfg.decode_tokens, "tokens": sum(r[3] for r in runs),
+                            "tokens_per_sec": round(sum(r[3] for r in runs) / (t_end - t0), 1),
+                            "client_tokens_per_sec": round(statistics.median(r[3] / (r[2] - r[0]) for r in runs), 2),
+                            "ttft_ms": round(statistics.median(ttft)), "ttft_ms_max": round(ttft[-1]),
+                            "rss_mb": f"{idle:.0f} / {peak[0]:.0f} / {_rss_mb():.0f}"})
+    finally:
+        server.should_exit = True
+        thread.join()
+    return results[1:]
+
+
+def _stream_completion(port: int, prompt: list[int], max_tokens: int,
+                       start: threading.Barrier) -> tuple[float, float, float, int]:
+    """(start, first token, end, tokens) of one streamed greedy completion."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    start.wait()
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    first, tokens = None, 0
+    for line in conn.getresponse():
+        if line.startswith(b"data: {"):
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None:
+                first = time.perf_counter()
+    conn.close()
+    return t0, first, time.perf_counter(), tokens
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux), in MiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read())[1]) / 1024
+
+
 def _device_name(device: str) -> str:
     if is_cuda(device):
         return torch.cuda.get_device_name(device)
@@ -313,8 +417,9 @@ def _device_name(device: str) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    columns = ["what", "method", "compile", "batch_size", "tokens_per_sec", "ms_per_step", "ms_per_token", "mfu",
-               "peak_memory_mb"]
+    columns = ["what", "method", "compile", "batch_size", "clients", "tokens_per_sec", "client_tokens_per_sec",
+               "ttft_ms", "ttft_ms_max", "ms_per_step", "ms_per_token", "mfu", "peak_memory_mb", "rss_mb"]
+    columns = [c for c in columns if c == "what" or any(r.get(c) is not None for r in results)]
     rows = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
