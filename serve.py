@@ -245,8 +245,8 @@ class Scheduler:
     """The worker thread that owns the model: it decodes active jobs one token each per round, in turn, and runs
     other model calls (attention maps) between rounds. Jobs wait in a bounded queue for rows."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_sequences: int, max_waiting: int) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: GPT, max_sequences: int, max_waiting: int) -> None:
+        self.model = model
         self.max_sequences, self.max_waiting = max_sequences, max_waiting
         self.device = model.transformer.wte.weight.device
         self.waiting: deque[Job] = deque()
@@ -275,10 +275,13 @@ class Scheduler:
                     self.waiting.remove(job)
             self.cond.notify()
 
-    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run fn on the worker between two decoding rounds (a forward hook must not see another job's forward)."""
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future | None:
+        """Run fn on the worker between two decoding rounds (a forward hook must not see another job's forward);
+        None when max_waiting calls are queued already."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.cond:
+            if len(self.calls) >= self.max_waiting:
+                return None
             self.calls.append((fn, future))
             self.cond.notify()
         return future
@@ -338,13 +341,14 @@ class Scheduler:
             generator = torch.Generator(device=self.device).manual_seed(r.seed)
             job.stream = self.model.generate_stream(idx, r.max_tokens, r.temperature, None, r.top_p, generator)
         token = next(job.stream, None)  # (n, 1); the first call prefills the prompt; None: max_tokens was 0
+        tokens = token[:, 0].tolist() if token is not None else None
         for row, text in enumerate(job.texts):
-            if text.done and job.sent[row] < 0:
+            if job.sent[row] < 0:
                 continue  # ended and reported
-            if token is not None and not text.done:
+            if tokens is not None and not text.done:
                 job.generated[row] += 1
-                text.add(int(token[row, 0]))
-            ended = token is None or text.done or job.generated[row] == r.max_tokens
+                text.add(tokens[row])
+            ended = tokens is None or text.done or job.generated[row] == r.max_tokens
             new_text = text.text if ended else text.settled()
             delta, ids = new_text[job.sent[row]:], text.ids[job.sent_ids[row]:]
             if delta or ids or ended:
@@ -382,11 +386,11 @@ async def _read_json(request: Request) -> Any:
 
 def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) -> Starlette:
     """The ASGI app serving `model`; its decode worker starts now and stops with the app's lifespan."""
-    scheduler = Scheduler(model, tokenizer, cfg.max_sequences, cfg.max_waiting)
+    scheduler = Scheduler(model, cfg.max_sequences, cfg.max_waiting)
     created = int(time.time())
     stop_token = tokenizer.eot_token  # generation ends at end-of-text, as OpenAI's does
 
-    async def completions(request: Request) -> Response:
+    async def completions(request: Request) -> Response | Callable:
         try:
             r = parse_completion(await _read_json(request), model, tokenizer, cfg)
         except ApiError as e:
@@ -485,6 +489,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) ->
             ids, position, start = _parse_attention(body, model, tokenizer, cfg)
             idx = torch.tensor(ids[start:position + 1], dtype=torch.long, device=scheduler.device)
             future = scheduler.call(lambda: attention_maps(model, idx)[:, 0, :, -1].float().cpu())  # (L, H, T)
+            if future is None:
+                raise ApiError(503, "the server is busy: try again later", None, "overloaded", "server_error")
             weights = await asyncio.wrap_future(future)
         except ApiError as e:
             return _error(e)

@@ -189,7 +189,7 @@ def test_stream_equals_non_stream_with_stops_and_usage(bpe):
             for event in events[:-2]:
                 for c in event["choices"]:
                     if c["finish_reason"] is None:
-                        assert "\ufffd" not in c["text"][-1:] or stop is None
+                        assert not c["text"].endswith("\ufffd")  # half a character is held back
                         assert not any(s in c["text"] for s in ([stop] if isinstance(stop, str) else stop or []))
 
 
