@@ -320,7 +320,7 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
 
     tokens_per_sec: all clients' tokens over the time from the first request to the last token; ttft: time to first
     token per client; rss: the process's resident memory (read every 20 ms) with the model loaded and idle, its
-    peak during the round, and after it. The clients share the CPU with the server, as local clients do.
+    peak during the round, and once the server is idle again. The clients share the CPU with the server, as local clients do.
     """
     try:
         import uvicorn
@@ -369,6 +369,9 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
                 t.join()
             done.set()
             threads[-1].join()
+            while any(app.state.scheduler.load().values()):
+                time.sleep(0.01)
+            time.sleep(0.5)  # the worker hands freed memory back once idle (serve.py's malloc_trim)
             t0, t_end = min(r[0] for r in runs), max(r[2] for r in runs)
             ttft = sorted(1000 * (r[1] - r[0]) for r in runs)
             results.append({"what": "serve", "clients": clients, "prompt_len": cfg.prompt_len,
