@@ -320,7 +320,8 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
 
     tokens_per_sec: all clients' tokens over the time from the first request to the last token; ttft: time to first
     token per client; rss: the process's resident memory (read every 20 ms) with the model loaded and idle, its
-    peak during the round, and once the server is idle again. The clients share the CPU with the server, as local clients do.
+    peak during the round, and once the server is idle again. The clients share the CPU with the server, as local
+    clients do.
     """
     try:
         import uvicorn

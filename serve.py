@@ -584,7 +584,8 @@ input[type=number]{width:70px} #stop{width:90px}
 .tok.gen{box-shadow:inset 0 -2px #8ab4f8} .tok.query{outline:2px solid #d33;outline-offset:1px}
 .tok:hover{box-shadow:inset 0 -2px #d33}
 #info{font-size:12px;min-height:2.4em} #grid{display:grid;gap:2px 3px;align-items:center;font-size:10px;color:#777}
-#grid canvas{width:100%;height:12px;cursor:pointer;image-rendering:pixelated;border:1px solid #e4e4e4;box-sizing:border-box}
+#grid canvas{width:100%;height:12px;cursor:pointer;image-rendering:pixelated;border:1px solid #e4e4e4;
+  box-sizing:border-box}
 #grid canvas.sel{border-color:#d33}
 </style></head><body>
 <aside>
@@ -620,7 +621,10 @@ function status(msg) { $('status').textContent = msg; }
 async function post(path, body, signal) {
   const resp = await fetch(path, {method: 'POST', headers: {'Content-Type': 'application/json'},
                                   body: JSON.stringify(body), signal});
-  if (!resp.ok) { const e = await resp.json().catch(() => null); throw new Error(e ? e.error.message : resp.statusText); }
+  if (!resp.ok) {
+    const e = await resp.json().catch(() => null);
+    throw new Error(e ? e.error.message : resp.statusText);
+  }
   return resp;
 }
 
