@@ -17,13 +17,13 @@ version and date, so that docs/benchmarks.md can quote it.
 from __future__ import annotations
 
 import datetime
-import http.client
 import json
 import platform
 import re
 import resource
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -319,9 +319,9 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
     each a different random prompt_len-token prompt and decode_tokens greedy tokens.
 
     tokens_per_sec: all clients' tokens over the time from the first request to the last token; ttft: time to first
-    token per client; rss: the process's resident memory (read every 20 ms) with the model loaded and idle, its
-    peak during the round, and once the server is idle again. The clients share the CPU with the server, as local
-    clients do.
+    token per client; rss: this process's resident memory (read every 20 ms) with the model loaded and idle, its
+    peak during the round, and once the server is idle again. The clients are threads of another process, so that
+    they do not share the server's GIL; they share its CPU, as local clients do.
     """
     try:
         import uvicorn
@@ -352,24 +352,21 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
         for clients in [1, *counts]:  # the first round warms up, untimed
             idle = _rss_mb()
             prompts = torch.randint(0, gpt.vocab_size, (clients, cfg.prompt_len)).tolist()
-            start, runs, peak, done = threading.Barrier(clients + 1), [None] * clients, [idle], threading.Event()
-
-            def client(i: int) -> None:
-                runs[i] = _stream_completion(port, prompts[i], cfg.decode_tokens, start)
+            peak, done = [idle], threading.Event()
 
             def watch() -> None:
                 while not done.wait(0.02):
                     peak[0] = max(peak[0], _rss_mb())
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-            threads.append(threading.Thread(target=watch))
-            for t in threads:
-                t.start()
-            start.wait()
-            for t in threads[:-1]:
-                t.join()
-            done.set()
-            threads[-1].join()
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                out = subprocess.run([sys.executable, "-c", _CLIENTS, str(port), str(cfg.decode_tokens),
+                                      json.dumps(prompts)], capture_output=True, text=True, check=True, timeout=3600)
+            finally:
+                done.set()
+                watcher.join()
+            runs = json.loads(out.stdout)  # [(start, first token, end, tokens)] per client
             while any(app.state.scheduler.load().values()):
                 time.sleep(0.01)
             time.sleep(0.5)  # the worker hands freed memory back once idle (serve.py's malloc_trim)
@@ -387,16 +384,19 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
     return results[1:]
 
 
-def _stream_completion(port: int, prompt: list[int], max_tokens: int,
-                       start: threading.Barrier) -> tuple[float, float, float, int]:
-    """(start, first token, end, tokens) of one streamed greedy completion."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+# The streaming clients of bench_serve: argv = port, max_tokens, JSON list of prompts; prints one tuple per client.
+_CLIENTS = """
+import http.client, json, sys, threading, time
+port, max_tokens, prompts = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+start, runs = threading.Barrier(len(prompts)), [None] * len(prompts)
+
+def client(i):
+    body = json.dumps({"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start.wait()
-    t0 = time.perf_counter()
+    t0, first, tokens = time.perf_counter(), None, 0
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    first, tokens = None, 0
     for line in conn.getresponse():
         if line.startswith(b"data: {"):
             chunk = json.loads(line[6:])
@@ -404,8 +404,15 @@ def _stream_completion(port: int, prompt: list[int], max_tokens: int,
                 tokens = chunk["usage"]["completion_tokens"]
             elif first is None:
                 first = time.perf_counter()
-    conn.close()
-    return t0, first, time.perf_counter(), tokens
+    runs[i] = (t0, first, time.perf_counter(), tokens)
+
+threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(runs))
+"""
 
 
 def _rss_mb() -> float:

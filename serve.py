@@ -670,7 +670,8 @@ async function generate() {
         out.textContent += c.text;
       }
       const s = (performance.now() - t0) / 1000;
-      status(`${n} tokens in ${s.toFixed(1)} s` + (tFirst ? `, first after ${((tFirst - t0) / 1000).toFixed(2)} s` : ''));
+      const first = tFirst ? `, first after ${((tFirst - t0) / 1000).toFixed(2)} s` : '';
+      status(`${n} tokens in ${s.toFixed(1)} s${first}`);
     }
   } catch (e) {
     if (e.name !== 'AbortError') { status('error: ' + e.message); finish(); return; }
@@ -733,7 +734,8 @@ function paint() {
   const name = k => JSON.stringify(labels[k]);
   $('info').textContent = `token ${query} ${name(query)}, layer ${l}, ` + (h < 0 ? 'mean of heads' : `head ${h}`) +
     ': attends most to ' + best.map(([v, k]) => `${name(k)}[${k}] ${v.toFixed(2)}`).join(', ');
-  $('grid').querySelectorAll('canvas').forEach(c => c.classList.toggle('sel', +c.dataset.l === l && +c.dataset.h === h));
+  $('grid').querySelectorAll('canvas').forEach(
+    c => c.classList.toggle('sel', +c.dataset.l === l && +c.dataset.h === h));
 }
 
 function drawGrid() {  // every layer (rows) and head (columns): the query's weights over its context, darker = more

@@ -437,7 +437,7 @@ def test_attention_context_limit(char):
         assert status == 400 and "max_attention_tokens" in answer["error"]["message"]
 
 
-# ---------------------------------------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------------------- command line
 
 
 def test_without_the_serve_extra_one_line_says_what_to_install():
