@@ -8,7 +8,7 @@
 For every layer and head it computes the attention probabilities softmax(q kᵀ / √head_dim) under the causal mask
 through an explicit path used only here: the model runs its ordinary forward once (model.py's fast SDPA path,
 untouched), a forward pre-hook captures the input of each block's attention module, and the probabilities are
-recomputed from that input with the module's own c_attn weights.
+recomputed from that input with the module's own qkv() (c_attn, then QK-norm and RoPE as switched).
 
 Writes OUT_grid.png (one heatmap per layer and head: rows are the attending tokens, columns the tokens attended to)
 and OUT_L{layer}_H{head}.png (the chosen --layer/--head at full size), then prints, for the query token --token,
@@ -73,22 +73,21 @@ class AttentionConfig:
 # The explicit attention path
 
 
-def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor,
+                       rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention probabilities (B, n_head, T, T) and per-head outputs (B, n_head, T, head_dim) of one attention module.
 
-    x (B, T, n_embd) is the module's input. q, k, v come from the module's own c_attn exactly as in its forward;
-    the scores above the diagonal are -inf before the softmax, so a token's weights on later tokens are exactly 0.
-    attn.c_proj applied to the heads side by side gives the module's output. c_attn runs in the model's dtype, as in
-    its forward; q, k and v are then cast to fp32, so that the scores and the softmax are fp32 whatever that dtype
-    (bf16 rounding would blur small weights), and so are the returned weights and heads.
+    x (B, T, n_embd) is the module's input and rope its rotation tables. q, k, v come from the module's own qkv()
+    (c_attn, then QK-norm and RoPE as switched); with grouped-query attention each key/value head serves
+    n_head / n_kv_head query heads. Scores above the diagonal are -inf before the softmax, so a token's weights on
+    later tokens are exactly 0. q, k and v are cast to fp32 first, so that the scores and the softmax are fp32 whatever
+    the model's dtype (bf16 rounding would blur small weights), and so are the returned weights and heads.
     """
-    B, T, C = x.shape
-    head_dim = C // attn.n_head
-    q, k, v = attn.c_attn(x).float().split(attn.n_embd, dim=2)
-    q = q.view(B, T, attn.n_head, head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-    k = k.view(B, T, attn.n_head, head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-    v = v.view(B, T, attn.n_head, head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)  # (B, n_head, T, T): row = query, column = key
+    T = x.size(1)
+    q, k, v = (t.float() for t in attn.qkv(x, rope))
+    group = attn.n_head // attn.n_kv_head
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_head, T, head_dim)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)  # (B, n_head, T, T): row = query, column = key
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T): query i sees keys 0 .. i
     weights = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # (B, n_head, T, T)
     return weights, weights @ v  # (B, n_head, T, T), (B, n_head, T, head_dim)
@@ -99,15 +98,15 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """Attention probabilities of every layer and head for token ids idx (T,) or (B, T): (n_layer, B, n_head, T, T).
 
     Runs the model's ordinary forward once; a forward pre-hook on each block's attention module hands that module's
-    input (ln_1 of the residual stream) to explicit_attention. The model is put in eval mode meanwhile, because
-    dropout would make the maps random, and its hooks and mode are restored afterwards.
+    input (ln_1 of the residual stream, and the RoPE tables) to explicit_attention. The model is put in eval mode
+    meanwhile, because dropout would make the maps random, and its hooks and mode are restored afterwards.
     """
     if idx.dim() == 1:
         idx = idx.unsqueeze(0)  # (1, T)
     maps: list[torch.Tensor] = []
 
     def capture(module: CausalSelfAttention, args: tuple) -> None:
-        maps.append(explicit_attention(module, args[0])[0])  # blocks run in order, so maps[i] is layer i
+        maps.append(explicit_attention(module, args[0], args[1])[0])  # blocks run in order: maps[i] is layer i
 
     was_training = model.training
     handles = [block.attn.register_forward_pre_hook(capture) for block in model.transformer.h]

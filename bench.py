@@ -36,7 +36,7 @@ import torch
 
 from config import format_config, load_toml, parse_config, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, sample_next
-from train import device_peak_flops
+from train import MODEL_FIELDS, device_peak_flops
 
 BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT-2 has them)"
 
@@ -63,6 +63,7 @@ class BenchConfig:
     profile: bool = False  # train: print a torch.profiler table of a few steps instead of timing
     out: str = "bench_results.jsonl"  # results are appended here, one JSON object per measurement
     seed: int = 1337  # weights and tokens are random, from this seed
+    optimizer: str = "auto"  # train: adamw or muon; auto: the training config's, else adamw
 
     def __post_init__(self) -> None:
         unknown = set(self.what.split(",")) - {"train", "decode", "serve"}
@@ -70,6 +71,8 @@ class BenchConfig:
             raise ValueError(f"--what takes train, decode and/or serve, got {sorted(unknown)}")
         if self.compile not in ("false", "true", "both"):
             raise ValueError(f"--compile takes false, true or both, got {self.compile!r}")
+        if self.optimizer not in ("auto", "adamw", "muon"):
+            raise ValueError(f"--optimizer takes auto, adamw or muon, got {self.optimizer!r}")
         if min(self.train_steps, self.repeats, self.decode_tokens, self.prompt_len) < 1:
             raise ValueError("--train_steps, --repeats, --decode_tokens and --prompt_len must be at least 1")
 
@@ -94,8 +97,7 @@ def model_config(cfg: BenchConfig) -> tuple[GPTConfig, int]:
         raise SystemExit(f"--model={cfg.model}: give one of {', '.join(SIZES)} or a training config .toml")
     train = load_toml(cfg.model)
     vocab = cfg.vocab_size or _dataset_vocab(train.get("dataset")) or 50304
-    keys = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
-    gpt = GPTConfig(vocab_size=vocab, **{k: train[k] for k in keys if k in train})
+    gpt = GPTConfig(vocab_size=vocab, **{k: train[k] for k in MODEL_FIELDS if k in train})  # every switch
     return gpt, cfg.batch_size or train.get("batch_size", 8)
 
 
@@ -141,7 +143,7 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
     torch.manual_seed(cfg.seed)
     T = cfg.block_size or gpt.block_size
     model = GPT(gpt).to(device)
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), torch.device(device).type)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), torch.device(device).type, cfg.optimizer)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
     step_model = torch.compile(model) if compiled else model
     x = torch.randint(0, gpt.vocab_size, (batch_size, T), device=device)
@@ -284,12 +286,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     gpt, batch_size = model_config(cfg)
+    if cfg.optimizer == "auto":
+        cfg.optimizer = load_toml(cfg.model).get("optimizer", "adamw") if cfg.model.endswith(".toml") else "adamw"
     if cfg.baselines and "decode" in cfg.what and not gpt.bias:
         raise SystemExit(BASELINES_NEED_BIAS)  # now, not after the other measurements
     compile_modes = {"false": [False], "true": [True], "both": [False, True]}[cfg.compile]
     stamp = {
         "model": cfg.model, "device": device, "device_name": _device_name(device), "dtype": dtype_name,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "optimizer": cfg.optimizer,
         "date": datetime.date.today().isoformat(),
     }
     results = []

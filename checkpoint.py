@@ -4,11 +4,12 @@
     model, tokenizer, config = load_model("out/shakespeare_char")   # or a ckpt_* folder, an HF folder, "gpt2"
     save_checkpoint(out_dir, raw_model, extra_config, state, iter_num=80, is_best=True)
 
-The layout of an out_dir (every folder also loads with transformers.GPT2LMHeadModel.from_pretrained):
+The layout of an out_dir (every folder of a GPT-2 model also loads with transformers.GPT2LMHeadModel, of a
+nanochat-like model with transformers.NanoChatForCausalLM: see GPT.hf_format):
 
     out_dir/
       ckpt_000080/            one complete checkpoint, named by iteration
-        model.safetensors     GPT.hf_state_dict(): Hugging Face GPT-2 layout, tied head left out
+        model.safetensors     GPT.hf_state_dict(): Hugging Face's layout (GPT-2 or NanoChat), a tied head left out
         config.json           GPT.hf_config() + "tokenizer" + "train" + "iter_num" + "val_loss" + ...
         state.pt              optimizer, iteration, RNG states...: plain tensors/containers, read with weights_only=True
       latest -> ckpt_000080   symlinks, each replaced in one atomic step
@@ -38,13 +39,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from model import GPT, HUB_MODELS
+from model import GPT, HUB_MODELS, config_from_hf
 from tokens import Tokenizer
 
 FILES = ("model.safetensors", "config.json", "state.pt")  # what a complete checkpoint folder holds
 LINKS = ("latest", "best")  # the symlinks in an out_dir; a checkpoint that no link points to is deleted on save
 _CKPT = re.compile(r"ckpt_(\d+)")
-_REQUIRED_CONFIG = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # what GPT.from_pretrained reads
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -148,9 +148,9 @@ def read_config(folder: Path) -> dict:
         raise ValueError(f"{path} not found: a checkpoint folder holds config.json and model.safetensors") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; use another checkpoint") from None
-    if not isinstance(config, dict) or any(key not in config for key in _REQUIRED_CONFIG):
-        missing = [k for k in _REQUIRED_CONFIG if not isinstance(config, dict) or k not in config]
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a GPT-2 config.json")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no JSON object: it is not a model's config.json")
+    config_from_hf(config, path, None)  # the model settings, checked where GPT.from_pretrained reads them
     return config
 
 

@@ -1,12 +1,13 @@
-"""A decoder-only GPT in one file: GPT-2's architecture with names to match, a KV cache, generation, GPT-2 import.
+"""A decoder-only GPT in one file: GPT-2's architecture and names, the modern recipe as switches, a KV cache,
+generation, and Hugging Face import/export.
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65))
-    model = GPT.from_pretrained("gpt2")                 # or a local Hugging Face GPT-2 folder
+    model = GPT.from_pretrained("gpt2")                 # or a local Hugging Face GPT-2 / NanoChat folder
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
-References: GPT-2 (Radford et al. 2019) for the architecture and initialisation; nanoGPT for the names and the
-training-time shapes; Hugging Face's GPT2LMHeadModel for the weight layout imported and exported here.
+GPTConfig's defaults are GPT-2 (Radford et al. 2019) exactly; the switches (RoPE, RMSNorm, QK-norm, ReLU², GQA, an
+untied head, a logit softcap, zero-initialised projections) are nanochat's and modded-nanogpt's, see docs/recipe.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,119 +31,117 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from muon import Muon
+
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest context the model sees (number of learned positions)
+    block_size: int = 1024  # longest context the model sees
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
     n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads per block
+    n_head: int = 12  # attention (query) heads per block
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # dropout probability on attention weights and residual branches (0 for pretraining)
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2; False is a little faster
+    # switches: the defaults are GPT-2
+    pos_embedding: str = "learned"  # learned (GPT-2's wpe) or rope (rotary embeddings on q and k, no wpe)
+    rope_theta: float = 10000.0  # RoPE base: the longest wavelength is about 2π·rope_theta positions
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (F.rms_norm without a learned weight, as nanochat)
+    embed_norm: bool = False  # normalise the token embeddings before the first block (nanochat, modded-nanogpt)
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention (weightless, so before or after RoPE alike)
+    mlp: str = "gelu"  # gelu (GPT-2's tanh approximation) or relu2 (ReLU squared)
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix (GPT-2); False: its own weight
+    logit_softcap: float | None = None  # cap * tanh(logits / cap) on the output logits; None: no cap
+    zero_init: bool = False  # output projections (and an untied head) start at zero instead of GPT-2's N(0, 0.02)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                f"change n_head to a divisor of n_embd, or n_embd to a multiple of n_head"
-            )
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): change n_head to "
+                             f"a divisor of n_embd, or n_embd to a multiple of n_head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (("pos_embedding", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("mlp", ("gelu", "relu2"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.pos_embedding == "rope" and (self.head_dim % 2 or self.rope_theta <= 0):
+            raise ValueError(f"RoPE needs an even head_dim (n_embd / n_head = {self.head_dim}) and rope_theta > 0")
+        if self.n_kv_head is not None and not (1 <= self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0):
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each key/value head "
+                             f"serves n_head / n_kv_head query heads")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ValueError(f"logit_softcap must be positive (nanochat uses 15) or unset, got {self.logit_softcap}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated for `max_len` positions.
 
-    The caller creates it, passes it to `GPT.forward`, and resets it; nothing about it lives on the modules.
-    Each layer appends its new keys/values at `pos`; the model advances `pos` once all layers have run.
+    The caller creates it, passes it to `GPT.forward`, and resets it; nothing about it lives on the modules. Each
+    layer writes its new keys/values at `pos`; the model advances `pos` once all layers have run.
+    static=True is the fixed-shape mode for CUDA graphs (torch.compile(mode="reduce-overhead"), sample.py's
+    --compile): the positions come in as a tensor, attention reads the whole buffer under a mask, and the caller
+    advances `pos`, so that nothing depends on a Python int (the gpt-fast recipe).
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        # Uninitialised: attention only ever reads the filled positions, and zeroing 2 x 38 MB for GPT-2 124M
-        # would cost a decode step's worth of time per generate() call.
-        self.k = torch.empty(shape, device=device, dtype=dtype)  # (L, B, n_head, max_len, head_dim)
-        self.v = torch.empty(shape, device=device, dtype=dtype)  # (L, B, n_head, max_len, head_dim)
-        self.max_len = max_len
-        self.batch_size = batch_size
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False) -> None:
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        # Dynamic: uninitialised, only filled positions are read. Static: zeros, because masked positions are still
+        # multiplied (by a weight of 0), and 0 * NaN from uninitialised memory would be NaN.
+        new = torch.zeros if static else torch.empty
+        self.k = new(shape, device=device, dtype=dtype)  # (L, B, n_kv_head, max_len, head_dim)
+        self.v = new(shape, device=device, dtype=dtype)  # (L, B, n_kv_head, max_len, head_dim)
+        if static:
+            torch._dynamo.mark_static_address(self.k)  # lets a CUDA graph update the cache in place
+            torch._dynamo.mark_static_address(self.v)
+        self.max_len, self.batch_size, self.static = max_len, batch_size, static
         self.pos = 0  # number of positions filled
 
     @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None) -> KVCache:
+    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
         """A cache shaped for `model`, on its device and in its dtype, holding up to block_size positions."""
         c = model.config
         p = model.transformer.wte.weight
-        return cls(c.n_layer, batch_size, c.n_head, c.head_dim, max_len or c.block_size, p.device, p.dtype)
+        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, p.device, p.dtype, static)
 
     def reset(self) -> None:
-        self.pos = 0  # stale entries past pos are never read, so no need to zero them
+        self.pos = 0  # stale entries past pos are never read (or are masked), so no need to zero them
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values (B, n_head, T, head_dim) at pos; return all keys/values so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this layer's new keys/values (B, n_kv_head, T, head_dim) at input_pos (T,); return the keys and
+        values to attend to and their mask (None: the queries are the last T positions, see attend)."""
+        if self.static:
+            self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))  # .to: k is bf16 under autocast
+            self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
+            mask = torch.arange(self.max_len, device=k.device) <= input_pos[:, None]  # (T, max_len)
+            return self.k[layer], self.v[layer], mask
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} used, {k.size(2)} more asked. "
                              f"Reset it, or create it with a larger max_len (at most block_size)")
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_head, end, head_dim)
-
-
-class StaticKVCache:
-    """KVCache's fixed-shape twin, for decoding under CUDA graphs (torch.compile(mode="reduce-overhead")).
-
-    A CUDA graph replays fixed shapes at fixed addresses, so nothing here may depend on a Python int: one buffer per
-    layer, marked static, the positions passed in as a tensor, new keys/values written with index_copy_, and
-    attention over the whole buffer under a mask (the gpt-fast recipe). Used by `GPT.forward_static`; `pos` only
-    counts the filled positions for the caller, who advances it.
-    """
-
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch_size, n_head, max_len, head_dim)
-        # Zeros, unlike KVCache's empty buffers: attention here multiplies the masked positions too (by a weight of
-        # 0), and 0 * NaN from uninitialised memory would be NaN.
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]  # (B, n_head, max_len, hd)
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]  # (B, n_head, max_len, hd)
-        for buffer in self.k + self.v:
-            torch._dynamo.mark_static_address(buffer)  # lets a CUDA graph update the cache in place
-        self.max_len = max_len
-        self.batch_size = batch_size
-        self.pos = 0
-
-    @classmethod
-    def for_model(cls, model: GPT, batch_size: int) -> StaticKVCache:
-        c = model.config
-        p = model.transformer.wte.weight
-        return cls(c.n_layer, batch_size, c.n_head, c.head_dim, c.block_size, p.device, p.dtype)
-
-    def reset(self) -> None:
-        self.pos = 0  # positions past the ones written are masked out, so stale entries are never seen
-
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write keys/values (B, n_head, T, head_dim) at positions input_pos (T,); return the whole buffers."""
-        self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))  # .to: k is bf16 under autocast
-        self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]  # (B, n_head, max_len, head_dim)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], None  # (B, n_kv_head, end, head_dim)
 
 
 class Linear(nn.Module):
     """y = x W + b, with W stored (in_features, out_features): nn.Linear's maths, GPT-2's storage.
 
     OpenAI's checkpoints keep these weights in this layout (Hugging Face's "Conv1D"), so they load without
-    transposes. It is also faster where decoding is bound by reading the weights: a batch-1 step is one
-    vector-matrix product per layer, and on the CPU the BLAS streams W about 15% faster in this layout than in
-    nn.Linear's (out, in) (docs/benchmarks.md). For the batched matmuls of training the two are the same.
+    transposes; and a batch-1 decode step, bound by reading W, streams it ~15% faster on the CPU (docs/benchmarks.md).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
@@ -153,14 +153,42 @@ class Linear(nn.Module):
         return F.linear(x, self.weight.t(), self.bias)  # a transposed view: no copy, the BLAS reads W as stored
 
 
+class RMSNorm(nn.Module):
+    """RMS normalisation without a learned weight (nanochat found learned scales no better)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),), eps=1e-6)  # Hugging Face's NanoChat eps, so exports match exactly
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    return nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
+
+
+def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (block_size, head_dim / 2) of the rotation angles position * theta^(-2i / head_dim)."""
+    inv_freq = config.rope_theta ** -(torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[i], x[i + head_dim/2]) of x (B, H, T, head_dim) by each position's angles (T, head_dim/2).
+
+    The sign convention is nanochat's (and Hugging Face NanoChat's): rotating by -angle. Any fixed sign gives the
+    same relative-position property; this one exports without permuting weights.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
 @torch.compiler.assume_constant_result  # decided once while torch.compile traces, not on every call
 def flash_supported(device_index: int, head_dim: int) -> bool:
-    """Whether SDPA's flash kernel (FlashAttention-2) can run on this GPU for this head size.
-
-    It needs an Ampere or Hopper GPU (compute capability 8.x or 9.0) and head_dim a multiple of 8, at most 256 on
-    A100/H100 (sm80, sm90) and at most 192 on the consumer parts (sm86, sm89), whose backward lacks the shared memory.
-    Elsewhere (T4, V100, a head_dim of 100) the training forward leaves the choice to SDPA, and says so once.
-    """
+    """Whether SDPA's flash kernel can run on this GPU for this head size: Ampere/Hopper, head_dim a multiple of 8,
+    at most 256 on sm80/sm90 and 192 on sm86/sm89 (whose backward lacks the shared memory). Warns once otherwise."""
     major, minor = torch.cuda.get_device_capability(device_index)
     limit = 256 if (major, minor) in ((8, 0), (9, 0)) else 192
     ok = major in (8, 9) and head_dim % 8 == 0 and head_dim <= limit
@@ -171,48 +199,61 @@ def flash_supported(device_index: int, head_dim: int) -> bool:
     return ok
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention, the model's one SDPA call: q (B, n_head, Tq, hd), k and v (B, n_kv_head, Tk, hd).
+
+    Without a mask the Tq queries are the last Tq of the Tk positions. SDPA's is_causal aligns its mask top-left,
+    which is right only when Tq == Tk; a chunk after a cache needs the bottom-right mask built here, and a single
+    query sees every key. In bf16/fp16 on CUDA, an unmasked call is forced onto the flash kernel where it runs.
+    """
+    Tq, Tk = q.size(2), k.size(2)
+    if mask is None and Tq not in (1, Tk):
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    causal = mask is None and Tq > 1
+    gqa = k.size(1) != q.size(1)
+    flash = (mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+             and flash_supported(q.device.index, q.size(-1)))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else nullcontext():  # fail loudly, not slowly
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                              enable_gqa=gqa)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer  # index into the KV cache
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        # q, k, v for all heads in one matmul; with GQA, k and v have n_kv_head heads each
+        self.c_attn = Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | StaticKVCache | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
+    def qkv(self, x: torch.Tensor,
+            rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, n_head, T, hd), k and v (B, n_kv_head, T, hd) of x (B, T, n_embd): normed and rotated as switched."""
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                        self.n_kv_head * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
-        if isinstance(kv_cache, StaticKVCache):  # fixed shapes (see StaticKVCache): the whole buffer, masked
-            k, v = kv_cache.update(self.layer, input_pos, k, v)  # (B, n_head, max_len, head_dim)
-            mask = torch.arange(k.size(2), device=q.device) <= input_pos[:, None]  # (T, max_len): keys up to pos
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif kv_cache is None:  # training, or a plain forward: one causal pass over the whole sequence
-            dropout_p = self.dropout if self.training else 0.0
-            if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_supported(q.device.index, q.size(-1)):
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # fail loudly rather than silently use a slow kernel
-                    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            start = kv_cache.pos
-            k, v = kv_cache.append(self.layer, k, v)  # (B, n_head, start + T, head_dim)
-            if start == 0:  # prefill into an empty cache: the usual causal mask
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            elif T == 1:  # one-token decode: the new token may see every cached position
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:
-                # A chunk appended to a non-empty cache. SDPA's is_causal aligns the mask top-left, which is wrong
-                # when queries are the last T of start + T keys: query i sees keys 0 .. start + i (bottom-right).
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.qkv(x, rope)
+        mask = None
+        if kv_cache is not None:
+            k, v, mask = kv_cache.update(self.layer, k, v, input_pos)  # keys so far: (B, n_kv_head, Tk, head_dim)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -221,57 +262,102 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.relu2 = config.mlp == "relu2"
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")  # tanh: GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | StaticKVCache | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, input_pos)  # pre-norm: the residual stream is never normalised
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, input_pos)  # pre-norm: the residual stream is never normed
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+# ---------------------------------------------------------------------- sampling (used by GPT.generate)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError for sampling settings that make no sense."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token (B, 1) from last-position logits (B, vocab_size)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the likelier tokens before it already reach top_p; the top token always stays.
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        if config.pos_embedding == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        if config.embed_norm:
+            modules["ln_emb"] = make_norm(config)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017), as GPT-2: the output head reuses the token embedding matrix.
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:  # Press & Wolf 2017, as GPT-2: the output head reuses the token embeddings
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.pos_embedding == "rope":  # not saved: recomputed from the config
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim / 2)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2's initialisation, all in one place.
+        """All initialisation, in one place.
 
-        Linear and Embedding weights ~ N(0, 0.02), biases zero, LayerNorms at identity. The projections that write
-        into the residual stream (attn.c_proj, mlp.c_proj) get std 0.02 / sqrt(2 * n_layer): each block adds two
-        such branches, and the scaling keeps the stream's variance from growing with depth (GPT-2 paper, sec. 2.3).
+        GPT-2: Linear and Embedding weights ~ N(0, 0.02), biases zero, LayerNorms at identity; the projections that
+        write into the residual stream (attn.c_proj, mlp.c_proj) get std 0.02 / sqrt(2 * n_layer), so that the
+        stream's variance does not grow with depth (GPT-2 paper, sec. 2.3). zero_init (nanochat, modded-nanogpt):
+        those projections, and an untied head, start at zero, so every block starts as the identity.
         """
         if isinstance(module, (Linear, nn.Linear)):
             std = 0.02
-            if module is not self.lm_head and any(module is b.attn.c_proj or module is b.mlp.c_proj
-                                                  for b in self.transformer.h):
-                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            if module is self.lm_head and not self.config.tie_embeddings and self.config.zero_init:
+                std = 0.0
+            elif any(module is b.attn.c_proj or module is b.mlp.c_proj for b in self.transformer.h):
+                std = 0.0 if self.config.zero_init else 0.02 / math.sqrt(2 * self.config.n_layer)
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -279,45 +365,62 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the position embeddings (the token ones are the tied head)."""
+        """Parameter count; by default without the embedding lookups (a tied wte counts: it is the head's matmul)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+            n -= 0 if self.config.tie_embeddings else self.transformer.wte.weight.numel()
+        return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def crop_block_size(self, block_size: int) -> None:
+        """Shorten the context to block_size (fine-tuning a pretrained model on shorter sequences)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids idx (B, T); the mean cross-entropy too when targets are given.
 
         Targets of -1 are ignored. With a KV cache, idx continues the cached sequence: positions start at the
-        cache's length, and the cache is advanced by T.
+        cache's length, and the cache is advanced by T. A static cache takes the positions input_pos (T,) instead,
+        and its caller advances it.
         """
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}; "
-                             f"crop the input to the last {self.config.block_size} tokens")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
+        if input_pos is None:
+            start = kv_cache.pos if kv_cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                                 f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens")
+            input_pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(input_pos)
+        if self.config.embed_norm:
+            x = self.transformer.ln_emb(x)
+        x = self.transformer.drop(x)
+        rope = (self.rope_cos[input_pos], self.rope_sin[input_pos]) if "wpe" not in self.transformer else None
         for block in self.transformer.h:
-            x = block(x, kv_cache)
-        if kv_cache is not None:
+            x = block(x, rope, kv_cache, input_pos)
+        if kv_cache is not None and not kv_cache.static:
             kv_cache.pos += T
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)  # fp32: tanh saturates coarsely in bf16
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def forward_static(self, idx: torch.Tensor, input_pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for idx (B, T) at positions input_pos (T,), continuing a StaticKVCache.
+    def forward_static(self, idx: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits only, for a static cache: the function sample.py compiles into a CUDA graph."""
+        return self(idx, kv_cache=cache, input_pos=input_pos)[0]
 
-        forward(idx, kv_cache=...) with fixed shapes and no Python-side state, so that torch.compile can capture a
-        one-token step in a CUDA graph. The caller passes the positions and advances cache.pos.
-        """
-        x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)  # (B, T, n_embd)
-        for block in self.transformer.h:
-            x = block(x, cache, input_pos)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+    # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -326,11 +429,9 @@ class GPT(nn.Module):
 
         The prompt is prefilled once into a KV cache, then each step feeds one token. temperature=0 is greedy;
         top_k keeps the k likeliest tokens, top_p the smallest set whose probability reaches p (nucleus sampling);
-        a torch.Generator makes sampling reproducible.
-
-        Past block_size the model keeps going as nanoGPT's generate does: the context is cropped to the last
-        block_size tokens, which restart at position 0. The cache cannot shift positions, so from then on every
-        step recomputes the cropped window (as slow as nanoGPT there, and giving exactly its tokens).
+        a torch.Generator makes sampling reproducible. Past block_size the context is cropped to the last
+        block_size tokens, which restart at position 0, as nanoGPT does: the cache cannot shift positions, so
+        from then on each step recomputes the window (as slow as nanoGPT there, and giving exactly its tokens).
         """
         new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
         return torch.cat([idx, *new], dim=1)
@@ -338,36 +439,35 @@ class GPT(nn.Module):
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
                         generator: torch.Generator | None = None,
-                        decode_step: Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor] | None = None,
-                        cache: KVCache | StaticKVCache | None = None) -> Iterator[torch.Tensor]:
+                        decode_step: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] | None = None,
+                        cache: KVCache | None = None) -> Iterator[torch.Tensor]:
         """generate(), one step at a time: yields each new token (B, 1) as soon as it is sampled.
 
-        decode_step switches to fixed shapes: a StaticKVCache, and every one-token step run as
-        decode_step(token, input_pos, cache) -> logits, normally a torch.compile of forward_static (sample.py's
-        --compile); prefill and the recompute past block_size stay eager. In fp32 the tokens are generate()'s; in
-        bf16/fp16 the fixed-shape attention rounds differently and may pick another token where two nearly tie.
-        A cache passed in is reset and reused: a StaticKVCache that keeps its addresses spares a new CUDA graph.
-        Arguments are checked here, before the first token is asked for.
+        decode_step (sample.py's --compile: a torch.compile of forward_static) runs each one-token step on a static
+        cache; prefill and the recompute past block_size stay eager. In bf16/fp16 its masked attention rounds
+        differently and may pick another token where two nearly tie. A cache passed in is reset and reused (a
+        static one keeps its addresses, sparing a new CUDA graph). Arguments are checked before the first token.
         """
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (batch, length) with length >= 1, got shape {tuple(idx.shape)}")
-        kind = KVCache if decode_step is None else StaticKVCache
+        static = decode_step is not None
         if cache is None:
-            cache = kind.for_model(self, idx.size(0))
-        elif not isinstance(cache, kind) or cache.max_len < self.config.block_size or cache.batch_size != idx.size(0):
-            raise ValueError(f"the cache passed in must be a {kind.__name__} for batch {idx.size(0)} holding "
-                             f"block_size={self.config.block_size} positions: create it with "
-                             f"{kind.__name__}.for_model(model, batch_size)")
+            cache = KVCache.for_model(self, idx.size(0), static=static)
+        elif (cache.static != static or cache.max_len < self.config.block_size
+              or cache.batch_size != idx.size(0)):
+            raise ValueError(f"the cache passed in must be a {'static ' * static}KVCache for batch {idx.size(0)} "
+                             f"holding block_size={self.config.block_size} positions: create it with "
+                             f"KVCache.for_model(model, batch_size{', static=True' * static})")
         return self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, decode_step, cache)
 
     @torch.no_grad()
     def _decode(self, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
                 top_p: float | None, generator: torch.Generator | None,
-                decode_step: Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor] | None,
-                cache: KVCache | StaticKVCache) -> Iterator[torch.Tensor]:
+                decode_step: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] | None,
+                cache: KVCache) -> Iterator[torch.Tensor]:
         """The loop of generate_stream: prefill, then one token a step, recomputing the window past block_size."""
         if max_new_tokens == 0:
             return
@@ -375,7 +475,7 @@ class GPT(nn.Module):
         cache.reset()
 
         def feed(tokens: torch.Tensor) -> torch.Tensor:  # (B, T) after the cached ones -> last logits (B, vocab)
-            if decode_step is None:
+            if not cache.static:
                 return self(tokens, kv_cache=cache)[0][:, -1, :]
             T = tokens.size(1)
             input_pos = torch.arange(cache.pos, cache.pos + T, device=tokens.device)  # (T,)
@@ -400,16 +500,31 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ optimizer and FLOPs
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str) -> torch.optim.AdamW:
-        """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only, never on biases or norms."""
+                             device_type: str, optimizer: str = "adamw", muon_lr: float = 0.02,
+                             muon_momentum: float = 0.95, muon_weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        """AdamW for every weight (decay on 2-D weights only, never on biases or norms); or, with
+        optimizer="muon", Muon for the matrices inside the blocks and AdamW for the embeddings, head, biases and
+        norms. Each group keeps its peak rate as "base_lr"; train.py scales every group by the schedule."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        groups = []
+        if optimizer == "muon":
+            h, a = self.transformer.h, self.transformer.h[0].attn
+            qkv = [a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim]  # c_attn's columns
+            for weights, blocks in (([b.attn.c_attn.weight for b in h], qkv), ([b.attn.c_proj.weight for b in h], None),
+                                    ([b.mlp.c_fc.weight for b in h], None), ([b.mlp.c_proj.weight for b in h], None)):
+                groups.append({"params": weights, "muon": True, "blocks": blocks, "lr": muon_lr,
+                               "momentum": muon_momentum, "weight_decay": muon_weight_decay})
+        hidden = {id(p) for group in groups for p in group["params"]}
+        adam = [p for p in params if id(p) not in hidden]
+        groups += [
+            {"params": [p for p in adam if p.dim() >= 2], "weight_decay": weight_decay, "lr": learning_rate},
+            {"params": [p for p in adam if p.dim() < 2], "weight_decay": 0.0, "lr": learning_rate},
         ]
+        groups = [group | {"base_lr": group["lr"]} for group in groups if group["params"]]
+        if optimizer == "muon":
+            return Muon(groups, betas=betas)
         # One kernel for the whole update instead of several per parameter (on the CPU ~5x faster than foreach)
-        fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token: 6 per parameter plus the attention scores.
@@ -424,44 +539,53 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (e.g. 989e12 for H100 bf16)."""
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
-    # ------------------------------------------------------------------ Hugging Face GPT-2 weights
+    # ------------------------------------------------------------------ Hugging Face import and export
+
+    def hf_format(self) -> str:
+        """The transformers architecture this model is exactly: "gpt2", "nanochat", or "smallgpt" (none)."""
+        c, d = self.config, GPTConfig()
+        if all(getattr(c, f) == getattr(d, f) for f in _SWITCHES if f != "zero_init") and c.kv_heads == c.n_head:
+            return "gpt2"
+        if (c.pos_embedding, c.norm, c.embed_norm, c.qk_norm, c.mlp, c.bias, c.tie_embeddings) == (
+                "rope", "rmsnorm", True, True, "relu2", False, False):
+            return "nanochat"
+        return "smallgpt"
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under Hugging Face's GPT-2 names: `wte.weight`, `h.0.attn.c_attn.weight`, ...
-
-        The layouts are already the same (see Linear). The tied head is left out (HF ties it again on load);
-        the tensors are copies in host memory, ready for safetensors.
-        """
-        out = {}
-        for key, tensor in self.state_dict().items():
-            if key == "lm_head.weight":
-                continue
-            name = key.removeprefix("transformer.")
-            out[name] = tensor.detach().to("cpu", copy=True)  # one copy, off the GPU: safetensors writes from host memory
-        return out
+        """The weights as hf_format() names them (GPT-2: `wte.weight`, `h.0.attn.c_attn.weight`, ..., the tied head
+        left out), as copies in host memory, ready for safetensors."""
+        ours = {k.removeprefix("transformer."): t.detach().to("cpu", copy=True) for k, t in self.state_dict().items()
+                if not (k == "lm_head.weight" and self.config.tie_embeddings)}
+        return _to_nanochat(ours, self.config) if self.hf_format() == "nanochat" else ours
 
     def hf_config(self) -> dict:
-        """config.json in Hugging Face's GPT-2 form, plus this model's own fields under "smallgpt"."""
-        c = self.config
-        return {
-            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
-            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+        """config.json for hf_format(), plus every GPTConfig field under "smallgpt". A model no transformers class
+        implements gets model_type "smallgpt", which transformers refuses rather than loads with other maths."""
+        c, fmt = self.config, self.hf_format()
+        own = {"smallgpt": asdict(c)}
+        if fmt == "nanochat":
+            return {"model_type": "nanochat", "architectures": ["NanoChatForCausalLM"], "vocab_size": c.vocab_size,
+                    "hidden_size": c.n_embd, "intermediate_size": 4 * c.n_embd, "num_hidden_layers": c.n_layer,
+                    "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads,
+                    "max_position_embeddings": c.block_size, "hidden_act": "relu2", "rms_norm_eps": 1e-6,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+                    "final_logit_softcapping": c.logit_softcap, "attention_bias": False,
+                    "attention_dropout": c.dropout, "tie_word_embeddings": False,
+                    "bos_token_id": None, "eos_token_id": None, "pad_token_id": None} | own
+        sizes = {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd,
+                 "n_layer": c.n_layer, "n_head": c.n_head}
+        if fmt == "smallgpt":
+            return {"model_type": "smallgpt", "architectures": ["smallgpt.GPT"]} | sizes | own
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]} | sizes | {
             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
-            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-            "smallgpt": asdict(c),
-        }
+            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout} | own
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dropout: float | None = None,
                         cache_dir: str | os.PathLike | None = None) -> GPT:
-        """Load GPT-2 weights: a local folder (config.json + model.safetensors) or a hub name such as "gpt2".
-
-        Hub names (gpt2, gpt2-medium, gpt2-large, gpt2-xl) are downloaded once over HTTPS from huggingface.co (or
-        the mirror in $HF_ENDPOINT) into cache_dir (default $SMALLGPT_CACHE or ~/.cache/smallgpt), and the weights
-        are checked against the sha256 the hub reports.
-        Folders written by this project's train.py load the same way.
-        """
+        """Load a model folder (config.json + model.safetensors: GPT-2, NanoChat, or any folder train.py wrote) or
+        a GPT-2 hub name ("gpt2", ...), downloaded once into cache_dir (default $SMALLGPT_CACHE or
+        ~/.cache/smallgpt, a mirror through $HF_ENDPOINT) and checked against the sha256 the hub reports."""
         from safetensors.torch import load_file
 
         folder = Path(name_or_path)
@@ -475,12 +599,15 @@ class GPT(nn.Module):
             if not path.is_file():
                 raise ValueError(f"{path} not found: a model folder holds config.json and model.safetensors "
                                  f"(pytorch_model.bin is not read: convert it to safetensors)")
-        config = _config_from_hf(json.loads(config_path.read_text()), config_path, dropout)
+        hf = json.loads(config_path.read_text())
+        config = config_from_hf(hf, config_path, dropout)
         try:
             weights = load_file(weights_path)
         except Exception as e:  # safetensors raises its own error types for truncated or corrupted files
             raise ValueError(f"{weights_path} could not be read ({e}); the file is damaged: download or save it "
                              f"again") from None
+        if hf.get("model_type") == "nanochat":
+            weights = _from_nanochat(weights, config)
         model = cls(config)
         model.load_hf_state_dict(weights, source=str(weights_path))
         return model
@@ -488,12 +615,13 @@ class GPT(nn.Module):
     def load_hf_state_dict(self, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Copy weights in Hugging Face's GPT-2 layout (with or without the `transformer.` prefix) into the model."""
         ours = self.state_dict()
-        expected = {k.removeprefix("transformer.") for k in ours if k != "lm_head.weight"}
+        tied = self.config.tie_embeddings
+        expected = {k.removeprefix("transformer.") for k in ours if not (tied and k == "lm_head.weight")}
         found = {}
         for key, tensor in weights.items():
             name = key.removeprefix("transformer.")
-            if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-                continue  # HF's causal-mask buffers, and the head that is tied to wte anyway
+            if name.endswith((".attn.bias", ".attn.masked_bias")) or (tied and name == "lm_head.weight"):
+                continue  # HF's causal-mask buffers, and a head that is tied to wte anyway
             found[name] = tensor
         missing, unexpected = expected - found.keys(), found.keys() - expected
         if missing or unexpected:
@@ -509,28 +637,98 @@ class GPT(nn.Module):
 
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+_SWITCHES = ("pos_embedding", "norm", "embed_norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap", "zero_init")
 
 # config.json settings that change the maths, and the values of GPT-2 that this model implements.
 _GPT2_SETTINGS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
                   "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
                   "tie_word_embeddings": (True,)}
+_NANOCHAT_SETTINGS = {"hidden_act": ("relu2",), "attention_bias": (False,), "tie_word_embeddings": (False,),
+                      "rms_norm_eps": (1e-6,)}
 
 
-def _config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
-    """GPTConfig from a Hugging Face GPT-2 config.json (ours add a "smallgpt" entry); refuse what GPT-2 is not."""
-    block_size = hf.get("n_positions", hf.get("n_ctx"))  # older configs name the context n_ctx only
-    missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
-    if missing or block_size is None:
-        raise ValueError(f"{path} lacks {', '.join(missing + ['n_positions'] * (block_size is None))}: it is not "
-                         f"a GPT-2 config.json")
-    for key, allowed in _GPT2_SETTINGS.items():
-        if key in hf and hf[key] not in allowed:
-            raise ValueError(f"{path}: {key}={hf[key]!r} is not supported: this GPT implements GPT-2's "
-                             f"{key}={allowed[0]!r}")
+def config_from_hf(hf: dict, path: Path, dropout: float | None) -> GPTConfig:
+    """GPTConfig from a config.json: GPT-2's or NanoChat's keys, overridden by our own "smallgpt" entry where
+    present (ours always write one); refuse settings this model does not implement."""
+    model_type = hf.get("model_type", "gpt2")
+    if model_type == "nanochat":
+        settings, keys = _NANOCHAT_SETTINGS, ("vocab_size", "hidden_size", "num_hidden_layers",
+                                              "num_attention_heads", "max_position_embeddings")
+    elif model_type in ("gpt2", "smallgpt"):
+        settings, keys = _GPT2_SETTINGS, ("vocab_size", "n_layer", "n_head", "n_embd")
+    else:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported: this GPT loads gpt2 and nanochat "
+                         f"folders, and the folders train.py writes")
     own = hf.get("smallgpt", {})
-    return GPTConfig(block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                     n_embd=hf["n_embd"], bias=own.get("bias", True),
-                     dropout=dropout if dropout is not None else own.get("dropout", 0.0))
+    if not isinstance(own, dict) or own.keys() - {f.name for f in fields(GPTConfig)}:
+        raise ValueError(f"{path}: its \"smallgpt\" entry has unknown keys: it was written by another version; "
+                         f"save the checkpoint again with this one")
+    block_size = hf.get("n_positions", hf.get("n_ctx"))  # older GPT-2 configs name the context n_ctx only
+    missing = [k for k in keys if k not in hf] + ["n_positions"] * (model_type != "nanochat" and block_size is None)
+    if missing and model_type != "smallgpt":
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a {model_type} config.json")
+    for key, allowed in settings.items():
+        if key in hf and hf[key] not in allowed:
+            raise ValueError(f"{path}: {key}={hf[key]!r} is not supported: this GPT implements {model_type}'s "
+                             f"{key}={allowed[0]!r}")
+    if model_type == "nanochat":
+        if hf.get("intermediate_size", 4 * hf["hidden_size"]) != 4 * hf["hidden_size"]:
+            raise ValueError(f"{path}: intermediate_size must be 4 * hidden_size, as in this GPT's MLP")
+        rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}  # older: at the top level
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{path}: rope_type {rope['rope_type']!r} is not supported: this GPT implements "
+                             f"RoPE's default type")
+        base = dict(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                    n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                    n_kv_head=hf.get("num_key_value_heads"), bias=False, pos_embedding="rope",
+                    rope_theta=rope.get("rope_theta", 10000.0), norm="rmsnorm", embed_norm=True, qk_norm=True,
+                    mlp="relu2", tie_embeddings=False, logit_softcap=hf.get("final_logit_softcapping", 15.0))
+    elif model_type == "gpt2":
+        base = dict(block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                    n_embd=hf["n_embd"])
+    else:
+        base = {}
+    kwargs = base | own | ({} if dropout is None else {"dropout": dropout})
+    try:
+        return GPTConfig(**kwargs)
+    except TypeError as e:  # a required size missing from a "smallgpt" config
+        raise ValueError(f"{path}: {e}; save the checkpoint again") from None
+
+
+def _nanochat_names(config: GPTConfig) -> list[tuple[str, str]]:
+    """(our name, NanoChat's name) of every weight but c_attn, which NanoChat splits into q_proj, k_proj, v_proj."""
+    names = [("wte.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")]
+    for i in range(config.n_layer):
+        names += [(f"h.{i}.attn.c_proj.weight", f"model.layers.{i}.self_attn.o_proj.weight"),
+                  (f"h.{i}.mlp.c_fc.weight", f"model.layers.{i}.mlp.fc1.weight"),
+                  (f"h.{i}.mlp.c_proj.weight", f"model.layers.{i}.mlp.fc2.weight")]
+    return names
+
+
+def _qkv_sizes(config: GPTConfig) -> list[int]:
+    return [config.n_head * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim]
+
+
+def _to_nanochat(ours: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face NanoChat's names; its nn.Linear stores (out, in), our Linear (in, out)."""
+    out = {theirs: ours[name] if name in ("wte.weight", "lm_head.weight") else ours[name].t().contiguous()
+           for name, theirs in _nanochat_names(config)}
+    for i in range(config.n_layer):
+        q, k, v = ours[f"h.{i}.attn.c_attn.weight"].split(_qkv_sizes(config), dim=1)
+        for part, tensor in zip("qkv", (q, k, v)):
+            out[f"model.layers.{i}.self_attn.{part}_proj.weight"] = tensor.t().contiguous()
+    return out
+
+
+def _from_nanochat(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The inverse of _to_nanochat; a missing weight is left out, for load_hf_state_dict to name."""
+    out = {name: theirs[hf] if name in ("wte.weight", "lm_head.weight") else theirs[hf].t()
+           for name, hf in _nanochat_names(config) if hf in theirs}
+    for i in range(config.n_layer):
+        parts = [theirs.get(f"model.layers.{i}.self_attn.{p}_proj.weight") for p in "qkv"]
+        if all(t is not None for t in parts):
+            out[f"h.{i}.attn.c_attn.weight"] = torch.cat([t.t() for t in parts], dim=1)
+    return out
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -588,36 +786,3 @@ def _fetch(url: str, dest: Path, need_sha256: bool, name: str) -> None:
         raise SystemExit(f"{url}: downloaded sha256 {digest.hexdigest()} does not match {reported}; nothing was "
                          f"kept: try again")
     os.replace(tmp, dest)
-
-
-# ---------------------------------------------------------------------- sampling
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError for sampling settings that make no sense."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token (B, 1) from last-position logits (B, vocab_size)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1): the k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the likelier tokens before it already reach top_p; the top token always stays.
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

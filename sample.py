@@ -27,7 +27,7 @@ import torch
 
 from checkpoint import load_model
 from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype
-from model import GPT, StaticKVCache, check_sampling
+from model import GPT, KVCache, check_sampling
 from tokens import Tokenizer
 
 SEPARATOR = "---------------"  # printed after every sample, as nanoGPT's sample.py does
@@ -73,11 +73,11 @@ class SampleConfig:
 # ---------------------------------------------------------------------------------------------------------- decoding
 
 _compiled: dict[str, Callable] = {}  # torch.compile'd GPT.forward_static, one per compile mode
-# model -> {(batch size, device, dtype): StaticKVCache}: a model moved or cast since its first use gets new caches
-_static_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, StaticKVCache]] = weakref.WeakKeyDictionary()
+# model -> {(batch size, device, dtype): KVCache}: a model moved or cast since its first use gets new caches
+_static_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, KVCache]] = weakref.WeakKeyDictionary()
 
 
-def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor]:
+def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]:
     """model.forward_static under torch.compile, bound to model.
 
     There is one torch.compile'd function per mode, shared by every model: dynamo captures it on its first call and
@@ -111,7 +111,7 @@ def compiled_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
     key = (idx.size(0), weight.device, weight.dtype)
     caches = _static_caches.setdefault(model, {})
     if key not in caches:
-        caches[key] = StaticKVCache.for_model(model, idx.size(0))
+        caches[key] = KVCache.for_model(model, idx.size(0), static=True)
     return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator,
                                  decode_step=compiled_decode_step(model), cache=caches[key])
 

@@ -46,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,23 @@ class TrainConfig:
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # dropout probability (0 for pretraining; try 0.1+ for fine-tuning and small data)
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 (Hugging Face's GPT-2 needs them)
-    # AdamW
+    pos_embedding: str = "learned"  # learned (GPT-2) or rope (rotary embeddings)
+    rope_theta: float = 10000.0  # RoPE base
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (weightless)
+    embed_norm: bool = False  # normalise the token embeddings before the first block
+    qk_norm: bool = False  # RMS-normalise q and k per head
+    mlp: str = "gelu"  # gelu (GPT-2) or relu2 (ReLU squared)
+    n_kv_head: int | None = None  # key/value heads for grouped-query attention; none: n_head
+    tie_embeddings: bool = True  # the output head shares the token embeddings (GPT-2)
+    logit_softcap: float | None = None  # cap * tanh(logits / cap) on the logits; none: no cap
+    zero_init: bool = False  # output projections (and an untied head) start at zero
+    # optimizer
+    optimizer: str = "adamw"  # adamw, or muon: Muon (muon_*) for the matrices in the blocks, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as it scales learning_rate)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum, reached after muon_momentum_warmup iterations
+    muon_momentum_warmup: int = 300  # iterations over which Muon's momentum rises linearly from 0.85
+    muon_weight_decay: float = 0.0  # decoupled weight decay of the Muon matrices (lr * wd per step)
+    # AdamW (with optimizer=muon: the embeddings, head, biases and norms)
     learning_rate: float = 6e-4  # peak learning rate, reached after warmup_iters
     max_iters: int = 600000  # optimizer steps of the whole run
     weight_decay: float = 0.1  # AdamW weight decay on the 2-D weights (not on biases and LayerNorms)
@@ -92,7 +108,9 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 disables clipping
     # learning-rate schedule
-    decay_lr: bool = True  # linear warmup then cosine decay; false keeps learning_rate constant
+    decay_lr: bool = True  # warmup then lr_schedule's decay; false keeps learning_rate constant
+    lr_schedule: str = "cosine"  # cosine (decay to min_lr at lr_decay_iters) or wsd (constant, then linear cool-down)
+    cooldown_frac: float = 0.5  # wsd: the linear cool-down to min_lr takes this last fraction of lr_decay_iters
     warmup_iters: int = 2000  # iterations of linear warmup from ~0 to learning_rate
     lr_decay_iters: int = 600000  # iteration at which the cosine reaches min_lr (~max_iters, per Chinchilla)
     min_lr: float = 6e-5  # learning rate after the decay (~learning_rate / 10, per Chinchilla)
@@ -110,7 +128,7 @@ class TrainConfig:
                      "block_size", "n_layer", "n_head", "n_embd", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "muon_momentum_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
@@ -140,9 +158,25 @@ class TrainConfig:
             raise ValueError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ValueError(f"peak_flops must be positive (e.g. 989e12 for an H100 in bf16), got {self.peak_flops}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.lr_schedule not in ("cosine", "wsd") or not 0.0 < self.cooldown_frac <= 1.0:
+            raise ValueError(f"lr_schedule must be cosine or wsd and cooldown_frac in (0, 1], got "
+                             f"{self.lr_schedule!r} and {self.cooldown_frac}")
+        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
+            raise ValueError(f"muon_lr must be > 0, muon_momentum in [0, 1), muon_weight_decay >= 0; got "
+                             f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}")
+        self.gpt_config(vocab_size=1)  # GPTConfig checks the switches, naming the one that is wrong
         if self.init_from not in ("scratch", "resume", *HUB_MODELS) and not Path(self.init_from).is_dir():
             raise ValueError(f"init_from={self.init_from!r} is not scratch, resume, one of {', '.join(HUB_MODELS)} "
                              f"or an existing model folder")
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        """The model these settings describe."""
+        return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in MODEL_FIELDS})
+
+
+MODEL_FIELDS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # TrainConfig fields GPTConfig takes
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -154,15 +188,26 @@ def _divisor_near(n: int, k: int) -> int:
 
 
 def learning_rate(it: int, cfg: TrainConfig) -> float:
-    """nanoGPT's schedule: linear warmup over warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup over warmup_iters, then to min_lr at lr_decay_iters, then min_lr. cosine: nanoGPT's decay.
+    wsd (warmup-stable-decay, as nanochat and modded-nanogpt): constant, then linear over the last cooldown_frac."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= cfg.lr_decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = max(cfg.warmup_iters, cfg.lr_decay_iters * (1 - cfg.cooldown_frac))
+        progress = max(0.0, (it - cooldown_start) / (cfg.lr_decay_iters - cooldown_start))  # 0 -> 1
+        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
     progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def muon_momentum(it: int, cfg: TrainConfig) -> float:
+    """Muon's momentum: 0.85 rising linearly to muon_momentum over muon_momentum_warmup iterations (modded-nanogpt)."""
+    frac = min(1.0, it / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup else 1.0
+    return 0.85 + frac * (cfg.muon_momentum - 0.85)
 
 
 def step_rngs(seed: int, iter_num: int, micro_step: int) -> tuple[np.random.Generator, int]:
@@ -222,13 +267,6 @@ def resolve_dataset(name: str) -> Path:
     known = sorted(p.parent.name for p in (REPO / "data").glob("*/prepare.py"))
     raise SystemExit(f"dataset={name!r} is neither a folder nor one of data/{{{','.join(known)}}}: pass the folder "
                      f"of a prepared dataset or one of those names")
-
-
-def crop_block_size(model: GPT, block_size: int) -> None:
-    """Shorten a pretrained model's context to block_size by keeping its first block_size position embeddings."""
-    assert block_size <= model.config.block_size
-    model.config.block_size = block_size
-    model.transformer.wpe.weight = torch.nn.Parameter(model.transformer.wpe.weight[:block_size].detach().clone())
 
 
 def device_peak_flops(device: torch.device) -> float | None:
@@ -419,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"resuming from iteration {state['iter_num']} ({ckpt_dir}), continuing at iteration "
                   f"{state['iter_num'] + 1}")
             saved = ckpt_config.get("train", {})
-            shape = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # the checkpoint's model is used as it is
+            shape = tuple(name for name in MODEL_FIELDS if name != "dropout")  # the checkpoint's model is used as is
             ignored = [f"{k}={getattr(cfg, k)}" for k in shape if k in saved and getattr(cfg, k) != saved[k]]
             changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in saved.items()
                        if k not in shape + ("init_from",) and hasattr(cfg, k) and getattr(cfg, k) != v]
@@ -432,8 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
         # makes the embedding and head matmuls faster (nanoGPT); the extra logits learn to be never predicted.
         vocab_size = tokenizer.vocab_size if tokenizer.kind == "char" else -(-tokenizer.vocab_size // 64) * 64
         torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
-        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+        model = GPT(cfg.gpt_config(vocab_size))
     else:  # fine-tune: GPT-2 from the hub, a Hugging Face folder, or another run's out_dir or checkpoint
         if ddp and not master:
             dist.barrier()  # let rank 0 download a hub model into the cache first, rather than all ranks at once
@@ -448,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"block_size={cfg.block_size} is longer than {cfg.init_from}'s context of "
                              f"{model.config.block_size} tokens: set --block_size={model.config.block_size} or less")
         if cfg.block_size < model.config.block_size:
-            crop_block_size(model, cfg.block_size)
+            model.crop_block_size(cfg.block_size)
     block_size = model.config.block_size
     if model.config.vocab_size < tokenizer.vocab_size:
         raise SystemExit(f"{data_dir / 'meta.json'} has {tokenizer.vocab_size} tokens but the model only "
@@ -469,16 +506,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------------------------------------------ optimizer
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               device.type)
+                                               device.type, cfg.optimizer, cfg.muon_lr, cfg.muon_momentum,
+                                               cfg.muon_weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)  # float16 underflows without it
     iter_num, best_val_loss, elapsed_before = 0, math.inf, 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        saved_optimizer = ckpt_config.get("train", {}).get("optimizer", "adamw")
+        if saved_optimizer != cfg.optimizer:
+            raise SystemExit(f"{ckpt_dir} was trained with optimizer={saved_optimizer}: resume with "
+                             f"--optimizer={saved_optimizer} (its state does not carry over to {cfg.optimizer})")
         # load_state_dict also restores the saved hyperparameters; this run's settings win (lr is set every step).
-        assert len(optimizer.param_groups) == 2, "configure_optimizers returns [decay group, no-decay group]"
-        for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
-            group["betas"] = (cfg.beta1, cfg.beta2)
-            group["weight_decay"] = weight_decay
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
@@ -492,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = [p for p in raw_model.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------------ schedule
-    # learning_rate(it, cfg) above: warmup, cosine decay, floor. It depends on the iteration alone, so a resumed run
+    # learning_rate(it, cfg) and muon_momentum(it, cfg) above. They depend on the iteration alone, so a resumed run
     # continues the curve where it stopped.
 
     # ------------------------------------------------------------------------------------------------ evaluation
@@ -591,8 +632,10 @@ def main(argv: list[str] | None = None) -> dict:
             while iter_num < cfg.max_iters:
                 t0 = time.perf_counter()
                 lr = learning_rate(iter_num, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for group in optimizer.param_groups:  # each group's peak rate, scaled by the schedule
+                    group["lr"] = group["base_lr"] * lr / cfg.learning_rate
+                    if group.get("muon"):
+                        group["momentum"] = muon_momentum(iter_num, cfg)
                 loss_sum = torch.zeros((), device=device)
                 for i, m in enumerate(micro_steps):
                     last = i == local_accum - 1
