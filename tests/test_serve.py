@@ -24,12 +24,13 @@ pytest.importorskip("starlette", reason="serve.py's extra is not installed: pip 
 uvicorn = pytest.importorskip("uvicorn", reason="serve.py's extra is not installed: pip install -e '.[serve]'")
 
 from attention import attention_maps  # noqa: E402
-from checkpoint import load_model  # noqa: E402
-from model import KVCache  # noqa: E402
+from checkpoint import load_model, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig, KVCache  # noqa: E402
 from sample import SampleConfig, decode, generate_samples  # noqa: E402
 import serve  # noqa: E402
 from serve import PLAYGROUND, ServeConfig, create_app  # noqa: E402
 from test_sample import CHARS, bpe_run, char_run  # noqa: E402,F401 (fixtures)
+from tokens import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 60  # seconds a client waits for any answer: a hang fails the test instead of stalling it
@@ -38,6 +39,26 @@ TIMEOUT = 60  # seconds a client waits for any answer: a hang fails the test ins
 @pytest.fixture(scope="module")
 def char(char_run):
     model, tokenizer, _ = load_model(char_run)
+    return model, tokenizer
+
+
+# Every architecture switch of model.py at once (grouped-query attention: 2 query heads share a key/value head).
+MODERN = dict(pos_embedding="rope", norm="rmsnorm", embed_norm=True, qk_norm=True, mlp="relu2", n_kv_head=1,
+              tie_embeddings=False, logit_softcap=15.0, bias=False)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "modern"])
+def any_char(request, char, tmp_path_factory):
+    """The char model, and a char model with every switch, loaded from its checkpoint as serve.py loads it."""
+    if request.param == "gpt2":
+        return char
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=16, **MODERN))
+    out = tmp_path_factory.mktemp("modern") / "out"
+    save_checkpoint(out, model, {"tokenizer": Tokenizer.char(CHARS).to_meta()}, {"iter_num": 1}, iter_num=1,
+                    is_best=True)
+    model, tokenizer, _ = load_model(out)
+    assert model.config.n_kv_head == 1 and model.config.pos_embedding == "rope"
     return model, tokenizer
 
 
@@ -132,15 +153,20 @@ def greedy(model, tokenizer, prompt: str, max_tokens: int) -> str:
 # ---------------------------------------------------------------------------------------------------------- results
 
 
-def test_greedy_completions_are_model_generate(char, char_server):
-    model, tokenizer = char
-    for prompt, max_tokens in (("ROMEO:", 10), ("a", 1), ("But soft, what light through yon", 40)):  # 40: past block
-        answer = complete(char_server, prompt=prompt, max_tokens=max_tokens, temperature=0)
-        assert answer["object"] == "text_completion" and answer["model"] == "tiny"
-        assert answer["choices"] == [{"text": greedy(model, tokenizer, prompt, max_tokens), "index": 0,
-                                      "logprobs": None, "finish_reason": "length"}]
-        assert answer["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": max_tokens,
-                                   "total_tokens": len(prompt) + max_tokens}
+def test_greedy_completions_are_model_generate(any_char):
+    model, tokenizer = any_char
+    with serving(model, tokenizer) as (port, _):
+        for prompt, max_tokens in (("ROMEO:", 10), ("a", 1), ("But soft, what light through yon", 40)):  # past block
+            check_greedy(port, model, tokenizer, prompt, max_tokens)
+
+
+def check_greedy(port: int, model, tokenizer, prompt: str, max_tokens: int) -> None:
+    answer = complete(port, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    assert answer["object"] == "text_completion" and answer["model"] == "tiny"
+    assert answer["choices"] == [{"text": greedy(model, tokenizer, prompt, max_tokens), "index": 0,
+                                  "logprobs": None, "finish_reason": "length"}]
+    assert answer["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": max_tokens,
+                               "total_tokens": len(prompt) + max_tokens}
 
 
 def test_seeded_samples_are_sample_py_samples(char, char_server):
@@ -410,23 +436,28 @@ def test_curl(char, char_server):
 # ---------------------------------------------------------------------------------------------------------- attention
 
 
-def test_attention_endpoint_is_attention_maps(char, char_server):
-    model, tokenizer = char
+def test_attention_endpoint_is_attention_maps(any_char):
+    model, tokenizer = any_char
+    with serving(model, tokenizer) as (port, _):
+        check_attention(port, model, tokenizer)
+
+
+def check_attention(port: int, model, tokenizer) -> None:
     ids = tokenizer.encode("But soft, what light through yonder window breaks")  # 49 tokens, block_size 32
-    status, answer = request(char_server, "POST", "/v1/attention", {"token_ids": ids, "position": 5})
+    status, answer = request(port, "POST", "/v1/attention", {"token_ids": ids, "position": 5})
     assert status == 200 and answer["start"] == 0 and answer["tokens"] == list("But soft, what light through "
                                                                              "yonder window breaks")
     expected = attention_maps(model, torch.tensor(ids[:6]))[:, 0, :, -1]  # (n_layer, n_head, 6)
     assert torch.allclose(torch.tensor(answer["weights"]), expected, atol=1e-4)
-    status, answer = request(char_server, "POST", "/v1/attention", {"token_ids": ids})  # the last: a full window
+    status, answer = request(port, "POST", "/v1/attention", {"token_ids": ids})  # the last: a full window
     assert answer["position"] == 48 and answer["start"] == 48 + 1 - 32
     expected = attention_maps(model, torch.tensor(ids[17:]))[:, 0, :, -1]
     assert torch.allclose(torch.tensor(answer["weights"]), expected, atol=1e-4)
-    status, answer = request(char_server, "POST", "/v1/attention", {"prompt": "abc"})
+    status, answer = request(port, "POST", "/v1/attention", {"prompt": "abc"})
     assert status == 200 and answer["token_ids"] == tokenizer.encode("abc")
     for bad in ({"token_ids": ids, "position": 49}, {"token_ids": []}, {"prompt": "a", "token_ids": [1]},
                 {"token_ids": [1, -1]}, {"prompt": "a", "layer": 0}, "text"):
-        status, answer = request(char_server, "POST", "/v1/attention", bad)
+        status, answer = request(port, "POST", "/v1/attention", bad)
         assert status == 400 and "error" in answer, bad
 
 
@@ -498,14 +529,14 @@ def _browser() -> str | None:
                  if (path := shutil.which(name))), None)
 
 
-def test_playground_in_headless_chromium(char):
+def test_playground_in_headless_chromium(any_char):
     """Type a prompt, generate, wait for the streamed text, click a token: the attention view shows that token's
     attention_maps weights (mean of the heads of layer 0), and a grid of every layer and head."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
     executable = _browser()
     if executable is None:
         pytest.skip("no Chromium found: apt-get install chromium (see README, Serving)")
-    model, tokenizer = char
+    model, tokenizer = any_char
     prompt, max_tokens = "ROMEO:", 10
     text = greedy(model, tokenizer, prompt, max_tokens)
     ids = tokenizer.encode(prompt + text)
