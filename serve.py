@@ -405,8 +405,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) ->
         except ApiError as e:
             return _error(e)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        jobs = [Job(r, i, events, loop, [Continuation(tokenizer, stop_token, r.stop) for _ in range(r.n)],
-                    [0] * r.n, [0] * r.n, [0] * r.n) for i in range(len(r.prompts))]
+        jobs = [Job(r, i, events, loop, texts=[Continuation(tokenizer, stop_token, r.stop) for _ in range(r.n)],
+                    generated=[0] * r.n, sent=[0] * r.n, sent_ids=[0] * r.n) for i in range(len(r.prompts))]
         if not scheduler.submit(jobs):
             return _error(ApiError(503, "the server is busy: its queue is full; try again later", None, "overloaded",
                                    "server_error"))
