@@ -16,6 +16,10 @@ version and date, so that docs/benchmarks.md can quote it.
 
 from __future__ import annotations
 
+import errors
+
+errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
+
 import datetime
 import json
 import platform

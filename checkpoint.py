@@ -34,6 +34,8 @@ import re
 import shutil
 import sys
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors.torch
@@ -69,7 +71,11 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         return path.resolve() if path.is_symlink() else path  # out_dir/latest given directly: pin its target
     link = path / which
     if link.is_symlink():
-        target = link.resolve()
+        try:
+            target = link.resolve()
+        except (OSError, RuntimeError):  # a loop of links: RuntimeError up to Python 3.12, OSError after
+            raise ValueError(f"{link} is a loop of symbolic links: point it at a checkpoint (ln -sfn ckpt_NNNNNN "
+                             f"{link}) or delete it") from None
         if _is_complete(target):
             return target
         # Saves never leave a link like this, so someone deleted or moved the folder.
@@ -130,7 +136,10 @@ def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph; the line naming the refused object is the useful one.
-        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if detail is None:  # not a refused object: bytes that are no pickle at all
+            raise ValueError(f"{path} is refused: the file is damaged (not a torch archive); resume from another "
+                             f"checkpoint") from None
         raise ValueError(f"{path} is refused: it holds Python objects beyond tensors, numbers, strings, lists and "
                          f"dicts ({detail}), and loading those could run code; resume only from checkpoints you "
                          f"trust, written by train.py") from None
@@ -240,9 +249,10 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
         out_dir.mkdir(parents=True, exist_ok=True)
         cleanup_partial(out_dir)
         tmp.mkdir()
-        safetensors.torch.save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        with _write_error_as_os_error(tmp / "model.safetensors"):
+            safetensors.torch.save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(config_text)
-        with open(tmp / "state.pt", "wb") as f:
+        with open(tmp / "state.pt", "wb") as f, _write_error_as_os_error(tmp / "state.pt"):
             torch.save(state, f)
         for file in FILES:
             _fsync(tmp / file)
@@ -261,6 +271,18 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
         raise
     _retain(out_dir)
     return out_dir / name
+
+
+@contextmanager
+def _write_error_as_os_error(path: Path) -> Iterator[None]:
+    """torch.save and safetensors report a failed write (a full disk) as a RuntimeError or a SafetensorError without
+    the errno; raise the OSError it is, so that the save ends with its one-line message."""
+    try:
+        yield
+    except (RuntimeError, safetensors.SafetensorError) as e:
+        full = "No space left" in str(e) or shutil.disk_usage(path.parent).free < 1 << 20
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
+                      str(e).strip().splitlines()[0], str(path)) from None
 
 
 def cleanup_partial(out_dir: Path) -> None:

@@ -13,6 +13,10 @@ With one sample on a terminal the text streams as it is generated.
 
 from __future__ import annotations
 
+import errors
+
+errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
+
 import functools
 import os
 import sys
@@ -66,8 +70,13 @@ class SampleConfig:
             raise ValueError("stop must not be empty: pass none, eot, or the string to stop before")
         if self.stream and self.num_samples > 1:
             raise ValueError("stream=true prints one sample as it grows: use it with num_samples=1")
-        if self.out_file is not None and not Path(self.out_file).parent.is_dir():
-            raise ValueError(f"out_file={self.out_file}: the folder {Path(self.out_file).parent} does not exist")
+        out = Path(self.out_file) if self.out_file is not None else None
+        if out is not None and not out.parent.is_dir():
+            raise ValueError(f"out_file={self.out_file}: the folder {out.parent} does not exist")
+        if out is not None and out.is_dir():  # found now, not after generating everything
+            raise ValueError(f"out_file={self.out_file} is a folder: pass a file path")
+        if out is not None and not os.access(out.parent, os.W_OK):
+            raise ValueError(f"out_file={self.out_file}: the folder {out.parent} is not writable")
 
 
 # ---------------------------------------------------------------------------------------------------------- decoding
@@ -308,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("".join(f"{s}\n{SEPARATOR}\n" for s in samples))
     sys.stdout.flush()
     if cfg.out_file is not None:
-        Path(cfg.out_file).write_text("".join(f"{s}\n{SEPARATOR}\n" for s in samples), encoding="utf-8")
+        with errors.writing(cfg.out_file):
+            Path(cfg.out_file).write_text("".join(f"{s}\n{SEPARATOR}\n" for s in samples), encoding="utf-8")
 
     new_tokens = cfg.num_samples * timing["steps"]
     rate = f", then {timing['decode_tokens_per_s']:.1f} tokens/s" if timing["decode_tokens_per_s"] else ""
@@ -321,9 +331,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C while streaming: end the line, no traceback
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
     except BrokenPipeError:  # `python sample.py ... | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         sys.exit(141)

@@ -22,6 +22,10 @@ of `max_waiting`; beyond that a request is answered 503 at once. A client that d
 
 from __future__ import annotations
 
+import errors
+
+errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
+
 import asyncio
 import concurrent.futures
 import contextlib
