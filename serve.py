@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -789,10 +790,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     model = model.to(device=device, dtype=dtype)  # cast, not autocast: see sample.py
     name = cfg.model_name or Path(str(source).rstrip("/")).name or str(source)
+    try:
+        sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+    except OSError as e:
+        raise SystemExit(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pass another --port or "
+                         f"--host") from None
     app = create_app(model, tokenizer, cfg, name)
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters, {device}, {str(dtype).removeprefix('torch.')}) "
-          f"on http://{cfg.host}:{cfg.port}", file=sys.stderr)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+          f"on http://{cfg.host}:{sock.getsockname()[1]}", file=sys.stderr)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 

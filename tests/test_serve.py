@@ -487,6 +487,13 @@ def test_bad_settings_exit_with_one_line():
         assert "\n" not in str(e.value.code)
 
 
+def test_a_port_in_use_exits_with_one_line(char_run):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port} .*pass another --port"):
+            serve.main([f"--out_dir={char_run}", f"--port={port}"])
+
+
 def test_serves_a_checkpoint_from_the_command_line(char_run, char):
     """python serve.py --out_dir=RUN in a process of its own, as a user starts it."""
     with socket.socket() as s:
