@@ -613,7 +613,8 @@ input[type=number]{width:70px} #stop{width:90px}
 <label>head<br><select id="head"></select></label>
 </div>
 <div id="info">Click a token of the text to see where it looks.</div>
-<div id="grid"></div>
+<div id="grid" title="each strip: the chosen token's weights over its context, earliest left; click one to show it">
+</div>
 </aside>
 <main><div id="text"></div></main>
 <script>
@@ -746,7 +747,10 @@ function paint() {
 function drawGrid() {  // every layer (rows) and head (columns): the query's weights over its context, darker = more
   const grid = $('grid'), T = att.weights[0][0].length;
   grid.style.gridTemplateColumns = `1.5em repeat(${att.n_head}, 1fr)`;
-  const cells = [];
+  const cells = [document.createElement('span')];
+  for (let h = 0; h < att.n_head; h++) {
+    const label = document.createElement('span'); label.textContent = 'head ' + h; cells.push(label);
+  }
   for (let l = 0; l < att.n_layer; l++) {
     const label = document.createElement('span'); label.textContent = 'L' + l; cells.push(label);
     for (let h = 0; h < att.n_head; h++) {
