@@ -38,6 +38,7 @@ SWITCHES = {  # name: (settings that add it to GPT-2, settings that remove it fr
     "muon": ({"optimizer": "muon", "beta1": 0.8, "beta2": 0.95, "grad_clip": 0.0, "weight_decay": 0.0},
              {"optimizer": "adamw", "weight_decay": 0.1}),
     "wsd": ({"lr_schedule": "wsd", "warmup_iters": 0, "min_lr": 0.0}, {"lr_schedule": "cosine", "min_lr": 3e-4}),
+    "batch 24": ({"batch_size": 24}, {"batch_size": 12}),
 }
 
 
@@ -58,7 +59,7 @@ def argv(config: str, settings: dict) -> list[str]:
     return [config, *(f"--{k}={show(v)}" for k, v in settings.items())]
 
 
-def step_times(rounds: int = 3, steps: int = 30) -> dict[str, float]:
+def step_times(rounds: int = 2, steps: int = 15) -> dict[str, float]:
     """Median ms per training step of every variant, measured interleaved in this process."""
     import torch
 
@@ -75,9 +76,9 @@ def step_times(rounds: int = 3, steps: int = 30) -> dict[str, float]:
                                          cfg.optimizer, cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay)
         built[name] = (cfg, model, opt)
     times: dict[str, list[float]] = {name: [] for name in built}
-    x = torch.randint(0, 65, (12, 64))
     for _ in range(rounds):
         for name, (cfg, model, opt) in built.items():
+            x = torch.randint(0, 65, (cfg.batch_size, cfg.block_size))
             for i in range(steps + 3):
                 t0 = time.perf_counter()
                 _, loss = model(x, x)
