@@ -19,6 +19,10 @@ the tokens it attends to most in each layer, averaged over the heads and for eac
 
 from __future__ import annotations
 
+import errors
+
+errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
+
 import math
 import os
 from dataclasses import dataclass
@@ -69,6 +73,10 @@ class AttentionConfig:
             raise ValueError(f"--top must be at least 1, got {self.top}")
         if not 10 <= self.dpi <= 1000:
             raise ValueError(f"--dpi must be between 10 and 1000, got {self.dpi}")
+        folder = Path(self.out) if self.out.endswith(("/", os.sep)) else Path(self.out).parent
+        existing = next(p for p in (folder, *folder.parents) if p.exists())  # found now, not after the model ran
+        if not existing.is_dir():
+            raise ValueError(f"--out={self.out}: {existing} is a file, where the PNGs need a folder")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,7 +257,8 @@ def _save(fig: Figure, path: Path, dpi: int) -> tuple[int, int]:
 
     FigureCanvasAgg(fig)  # draw with Agg: no display and no global pyplot state, also inside notebooks and servers
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with errors.writing(path):
+        fig.savefig(path, dpi=dpi)
     width, height = fig.get_size_inches() * dpi
     return round(width), round(height)
 

@@ -4,11 +4,12 @@
     model, tokenizer, config = load_model("out/shakespeare_char")   # or a ckpt_* folder, an HF folder, "gpt2"
     save_checkpoint(out_dir, raw_model, extra_config, state, iter_num=80, is_best=True)
 
-The layout of an out_dir (every folder also loads with transformers.GPT2LMHeadModel.from_pretrained):
+The layout of an out_dir (every folder of a GPT-2 model also loads with transformers.GPT2LMHeadModel, of a
+nanochat-like model with transformers.NanoChatForCausalLM: see GPT.hf_format):
 
     out_dir/
       ckpt_000080/            one complete checkpoint, named by iteration
-        model.safetensors     GPT.hf_state_dict(): Hugging Face GPT-2 layout, tied head left out
+        model.safetensors     GPT.hf_state_dict(): Hugging Face's layout (GPT-2 or NanoChat), a tied head left out
         config.json           GPT.hf_config() + "tokenizer" + "train" + "iter_num" + "val_loss" + ...
         state.pt              optimizer, iteration, RNG states...: plain tensors/containers, read with weights_only=True
       latest -> ckpt_000080   symlinks, each replaced in one atomic step
@@ -33,18 +34,19 @@ import re
 import shutil
 import sys
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
-from model import GPT, HUB_MODELS
+from model import GPT, HUB_MODELS, config_from_hf
 from tokens import Tokenizer
 
 FILES = ("model.safetensors", "config.json", "state.pt")  # what a complete checkpoint folder holds
 LINKS = ("latest", "best")  # the symlinks in an out_dir; a checkpoint that no link points to is deleted on save
 _CKPT = re.compile(r"ckpt_(\d+)")
-_REQUIRED_CONFIG = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # what GPT.from_pretrained reads
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -69,7 +71,11 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         return path.resolve() if path.is_symlink() else path  # out_dir/latest given directly: pin its target
     link = path / which
     if link.is_symlink():
-        target = link.resolve()
+        try:
+            target = link.resolve()
+        except (OSError, RuntimeError):  # a loop of links: RuntimeError up to Python 3.12, OSError after
+            raise ValueError(f"{link} is a loop of symbolic links: point it at a checkpoint (ln -sfn ckpt_NNNNNN "
+                             f"{link}) or delete it") from None
         if _is_complete(target):
             return target
         # Saves never leave a link like this, so someone deleted or moved the folder.
@@ -130,7 +136,10 @@ def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph; the line naming the refused object is the useful one.
-        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if detail is None:  # not a refused object: bytes that are no pickle at all
+            raise ValueError(f"{path} is refused: the file is damaged (not a torch archive); resume from another "
+                             f"checkpoint") from None
         raise ValueError(f"{path} is refused: it holds Python objects beyond tensors, numbers, strings, lists and "
                          f"dicts ({detail}), and loading those could run code; resume only from checkpoints you "
                          f"trust, written by train.py") from None
@@ -148,9 +157,9 @@ def read_config(folder: Path) -> dict:
         raise ValueError(f"{path} not found: a checkpoint folder holds config.json and model.safetensors") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; use another checkpoint") from None
-    if not isinstance(config, dict) or any(key not in config for key in _REQUIRED_CONFIG):
-        missing = [k for k in _REQUIRED_CONFIG if not isinstance(config, dict) or k not in config]
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a GPT-2 config.json")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no JSON object: it is not a model's config.json")
+    config_from_hf(config, path, None)  # the model settings, checked where GPT.from_pretrained reads them
     return config
 
 
@@ -240,9 +249,10 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
         out_dir.mkdir(parents=True, exist_ok=True)
         cleanup_partial(out_dir)
         tmp.mkdir()
-        safetensors.torch.save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        with _write_error_as_os_error(tmp / "model.safetensors"):
+            safetensors.torch.save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(config_text)
-        with open(tmp / "state.pt", "wb") as f:
+        with open(tmp / "state.pt", "wb") as f, _write_error_as_os_error(tmp / "state.pt"):
             torch.save(state, f)
         for file in FILES:
             _fsync(tmp / file)
@@ -261,6 +271,18 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
         raise
     _retain(out_dir)
     return out_dir / name
+
+
+@contextmanager
+def _write_error_as_os_error(path: Path) -> Iterator[None]:
+    """torch.save and safetensors report a failed write (a full disk) as a RuntimeError or a SafetensorError without
+    the errno; raise the OSError it is, so that the save ends with its one-line message."""
+    try:
+        yield
+    except (RuntimeError, safetensors.SafetensorError) as e:
+        full = "No space left" in str(e) or shutil.disk_usage(path.parent).free < 1 << 20
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
+                      str(e).strip().splitlines()[0], str(path)) from None
 
 
 def cleanup_partial(out_dir: Path) -> None:

@@ -130,6 +130,11 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise SystemExit(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise SystemExit(f"config file {path} is a folder: pass a .toml file, e.g. configs/shakespeare_char_cpu.toml"
+                         ) from None
+    except UnicodeDecodeError as e:  # tomllib decodes the bytes itself
+        raise SystemExit(f"{path}: not UTF-8 text (bad byte at offset {e.start}): a config file is TOML") from None
     except tomllib.TOMLDecodeError as e:
         raise SystemExit(f"{path}: invalid TOML: {e}") from None
     for key, value in data.items():

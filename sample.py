@@ -13,6 +13,10 @@ With one sample on a terminal the text streams as it is generated.
 
 from __future__ import annotations
 
+import errors
+
+errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
+
 import functools
 import os
 import sys
@@ -67,8 +71,13 @@ class SampleConfig:
             raise ValueError("stop must not be empty: pass none, eot, or the string to stop before")
         if self.stream and self.num_samples > 1:
             raise ValueError("stream=true prints one sample as it grows: use it with num_samples=1")
-        if self.out_file is not None and not Path(self.out_file).parent.is_dir():
-            raise ValueError(f"out_file={self.out_file}: the folder {Path(self.out_file).parent} does not exist")
+        out = Path(self.out_file) if self.out_file is not None else None
+        if out is not None and not out.parent.is_dir():
+            raise ValueError(f"out_file={self.out_file}: the folder {out.parent} does not exist")
+        if out is not None and out.is_dir():  # found now, not after generating everything
+            raise ValueError(f"out_file={self.out_file} is a folder: pass a file path")
+        if out is not None and not os.access(out.parent, os.W_OK):
+            raise ValueError(f"out_file={self.out_file}: the folder {out.parent} is not writable")
 
 
 # ---------------------------------------------------------------------------------------------------------- decoding
@@ -140,8 +149,10 @@ class Continuation:
     only the ids since the last complete character are decoded again at each step.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop_token: int | None, stop_text: str | None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_token: int | None,
+                 stop_text: str | tuple[str, ...] | None) -> None:
         self.tokenizer, self.stop_token, self.stop_text = tokenizer, stop_token, stop_text
+        self._stops = (stop_text,) if isinstance(stop_text, str) else tuple(stop_text or ())  # serve.py passes several
         self.ids: list[int] = []
         self.text = ""
         self.done = False
@@ -168,20 +179,19 @@ class Continuation:
         self.text = self._fixed_text + tail
         if not tail.endswith("\ufffd"):  # ends on a complete character: later tokens cannot change the text so far
             self._fixed_ids, self._fixed_text = len(self.ids), self.text
-        if self.stop_text is not None:
-            cut = self.text.find(self.stop_text, max(0, searched - len(self.stop_text) + 1))
-            if cut >= 0:
-                self.text, self.done = self.text[:cut], True
+        # The earliest stop string wins; none can lie wholly before `searched`, or an earlier step would have cut.
+        cuts = [cut for stop in self._stops if (cut := self.text.find(stop, max(0, searched - len(stop) + 1))) >= 0]
+        if cuts:
+            self.text, self.done = self.text[:min(cuts)], True
 
     def settled(self) -> str:
         """The part of the text that later tokens cannot change: this much can be printed while streaming."""
         if self.done:
             return self.text
         text = self.text.rstrip("\ufffd")  # a multi-byte character may still be missing its last bytes
-        if self.stop_text is not None:  # hold back an ending that the next characters may complete to the stop string
-            held = max((n for n in range(1, len(self.stop_text)) if text.endswith(self.stop_text[:n])), default=0)
-            text = text[:len(text) - held]
-        return text
+        # hold back an ending that the next characters may complete to a stop string
+        held = max((n for stop in self._stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        return text[:len(text) - held]
 
 
 def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
@@ -316,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("".join(f"{s}\n{SEPARATOR}\n" for s in samples))
     sys.stdout.flush()
     if cfg.out_file is not None:
-        Path(cfg.out_file).write_text("".join(f"{s}\n{SEPARATOR}\n" for s in samples), encoding="utf-8")
+        with errors.writing(cfg.out_file):
+            Path(cfg.out_file).write_text("".join(f"{s}\n{SEPARATOR}\n" for s in samples), encoding="utf-8")
 
     new_tokens = timing["new_tokens"]
     rate = f", then {timing['decode_tokens_per_s']:.1f} tokens/s" if timing["decode_tokens_per_s"] else ""
@@ -329,9 +340,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C while streaming: end the line, no traceback
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
     except BrokenPipeError:  # `python sample.py ... | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         sys.exit(141)

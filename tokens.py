@@ -8,6 +8,7 @@ tokenize-and-shard pipeline that fineweb, openwebtext and text share.
 
 Token file format, used for every file (train.bin, val.bin and shards alike): 256 little-endian int32 (1024 bytes)
     [0] MAGIC = 20251123   [1] VERSION = 1   [2:4] token count as one little-endian int64   [4] bytes per token (2|4)
+    [5:7] the preparation's id as an int64, also in meta.json (0: none)
     the rest zero; then the tokens, little-endian uint16 or uint32. (llm.c's .bin files use the same idea.)
 """
 
@@ -15,17 +16,19 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +36,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
+
+import errors
 
 if TYPE_CHECKING:
     import tiktoken
@@ -60,7 +65,7 @@ class Tokenizer:
         if kind == "char":
             assert chars is not None
             if len(set(chars)) != len(chars):
-                dup = next(c for c in chars if chars.count(c) > 1)
+                dup = next(c for c, n in Counter(chars).items() if n > 1)  # linear: tables can be a million long
                 raise ValueError(f"char table lists {dup!r} twice: each character must appear once")
             self.chars = chars
             self.vocab_size = len(chars)
@@ -165,7 +170,7 @@ class Tokenizer:
             raise ValueError(
                 f"character {text[i]!r} (U+{ord(text[i]):04X}) at position {i} is not in this char vocabulary of "
                 f"{self.vocab_size} symbols: a char tokenizer only knows the characters of the corpus it was built "
-                f"from; prepare a corpus that contains it, or use --tokenizer=gpt2"
+                f"from; use only those"
             )
         return self._sorted_ids[pos]
 
@@ -231,14 +236,19 @@ def write_tokens(path: Path, tokens: np.ndarray, dtype: np.dtype | str) -> None:
     header[0], header[1], header[4] = MAGIC, VERSION, dtype.itemsize
     header[2:4].view("<i8")[0] = tokens.size
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(dtype, copy=False).tobytes())
-    os.replace(tmp, path)
+    try:
+        with errors.writing(tmp), open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(dtype, copy=False).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def open_tokens(path: Path) -> np.memmap:
-    """Memory-map a token file after checking its header against its size; refuses foreign or truncated files."""
+def open_tokens(path: Path, preparation: int | None = None) -> np.memmap:
+    """Memory-map a token file after checking its header against its size; refuses foreign or truncated files, and
+    with `preparation`, a file whose header carries another preparation's id."""
     path = Path(path)
     size = path.stat().st_size
     redo = f"re-run {_prepare_hint(path.parent)}"
@@ -262,6 +272,9 @@ def open_tokens(path: Path) -> np.memmap:
             f"{path}: header says {count:,} tokens ({expected:,} bytes) but the file has {size:,} bytes "
             f"(truncated or interrupted copy?): {redo}"
         )
+    if preparation is not None and int(header[5:7].view("<i8")[0]) != preparation:
+        raise ValueError(f"{path} is not from the preparation that {path.parent / 'meta.json'} describes (a mix of "
+                         f"two runs, or a file copied in from elsewhere): {redo}")
     dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
@@ -293,7 +306,15 @@ def load_split(dataset_dir: Path, split: str) -> list[np.memmap]:
         raise ValueError(
             f"{dataset_dir} {why}: no {split}.bin or {split}_*.bin; prepare it with {_prepare_hint(dataset_dir)}"
         )
-    return [open_tokens(p) for p in ([single] if single else shards)]
+    try:  # the preparation id every file must carry; None for folders prepared before ids (and without meta.json)
+        recorded = json.loads((dataset_dir / "meta.json").read_text(encoding="utf-8")).get("preparation")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded is not None and not (isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{16}", recorded)):
+        raise ValueError(f"{dataset_dir / 'meta.json'}: \"preparation\" is {recorded!r}, not the 16 hex digits a "
+                         f"preparer writes: re-run {_prepare_hint(dataset_dir)}")
+    expected = None if recorded is None else int(recorded, 16)
+    return [open_tokens(p, expected) for p in ([single] if single else shards)]
 
 
 def load_meta(dataset_dir: Path) -> dict:
@@ -391,13 +412,128 @@ def write_meta(out_dir: Path, meta: dict) -> Path:
     """Written last and atomically: a folder with meta.json is a complete preparation."""
     path = Path(out_dir) / "meta.json"
     tmp = path.with_name(".meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with errors.writing(tmp):
+            tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+class Preparation:
+    """One preparation of a dataset folder, as a transaction: the new token files are written into a hidden folder
+    inside out_dir and moved into place only when all are complete, meta.json last. A failed, interrupted or killed
+    run leaves the previous preparation as it was (a kill during the final renames, a few milliseconds, leaves the
+    folder without meta.json: unprepared, never a mix). Every token file's header carries the id that meta.json
+    records, and load_split refuses a file with another id.
+
+        with Preparation(out_dir) as prep:           # checks out_dir before anything is written
+            with ShardWriter(prep.dir, "train", dtype) as w: ...
+            prep.commit(meta)                         # refuses an empty split; then swaps the files in
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"--out_dir {self.out_dir} is a file: pass a folder (new or holding a preparation)")
+        self.dir = self.out_dir / f".tmp-prepare-{os.getpid()}"
+        self.id = int.from_bytes(os.urandom(8), "little") >> 1 or 1  # a positive int64: 0 means "no id"
+        self._made_out_dir = False
+        self._swapping = False
+
+    def __enter__(self) -> Preparation:
+        self._made_out_dir = not self.out_dir.exists()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.out_dir.glob(".tmp-prepare-*"):  # left by a killed run (a live one keeps its own)
+            pid = old.name.removeprefix(".tmp-prepare-")
+            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                shutil.rmtree(old, ignore_errors=True)
+        self.dir.mkdir()
+        return self
+
+    def commit(self, meta: dict) -> None:
+        """Swap the files written into self.dir, and meta.json, into out_dir; adds the id to meta as "preparation"."""
+        for split in ("train", "val"):
+            if not meta[f"{split}_tokens"]:
+                raise ValueError(f"the {split} split is empty ({meta['train_tokens']:,} train and "
+                                 f"{meta['val_tokens']:,} val tokens; split {meta.get('split', '?')}): train.py needs "
+                                 f"both; use more text or change the split setting")
+        new = sorted(self.dir.glob("*.bin"))
+        for path in new:
+            with open(path, "r+b") as f:
+                f.seek(5 * 4)
+                f.write(np.array([self.id], dtype="<i8").tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        meta["preparation"] = f"{self.id:016x}"
+        write_meta(self.dir, meta)
+        _fsync(self.dir / "meta.json")
+        self._swapping = True
+        (self.out_dir / "meta.json").unlink(missing_ok=True)  # from here to the last rename: unprepared, never mixed
+        names = {p.name for p in new}
+        for split in ("train", "val"):
+            single, shards = _split_files(self.out_dir, split)
+            for old in ([single] if single else []) + shards:
+                if old.name not in names:
+                    old.unlink()
+        for path in new:
+            os.replace(path, self.out_dir / path.name)
+        os.replace(self.dir / "meta.json", self.out_dir / "meta.json")
+        _fsync(self.out_dir)
+        self._swapping = False
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if kind is None:
+            return
+        if self._made_out_dir:
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()  # only if still empty
+        state = (f"{self.out_dir} holds no complete preparation now (stopped while swapping the files in): run "
+                 f"again" if self._swapping else f"{self.out_dir} was left as it was")
+        if kind is KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted: {state}") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """For the prepare scripts: --help keeps the docstring's layout and shows every default."""
+
+
+MAX_SHARD_SIZE = 1 << 30  # tokens; a shard's buffer is reserved whole (4 GiB of uint32)
+_ARG_CHECKS = {  # preparer argument -> (valid?, what is expected)
+    "val_fraction": (lambda v: 0 < v < 1, "a fraction between 0 and 1, e.g. 0.1 (train.py needs both splits)"),
+    "shard_size": (lambda v: 1 <= v <= MAX_SHARD_SIZE, f"a number of tokens from 1 to {MAX_SHARD_SIZE:,}"),
+    "num_threads": (lambda v: 0 <= v <= 1024, "0 (all cores) or a number of threads up to 1024"),
+    "val_tokens": (lambda v: v >= 0, "0 (one shard) or a positive number of tokens"),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a preparer's impossible arguments before anything is read or written."""
+    for name, (valid, expected) in _ARG_CHECKS.items():
+        value = getattr(args, name, None)
+        if value is not None and not valid(value):
+            raise SystemExit(f"--{name}={value}: expected {expected}")
 
 
 def prepare_command(script: str, argv: list[str] | None) -> str:
@@ -504,6 +640,19 @@ def _split_long(text: str, piece_chars: int) -> Iterator[str]:
         yield text
 
 
+def _not_utf8(path: Path, offset: int) -> str:
+    return (f"{path}: not UTF-8 text (bad byte near offset {offset}): convert it first, e.g. iconv -f latin1 -t "
+            f"utf-8 {path.name} > {path.stem}.utf8.txt")
+
+
+def read_utf8(path: Path) -> str:
+    """The whole text of a file; ValueError naming the file and the offset if it is not UTF-8 (binary, Latin-1)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(_not_utf8(Path(path), e.start)) from None
+
+
 def _iter_txt(path: Path, hashes: dict, piece_chars: int) -> Iterator[tuple[str, bool, int]]:
     """One document per .txt file, read in pieces; hashes the raw bytes on the way (no second pass)."""
     h, dec = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")()
@@ -515,10 +664,7 @@ def _iter_txt(path: Path, hashes: dict, piece_chars: int) -> Iterator[tuple[str,
             try:
                 buf += dec.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}: not UTF-8 text (bad byte near offset {offset + e.start}): convert it first, "
-                    f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt"
-                ) from None
+                raise ValueError(_not_utf8(path, offset + e.start)) from None
             offset += len(raw)
             while len(buf) > piece_chars or (not raw and buf):
                 cut = _safe_cut(buf, piece_chars) if len(buf) > piece_chars else len(buf)
@@ -655,7 +801,8 @@ def tokenize_to_shards(
     total_bytes: int | None = None,
     num_threads: int | None = None,
 ) -> dict:
-    """Tokenize a stream of pieces on all cores and write train/val token files; returns counts and file names.
+    """Tokenize a stream of pieces on all cores and write train/val token files into out_dir (a Preparation's
+    folder); returns counts and file names.
 
     The split is made in stream order, by exactly one of:
       val_tokens:  the first `val_tokens` tokens are val, the rest train (llm.c's FineWeb: val = the first shard);
@@ -668,7 +815,6 @@ def tokenize_to_shards(
     assert (val_tokens is None) != (train_bytes is None), "give exactly one of val_tokens, train_bytes"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # until the new one is written the folder reads as unprepared
     dtype = token_dtype(tokenizer.vocab_size)
     by_tokens = val_tokens is not None
     first, second = ("val", "train") if by_tokens else ("train", "val")
@@ -722,9 +868,6 @@ def tokenize_to_shards(
         bar.set_postfix(docs=docs)
     files = {s: [p.name for p in w.close()] for s, w in writers.items()}
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0  # CPU time of all threads
-    for s, w in writers.items():
-        if w.tokens == 0:
-            print(f"warning: the {s} split is empty; train.py needs both splits (check the split flags)")
     return {
         "train_tokens": writers["train"].tokens,
         "val_tokens": writers["val"].tokens,
@@ -768,7 +911,9 @@ def prepare_web_corpus(argv: list[str] | None, *, corpus: str, doc: str, dataset
     parser.add_argument("--encoding", default="gpt2", help="tiktoken encoding name")
     parser.add_argument("--num_threads", type=int, default=0, help="tokenizer threads; 0 = all cores")
     args = parser.parse_args(argv)
+    check_args(args)
     out_dir = Path(args.out_dir)
+    prep = Preparation(out_dir)
     config_name = getattr(args, "name", None)
 
     tok = Tokenizer.tiktoken(args.encoding)
@@ -781,14 +926,15 @@ def prepare_web_corpus(argv: list[str] | None, *, corpus: str, doc: str, dataset
         pieces, total = iter_hf_dataset(args.dataset, config_name, args.text_field), None
         source = f"https://huggingface.co/datasets/{args.dataset}" + (f" ({config_name})" if config_name else "")
     val = args.val_tokens or args.shard_size
-    stats = tokenize_to_shards(pieces, tok, out_dir, shard_size=args.shard_size, val_tokens=val, total_bytes=total,
-                               num_threads=args.num_threads or None)
-    meta = dataset_meta(
-        tok, stats["train_tokens"], stats["val_tokens"], source=source, sha256=hashes or None,
-        prepare=prepare_command(f"data/{corpus}/prepare.py", argv), files=stats["files"],
-        documents=stats["documents"], shard_size=args.shard_size,
-        split=f"the first {val:,} tokens of the stream are val, the rest train",
-    )
-    write_meta(out_dir, meta)
+    with prep:
+        stats = tokenize_to_shards(pieces, tok, prep.dir, shard_size=args.shard_size, val_tokens=val,
+                                   total_bytes=total, num_threads=args.num_threads or None)
+        meta = dataset_meta(
+            tok, stats["train_tokens"], stats["val_tokens"], source=source, sha256=hashes or None,
+            prepare=prepare_command(f"data/{corpus}/prepare.py", argv), files=stats["files"],
+            documents=stats["documents"], shard_size=args.shard_size,
+            split=f"the first {val:,} tokens of the stream are val, the rest train",
+        )
+        prep.commit(meta)
     report(corpus, out_dir, stats)
     return meta

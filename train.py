@@ -36,6 +36,10 @@ What survives what (tests/test_train.py injects each):
 
 from __future__ import annotations
 
+import errors
+
+errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
+
 import json
 import math
 import os
@@ -67,6 +71,7 @@ EVAL_BAR_DELAY = 3.0  # seconds an evaluation runs before its progress bar appea
 CPU_STEP_OVERHEAD = 2.0  # a CPU training step takes up to ~this times its FLOPs at a bare matmul's rate (the quick
 # start's: 1.6x, 4 GFLOP in 35 ms against 180 GFLOP/s, one thread)
 PLAIN_LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (a log file: no bar)
+METRICS_KEYS = {"iter", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu", "elapsed"}  # of every metrics.jsonl line
 
 
 @dataclass
@@ -334,6 +339,32 @@ class StopSignal:
                      .encode())
 
 
+def check_train_state(state: object, path: Path) -> None:
+    """Refuse a state.pt that is a valid torch file but not what save() below writes, naming what is wrong, before a
+    KeyError or TypeError halfway through a resume."""
+    if not isinstance(state, dict):
+        wrong = f"it holds a {type(state).__name__}, not a dict"
+    else:
+        expected = {"optimizer": (dict,), "iter_num": (int,), "best_val_loss": (float, int), "rng": (dict,)}
+        wrong = next((f"{key} is {type(state.get(key)).__name__}, not {kinds[0].__name__}"
+                      for key, kinds in expected.items() if type(state.get(key)) not in kinds), None)
+        if wrong is None:
+            optimizer, rng = state["optimizer"], state["rng"].get("torch")
+            problems = [
+                (state["iter_num"] < 0, "iter_num is negative"),
+                (not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list),
+                 "optimizer is not an optimizer's state_dict"),
+                (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or
+                 rng.shape != torch.get_rng_state().shape, "rng['torch'] is not a CPU generator's state"),
+                (type(state.get("elapsed", 0.0)) not in (int, float), "elapsed is not a number"),
+                (not isinstance(state.get("scaler") or {}, dict), "scaler is not a state_dict"),
+            ]
+            wrong = next((what for bad, what in problems if bad), None)
+    if wrong is not None:
+        raise ValueError(f"{path} is refused: it is not a training state written by train.py ({wrong}); resume "
+                         f"from another checkpoint")
+
+
 def resume_command(argv: list[str]) -> str:
     """The command line that continues this run: the same launcher and arguments, with --init_from=resume."""
     keep, i = [], 0
@@ -484,7 +515,10 @@ def main(argv: list[str] | None = None) -> dict:
     data_dir = resolve_dataset(cfg.dataset)
     try:
         meta = load_meta(data_dir)
-        tokenizer = Tokenizer.from_meta(meta["tokenizer"])
+        try:
+            tokenizer = Tokenizer.from_meta(meta["tokenizer"])
+        except ValueError as e:
+            raise ValueError(f"{data_dir / 'meta.json'}: bad \"tokenizer\" entry: {e}") from None
         splits = {split: load_split(data_dir, split) for split in ("train", "val")}
     except ValueError as e:  # tokens.py's messages name the file and the prepare.py command to run
         raise SystemExit(str(e)) from None
@@ -503,6 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
             model, _, ckpt_config = load_model(ckpt_dir, dropout=cfg.dropout)
             check_tokenizer_matches(ckpt_config, meta, data_dir / "meta.json")
             state = load_state(ckpt_dir)
+            check_train_state(state, ckpt_dir / "state.pt")
         except ValueError as e:  # checkpoint.py's messages name the file and the fix
             raise SystemExit(str(e)) from None
         if state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
@@ -656,7 +691,8 @@ def main(argv: list[str] | None = None) -> dict:
         """Append one line to metrics.jsonl (rank 0); every line has every key, null where it does not apply."""
         row = {"iter": iter_num, "train_loss": None, "val_loss": None, "lr": None, "tokens_per_sec": None,
                "mfu": None, "elapsed": round(elapsed(), 3)} | values
-        with open(metrics_path, "a") as f:
+        assert row.keys() == METRICS_KEYS
+        with errors.writing(metrics_path), open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     if writes:
@@ -666,14 +702,17 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         kept = []
         if resuming and metrics_path.exists():
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    if json.loads(line)["iter"] <= iter_num:
+            for line in metrics_path.read_text(errors="replace").splitlines():
+                try:  # a line that is not one of record()'s (its keys, numbers or null) is dropped too
+                    row = json.loads(line)
+                    if (row.keys() == METRICS_KEYS and all(v is None or type(v) in (int, float) for v in row.values())
+                            and type(row["iter"]) is int and row["iter"] <= iter_num):
                         kept.append(line)
-                except json.JSONDecodeError:
+                except (ValueError, AttributeError):
                     pass
         if kept:
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+            with errors.writing(metrics_path):
+                metrics_path.write_text("".join(line + "\n" for line in kept))
         else:  # the first record() makes it: a run stopped before that leaves no empty file
             metrics_path.unlink(missing_ok=True)
 
@@ -856,7 +895,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C before the training loop has started: there is nothing to save yet
-        raise SystemExit("interrupted before training started; nothing was saved") from None
+    main()

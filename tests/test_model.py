@@ -456,9 +456,14 @@ def test_exported_folder_loads_in_transformers(tmp_path):
 # ---------------------------------------------------------------------------- CUDA only
 
 
+MODERN = dict(pos_embedding="rope", norm="rmsnorm", embed_norm=True, qk_norm=True, mlp="relu2", n_kv_head=2,
+              tie_embeddings=False, logit_softcap=15.0, bias=False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_training_step_runs_on_the_flash_kernel(dtype, monkeypatch):
+@pytest.mark.parametrize("switches", [{}, MODERN], ids=["gpt2", "modern"])
+def test_training_step_runs_on_the_flash_kernel(dtype, switches, monkeypatch):
     import model as model_module
     from torch.profiler import ProfilerActivity, profile
 
@@ -472,7 +477,8 @@ def test_training_step_runs_on_the_flash_kernel(dtype, monkeypatch):
         return real(backends)
 
     monkeypatch.setattr(model_module, "sdpa_kernel", recording_sdpa_kernel)
-    model = GPT(GPTConfig(block_size=128, vocab_size=256, n_layer=2, n_head=4, n_embd=128, dropout=0.1)).cuda()
+    model = GPT(GPTConfig(block_size=128, vocab_size=256, n_layer=2, n_head=4, n_embd=128, dropout=0.1,
+                          **switches)).cuda()
     idx = torch.randint(0, 256, (4, 128), device="cuda")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         with torch.autocast("cuda", dtype=dtype):
@@ -486,8 +492,9 @@ def test_training_step_runs_on_the_flash_kernel(dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_generate_on_cuda_equals_cpu():
-    model = tiny_model()
+@pytest.mark.parametrize("switches", [{}, MODERN], ids=["gpt2", "modern"])
+def test_generate_on_cuda_equals_cpu(switches):
+    model = tiny_model(**switches)
     idx = torch.randint(0, 97, (2, 5))
     on_cpu = model.generate(idx, 20, temperature=0)
     on_gpu = model.cuda().generate(idx.cuda(), 20, temperature=0)

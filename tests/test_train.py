@@ -29,14 +29,20 @@ from safetensors.torch import load_file
 import model as model_module
 import tokens
 from checkpoint import load_model, load_state
+from config import parse_config
 from model import GPT
-from train import TrainConfig, main, resume_command
+from train import TrainConfig, learning_rate, main, muon_momentum, resume_command
 
 REPO = Path(__file__).resolve().parents[1]
 ITERS = 80  # the uninterrupted reference run
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--dropout=0.1", "--learning_rate=1e-3", "--warmup_iters=5",
         f"--lr_decay_iters={ITERS}", "--eval_interval=20", "--eval_iters=2", "--log_interval=10"]
+
+# nanochat's architecture (with GQA: 1 key/value head for 2 heads), Muon and the WSD schedule
+RECIPE = ["--pos_embedding=rope", "--norm=rmsnorm", "--embed_norm=true", "--qk_norm=true", "--mlp=relu2",
+          "--bias=false", "--tie_embeddings=false", "--logit_softcap=15", "--zero_init=true", "--n_kv_head=1",
+          "--optimizer=muon", "--muon_lr=0.02", "--muon_momentum_warmup=10", "--lr_schedule=wsd", "--cooldown_frac=0.4"]
 
 # Runs train.main in a fresh interpreter whose training forward passes each sleep DELAY seconds.
 SLOW_TRAIN = """
@@ -325,6 +331,96 @@ def test_two_processes_equal_one_and_stop_together(reference: Path, char_data: P
     ref = weights(reference)
     for key, tensor in weights(out_dir).items():
         torch.testing.assert_close(tensor, ref[key], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- the recipe
+
+
+@pytest.fixture(scope="module")
+def recipe_reference(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run with RECIPE."""
+    out_dir = tmp_path_factory.mktemp("recipe_reference")
+    run(char_data, out_dir, f"--max_iters={ITERS}", *RECIPE)
+    return out_dir
+
+
+def test_recipe_resume_is_bit_exact(recipe_reference: Path, char_data: Path, tmp_path: Path) -> None:
+    """Muon's momentum buffers, the AdamW moments and the WSD schedule continue exactly; the checkpoint keeps every
+    switch (the resumed model's shape comes from it, not from the command line)."""
+    run(char_data, tmp_path, "--max_iters=40", *RECIPE)
+    run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume", *RECIPE)
+    assert_same_weights(weights(tmp_path), weights(recipe_reference))
+    a, b = load_state(tmp_path / "latest"), load_state(recipe_reference / "latest")
+    kinds = set()
+    for key, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            other = b["optimizer"]["state"][key][name]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, name
+            kinds.add(name)
+    assert kinds == {"momentum_buffer", "exp_avg", "exp_avg_sq", "step"}  # both halves of Muon have state
+    assert metrics(tmp_path) == metrics(recipe_reference)
+    model, _, config = load_model(recipe_reference)
+    assert config["model_type"] == "nanochat"
+    assert model.config == parse_config(TrainConfig, [*TINY, *RECIPE]).gpt_config(model.config.vocab_size)
+
+
+def test_recipe_checkpoint_loads_in_transformers_nanochat(recipe_reference: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.NanoChatForCausalLM.from_pretrained(recipe_reference / "latest").eval()
+    ours, _, _ = load_model(recipe_reference)
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_recipe_two_processes_equal_one(recipe_reference: Path, char_data: Path, tmp_path: Path) -> None:
+    """torchrun --nproc_per_node=2 (gloo) with Muon: DDP averages the gradients before Muon orthogonalises them, so
+    every rank computes the update of the one-process run (up to float summation order)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_dir = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(REPO / "train.py"), f"--dataset={char_data}", f"--out_dir={out_dir}", *TINY, f"--max_iters={ITERS}",
+           *RECIPE]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) x 1 micro-steps" in proc.stdout
+    one, two = weights(recipe_reference), weights(out_dir)
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)  # equal bit for bit here
+
+
+def test_wsd_schedule() -> None:
+    """Warmup, constant at learning_rate, then linear to min_lr over the last cooldown_frac of lr_decay_iters."""
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=100, lr_schedule="wsd",
+                      cooldown_frac=0.2)
+    cosine = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=100)
+    assert [learning_rate(it, cfg) for it in range(10)] == [learning_rate(it, cosine) for it in range(10)]
+    assert all(learning_rate(it, cfg) == 1.0 for it in range(10, 81))  # stable until 80 = 100 * (1 - 0.2)
+    for it in range(80, 101):
+        assert learning_rate(it, cfg) == pytest.approx(1.0 - 0.9 * (it - 80) / 20)
+    assert learning_rate(100, cfg) == learning_rate(250, cfg) == 0.1
+    whole = TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=10, lr_decay_iters=100, lr_schedule="wsd",
+                        cooldown_frac=1.0)  # a cool-down longer than what follows the warmup starts after it
+    assert learning_rate(10, whole) == 1.0 and learning_rate(55, whole) == pytest.approx(0.5)
+    assert learning_rate(50, TrainConfig(learning_rate=1.0, decay_lr=False, lr_schedule="wsd")) == 1.0
+
+
+def test_muon_momentum_warms_up() -> None:
+    cfg = TrainConfig(muon_momentum=0.95, muon_momentum_warmup=100)
+    assert [muon_momentum(it, cfg) for it in (0, 50, 100, 1000)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+    assert muon_momentum(0, TrainConfig(muon_momentum=0.9, muon_momentum_warmup=0)) == 0.9
+
+
+def test_resume_with_another_optimizer_is_one_line(recipe_reference: Path, char_data: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in recipe_reference.rglob("*")}
+    message = exit_message([f"--dataset={char_data}", f"--out_dir={recipe_reference}", *TINY, *RECIPE,
+                            f"--max_iters={ITERS + 10}", "--init_from=resume", "--optimizer=adamw"])
+    assert "optimizer=muon" in message and "--optimizer=muon" in message
+    assert {p: p.stat().st_mtime_ns for p in recipe_reference.rglob("*")} == before  # nothing touched
 
 
 def test_eval_only_reproduces_the_recorded_val_loss(reference: Path, char_data: Path) -> None:

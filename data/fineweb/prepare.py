@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+import errors  # noqa: E402
+
+errors.install(__name__)  # before numpy loads: a Ctrl-C while it does is one line too
 import tokens  # noqa: E402
 
 DATASET = "HuggingFaceFW/fineweb-edu"

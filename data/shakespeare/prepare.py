@@ -11,9 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+import errors  # noqa: E402
+
+errors.install(__name__)  # before numpy loads: a Ctrl-C while it does is one line too
 import tokens  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -27,24 +28,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val_fraction", type=float, default=0.1, help="the last this much of the text is val")
     parser.add_argument("--encoding", default="gpt2", help="tiktoken encoding name")
     args = parser.parse_args(argv)
+    tokens.check_args(args)
     out_dir = Path(args.out_dir)
+    prep = tokens.Preparation(out_dir)
 
     path = tokens.local_or_download(args.input, URL, out_dir / "input.txt", SHA256)
-    text = path.read_text(encoding="utf-8")
+    text = tokens.read_utf8(path)
     tok = tokens.Tokenizer.tiktoken(args.encoding)
     n = int(len(text) * (1 - args.val_fraction))  # split the characters first, then encode each part: nanoGPT's way
+    if not 0 < n < len(text):
+        raise SystemExit(f"{path} has {len(text):,} characters: too few for a train and a val split with "
+                         f"--val_fraction={args.val_fraction}; use a longer text")
     train_ids, val_ids = tok.encode_batch([text[:n], text[n:]])
     dtype, files = tokens.token_dtype(tok.vocab_size), {}
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        with tokens.ShardWriter(out_dir, split, dtype) as w:
-            w.write(np.asarray(ids))
-        files[split] = [f.name for f in w.files]
-    meta = tokens.dataset_meta(
-        tok, len(train_ids), len(val_ids), source=str(args.input) if args.input else URL,
-        sha256=tokens.file_sha256(path), prepare=tokens.prepare_command("data/shakespeare/prepare.py", argv),
-        files=files, split=f"by characters: the first {1 - args.val_fraction:.0%} train, the rest val",
-    )
-    tokens.write_meta(out_dir, meta)
+    with prep:
+        for split, ids in (("train", train_ids), ("val", val_ids)):
+            with tokens.ShardWriter(prep.dir, split, dtype) as w:
+                w.write(ids)
+            files[split] = [f.name for f in w.files]
+        meta = tokens.dataset_meta(
+            tok, len(train_ids), len(val_ids), source=str(args.input) if args.input else URL,
+            sha256=tokens.file_sha256(path), prepare=tokens.prepare_command("data/shakespeare/prepare.py", argv),
+            files=files, split=f"by characters: the first {1 - args.val_fraction:.0%} train, the rest val",
+        )
+        prep.commit(meta)
     print(f"shakespeare: {len(train_ids):,} train + {len(val_ids):,} val tokens ({args.encoding}) -> {out_dir}")
     return meta
 

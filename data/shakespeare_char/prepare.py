@@ -11,9 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+import errors  # noqa: E402
+
+errors.install(__name__)  # before numpy loads: a Ctrl-C while it does is one line too
 import tokens  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -26,23 +27,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the files go")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="the last this much of the text is val")
     args = parser.parse_args(argv)
+    tokens.check_args(args)
     out_dir = Path(args.out_dir)
+    prep = tokens.Preparation(out_dir)
 
     path = tokens.local_or_download(args.input, URL, out_dir / "input.txt", SHA256)
-    text = path.read_text(encoding="utf-8")
-    tok = tokens.Tokenizer.char("".join(sorted(set(text))))
+    text = tokens.read_utf8(path)
     n = int(len(text) * (1 - args.val_fraction))  # split by characters, as nanoGPT does
+    if not 0 < n < len(text):
+        raise SystemExit(f"{path} has {len(text):,} characters: too few for a train and a val split with "
+                         f"--val_fraction={args.val_fraction}; use a longer text")
+    tok = tokens.Tokenizer.char("".join(sorted(set(text))))
     dtype, files = tokens.token_dtype(tok.vocab_size), {}
-    for split, part in (("train", text[:n]), ("val", text[n:])):
-        with tokens.ShardWriter(out_dir, split, dtype) as w:
-            w.write(np.asarray(tok.encode(part)))
-        files[split] = [f.name for f in w.files]
-    meta = tokens.dataset_meta(
-        tok, n, len(text) - n, source=str(args.input) if args.input else URL, sha256=tokens.file_sha256(path),
-        prepare=tokens.prepare_command("data/shakespeare_char/prepare.py", argv),
-        files=files, split=f"by characters: the first {1 - args.val_fraction:.0%} train, the rest val",
-    )
-    tokens.write_meta(out_dir, meta)
+    with prep:
+        for split, part in (("train", text[:n]), ("val", text[n:])):
+            with tokens.ShardWriter(prep.dir, split, dtype) as w:
+                w.write(tok.encode(part))
+            files[split] = [f.name for f in w.files]
+        meta = tokens.dataset_meta(
+            tok, n, len(text) - n, source=str(args.input) if args.input else URL, sha256=tokens.file_sha256(path),
+            prepare=tokens.prepare_command("data/shakespeare_char/prepare.py", argv),
+            files=files, split=f"by characters: the first {1 - args.val_fraction:.0%} train, the rest val",
+        )
+        prep.commit(meta)
     print(f"shakespeare_char: {tok.vocab_size} symbols, {n:,} train + {len(text) - n:,} val tokens -> {out_dir}")
     return meta
 

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tokens.py lives at the repository root
+import errors  # noqa: E402
+
+errors.install(__name__)  # before numpy loads: a Ctrl-C while it does is one line too
 import tokens  # noqa: E402
 
 
@@ -28,8 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--text_field", default="text", help="the field (jsonl) or column (parquet) holding the text")
     parser.add_argument("--num_threads", type=int, default=0, help="tokenizer threads; 0 = all cores")
     args = parser.parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
-        raise SystemExit(f"--val_fraction={args.val_fraction}: expected a number in [0, 1), e.g. 0.1")
+    tokens.check_args(args)
+    prep = tokens.Preparation(Path(args.out_dir))
     files = tokens.find_inputs(args.input)
     hashes: dict[str, str] = {}
 
@@ -39,19 +42,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tokenizer == "char":
         tok = tokens.Tokenizer.char(tokens.collect_chars(pieces()))  # a first pass to find the vocabulary
     else:
-        tok = tokens.Tokenizer.tiktoken(args.tokenizer)
+        try:
+            tok = tokens.Tokenizer.tiktoken(args.tokenizer)
+        except ValueError as e:
+            raise SystemExit(f"--tokenizer={args.tokenizer}: {e}, or char") from None
     total = sum(f.stat().st_size for f in files)
-    stats = tokens.tokenize_to_shards(
-        pieces(), tok, Path(args.out_dir), shard_size=args.shard_size, train_bytes=int(total * (1 - args.val_fraction)),
-        total_bytes=total, num_threads=args.num_threads or None,
-    )
-    meta = tokens.dataset_meta(
-        tok, stats["train_tokens"], stats["val_tokens"], source=[str(f) for f in files], sha256=hashes,
-        prepare=tokens.prepare_command("data/text/prepare.py", argv), files=stats["files"],
-        documents=stats["documents"], shard_size=args.shard_size,
-        split=f"by source bytes in file order: the first {1 - args.val_fraction:.0%} train, the rest val",
-    )
-    tokens.write_meta(Path(args.out_dir), meta)
+    with prep:
+        stats = tokens.tokenize_to_shards(
+            pieces(), tok, prep.dir, shard_size=args.shard_size, train_bytes=int(total * (1 - args.val_fraction)),
+            total_bytes=total, num_threads=args.num_threads or None,
+        )
+        meta = tokens.dataset_meta(
+            tok, stats["train_tokens"], stats["val_tokens"], source=[str(f) for f in files], sha256=hashes,
+            prepare=tokens.prepare_command("data/text/prepare.py", argv), files=stats["files"],
+            documents=stats["documents"], shard_size=args.shard_size,
+            split=f"by source bytes in file order: the first {1 - args.val_fraction:.0%} train, the rest val",
+        )
+        prep.commit(meta)
     tokens.report("text", Path(args.out_dir), stats)
     return meta
 

@@ -1,0 +1,93 @@
+"""The error boundary of every entry point: a failure the user can cause ends as one line on stderr, a bug keeps its
+traceback. The first lines of train.py, sample.py, attention.py, bench.py and data/*/prepare.py:
+
+    import errors
+    errors.install(__name__)  # before torch and numpy load: a Ctrl-C during those imports is one line too
+
+A user's failures are SystemExit (Python prints its one line), ValueError (this project's type for a bad file or
+value), OSError (a missing or unwritable path, a full disk), running out of memory (exit status 1), and Ctrl-C (exit
+status 130). Anything else (TypeError, KeyError, AssertionError, other RuntimeErrors...) is a bug: its traceback is
+printed. SMALLGPT_DEBUG=1 prints the traceback of everything. This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+
+_HINTS = {  # errno -> what it means for the user, where strerror alone does not say what to do
+    errno.ENOSPC: "no space left on the device: free some space or write elsewhere, then run again",
+    errno.EDQUOT: "disk quota exceeded: free some space or write elsewhere, then run again",
+    errno.EFBIG: "file too large for this file system or this process's file-size limit (ulimit -f)",
+    errno.EACCES: "permission denied: choose a path you may write to, or change its permissions",
+    errno.EROFS: "read-only file system: write elsewhere",
+    errno.EISDIR: "is a folder, where a file was expected",
+    errno.ENOTDIR: "a part of this path is a file, where a folder was expected",
+    errno.ENOENT: "no such file or folder",
+    errno.EEXIST: "already exists, as something other than what was expected (a file instead of a folder?)",
+    errno.ELOOP: "a loop of symbolic links",
+}
+
+
+def message(e: BaseException) -> str | None:
+    """The one line to print for an exception a user can cause; None for a bug, whose traceback should show."""
+    if isinstance(e, KeyboardInterrupt):
+        text = str(e) or "interrupted"
+    elif isinstance(e, OSError):
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        what = _HINTS.get(e.errno) or e.strerror or str(e)
+        text = f"{where}: {what}" if where else what
+    elif isinstance(e, MemoryError) or isinstance(e, RuntimeError) and (
+            type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e)):  # torch's CPU allocator
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        text = f"out of memory ({first}): use a smaller model, batch or context, or a machine with more memory"
+    elif isinstance(e, ValueError):
+        text = str(e) or type(e).__name__
+    else:
+        return None
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())  # one line, whatever the source
+
+
+def report(e: BaseException) -> int | None:
+    """Print message(e) to stderr and return the exit status (130 for Ctrl-C, else 1); None, printing nothing, for a
+    bug."""
+    text = message(e)
+    if text is None:
+        return None
+    print(text, file=sys.stderr)
+    return 130 if isinstance(e, KeyboardInterrupt) else 1
+
+
+def _hook(kind: type[BaseException], e: BaseException, tb: TracebackType | None) -> None:
+    status = report(e)
+    if status is None:
+        sys.__excepthook__(kind, e, tb)  # a bug: the traceback, exit status 1
+    elif status != 1:  # the interpreter exits with 1 after a hook; Ctrl-C's 130 needs an explicit exit
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+
+
+def install(name: str) -> None:
+    """Make this module the boundary of the script being run: call it with the script's __name__ (a module imported
+    by another one, or by the tests, leaves sys.excepthook alone)."""
+    if name == "__main__" and os.environ.get("SMALLGPT_DEBUG", "") in ("", "0"):
+        sys.excepthook = _hook
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Name `path` in an OSError raised inside (a write to a full disk says no file name of its own)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = os.fspath(path)
+        raise

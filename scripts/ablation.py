@@ -1,0 +1,145 @@
+"""The recipe ablation of docs/recipe.md: each switch added to a tuned GPT-2 and removed from the full recipe, at
+equal wall time, on the CPU Shakespeare setting (block 64, batch 12, 4 x 4 x 128).
+
+    OMP_NUM_THREADS=1 python scripts/ablation.py time                 # ms per step of every variant
+    OMP_NUM_THREADS=1 python scripts/ablation.py run --budget=600 --seeds=1,2,3 [--lane=0 --lanes=2]
+    python scripts/ablation.py table                                   # the markdown table of the runs so far
+
+Equal wall time without timing every run on a shared machine: the step times are measured once, as CPU time of one
+thread, round robin in one process, and each variant gets budget * (tuned GPT-2's ms per step / its own)
+iterations; the losses of a run do not depend on the machine's load, so the runs may share the CPU. Val loss: 100
+batches at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BASE = "configs/shakespeare_char_cpu.toml"
+RECIPE = "configs/shakespeare_char_cpu_modern.toml"
+OUT = REPO / "out" / "ablation"  # time.json (ms per step of each variant), runs.jsonl (one line per run)
+TUNED = {"learning_rate": 3e-3}  # the GPT-2 baseline with a tuned AdamW rate: what the switches must beat
+SWITCHES = {  # name: (settings that add it to GPT-2, settings that remove it from the recipe)
+    "rope": ({"pos_embedding": "rope"}, {"pos_embedding": "learned"}),
+    "rmsnorm": ({"norm": "rmsnorm", "embed_norm": True}, {"norm": "layernorm", "embed_norm": False}),
+    "qk_norm": ({"qk_norm": True}, {"qk_norm": False}),
+    "relu2": ({"mlp": "relu2"}, {"mlp": "gelu"}),
+    "untied head": ({"tie_embeddings": False}, {"tie_embeddings": True}),
+    "softcap 15": ({"logit_softcap": 15.0}, {"logit_softcap": None}),
+    "zero init": ({"zero_init": True}, {"zero_init": False}),
+    "no biases": ({"bias": False}, {"bias": True}),
+    "GQA (2 kv heads)": ({"n_kv_head": 2}, None),
+    "muon": ({"optimizer": "muon", "beta1": 0.8, "beta2": 0.95, "grad_clip": 0.0, "weight_decay": 0.0},
+             {"optimizer": "adamw", "weight_decay": 0.1}),
+    "wsd": ({"lr_schedule": "wsd", "warmup_iters": 0, "min_lr": 0.0}, {"lr_schedule": "cosine", "min_lr": 3e-4}),
+    "batch 24": ({"batch_size": 24}, {"batch_size": 12}),
+}
+
+
+def variants() -> dict[str, tuple[str, dict]]:
+    out = {"GPT-2, AdamW 1e-3 (nanoGPT's)": (BASE, {}), "GPT-2, AdamW 3e-3 (tuned)": (BASE, TUNED)}
+    for name, (add, _) in SWITCHES.items():
+        out[f"tuned GPT-2 + {name}"] = (BASE, TUNED | add)
+    out["full recipe"] = (RECIPE, {})
+    for name, (_, remove) in SWITCHES.items():
+        if remove is not None:
+            out[f"recipe - {name}"] = (RECIPE, remove)
+    return out
+
+
+def argv(config: str, settings: dict) -> list[str]:
+    def show(v: object) -> str:
+        return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return [config, *(f"--{k}={show(v)}" for k, v in settings.items())]
+
+
+def step_times(steps: int = 40, warmup: int = 3) -> dict[str, float]:
+    """Median CPU ms per training step of every variant (one thread), measured round robin in this process."""
+    import torch
+
+    from config import parse_config
+    from train import TrainConfig
+    from model import GPT
+
+    built = {}
+    for name, (config, settings) in variants().items():
+        cfg = parse_config(TrainConfig, argv(config, settings))
+        torch.manual_seed(0)
+        model = GPT(cfg.gpt_config(65)).train()
+        opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu",
+                                         cfg.optimizer, cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay)
+        built[name] = (cfg, model, opt)
+    times: dict[str, list[float]] = {name: [] for name in built}
+    batches = {name: torch.randint(0, 65, (cfg.batch_size, cfg.block_size)) for name, (cfg, _, _) in built.items()}
+    for i in range(warmup + steps):  # round robin, one step of each variant in turn: all see the same load
+        for name, (cfg, model, opt) in built.items():
+            t0 = time.process_time()  # this process's CPU time: what other processes do barely moves it
+            _, loss = model(batches[name], batches[name])
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[name].append(time.process_time() - t0)
+    return {name: round(1000 * sorted(t)[len(t) // 2], 2) for name, t in times.items()}
+
+
+def run(budget: int, seeds: list[int], lane: int, lanes: int) -> None:
+    ms = json.loads((OUT / "time.json").read_text())
+    reference = ms["GPT-2, AdamW 3e-3 (tuned)"]
+    jobs = [(name, seed) for name in variants() for seed in seeds]
+    done = set()
+    log = OUT / "runs.jsonl"
+    if log.exists():
+        done = {(r["variant"], r["seed"]) for r in map(json.loads, log.read_text().splitlines())}
+    for k, (name, seed) in enumerate(jobs):
+        if k % lanes != lane or (name, seed) in done:
+            continue
+        config, settings = variants()[name]
+        iters = max(50, round(budget * reference / ms[name] / 10) * 10)
+        out = OUT / f"run_{lane}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        cmd = [sys.executable, "train.py", *argv(config, settings), f"--seed={seed}", f"--max_iters={iters}",
+               f"--lr_decay_iters={iters}", f"--eval_interval={iters}", "--eval_iters=100", f"--out_dir={out}"]
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        val = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["val_loss"] is not None][-1] if result.returncode == 0 else None
+        with open(log, "a") as f:
+            f.write(json.dumps({"variant": name, "seed": seed, "iters": iters, "val_loss": val}) + "\n")
+
+
+def table() -> str:
+    import statistics
+
+    ms = json.loads((OUT / "time.json").read_text())
+    rows = [json.loads(line) for line in (OUT / "runs.jsonl").read_text().splitlines()]
+    lines = ["| variant | ms/step | iterations | val loss (mean ± std, seeds) |", "| --- | --- | --- | --- |"]
+    for name in variants():
+        vals = [r["val_loss"] for r in rows if r["variant"] == name and r["val_loss"] is not None]
+        iters = next((r["iters"] for r in rows if r["variant"] == name), None)
+        shown = f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} ({len(vals)})" if len(vals) > 1 else \
+            (f"{vals[0]:.3f} (1)" if vals else "-")
+        lines.append(f"| {name} | {ms.get(name, '-')} | {iters or '-'} | {shown} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "table"
+    opts = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[2:])
+    OUT.mkdir(parents=True, exist_ok=True)
+    if what == "time":
+        (OUT / "time.json").write_text(json.dumps(step_times(), indent=1))
+        print((OUT / "time.json").read_text())
+    elif what == "run":
+        run(int(opts.get("budget", 600)), [int(s) for s in opts.get("seeds", "1,2,3").split(",")],
+            int(opts.get("lane", 0)), int(opts.get("lanes", 1)))
+    else:
+        print(table())
