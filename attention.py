@@ -73,6 +73,8 @@ class AttentionConfig:
             raise ValueError(f"--top must be at least 1, got {self.top}")
         if not 10 <= self.dpi <= 1000:
             raise ValueError(f"--dpi must be between 10 and 1000, got {self.dpi}")
+        if self.out is None:
+            self.out = str(Path(self.out_dir) / "attention")
         folder = Path(self.out) if self.out.endswith(("/", os.sep)) else Path(self.out).parent
         existing = next(p for p in (folder, *folder.parents) if p.exists())  # found now, not after the model ran
         if not existing.is_dir():
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(ids)} tokens: {' '.join(labels)}\n")
     print(report(weights, labels, token, cfg.top))
 
-    grid_path, head_path = output_paths(cfg.out or str(Path(cfg.out_dir) / "attention"), layer, head)
+    grid_path, head_path = output_paths(cfg.out, layer, head)
     if save_pictures(weights.numpy(), labels, layer, head, grid_path, head_path, cfg.dpi):
         print(f"\nwrote {grid_path} (every layer and head) and {head_path} (layer {layer}, head {head})")
     return 0
