@@ -764,12 +764,19 @@ def _download_hub_model(name: str, cache_dir: str | os.PathLike | None) -> Path:
     root = Path(cache_dir or os.environ.get("SMALLGPT_CACHE") or Path.home() / ".cache" / "smallgpt")
     hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # the variable huggingface_hub reads
     folder = root / name
+    made = [p for p in (root, folder) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
-    for filename in ("config.json", "model.safetensors"):
-        dest = folder / filename
-        if not dest.is_file():
-            _fetch(f"{hub}/openai-community/{name}/resolve/main/{filename}", dest,
-                   need_sha256=filename.endswith(".safetensors"), name=name)
+    try:
+        for filename in ("config.json", "model.safetensors"):
+            dest = folder / filename
+            if not dest.is_file():
+                _fetch(f"{hub}/openai-community/{name}/resolve/main/{filename}", dest,
+                       need_sha256=filename.endswith(".safetensors"), name=name)
+    except BaseException:  # offline, say: leave no empty cache folders behind
+        for p in reversed(made):
+            if not any(p.iterdir()):
+                p.rmdir()
+        raise
     return folder
 
 

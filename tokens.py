@@ -32,16 +32,24 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 import errors
 
+if TYPE_CHECKING:
+    import tiktoken
+
 REPO = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer
+
+
+# (vocab_size, end-of-text id) of tiktoken encodings, from tiktoken_ext/openai_public.py: known without the BPE files
+_TIKTOKEN_SIZES = {"gpt2": (50257, 50256), "r50k_base": (50257, 50256), "p50k_base": (50281, 50256)}
 
 
 class Tokenizer:
@@ -69,24 +77,31 @@ class Tokenizer:
             self._sorted_ids = order.astype(np.int64)
         elif kind == "tiktoken":
             assert encoding is not None
+            self.encoding = encoding
+            self._loaded = None
+            # Training on prepared ids needs only the sizes: the BPE files are loaded at the first encode or decode.
+            self.vocab_size, self.eot_token = _TIKTOKEN_SIZES.get(encoding) or (self._enc.n_vocab, self._enc.eot_token)
+        else:
+            raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'char' or 'tiktoken'")
+
+    @property
+    def _enc(self) -> tiktoken.Encoding:
+        """The tiktoken encoding, loaded on first use (tiktoken fetches its BPE files over the network once)."""
+        if self._loaded is None:
             import tiktoken  # lazily: importing tokens.py for the file format should not need it
 
             try:
-                self._enc = tiktoken.get_encoding(encoding)
+                self._loaded = tiktoken.get_encoding(self.encoding)
             except ValueError:
                 raise ValueError(
-                    f"unknown tiktoken encoding {encoding!r}: use one of {tiktoken.list_encoding_names()}"
+                    f"unknown tiktoken encoding {self.encoding!r}: use one of {tiktoken.list_encoding_names()}"
                 ) from None
-            except Exception as e:  # tiktoken fetches its BPE files over the network on first use
+            except Exception as e:
                 raise SystemExit(
-                    f"could not load the tiktoken encoding {encoding!r} ({type(e).__name__}): offline? set "
+                    f"could not load the tiktoken encoding {self.encoding!r} ({type(e).__name__}): offline? set "
                     f"TIKTOKEN_CACHE_DIR to a folder holding its BPE files, or run once with network access"
                 ) from None
-            self.encoding = encoding
-            self.vocab_size = self._enc.n_vocab
-            self.eot_token = self._enc.eot_token
-        else:
-            raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'char' or 'tiktoken'")
+        return self._loaded
 
     @classmethod
     def char(cls, chars: str) -> Tokenizer:

@@ -674,3 +674,121 @@ def test_kill_9_three_times_then_resume_matches_the_uninterrupted_run(reference:
     assert resumed_from == sorted(resumed_from) and resumed_from[-1] < ITERS
     run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
     assert_same_weights(weights(tmp_path), weights(reference))
+
+
+# ---------------------------------------------------------------------------------------------------- first hour
+
+
+def test_stop_during_an_evaluation_stops_it_between_batches_and_saves(char_data: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop request during the evaluation at iteration 20 ends it at the next batch (not after all of them), and
+    the run saves iteration 20 without a val loss and exits as after any stop."""
+    forward, evals = GPT.forward, [0]
+
+    def patched(self, *args, **kwargs):
+        if not self.training:
+            evals[0] += 1
+            if evals[0] == 6:  # the 2nd batch of the evaluation at iteration 20 (4 batches at iteration 0)
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.GPT, "forward", patched)
+    with pytest.raises(SystemExit) as e:
+        run(char_data, tmp_path, f"--max_iters={ITERS}")
+    assert e.value.code == 128 + signal.SIGINT
+    assert evals[0] == 6  # no batch after the signal
+    assert iteration(tmp_path) == 20
+    assert json.loads((tmp_path / "latest" / "config.json").read_text())["val_loss"] is None
+
+
+def test_stop_during_the_first_evaluation_leaves_nothing(char_data: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    forward, evals = GPT.forward, [0]
+
+    def patched(self, *args, **kwargs):
+        if not self.training:
+            evals[0] += 1
+            if evals[0] == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.GPT, "forward", patched)
+    with pytest.raises(SystemExit) as e:
+        run(char_data, tmp_path / "run", f"--max_iters={ITERS}")
+    assert e.value.code == 128 + signal.SIGINT
+    assert evals[0] == 1 and not (tmp_path / "run").exists()  # no empty metrics.jsonl, no untrained checkpoint
+
+
+def test_failed_fine_tune_download_leaves_no_folders(char_data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a local port that nothing listens on: the download fails at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("SMALLGPT_CACHE", str(tmp_path / "cache"))
+    message = exit_message([f"--dataset={char_data}", f"--out_dir={tmp_path / 'run'}", "--init_from=gpt2"])
+    assert "could not download" in message
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_run_ends_with_a_summary_and_plain_progress_lines_in_a_log(char_data: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    import train
+
+    monkeypatch.setattr(train, "PLAIN_LOG_EVERY", 0.0)  # a line at every log interval
+    run(char_data, tmp_path, "--max_iters=40")
+    out, err = capsys.readouterr()
+    assert "\r" not in err  # pytest's stderr is not a terminal: no bar
+    assert [line.split(" (")[0] for line in out.splitlines() if "/40 (" in line] == ["iter 10/40", "iter 20/40",
+                                                                                     "iter 30/40", "iter 40/40"]
+    best = min(r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if r["val_loss"] is not None and r["iter"] > 0)
+    assert f"done: 40 iterations in " in out and f"best val loss {best:.4f}" in out
+    assert f"python sample.py --out_dir={tmp_path}" in out
+
+
+def test_slow_cpu_run_is_announced(char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture) -> None:
+    import train
+
+    run(char_data, tmp_path / "fast", "--max_iters=1")
+    assert "warning" not in capsys.readouterr().out
+    monkeypatch.setattr(train, "matmul_flops_per_sec", lambda: 1e3)  # a CPU a billion times slower
+    run(char_data, tmp_path / "slow", "--max_iters=1")
+    assert "warning: on this CPU (1 thread(s)) one iteration will take about" in capsys.readouterr().out
+
+
+def test_training_on_bpe_tokens_needs_no_bpe_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepared GPT-2 ids train without tiktoken's BPE files: only encoding and decoding text need them."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    bpe = tokens.Tokenizer.tiktoken("gpt2")
+    ids = np.random.default_rng(0).integers(0, bpe.vocab_size, 2000)
+    data = tmp_path / "bpe"
+    data.mkdir()
+    tokens.write_tokens(data / "train.bin", ids[:1800], tokens.token_dtype(bpe.vocab_size))
+    tokens.write_tokens(data / "val.bin", ids[1800:], tokens.token_dtype(bpe.vocab_size))
+    tokens.write_meta(data, tokens.dataset_meta(bpe, 1800, 200, source="random", sha256=None, prepare="test"))
+    run(data, tmp_path / "out", "--max_iters=2")
+    assert iteration(tmp_path / "out") == 2
+    with pytest.raises(SystemExit, match="could not load the tiktoken encoding"):
+        bpe.decode([1, 2])
+
+
+def test_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_op(char_data: Path, tmp_path: Path) -> None:
+    """After a first SIGINT, a second one takes the default action: no Python handler has to wait for the op."""
+    proc = slow_process(char_data, tmp_path)
+    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:  # handled: Python would merge two pending SIGINTs into one call
+        if "finishing this step" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT  # ended by the signal itself, not by a handler (a shell shows 130)
+    load_model(tmp_path)  # the checkpoint on disk is whole
