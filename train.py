@@ -639,12 +639,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------------------------------------------ evaluation
     # UTF-8 bytes of each token id: bits per byte = nats / ln 2 / bytes of the targets, comparable across tokenizers
-    byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
+    try:
+        byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
+    except SystemExit as e:  # BPE files that cannot be loaded (offline): prepared ids still train, without bpb
+        byte_lengths = None
+        if master:
+            print(f"no bits per byte in this run: {e}")
+
+    def bpb_text(losses: dict[str, float | None]) -> str:
+        return "" if losses["val_bpb"] is None else f" (val bpb {losses['val_bpb']:.4f})"
 
     @torch.no_grad()
-    def evaluate() -> dict[str, float] | None:
-        """Mean loss over eval_iters batches per split, and its bits per byte ({split}_bpb): the same batches at
-        every evaluation, shared out over ranks.
+    def evaluate() -> dict[str, float | None] | None:
+        """Mean loss over eval_iters batches per split, and its bits per byte ({split}_bpb; None without the BPE's
+        files): the same batches at every evaluation, shared out over ranks.
 
         None when a stop request came during it: a single process stops between two batches, and that checkpoint then
         has no val loss (under torchrun every rank finishes, so that their all-reduces stay matched). On a terminal a
@@ -668,7 +676,8 @@ def main(argv: list[str] | None = None) -> dict:
                 with autocast:
                     _, loss = model(x, y)
                 total += loss.float()
-                nbytes += byte_lengths[y].sum()
+                if byte_lengths is not None:
+                    nbytes += byte_lengths[y].sum()
                 shown.update(1)
             if ddp:
                 dist.all_reduce(total)
@@ -676,7 +685,7 @@ def main(argv: list[str] | None = None) -> dict:
             losses[split] = total.item() / cfg.eval_iters
             # every batch has batch_size * block_size targets: nats = mean loss * all targets
             nats = losses[split] * cfg.eval_iters * cfg.batch_size * block_size
-            losses[f"{split}_bpb"] = nats / math.log(2) / max(nbytes.item(), 1)
+            losses[f"{split}_bpb"] = nats / math.log(2) / max(nbytes.item(), 1) if byte_lengths is not None else None
         shown.close()
         raw_model.train()
         return losses
@@ -755,8 +764,8 @@ def main(argv: list[str] | None = None) -> dict:
                 losses = evaluate()
                 interrupted = losses is None
                 if master and losses is not None:
-                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                          f"(val bpb {losses['val_bpb']:.4f})")
+                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                          f"{bpb_text(losses)}")
                 if cfg.eval_only:
                     if ddp:
                         dist.destroy_process_group()
@@ -875,8 +884,8 @@ def main(argv: list[str] | None = None) -> dict:
                         record(train_loss=losses["train"], val_loss=val_loss, train_bpb=losses["train_bpb"],
                                val_bpb=losses["val_bpb"], lr=lr)
                         folder, best = save(val_loss)
-                        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f} "
-                                   f"(val bpb {losses['val_bpb']:.4f}); saved {folder}{' (best)' if best else ''}")
+                        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}"
+                                   f"{bpb_text(losses)}; saved {folder}{' (best)' if best else ''}")
                     last_saved = iter_num
                 if stopping:
                     interrupted = True

@@ -776,6 +776,7 @@ def test_training_on_bpe_tokens_needs_no_bpe_files(tmp_path: Path, monkeypatch: 
     tokens.write_meta(data, tokens.dataset_meta(bpe, 1800, 200, source="random", sha256=None, prepare="test"))
     run(data, tmp_path / "out", "--max_iters=2")
     assert iteration(tmp_path / "out") == 2
+    assert all(row["val_bpb"] is None for row in metrics(tmp_path / "out"))  # bits per byte need the BPE's bytes
     with pytest.raises(SystemExit, match="could not load the tiktoken encoding"):
         bpe.decode([1, 2])
 
