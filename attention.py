@@ -1,8 +1,8 @@
 """Attention maps: which earlier tokens every head of a trained GPT looks at, as PNG heatmaps and a terminal report.
 
-    python attention.py --out_dir=out-shakespeare-char --text="ROMEO: But soft, what light through yonder window"
+    python attention.py --out_dir=out/shakespeare_char_cpu --text="ROMEO: But soft, what light through yonder window"
     python attention.py --init_from=gpt2 --text="The animal didn't cross the street because it was too tired"
-    python attention.py --init_from=gpt2 --layer=5 --head=1 --token=-1 --top=5 --out=maps/
+    python attention.py --init_from=gpt2 --layer=5 --head=1 --token=-1 --top=5 --out=out/maps/
     python attention.py --help
 
 For every layer and head it computes the attention probabilities softmax(q kᵀ / √head_dim) under the causal mask
@@ -11,7 +11,8 @@ untouched), a forward pre-hook captures the input of each block's attention modu
 recomputed from that input with the module's own qkv() (c_attn, then QK-norm and RoPE as switched).
 
 Writes OUT_grid.png (one heatmap per layer and head: rows are the attending tokens, columns the tokens attended to)
-and OUT_L{layer}_H{head}.png (the chosen --layer/--head at full size), then prints, for the query token --token,
+and OUT_L{layer}_H{head}.png (the chosen --layer/--head at full size), OUT being out_dir/attention unless --out
+says otherwise, then prints, for the query token --token,
 the tokens it attends to most in each layer, averaged over the heads and for each head. The PNGs need matplotlib
 (pip install -e '.[plot]'); without it the terminal report is still printed.
 """
@@ -34,7 +35,7 @@ from torch.nn import functional as F
 
 from checkpoint import load_model
 from model import GPT, CausalSelfAttention
-from config import format_config, parse_config, read_prompt, resolve_device
+from config import format_config, parse_config, read_prompt, resolve_device, set_threads
 from tokens import Tokenizer
 
 if TYPE_CHECKING:  # matplotlib is optional: imported for real only inside the plotting functions
@@ -57,9 +58,10 @@ class AttentionConfig:
     head: int = 0  # head drawn at full size (negative counts from the last head)
     token: int = -1  # query token of the terminal report, by position (negative counts from the end: -1 is the last)
     top: int = 5  # how many of the most attended tokens to list per layer and head
-    out: str = "attention"  # PNG path prefix (OUT_grid.png, OUT_L0_H0.png), or a folder (existing or ending in /)
+    out: str | None = None  # PNG path prefix (OUT_grid.png, OUT_L0_H0.png) or a folder (existing or ending in /); none: out_dir/attention
     dpi: int = 100  # pixels per inch of the PNGs
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto: one forward pass over a short text is quick anywhere
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
 
     def __post_init__(self) -> None:
         if self.checkpoint not in ("latest", "best"):
@@ -70,6 +72,8 @@ class AttentionConfig:
             raise ValueError(f"--top must be at least 1, got {self.top}")
         if not 10 <= self.dpi <= 1000:
             raise ValueError(f"--dpi must be between 10 and 1000, got {self.dpi}")
+        if self.out is None:
+            self.out = str(Path(self.out_dir) / "attention")
         folder = Path(self.out) if self.out.endswith(("/", os.sep)) else Path(self.out).parent
         existing = next(p for p in (folder, *folder.parents) if p.exists())  # found now, not after the model ran
         if not existing.is_dir():
@@ -288,6 +292,7 @@ def _index(value: int, size: int, name: str, what: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(AttentionConfig, argv, description=__doc__)
     print(format_config(cfg))
+    set_threads(cfg.threads)
     source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     device = resolve_device(cfg.device)
     try:

@@ -1,16 +1,17 @@
 """Measure training and decoding speed on this machine: tokens/s, MFU, peak memory.
 
-    python bench.py                                          # GPT-2 124M shape, training and decoding
+    python bench.py                     # training and decoding: GPT-2 124M on a GPU, the quick start's model on a CPU
     python bench.py --model=configs/shakespeare_char_cpu.toml --what=train
     python bench.py --device=cuda --dtype=bfloat16 --compile=both --peak_flops=989e12
     python bench.py --what=decode --baselines=true           # also nanoGPT's loop and transformers' generate
     python bench.py --what=train --profile=true              # where a training step spends its time
+    python bench.py --what=serve --serve_clients=1,4,16      # serve.py: concurrent streaming clients (pip .[serve])
 
 Every figure is the median of --repeats timed runs after --warmup untimed steps (which also absorb compilation).
 A decode run is one call that prefills the prompt and then makes --decode_tokens one-token steps: its tokens/s and
 ms_per_token include the prefill.
-Each measurement is printed as a table row and appended to --out as one JSON line, with the device, torch
-version and date, so that docs/benchmarks.md can quote it.
+Each measurement is announced as it starts (with a bar when it runs long), printed as a table row and appended
+to --out as one JSON line, with the device, torch version and date, so that docs/benchmarks.md can quote it.
 """
 
 from __future__ import annotations
@@ -22,17 +23,23 @@ errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads
 import datetime
 import json
 import platform
+import re
 import resource
+import socket
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from config import (autocast_context, enable_tf32, format_config, load_toml, parse_config, resolve_device, resolve_dtype,
-                    synchronize)
+                    set_threads, synchronize)
 from model import GPT, MODEL_FIELDS, GPTConfig, device_peak_flops, padded_vocab_size, sample_next
 from tokens import load_meta, resolve_dataset
 
@@ -41,8 +48,8 @@ BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT
 
 @dataclass
 class BenchConfig:
-    model: str = "gpt2"  # a model size (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a training config .toml
-    what: str = "train,decode"  # comma-separated: train, decode
+    model: str = "auto"  # tiny, gpt2[-medium|-large|-xl] or a training config .toml; auto: gpt2 on CUDA, else the quick start's config
+    what: str = "train,decode"  # comma-separated: train, decode, serve
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto picks cuda when present
     dtype: str = "auto"  # float32, bfloat16 or float16; auto: bfloat16 on CUDA, float32 elsewhere
     compile: str = "false"  # torch.compile: false, true, or both (each measured separately)
@@ -54,18 +61,20 @@ class BenchConfig:
     repeats: int = 3  # timed repeats; the median is reported
     decode_batch: str = "1,8"  # comma-separated batch sizes for decoding
     prompt_len: int = 16  # prompt tokens before decoding
-    decode_tokens: int = 64  # new tokens per timed decode
+    decode_tokens: int = 64  # new tokens per timed decode (serve: per client)
+    serve_clients: str = "1,4,16"  # serve: comma-separated numbers of streaming clients at once
     baselines: bool = False  # decode: also time nanoGPT's recompute loop and transformers' GPT2 generate
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: model.py's table (H100 989e12, ...)
     profile: bool = False  # train: print a torch.profiler table of a few steps instead of timing
-    out: str = "bench_results.jsonl"  # results are appended here, one JSON object per measurement
+    out: str = "out/bench_results.jsonl"  # results are appended here, one JSON object per measurement
     seed: int = 1337  # weights and tokens are random, from this seed
     optimizer: str = "auto"  # train: adamw or muon; auto: the training config's, else adamw
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
 
     def __post_init__(self) -> None:
-        unknown = set(self.what.split(",")) - {"train", "decode"}
+        unknown = set(self.what.split(",")) - {"train", "decode", "serve"}
         if unknown:
-            raise ValueError(f"--what takes train and/or decode, got {sorted(unknown)}")
+            raise ValueError(f"--what takes train, decode and/or serve, got {sorted(unknown)}")
         if self.compile not in ("false", "true", "both"):
             raise ValueError(f"--compile takes false, true or both, got {self.compile!r}")
         if self.optimizer not in ("auto", "adamw", "muon"):
@@ -74,6 +83,7 @@ class BenchConfig:
             raise ValueError("--train_steps, --repeats, --decode_tokens and --prompt_len must be at least 1")
 
 
+CPU_MODEL = "configs/shakespeare_char_cpu.toml"  # the quick start's model: GPT-2 124M takes ~40 minutes on 2 cores
 SIZES = {  # (n_layer, n_head, n_embd), GPT-2's family with its 1024-token context
     "tiny": (2, 4, 64),
     "gpt2": (12, 12, 768),
@@ -108,6 +118,15 @@ def _dataset_vocab(dataset: str | None) -> int | None:
     except (SystemExit, ValueError):  # no such folder, or not prepared: bench the default vocabulary instead
         return None
     return padded_vocab_size(meta["vocab_size"], char=meta["tokenizer"].get("kind") == "char")
+
+
+def announce(what: str) -> None:
+    print(f"measuring {what}", flush=True)
+
+
+def progress(total: int, unit: str) -> tqdm:
+    """A bar on standard error that appears only when a measurement runs longer than 2 s (and only on a terminal)."""
+    return tqdm(total=total, unit=unit, delay=2, leave=False, disable=not sys.stderr.isatty())
 
 
 def is_cuda(device: str) -> bool:
@@ -148,8 +167,11 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
 
     if cfg.profile:
         return profile_steps(step, device)
+    announce(f"train: batch {batch_size} x {T}, compile={compiled}: {cfg.warmup} + {cfg.repeats} x {cfg.train_steps} steps")
+    bar = progress(cfg.warmup + cfg.repeats * cfg.train_steps, "steps")
     for _ in range(cfg.warmup):
         step()
+        bar.update(1)
     synchronize(device)
     if is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
@@ -158,8 +180,10 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
         t0 = time.perf_counter()
         for _ in range(cfg.train_steps):
             step()
+            bar.update(1)
         synchronize(device)
         times.append(time.perf_counter() - t0)
+    bar.close()
     dt = statistics.median(times)
     tokens_per_sec = batch_size * T * cfg.train_steps / dt
     peak = cfg.peak_flops or device_peak_flops(torch.device(device))
@@ -207,9 +231,13 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
         run = lambda: _recompute_decode(model, prompt, n)  # noqa: E731
     else:
         run = _transformers_decoder(model, prompt, n)
+    announce(f"decode, {method}: batch {batch}, compile={compiled}: {cfg.warmup} + {cfg.repeats} runs of "
+             f"{cfg.prompt_len} + {n} tokens")
+    bar = progress(cfg.warmup + cfg.repeats, "runs")
     with torch.no_grad():
         for _ in range(cfg.warmup):
             run()
+            bar.update(1)
         synchronize(device)
         if is_cuda(device):
             torch.cuda.reset_peak_memory_stats(device)  # this decode's peak, not the training run's before it
@@ -220,6 +248,8 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
             run()
             synchronize(device)
             times.append(time.perf_counter() - t0)
+            bar.update(1)
+    bar.close()
     dt = statistics.median(times)
     return {"what": "decode", "method": method, "batch_size": batch, "prompt_len": cfg.prompt_len, "new_tokens": n,
             "tokens_per_sec": round(batch * n / dt, 1), "ms_per_token": round(1000 * dt / n, 2),
@@ -266,10 +296,14 @@ def _transformers_decoder(model: GPT, prompt: torch.Tensor, n: int) -> Callable[
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(BenchConfig, argv, description=__doc__)
     print(format_config(cfg))
+    set_threads(cfg.threads)
     device = str(resolve_device(cfg.device))  # "cuda" for auto on a GPU; SystemExit for a device that is not here
     dtype = resolve_dtype(cfg.dtype, torch.device(device))
     dtype_name = str(dtype).removeprefix("torch.")
     enable_tf32()  # as train.py
+    if cfg.model == "auto":
+        cfg.model = "gpt2" if is_cuda(device) else str(Path(__file__).parent / CPU_MODEL)
+        print(f"model: {cfg.model}")
     gpt, batch_size = model_config(cfg)
     if cfg.optimizer == "auto":
         cfg.optimizer = load_toml(cfg.model).get("optimizer", "adamw") if cfg.model.endswith(".toml") else "adamw"
@@ -279,6 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stamp = {
         "model": cfg.model, "device": device, "device_name": _device_name(device), "dtype": dtype_name,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "optimizer": cfg.optimizer,
+        "vocab_size": gpt.vocab_size,
         "date": datetime.date.today().isoformat(),
     }
     results = []
@@ -292,13 +327,123 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.baselines and "decode" in cfg.what:
         for method in ("recompute (nanoGPT)", "transformers"):
             results.append({**stamp, "compile": False, **bench_decode(cfg, gpt, 1, device, dtype, False, method)})
+    if "serve" in cfg.what:
+        results += [{**stamp, **r} for r in bench_serve(cfg, gpt, device, dtype)]
     results = [r for r in results if r.get("what") != "profile"]
     if results:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         with open(cfg.out, "a") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
         print_table(results)
     return results
+
+
+def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtype) -> list[dict]:
+    """serve.py in this process on 127.0.0.1, and for each --serve_clients count that many streaming clients at once,
+    each a different random prompt_len-token prompt and decode_tokens greedy tokens.
+
+    tokens_per_sec: all clients' tokens over the time from the first request to the last token; ttft: time to first
+    token per client; rss: this process's resident memory (read every 20 ms) with the model loaded and idle, its
+    peak during the round, and once the server is idle again. The clients are threads of another process, so that
+    they do not share the server's GIL; they share its CPU, as local clients do.
+    """
+    try:
+        import uvicorn
+
+        from serve import ServeConfig, create_app
+    except ImportError:
+        raise SystemExit("--what=serve needs the serve extra: pip install -e '.[serve]'") from None
+    from tokens import Tokenizer
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(gpt).to(device=device, dtype=dtype).eval()
+    # Prompts are token ids, so the tokenizer only decodes: GPT-2 BPE for BPE-sized vocabularies, else any chars.
+    tokenizer = Tokenizer.tiktoken("gpt2") if gpt.vocab_size >= 50257 else \
+        Tokenizer.char("".join(chr(0x100 + i) for i in range(gpt.vocab_size)))
+    counts = [int(c) for c in cfg.serve_clients.split(",")]
+    app = create_app(model, tokenizer, ServeConfig(max_sequences=max(counts), max_waiting=max(counts),
+                                                   max_tokens=cfg.decode_tokens), cfg.model)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = sock.getsockname()[1]
+    results = []
+    try:
+        for clients in [1, *counts]:  # the first round warms up, untimed
+            idle = _rss_mb()
+            prompts = torch.randint(0, gpt.vocab_size, (clients, cfg.prompt_len)).tolist()
+            peak, done = [idle], threading.Event()
+
+            def watch() -> None:
+                while not done.wait(0.02):
+                    peak[0] = max(peak[0], _rss_mb())
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                out = subprocess.run([sys.executable, "-c", _CLIENTS, str(port), str(cfg.decode_tokens),
+                                      json.dumps(prompts)], capture_output=True, text=True, check=True, timeout=3600)
+            finally:
+                done.set()
+                watcher.join()
+            runs = json.loads(out.stdout)  # [(start, first token, end, tokens)] per client
+            while any(app.state.scheduler.load().values()):
+                time.sleep(0.01)
+            time.sleep(0.5)  # the worker hands freed memory back once idle (serve.py's malloc_trim)
+            t0, t_end = min(r[0] for r in runs), max(r[2] for r in runs)
+            ttft = sorted(1000 * (r[1] - r[0]) for r in runs)
+            results.append({"what": "serve", "clients": clients, "prompt_len": cfg.prompt_len,
+                            "new_tokens": cfg.decode_tokens, "tokens": sum(r[3] for r in runs),
+                            "tokens_per_sec": round(sum(r[3] for r in runs) / (t_end - t0), 1),
+                            "client_tokens_per_sec": round(statistics.median(r[3] / (r[2] - r[0]) for r in runs), 2),
+                            "ttft_ms": round(statistics.median(ttft)), "ttft_ms_max": round(ttft[-1]),
+                            "rss_mb": f"{idle:.0f} / {peak[0]:.0f} / {_rss_mb():.0f}"})
+    finally:
+        server.should_exit = True
+        thread.join()
+    return results[1:]
+
+
+# The streaming clients of bench_serve: argv = port, max_tokens, JSON list of prompts; prints one tuple per client.
+_CLIENTS = """
+import http.client, json, sys, threading, time
+port, max_tokens, prompts = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+start, runs = threading.Barrier(len(prompts)), [None] * len(prompts)
+
+def client(i):
+    body = json.dumps({"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start.wait()
+    t0, first, tokens = time.perf_counter(), None, 0
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    for line in conn.getresponse():
+        if line.startswith(b"data: {"):
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None:
+                first = time.perf_counter()
+    runs[i] = (t0, first, time.perf_counter(), tokens)
+
+threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(runs))
+"""
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux), in MiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read())[1]) / 1024
 
 
 def _device_name(device: str) -> str:
@@ -308,8 +453,9 @@ def _device_name(device: str) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    columns = ["what", "method", "compile", "batch_size", "tokens_per_sec", "ms_per_step", "ms_per_token", "mfu",
-               "peak_memory_mb"]
+    columns = ["what", "method", "compile", "batch_size", "clients", "tokens_per_sec", "client_tokens_per_sec",
+               "ttft_ms", "ttft_ms_max", "ms_per_step", "ms_per_token", "mfu", "peak_memory_mb", "rss_mb"]
+    columns = [c for c in columns if c == "what" or any(r.get(c) is not None for r in results)]
     rows = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))

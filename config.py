@@ -264,6 +264,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def set_threads(threads: int | None) -> int:
+    """Apply a `threads` setting to torch's CPU thread pool and return the number in use.
+
+    None: $OMP_NUM_THREADS when set, else 1; 0: torch's default, one per core. One thread is the default because
+    torch's one-per-core pool oversubscribes a CPU that other processes share, and on two cores it was faster even
+    on an idle machine (docs/benchmarks.md, "Threads").
+    """
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else 1
+    if threads < 0:
+        raise SystemExit(f"--threads={threads}: use a positive number, or 0 for one per core")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads or cores)
+    return torch.get_num_threads()
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype a `dtype` setting names (auto: bfloat16 where CUDA supports it, else float32)."""
     if name == "auto":

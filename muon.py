@@ -19,8 +19,9 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steep at 0, converging to ~[0.7, 1.2]
 
 
-def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U Vᵀ of each matrix in G (n, rows, cols), by Newton–Schulz iteration on the wide orientation."""
+def orthogonalize(G: torch.Tensor, steps: int = 5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximately U Vᵀ of each matrix in G (n, rows, cols), by Newton–Schulz iteration on the wide orientation;
+    in G's dtype, or out_dtype."""
     a, b, c = NS_COEFFICIENTS
     X = G.to(torch.bfloat16 if _fast_bf16(G.device) else torch.float32)  # as precise as the iteration needs
     tall = X.size(-2) > X.size(-1)
@@ -31,7 +32,7 @@ def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A²: fused, fewer temporaries than the expression
         X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
-    return (X.mT if tall else X).to(G.dtype)
+    return (X.mT if tall else X).to(out_dtype or G.dtype)
 
 
 def _fast_bf16(device: torch.device) -> bool:
@@ -66,22 +67,21 @@ class Muon(torch.optim.Optimizer):
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
         grads = [p.grad for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - mu)  # buf = mu * buf + (1 - mu) * g
-        nesterov = torch.stack(torch._foreach_lerp(grads, bufs, mu))  # (n, in, out): (1 - mu) * g + mu * buf
-        n_in = nesterov.size(1)
-        blocks = nesterov.split(group["blocks"] or [nesterov.size(2)], dim=2)
-        by_shape: dict[int, list[int]] = {}  # block width -> indices of the blocks of that width
-        for i, block in enumerate(blocks):
-            by_shape.setdefault(block.size(2), []).append(i)
-        updates: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
-        for width, which in by_shape.items():
-            ortho = orthogonalize(torch.cat([blocks[i] for i in which]), group["ns_steps"])
+        updates = torch._foreach_lerp(grads, bufs, mu)  # Nesterov: (1 - mu) * g + mu * buf
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        n_in = params[0].size(0)
+        widths = group["blocks"] or [params[0].size(1)]
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        for width in sorted(set(widths)):
+            cols = [slice(s, s + w) for s, w in zip(starts, widths) if w == width]
+            blocks = torch.stack([u[:, c] for u in updates for c in cols])  # (n * len(cols), in, width)
+            ortho = orthogonalize(blocks, group["ns_steps"], out_dtype=torch.bfloat16 if _fast_bf16(blocks.device)
+                                  else None)  # added to fp32 weights as it is: no copy back to fp32
             # Jordan's sqrt(max(1, fan_out / fan_in)): equal RMS per output unit whatever the aspect ratio
-            ortho = ortho * math.sqrt(max(1.0, width / n_in))
-            for i, o in zip(which, ortho.split(len(params))):
-                updates[i] = o
-        update = torch.cat(updates, dim=2)  # (n, in, out)
-        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr)
+            alpha = -lr * math.sqrt(max(1.0, width / n_in))
+            for o, (p, c) in zip(ortho, [(p, c) for p in params for c in cols]):
+                p[:, c].add_(o, alpha=alpha)
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]

@@ -1,7 +1,7 @@
 """Generate text from a checkpoint written by train.py, or from OpenAI's GPT-2.
 
-    python sample.py --out_dir=out/shakespeare_char --start="ROMEO:" --num_samples=3 --max_new_tokens=300
-    python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --temperature=0.8 --top_k=200 --stop=eot
+    python sample.py --out_dir=out/shakespeare_char_cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=300
+    python sample.py --init_from=gpt2 --start="FILE:out/prompt.txt" --temperature=0.8 --top_k=200 --stop=eot
     echo "The meaning of life is" | python sample.py --init_from=gpt2 --start=- --num_samples=1
     python sample.py --init_from=gpt2 --device=cuda --compile=true   # static KV cache + CUDA graphs
 
@@ -30,7 +30,8 @@ from typing import TextIO
 import torch
 
 from checkpoint import load_model
-from config import DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, synchronize
+from config import (DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, set_threads,
+                    synchronize)
 from model import GPT, KVCache, check_sampling
 from tokens import Tokenizer
 
@@ -39,7 +40,7 @@ SEPARATOR = "---------------"  # printed after every sample, as nanoGPT's sample
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"  # training output folder to sample from (its `checkpoint` link), or a checkpoint folder
+    out_dir: str = "out"  # training output folder to sample from (see --checkpoint), or a checkpoint folder
     init_from: str | None = None  # gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder; none/resume: out_dir
     checkpoint: str = "latest"  # which checkpoint of out_dir: latest or best (lowest validation loss)
     start: str = "\n"  # the prompt; "FILE:path" reads it from a file, "-" from standard input; "" = end-of-text (BPE)
@@ -51,6 +52,7 @@ class SampleConfig:
     seed: int = 1337  # seed of the sampling generator: the same seed gives the same text on one device and dtype
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
     dtype: str = "auto"  # float32, bfloat16 or float16 (the weights are cast); auto: bfloat16 on CUDA, else float32
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
     compile: bool = False  # fixed-shape KV cache and torch.compile'd decode step (CUDA graphs on a GPU)
     stop: str | None = None  # end each sample at the end-of-text token ("eot") or before this string (\n = newline)
     out_file: str | None = None  # also write the samples to this file
@@ -148,22 +150,27 @@ class Continuation:
     only the ids since the last complete character are decoded again at each step.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop_token: int | None, stop_text: str | None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_token: int | None,
+                 stop_text: str | tuple[str, ...] | None) -> None:
         self.tokenizer, self.stop_token, self.stop_text = tokenizer, stop_token, stop_text
+        self._stops = (stop_text,) if isinstance(stop_text, str) else tuple(stop_text or ())  # serve.py passes several
         self.ids: list[int] = []
         self.text = ""
         self.done = False
+        self.generated = 0  # tokens generated for this sample, a stop token included
         self._fixed_ids, self._fixed_text = 0, ""  # a prefix ending on a character boundary, decoded once
 
     def extend(self, ids: list[int]) -> None:
         """Many tokens at once, when there is no stop condition to check on the way."""
         assert self.stop_token is None and self.stop_text is None
         self.ids += ids
+        self.generated += len(ids)
         self.text = decode(self.tokenizer, self.ids)
 
     def add(self, token: int) -> None:
         if self.done:
             return  # the batch goes on for the other samples; this one has ended
+        self.generated += 1
         if token == self.stop_token:
             self.done = True
             return
@@ -173,20 +180,19 @@ class Continuation:
         self.text = self._fixed_text + tail
         if not tail.endswith("\ufffd"):  # ends on a complete character: later tokens cannot change the text so far
             self._fixed_ids, self._fixed_text = len(self.ids), self.text
-        if self.stop_text is not None:
-            cut = self.text.find(self.stop_text, max(0, searched - len(self.stop_text) + 1))
-            if cut >= 0:
-                self.text, self.done = self.text[:cut], True
+        # The earliest stop string wins; none can lie wholly before `searched`, or an earlier step would have cut.
+        cuts = [cut for stop in self._stops if (cut := self.text.find(stop, max(0, searched - len(stop) + 1))) >= 0]
+        if cuts:
+            self.text, self.done = self.text[:min(cuts)], True
 
     def settled(self) -> str:
         """The part of the text that later tokens cannot change: this much can be printed while streaming."""
         if self.done:
             return self.text
         text = self.text.rstrip("\ufffd")  # a multi-byte character may still be missing its last bytes
-        if self.stop_text is not None:  # hold back an ending that the next characters may complete to the stop string
-            held = max((n for n in range(1, len(self.stop_text)) if text.endswith(self.stop_text[:n])), default=0)
-            text = text[:len(text) - held]
-        return text
+        # hold back an ending that the next characters may complete to a stop string
+        held = max((n for stop in self._stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        return text[:len(text) - held]
 
 
 def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
@@ -234,8 +240,9 @@ def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cf
             sample.extend(row)
     if stream_to is not None:
         stream_to.write(samples[0].text[printed:])
-    timing = {"steps": steps, "prefill_s": t_first - t0, "total_s": t_end - t0,
-              "decode_tokens_per_s": cfg.num_samples * (steps - 1) / (t_end - t_first) if steps > 1 else None}
+    new_tokens = sum(s.generated for s in samples)  # fewer than num_samples x steps where samples stopped early
+    timing = {"steps": steps, "new_tokens": new_tokens, "prefill_s": t_first - t0, "total_s": t_end - t0,
+              "decode_tokens_per_s": (new_tokens - cfg.num_samples) / (t_end - t_first) if steps > 1 else None}
     return [s.text for s in samples], timing
 
 
@@ -258,8 +265,12 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SampleConfig, argv, description=__doc__)
     print(format_config(cfg), file=sys.stderr)  # stderr: standard output carries only the samples
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.temperature == 0 and cfg.num_samples > 1:  # a warning, not an error: num_samples defaults to 10
+        print(f"warning: temperature=0 is greedy, so the {cfg.num_samples} samples will be identical: pass "
+              f"--num_samples=1, or a temperature above 0 for different ones", file=sys.stderr)
 
     try:
         source = cfg.out_dir if cfg.init_from in (None, "resume") else cfg.init_from  # "resume" as in nanoGPT
@@ -299,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         with errors.writing(cfg.out_file):
             Path(cfg.out_file).write_text("".join(f"{s}\n{SEPARATOR}\n" for s in samples), encoding="utf-8")
 
-    new_tokens = cfg.num_samples * timing["steps"]
+    new_tokens = timing["new_tokens"]
     rate = f", then {timing['decode_tokens_per_s']:.1f} tokens/s" if timing["decode_tokens_per_s"] else ""
-    print(f"{cfg.num_samples} x {timing['steps']} = {new_tokens} new tokens in {timing['total_s']:.2f} s "
+    print(f"{new_tokens} new tokens ({cfg.num_samples} sample(s), {timing['steps']} steps) in {timing['total_s']:.2f} s "
           f"({new_tokens / timing['total_s']:.1f} tokens/s; prefill of {len(prompt_ids)} tokens "
           f"{timing['prefill_s']:.3f} s{rate})", file=sys.stderr)
     return 0

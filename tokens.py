@@ -19,15 +19,23 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import errors
 
+if TYPE_CHECKING:
+    import tiktoken
+
 REPO = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer
+
+
+# (vocab_size, end-of-text id) of tiktoken encodings, from tiktoken_ext/openai_public.py: known without the BPE files
+_TIKTOKEN_SIZES = {"gpt2": (50257, 50256), "r50k_base": (50257, 50256), "p50k_base": (50281, 50256)}
 
 
 class Tokenizer:
@@ -55,24 +63,31 @@ class Tokenizer:
             self._sorted_ids = order.astype(np.int64)
         elif kind == "tiktoken":
             assert encoding is not None
+            self.encoding = encoding
+            self._loaded = None
+            # Training on prepared ids needs only the sizes: the BPE files are loaded at the first encode or decode.
+            self.vocab_size, self.eot_token = _TIKTOKEN_SIZES.get(encoding) or (self._enc.n_vocab, self._enc.eot_token)
+        else:
+            raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'char' or 'tiktoken'")
+
+    @property
+    def _enc(self) -> tiktoken.Encoding:
+        """The tiktoken encoding, loaded on first use (tiktoken fetches its BPE files over the network once)."""
+        if self._loaded is None:
             import tiktoken  # lazily: importing tokens.py for the file format should not need it
 
             try:
-                self._enc = tiktoken.get_encoding(encoding)
+                self._loaded = tiktoken.get_encoding(self.encoding)
             except ValueError:
                 raise ValueError(
-                    f"unknown tiktoken encoding {encoding!r}: use one of {tiktoken.list_encoding_names()}"
+                    f"unknown tiktoken encoding {self.encoding!r}: use one of {tiktoken.list_encoding_names()}"
                 ) from None
-            except Exception as e:  # tiktoken fetches its BPE files over the network on first use
+            except Exception as e:
                 raise SystemExit(
-                    f"could not load the tiktoken encoding {encoding!r} ({type(e).__name__}): offline? set "
+                    f"could not load the tiktoken encoding {self.encoding!r} ({type(e).__name__}): offline? set "
                     f"TIKTOKEN_CACHE_DIR to a folder holding its BPE files, or run once with network access"
                 ) from None
-            self.encoding = encoding
-            self.vocab_size = self._enc.n_vocab
-            self.eot_token = self._enc.eot_token
-        else:
-            raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'char' or 'tiktoken'")
+        return self._loaded
 
     @classmethod
     def char(cls, chars: str) -> Tokenizer:
@@ -126,6 +141,21 @@ class Tokenizer:
         if self.kind == "char":
             return "".join([self.chars[i] for i in ids])
         return self._enc.decode(ids)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each token id stands for (0 for special tokens such as end-of-text), (vocab_size,):
+        summed over the tokens of a text, its UTF-8 length, the denominator of bits per byte."""
+        if self.kind == "char":
+            return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
+        special = {self._enc.encode_single_token(s) for s in self._enc.special_tokens_set}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if i not in special:
+                try:
+                    lengths[i] = len(self._enc.decode_single_token_bytes(i))
+                except KeyError:  # an unused id inside the range (some encodings have gaps)
+                    pass
+        return lengths
 
     def _encode_array(self, text: str) -> np.ndarray:
         if self.kind == "tiktoken":

@@ -1,6 +1,6 @@
 """Train a GPT from scratch, resume a run, or fine-tune GPT-2: on a laptop CPU, one GPU, or many GPUs with torchrun.
 
-    python train.py configs/shakespeare_char_cpu.toml                          # a CPU, 80-100 s on two cores
+    python train.py configs/shakespeare_char_cpu.toml                          # a CPU, 80-100 s on 2 idle cores
     python train.py configs/shakespeare_char.toml                              # one GPU
     python train.py configs/shakespeare_char.toml --init_from=resume           # continue the run in out_dir
     torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.toml   # eight GPUs on one machine
@@ -20,10 +20,11 @@ the same whatever the number of processes, and a resumed run sees exactly the da
 uninterrupted run would have: 40 iterations plus a resume to 80 ends with the same weights as 80 straight.
 
 What survives what (tests/test_train.py injects each):
-  - Ctrl-C or SIGTERM: the current optimizer step finishes (and its evaluation, if it has one), a checkpoint is
-    written and the run exits, saying how to resume; a second signal exits at once (the checkpoints on disk are whole:
-    checkpoint.py writes atomically), except SIGTERM again within 2 s, which under SLURM is the same request
-    delivered twice (see StopSignal). Under torchrun every rank stops at the same step.
+  - Ctrl-C or SIGTERM: the current optimizer step finishes (and its evaluation, if it has one; a signal during an
+    evaluation stops it at the next batch, in a single process), a checkpoint is written and the run exits, saying
+    how to resume; a second signal exits at once (the checkpoints on disk are whole: checkpoint.py writes
+    atomically), except SIGTERM again within 2 s, which under SLURM is the same request delivered twice (see
+    StopSignal). Under torchrun every rank stops at the same step.
   - kill -9, a power cut: resume from the last checkpoint (`--init_from=resume`) and end with the same weights; a
     half-written last line of metrics.jsonl is dropped.
   - a NaN/Inf loss or gradient norm: the update is skipped on every rank; after max_skipped_steps in a row the run
@@ -62,11 +63,16 @@ from tqdm import tqdm
 from checkpoint import (HUB_MODELS, check_tokenizer_matches, find_checkpoint, has_checkpoint, load_model, load_state,
                         save_checkpoint)
 from config import (autocast_context, config_to_dict, enable_tf32, format_config, parse_config, resolve_device,
-                    resolve_dtype)
+                    resolve_dtype, set_threads)
 from model import GPT, MODEL_FIELDS, GPTConfig, device_peak_flops, padded_vocab_size
 from tokens import Tokenizer, load_meta, load_split, resolve_dataset
 
-METRICS_KEYS = {"iter", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu", "elapsed"}  # of every metrics.jsonl line
+EVAL_BAR_DELAY = 3.0  # seconds an evaluation runs before its progress bar appears (on a terminal)
+CPU_STEP_OVERHEAD = 2.0  # a CPU training step takes up to ~this times its FLOPs at a bare matmul's rate (the quick
+# start's: 1.6x, 4 GFLOP in 35 ms against 180 GFLOP/s, one thread)
+PLAIN_LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (a log file: no bar)
+METRICS_KEYS = {"iter", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr", "tokens_per_sec", "mfu",
+                "elapsed"}  # of every metrics.jsonl line
 
 
 @dataclass
@@ -123,6 +129,7 @@ class TrainConfig:
     device: str = "auto"  # cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # bfloat16, float16 (with a gradient scaler) or float32; auto: bfloat16 where CUDA has it, else float32
     compile: bool | None = None  # torch.compile the model; none: on for CUDA, off elsewhere
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
     backend: str = "auto"  # torch.distributed backend under torchrun: nccl or gloo; auto: nccl on CUDA, gloo on CPU
     seed: int = 1337  # seeds the initial weights, the data windows and the dropout masks
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: looked up (H100, A100...), else no MFU
@@ -259,7 +266,8 @@ class StopSignal:
     A SIGTERM that repeats a first SIGTERM within DUPLICATE_S seconds is ignored: when SLURM preempts or cancels a
     job it sends SIGTERM to every process of it, and torchrun forwards the SIGTERM it got to its workers too, so each
     worker receives the same request twice within milliseconds, and honouring the second would lose the graceful
-    save. Ctrl-C pressed again (a second SIGINT) and a later SIGTERM still exit at once.
+    save. Ctrl-C pressed again (a second SIGINT, which then has its default action) and a later SIGTERM still exit at
+    once.
     """
 
     DUPLICATE_S = 2.0
@@ -288,6 +296,9 @@ class StopSignal:
             os.write(2, f"\n{name} again: exiting now; the last saved checkpoint is intact\n".encode())
             os._exit(128 + signum)
         self.signum, self._first_at = signum, time.monotonic()
+        # A Python handler runs only between two torch calls, and on a CPU one matmul can take seconds: a second
+        # Ctrl-C gets the default action instead, which ends the process at once, wherever it is.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if self.verbose:
             os.write(2, f"\n{name}: finishing this step and saving a checkpoint (send it again to quit at once)\n"
                      .encode())
@@ -334,7 +345,7 @@ def resume_command(argv: list[str]) -> str:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """loss.png from metrics.jsonl: the training loss of each log line, and train/val loss of each evaluation."""
+    """loss.png from metrics.jsonl: the training loss of each log line, train/val loss and val bpb of each evaluation."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display needed
@@ -351,10 +362,65 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (eval)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("cross-entropy loss")
+    bpb = [r for r in evals if r.get("val_bpb") is not None]  # runs from before bpb was logged have none
+    if bpb:  # bits per byte, comparable across tokenizers, on its own axis
+        ax2 = ax.twinx()
+        ax2.plot([r["iter"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="tab:red", label="val bpb")
+        ax2.set_ylabel("val bits per byte")
+        ax2.legend(loc="center right")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.savefig(png_path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def format_duration(seconds: float) -> str:
+    """1h 02m, 3m 05s, 42.0 s."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m {secs:02d}s"
+
+
+def matmul_flops_per_sec(n: int = 512, repeats: int = 5) -> float:
+    """This CPU's fp32 matmul rate with the current threads, measured on n x n matrices (a few milliseconds)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times)  # the fastest: other processes only ever slow it down
+
+
+def warn_if_slow(model: GPT, tokens_per_iter: int, eval_tokens: int, limit_s: float = 30.0) -> None:
+    """Say so before the first iteration when an iteration or an evaluation will plainly take minutes on this CPU.
+
+    The estimate is the model's training FLOPs over a measured matmul rate, times CPU_STEP_OVERHEAD (what the rest
+    of a step costs); an evaluation is forward only, a third of the FLOPs.
+    """
+    rate = matmul_flops_per_sec() / CPU_STEP_OVERHEAD
+    step_s = model.flops_per_token() * tokens_per_iter / rate
+    eval_s = model.flops_per_token() / 3 * eval_tokens / rate
+    if max(step_s, eval_s) > limit_s:
+        print(f"warning: on this CPU ({torch.get_num_threads()} thread(s)) one iteration will take about "
+              f"{format_duration(step_s)} and each evaluation about {format_duration(eval_s)}: a model of "
+              f"{model.num_params() / 1e6:.0f}M parameters at {tokens_per_iter:,} tokens an iteration is a GPU's "
+              f"work. On a laptop start from configs/text_cpu.toml, or lower --n_layer, --n_embd, --batch_size, "
+              f"--gradient_accumulation_steps and --eval_iters", flush=True)
+
+
+def summary(out_dir: Path, iters: int, seconds: float, best_val_loss: float) -> str:
+    """The closing lines of a finished run: time, best val loss and its checkpoint, and how to sample from it."""
+    latest = out_dir / find_checkpoint(out_dir).name
+    best = out_dir / find_checkpoint(out_dir, "best").name if (out_dir / "best").is_symlink() else None
+    where = f"best val loss {best_val_loss:.4f} in {best}" if best else f"no val loss measured; saved {latest}"
+    if best and best != latest:
+        where += f" (the latest is {latest})"
+    choice = " --checkpoint=best" if best and best != latest else ""
+    return (f"done: {iters} iterations in {format_duration(seconds)}; {where}\n"
+            f"sample from it:  python sample.py --out_dir={shlex.quote(str(out_dir))}{choice}")
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -378,6 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"--gradient_accumulation_steps={max(world_size, accum // world_size * world_size)}")
     local_accum = accum // world_size  # micro-steps this process runs per optimizer step
 
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         # An explicit index, as set_device and NCCL need: one GPU per process under torchrun.
@@ -397,9 +464,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not resuming and has_checkpoint(out_dir):
             raise SystemExit(f"{out_dir} already holds a checkpoint: continue that run with --init_from=resume, or "
                              f"start a new one with another --out_dir (nothing was overwritten)")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=out_dir).close()
+        try:  # out_dir itself is made just before the first write, so that a run failing in setup leaves none
+            tempfile.TemporaryFile(dir=next(p for p in (out_dir, *out_dir.parents) if p.exists())).close()
         except OSError as e:
             raise SystemExit(f"out_dir {out_dir} is not writable ({e.strerror}): pass another --out_dir") from None
     if resuming and not has_checkpoint(out_dir):
@@ -409,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ddp:
         backend = cfg.backend if cfg.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-        if device.type == "cpu":  # processes on one machine share its cores
+        if device.type == "cpu" and cfg.threads is None:  # processes on one machine share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     enable_tf32()
     autocast = autocast_context(device, ptdtype)
@@ -494,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
     if master:
         print(f"{model.num_params() / 1e6:.2f}M parameters; {cfg.batch_size * block_size * accum:,} tokens per "
               f"iteration ({world_size} process(es) x {local_accum} micro-steps x {cfg.batch_size} x {block_size}); "
-              f"{device}, {dtype_name}{', compiled' if use_compile else ''}")
+              f"{device}, {dtype_name}{', compiled' if use_compile else ''}, {torch.get_num_threads()} CPU thread(s)")
     raw_model = model.to(device).train()
     if use_compile:
         model = torch.compile(model)
@@ -533,22 +599,55 @@ def main(argv: list[str] | None = None) -> dict:
     # continues the curve where it stopped.
 
     # ------------------------------------------------------------------------------------------------ evaluation
+    # UTF-8 bytes of each token id: bits per byte = nats / ln 2 / bytes of the targets, comparable across tokenizers
+    try:
+        byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
+    except SystemExit as e:  # BPE files that cannot be loaded (offline): prepared ids still train, without bpb
+        byte_lengths = None
+        if master:
+            print(f"no bits per byte in this run: {e}")
+
+    def bpb_text(losses: dict[str, float | None]) -> str:
+        return "" if losses["val_bpb"] is None else f" (val bpb {losses['val_bpb']:.4f})"
+
     @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        """Mean loss over eval_iters batches per split: the same batches at every evaluation, shared out over ranks."""
+    def evaluate() -> dict[str, float | None] | None:
+        """Mean loss over eval_iters batches per split, and its bits per byte ({split}_bpb; None without the BPE's
+        files): the same batches at every evaluation, shared out over ranks.
+
+        None when a stop request came during it: a single process stops between two batches, and that checkpoint then
+        has no val loss (under torchrun every rank finishes, so that their all-reduces stay matched). On a terminal a
+        bar appears after EVAL_BAR_DELAY seconds.
+        """
         raw_model.eval()
         losses = {}
+        signalled_before = stop.signum  # a stop requested during the step that evaluates: evaluate, then stop
+        shown = tqdm(total=2 * len(range(rank, cfg.eval_iters, world_size)), desc="evaluating", unit="batch",
+                     leave=False, delay=EVAL_BAR_DELAY, disable=not master or not sys.stderr.isatty())
         for tag, split in ((1, "train"), (2, "val")):
             total = torch.zeros((), device=device)
+            nbytes = torch.zeros((), dtype=torch.int64, device=device)  # UTF-8 bytes of the targets
             for k in range(rank, cfg.eval_iters, world_size):
+                if stop.signum and not signalled_before and not ddp:
+                    shown.close()
+                    raw_model.train()
+                    return None
                 rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, tag, k]))
                 x, y = get_batch[split](rng)
                 with autocast:
                     _, loss = model(x, y)
                 total += loss.float()
+                if byte_lengths is not None:
+                    nbytes += byte_lengths[y].sum()
+                shown.update(1)
             if ddp:
                 dist.all_reduce(total)
+                dist.all_reduce(nbytes)
             losses[split] = total.item() / cfg.eval_iters
+            # every batch has batch_size * block_size targets: nats = mean loss * all targets
+            nats = losses[split] * cfg.eval_iters * cfg.batch_size * block_size
+            losses[f"{split}_bpb"] = nats / math.log(2) / max(nbytes.item(), 1) if byte_lengths is not None else None
+        shown.close()
         raw_model.train()
         return losses
 
@@ -577,8 +676,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def record(**values: float | None) -> None:
         """Append one line to metrics.jsonl (rank 0); every line has every key, null where it does not apply."""
-        row = {"iter": iter_num, "train_loss": None, "val_loss": None, "lr": None, "tokens_per_sec": None,
-               "mfu": None, "elapsed": round(elapsed(), 3)} | values
+        row = {"iter": iter_num, "train_loss": None, "val_loss": None, "train_bpb": None, "val_bpb": None,
+               "lr": None, "tokens_per_sec": None, "mfu": None, "elapsed": round(elapsed(), 3)} | values
         assert row.keys() == METRICS_KEYS
         with errors.writing(metrics_path), open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -587,18 +686,23 @@ def main(argv: list[str] | None = None) -> dict:
         # A fresh run starts a new metrics.jsonl; a resumed one drops the lines past its checkpoint, which the
         # interrupted run wrote but whose steps are now done again, and a line that does not parse: the last one,
         # half-written when a kill -9 or a power cut stopped that run.
+        out_dir.mkdir(parents=True, exist_ok=True)
         kept = []
         if resuming and metrics_path.exists():
             for line in metrics_path.read_text(errors="replace").splitlines():
                 try:  # a line that is not one of record()'s (its keys, numbers or null) is dropped too
                     row = json.loads(line)
-                    if (row.keys() == METRICS_KEYS and all(v is None or type(v) in (int, float) for v in row.values())
+                    old = METRICS_KEYS - {"train_bpb", "val_bpb"}  # the lines of runs from before bpb was logged
+                    if (old <= row.keys() <= METRICS_KEYS and all(v is None or type(v) in (int, float) for v in row.values())
                             and type(row["iter"]) is int and row["iter"] <= iter_num):
                         kept.append(line)
                 except (ValueError, AttributeError):
                     pass
-        with errors.writing(metrics_path):
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+        if kept:
+            with errors.writing(metrics_path):
+                metrics_path.write_text("".join(line + "\n" for line in kept))
+        else:  # the first record() makes it: a run stopped before that leaves no empty file
+            metrics_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------------ loop
     peak_flops = cfg.peak_flops or device_peak_flops(device)
@@ -608,28 +712,40 @@ def main(argv: list[str] | None = None) -> dict:
     interrupted = False  # all ranks agreed to stop early after a signal
     skipped = 0  # optimizer steps skipped in a row because of a non-finite loss or gradient
     window_time, window_iters = 0.0, 0  # for tokens/s over the current log interval
+    step_time = None  # seconds per iteration, smoothed (an exponential moving average): the shown tokens/s
+    terminal = sys.stderr.isatty()
+    last_line = time.perf_counter()  # when the last plain progress line was printed (not on a terminal)
     stop = StopSignal(verbose=master)
     bar = None
+    if master and device.type == "cpu":
+        warn_if_slow(raw_model, tokens_per_iter, 2 * cfg.eval_iters * cfg.batch_size * block_size)
     with stop:
         try:
             if cfg.eval_only or not resuming:  # the starting point: the untrained (or pretrained) model's loss
                 losses = evaluate()
-                if master:
-                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                interrupted = losses is None
+                if master and losses is not None:
+                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                          f"{bpb_text(losses)}")
                 if cfg.eval_only:
                     if ddp:
                         dist.destroy_process_group()
-                    return {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
-                if writes:
-                    record(train_loss=losses["train"], val_loss=losses["val"], lr=learning_rate(iter_num, cfg))
+                    if interrupted:
+                        raise SystemExit(128 + stop.signum)
+                    return {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                            "train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"]}
+                if writes and losses is not None:
+                    record(train_loss=losses["train"], val_loss=losses["val"], train_bpb=losses["train_bpb"],
+                           val_bpb=losses["val_bpb"], lr=learning_rate(iter_num, cfg))
 
-            # In a log file (not a terminal) the bar is redrawn at most every 30 s instead of 10 times a second.
-            bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it",
-                       mininterval=0.1 if sys.stderr.isatty() else 30)
+            # A bar on a terminal; in a log file, a plain line every PLAIN_LOG_EVERY seconds instead (a bar there is
+            # one endless line of carriage returns).
+            bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or not terminal, dynamic_ncols=True,
+                       unit="it")
             micro_steps = list(range(rank, accum, world_size))  # rank r runs micro-steps r, r + W, r + 2W, ...
             rng, dropout_seed = step_rngs(cfg.seed, iter_num, micro_steps[0])
             x, y = get_batch["train"](rng)
-            while iter_num < cfg.max_iters:
+            while iter_num < cfg.max_iters and not interrupted:
                 t0 = time.perf_counter()
                 lr = learning_rate(iter_num, cfg)
                 for group in optimizer.param_groups:  # each group's peak rate, scaled by the schedule
@@ -695,16 +811,23 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 iter_num += 1
                 bar.update(1)
-                window_time += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                window_time += dt
                 window_iters += 1
+                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt  # ~the last 10 iterations
 
                 if iter_num % cfg.log_interval == 0 and master:
                     tokens_per_sec = tokens_per_iter * window_iters / window_time
-                    mfu = raw_model.estimate_mfu(tokens_per_sec / world_size, peak_flops) if peak_flops else None
-                    shown = {"loss": f"{loss_value:.4f}", "tok/s": f"{tokens_per_sec:,.0f}"}
+                    smooth = tokens_per_iter / step_time
+                    mfu = raw_model.estimate_mfu(smooth / world_size, peak_flops) if peak_flops else None
+                    shown = {"loss": f"{loss_value:.4f}", "tok/s": f"{smooth:,.0f}"}
                     if mfu is not None:
                         shown["mfu"] = f"{mfu:.1%}"
                     bar.set_postfix(shown, refresh=False)
+                    if not terminal and time.perf_counter() - last_line >= PLAIN_LOG_EVERY:
+                        last_line = time.perf_counter()
+                        print(f"iter {iter_num}/{cfg.max_iters} ({format_duration(elapsed())}): "
+                              + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
                     record(train_loss=loss_value, lr=lr, tokens_per_sec=round(tokens_per_sec, 1),
                            mfu=None if mfu is None else round(mfu, 4))
                 if iter_num % cfg.log_interval == 0:
@@ -714,12 +837,16 @@ def main(argv: list[str] | None = None) -> dict:
                 # never evaluate (nor choose `best`) here.
                 if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
                     losses = evaluate()
+                    if losses is None:  # stopped during it: save below, without a val loss
+                        interrupted = True
+                        break
                     val_loss = losses["val"]
                     if master:
-                        record(train_loss=losses["train"], val_loss=val_loss, lr=lr)
+                        record(train_loss=losses["train"], val_loss=val_loss, train_bpb=losses["train_bpb"],
+                               val_bpb=losses["val_bpb"], lr=lr)
                         folder, best = save(val_loss)
-                        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}; "
-                                   f"saved {folder}{' (best)' if best else ''}")
+                        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}"
+                                   f"{bpb_text(losses)}; saved {folder}{' (best)' if best else ''}")
                     last_saved = iter_num
                 if stopping:
                     interrupted = True
@@ -735,7 +862,8 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.close()
 
         # -------------------------------------------------------------------------------------------- end
-        if master and last_saved != iter_num:  # an interrupted run, or a fresh one with max_iters=0
+        untrained = interrupted and iter_num == start_iter  # stopped in the first evaluation: nothing new to save
+        if master and last_saved != iter_num and not untrained:  # an interrupted run, or a fresh one with max_iters=0
             folder, _ = save(None)
             print(f"saved {folder}")
         if master and metrics_path.exists() and metrics_path.stat().st_size:
@@ -745,10 +873,16 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
     if interrupted:
         signum = stop.signum or signal.SIGTERM  # a rank that got no signal itself stops because another did
-        if master:
+        if master and untrained:
+            if writes and not resuming and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            print(f"stopped by {signal.Signals(signum).name} before the first iteration; nothing was saved")
+        elif master:
             print(f"stopped by {signal.Signals(signum).name} at iteration {iter_num}; continue with:\n"
                   f"  {resume_command(argv)}")
         raise SystemExit(128 + signum)
+    if master and iter_num > start_iter:
+        print(summary(out_dir, iter_num - start_iter, time.perf_counter() - t_start, best_val_loss))
     return {"iter_num": iter_num, "val_loss": val_loss, "best_val_loss": best_val_loss}
 
 

@@ -5,9 +5,10 @@ equal wall time, on the CPU Shakespeare setting (block 64, batch 12, 4 x 4 x 128
     OMP_NUM_THREADS=1 python scripts/ablation.py run --budget=600 --seeds=1,2,3 [--lane=0 --lanes=2]
     python scripts/ablation.py table                                   # the markdown table of the runs so far
 
-Equal wall time without timing every run on a shared machine: the step times are measured once, interleaved in one
-process, and each variant gets budget * (tuned GPT-2's ms per step / its own) iterations; the losses of a run do not
-depend on the machine's load, so the runs themselves may share the CPU. Val loss: 100 batches at the end.
+Equal wall time without timing every run on a shared machine: the step times are measured once, as CPU time of one
+thread, round robin in one process, and each variant gets budget * (tuned GPT-2's ms per step / its own)
+iterations; the losses of a run do not depend on the machine's load, so the runs may share the CPU. Val loss: 100
+batches at the end.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def argv(config: str, settings: dict) -> list[str]:
     return [config, *(f"--{k}={show(v)}" for k, v in settings.items())]
 
 
-def step_times(rounds: int = 2, steps: int = 15) -> dict[str, float]:
-    """Median ms per training step of every variant, measured interleaved in this process."""
+def step_times(steps: int = 40, warmup: int = 3) -> dict[str, float]:
+    """Median CPU ms per training step of every variant (one thread), measured round robin in this process."""
     import torch
 
     from config import parse_config
@@ -76,19 +77,18 @@ def step_times(rounds: int = 2, steps: int = 15) -> dict[str, float]:
                                          cfg.optimizer, cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay)
         built[name] = (cfg, model, opt)
     times: dict[str, list[float]] = {name: [] for name in built}
-    for _ in range(rounds):
+    batches = {name: torch.randint(0, 65, (cfg.batch_size, cfg.block_size)) for name, (cfg, _, _) in built.items()}
+    for i in range(warmup + steps):  # round robin, one step of each variant in turn: all see the same load
         for name, (cfg, model, opt) in built.items():
-            x = torch.randint(0, 65, (cfg.batch_size, cfg.block_size))
-            for i in range(steps + 3):
-                t0 = time.perf_counter()
-                _, loss = model(x, x)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if i >= 3:
-                    times[name].append(time.perf_counter() - t0)
+            t0 = time.process_time()  # this process's CPU time: what other processes do barely moves it
+            _, loss = model(batches[name], batches[name])
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[name].append(time.process_time() - t0)
     return {name: round(1000 * sorted(t)[len(t) // 2], 2) for name, t in times.items()}
 
 

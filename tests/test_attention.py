@@ -193,3 +193,12 @@ def test_missing_matplotlib_still_prints_the_report(ckpt_dir, tmp_path, monkeypa
     assert "pip install matplotlib (or pip install -e '.[plot]')" in printed
     assert "token 10 'e' attends most to" in printed
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_maps_go_into_the_run_folder_by_default(ckpt_dir, capsys, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing may land in the working directory
+    assert attention.main([f"--out_dir={ckpt_dir}", "--text=Hello", "--layer=1", "--head=2"]) == 0
+    assert (ckpt_dir / "attention_grid.png").is_file() and (ckpt_dir / "attention_L1_H2.png").is_file()
+    assert list((tmp_path / "cwd").iterdir()) == []

@@ -51,7 +51,7 @@ def test_bench_measures_the_vocabulary_train_builds(tmp_path, kind, vocab, model
 
 
 @pytest.mark.parametrize("arg, words", [
-    ("--what=fly", "--what takes train and/or decode, got ['fly']"),
+    ("--what=fly", "--what takes train, decode and/or serve, got ['fly']"),
     ("--compile=maybe", "--compile takes false, true or both, got 'maybe'"),
     ("--repeats=0", "--repeats, --decode_tokens and --prompt_len must be at least 1"),
     ("--model=gpt5", "--model=gpt5: give one of tiny, gpt2"),
@@ -94,3 +94,21 @@ def test_cuda_decode_rows_report_their_own_peak_memory(tmp_path):
     assert train["device"] == "cuda:0" and train["tokens_per_sec"] > 0
     assert 0 < decode["peak_memory_mb"] < train["peak_memory_mb"]
     assert decode["peak_memory_mb"] == pytest.approx(alone["peak_memory_mb"], rel=0.1)
+
+
+def test_default_model_fits_the_device(tmp_path, monkeypatch, capsys):
+    """Without --model a CPU measures the quick start's model (GPT-2 124M would take ~40 minutes on 2 cores)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    results = bench.main(["--device=cpu", "--what=train", "--train_steps=1", "--repeats=1", "--warmup=0",
+                          f"--out={tmp_path / 'r.jsonl'}"])
+    assert results[0]["model"].endswith(bench.CPU_MODEL)
+    assert (results[0]["batch_size"], results[0]["seq_len"]) == (12, 64)
+    assert "measuring train: batch 12 x 64" in capsys.readouterr().out
+
+
+def test_serve_rows_count_every_client_token(tmp_path, capsys):
+    pytest.importorskip("uvicorn", reason="--what=serve needs the serve extra")
+    rows = bench.main(TINY + ["--what=serve", "--serve_clients=1,3", f"--out={tmp_path / 'r.jsonl'}"])
+    assert [(r["what"], r["clients"], r["tokens"]) for r in rows] == [("serve", 1, 3), ("serve", 3, 9)]
+    assert all(r["tokens_per_sec"] > 0 and r["ttft_ms_max"] >= r["ttft_ms"] >= 0 for r in rows)
+    assert "ttft_ms" in capsys.readouterr().out

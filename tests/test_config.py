@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,3 +266,22 @@ def test_device_and_dtype_resolution_shared_by_the_entry_points():
     with pytest.raises(SystemExit, match="--dtype=fp8"):
         resolve_dtype("fp8", torch.device("cpu"))
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_threads_setting(monkeypatch):
+    import torch
+
+    from config import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert set_threads(None) == 1  # the default: one thread (docs/benchmarks.md, Threads)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_threads(None) == 2
+        assert set_threads(1) == 1
+        assert set_threads(0) == len(os.sched_getaffinity(0))  # one per core
+        with pytest.raises(SystemExit, match="--threads=-1"):
+            set_threads(-1)
+    finally:
+        torch.set_num_threads(before)

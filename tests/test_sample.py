@@ -87,7 +87,7 @@ def test_samples_are_model_generate_with_prompt_kept_and_separators(char_run, ca
     assert out == expected_output(char_run, "ROMEO", 3, 45, 7, temperature=1.0, top_k=20)
     assert out.count(SEPARATOR) == 3
     assert all(s.startswith("ROMEO") for s in out.split(f"\n{SEPARATOR}\n")[:3])
-    assert "tokens/s" in err and "3 x 45 = 135 new tokens" in err
+    assert "tokens/s" in err and "135 new tokens (3 sample(s), 45 steps)" in err
 
 
 def test_same_seed_same_text_other_seed_other_text(char_run, capsys):
@@ -165,7 +165,7 @@ def test_stop_at_end_of_text(bpe_run, capsys):
     assert out == expected_output(bpe_run, "Hello", 4, 40, 5, stop_eot=True, temperature=1.0)
     assert "<|endoftext|>" not in out
     # P(eot) is ~0.06 a step: with this seed the 4 samples end after 2, 19, 2 and 22 tokens, and so does the batch
-    assert "= 160 new tokens" not in err
+    assert "45 new tokens (4 sample(s), 22 steps)" in err  # 2 + 19 + 2 + 22, not 4 x 40
 
 
 def test_stop_at_a_string(char_run, capsys):
@@ -437,3 +437,12 @@ def test_cuda_compiled_generate_gives_generate_tokens(monkeypatch):
                     assert agreement >= 0.9, (kwargs, agreement)
     finally:
         torch._dynamo.reset()
+
+
+def test_greedy_with_several_samples_warns_that_they_are_identical(char_run, capsys):
+    out, err = run(capsys, f"--out_dir={char_run}", "--temperature=0", "--num_samples=2", "--max_new_tokens=5")
+    first, second = out.split(f"\n{SEPARATOR}\n")[:2]
+    assert first == second
+    assert "warning: temperature=0 is greedy, so the 2 samples will be identical" in err
+    _, err = run(capsys, f"--out_dir={char_run}", "--temperature=0", "--num_samples=1", "--max_new_tokens=5")
+    assert "warning" not in err

@@ -11,6 +11,7 @@ subprocess whose every forward pass sleeps a little (so that the signal lands mi
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -173,16 +174,6 @@ def test_precedence_cli_over_toml_and_unknown_keys(char_data: Path, tmp_path: Pa
     assert "learning_rat" in exit_message(main, [str(toml)])
     assert "n_head" in exit_message(main, ["--n_embd=30", "--n_head=4"])
     assert "lr_decay_iters" in exit_message(main, ["--warmup_iters=100", "--lr_decay_iters=50"])
-
-
-def test_init_from_gpt2_offline_is_one_line_naming_the_folder(char_data: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does, with an empty cache
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={tmp_path / 'o'}", *TINY, "--init_from=gpt2"])
-    assert "could not download gpt2" in message and "pass their folder instead of 'gpt2'" in message
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_errors_before_any_work(char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -425,7 +416,7 @@ def test_eval_only_reproduces_the_recorded_val_loss(reference: Path, char_data: 
 
 def test_metrics_and_loss_plot(reference: Path) -> None:
     rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    keys = {"iter", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu", "elapsed"}
+    keys = {"iter", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr", "tokens_per_sec", "mfu", "elapsed"}
     assert all(set(row) == keys for row in rows)
     logs = [r for r in rows if r["val_loss"] is None]
     evals = [r for r in rows if r["val_loss"] is not None]
@@ -433,6 +424,8 @@ def test_metrics_and_loss_plot(reference: Path) -> None:
     assert [r["iter"] for r in evals] == list(range(0, ITERS + 1, 20))  # eval_interval=20, and the start
     assert all(r["tokens_per_sec"] > 0 and r["mfu"] is None for r in logs)  # no MFU without a known peak
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # it learned something
+    # an ASCII corpus: one byte a char token, so bits per byte is the loss in bits (tests/test_eval.py: other cases)
+    assert all(r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-5) for r in evals)
     assert [r["elapsed"] for r in rows] == sorted(r["elapsed"] for r in rows)
     assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((reference / "latest" / "config.json").read_text())
@@ -487,6 +480,22 @@ def test_finetune_from_a_hugging_face_folder(char_data: Path, tmp_path: Path) ->
 
 
 # ---------------------------------------------------------------------------------------------------- faults
+
+
+def sigint_at_forward(monkeypatch: pytest.MonkeyPatch, n: int, training: bool) -> list[int]:
+    """Send this process SIGINT during the n-th (1-based) training or evaluation forward pass; returns the count of
+    such passes so far, as a one-element list that keeps counting."""
+    forward, calls = GPT.forward, [0]
+
+    def patched(self, *args, **kwargs):
+        if self.training == training:
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.GPT, "forward", patched)
+    return calls
 
 
 def nan_forward(monkeypatch: pytest.MonkeyPatch, bad_calls: range) -> None:
@@ -591,16 +600,7 @@ def test_stop_at_an_evaluation_iteration_evaluates_first(reference: Path, char_d
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop signal during iteration 20, which evaluates: the run evaluates and saves before it stops, so the
     resumed run's metrics.jsonl and `best` are the uninterrupted run's (it starts after iteration 20)."""
-    forward, calls = GPT.forward, [0]
-
-    def patched(self, *args, **kwargs):
-        if self.training:
-            calls[0] += 1
-            if calls[0] == 39:  # the first micro-step of iteration 20 (2 per iteration)
-                os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(model_module.GPT, "forward", patched)
+    sigint_at_forward(monkeypatch, 39, training=True)  # the first micro-step of iteration 20 (2 per iteration)
     with pytest.raises(SystemExit) as e:
         run(char_data, tmp_path, f"--max_iters={ITERS}")
     assert e.value.code == 128 + signal.SIGINT
@@ -664,3 +664,104 @@ def test_kill_9_three_times_then_resume_matches_the_uninterrupted_run(reference:
     assert resumed_from == sorted(resumed_from) and resumed_from[-1] < ITERS
     run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
     assert_same_weights(weights(tmp_path), weights(reference))
+
+
+# ---------------------------------------------------------------------------------------------------- first hour
+
+
+def test_stop_during_an_evaluation_stops_it_between_batches_and_saves(char_data: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop request during the evaluation at iteration 20 ends it at the next batch (not after all of them), and
+    the run saves iteration 20 without a val loss and exits as after any stop."""
+    # the 2nd batch of the evaluation at iteration 20 (4 batches at iteration 0)
+    evals = sigint_at_forward(monkeypatch, 6, training=False)
+    with pytest.raises(SystemExit) as e:
+        run(char_data, tmp_path, f"--max_iters={ITERS}")
+    assert e.value.code == 128 + signal.SIGINT
+    assert evals[0] == 6  # no batch after the signal
+    assert iteration(tmp_path) == 20
+    assert json.loads((tmp_path / "latest" / "config.json").read_text())["val_loss"] is None
+
+
+def test_stop_during_the_first_evaluation_leaves_nothing(char_data: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    evals = sigint_at_forward(monkeypatch, 1, training=False)
+    with pytest.raises(SystemExit) as e:
+        run(char_data, tmp_path / "run", f"--max_iters={ITERS}")
+    assert e.value.code == 128 + signal.SIGINT
+    assert evals[0] == 1 and not (tmp_path / "run").exists()  # no empty metrics.jsonl, no untrained checkpoint
+
+
+def test_failed_fine_tune_download_is_one_line_and_leaves_no_folders(char_data: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does, with an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={tmp_path / 'run'}", "--init_from=gpt2"])
+    assert "could not download gpt2" in message and "pass their folder instead of 'gpt2'" in message
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_run_ends_with_a_summary_and_plain_progress_lines_in_a_log(char_data: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    import train
+
+    monkeypatch.setattr(train, "PLAIN_LOG_EVERY", 0.0)  # a line at every log interval
+    run(char_data, tmp_path, "--max_iters=40")
+    out, err = capsys.readouterr()
+    assert "\r" not in err  # pytest's stderr is not a terminal: no bar
+    assert [line.split(" (")[0] for line in out.splitlines() if "/40 (" in line] == ["iter 10/40", "iter 20/40",
+                                                                                     "iter 30/40", "iter 40/40"]
+    best = min(r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if r["val_loss"] is not None and r["iter"] > 0)
+    assert f"done: 40 iterations in " in out and f"best val loss {best:.4f}" in out
+    assert f"python sample.py --out_dir={tmp_path}" in out
+
+
+def test_slow_cpu_run_is_announced(char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture) -> None:
+    import train
+
+    run(char_data, tmp_path / "fast", "--max_iters=1")
+    assert "warning" not in capsys.readouterr().out
+    monkeypatch.setattr(train, "matmul_flops_per_sec", lambda: 1e3)  # a CPU a billion times slower
+    run(char_data, tmp_path / "slow", "--max_iters=1")
+    assert "warning: on this CPU (1 thread(s)) one iteration will take about" in capsys.readouterr().out
+
+
+def test_training_on_bpe_tokens_needs_no_bpe_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepared GPT-2 ids train without tiktoken's BPE files: only encoding and decoding text need them."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    bpe = tokens.Tokenizer.tiktoken("gpt2")
+    ids = np.random.default_rng(0).integers(0, bpe.vocab_size, 2000)
+    data = tmp_path / "bpe"
+    data.mkdir()
+    tokens.write_tokens(data / "train.bin", ids[:1800], tokens.token_dtype(bpe.vocab_size))
+    tokens.write_tokens(data / "val.bin", ids[1800:], tokens.token_dtype(bpe.vocab_size))
+    prepare_data.write_meta(data, prepare_data.dataset_meta(bpe, 1800, 200, source="random", sha256=None,
+                                                            prepare="test"))
+    run(data, tmp_path / "out", "--max_iters=2")
+    assert iteration(tmp_path / "out") == 2
+    assert all(row["val_bpb"] is None for row in metrics(tmp_path / "out"))  # bits per byte need the BPE's bytes
+    with pytest.raises(SystemExit, match="could not load the tiktoken encoding"):
+        bpe.decode([1, 2])
+
+
+def test_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_op(char_data: Path, tmp_path: Path) -> None:
+    """After a first SIGINT, a second one takes the default action: no Python handler has to wait for the op."""
+    proc = slow_process(char_data, tmp_path)
+    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:  # handled: Python would merge two pending SIGINTs into one call
+        if "finishing this step" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT  # ended by the signal itself, not by a handler (a shell shows 130)
+    load_model(tmp_path)  # the checkpoint on disk is whole

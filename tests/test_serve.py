@@ -1,0 +1,577 @@
+"""serve.py against 127.0.0.1: completions equal model.generate (greedy) and sample.py (seeded sampling), streaming
+equals non-streaming, OpenAI-style errors, the bounded queue, disconnects, a bounded load test, the openai client,
+curl, /v1/attention against attention.attention_maps, and the playground in headless Chromium (skips without one)."""
+
+import contextlib
+import gc
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("starlette", reason="serve.py's extra is not installed: pip install -e '.[serve]'")
+uvicorn = pytest.importorskip("uvicorn", reason="serve.py's extra is not installed: pip install -e '.[serve]'")
+
+from attention import attention_maps  # noqa: E402
+from checkpoint import load_model, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig, KVCache  # noqa: E402
+from sample import SampleConfig, decode, generate_samples  # noqa: E402
+import serve  # noqa: E402
+from serve import PLAYGROUND, ServeConfig, create_app  # noqa: E402
+from test_sample import CHARS, bpe_run, char_run  # noqa: E402,F401 (fixtures)
+from tokens import Tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 60  # seconds a client waits for any answer: a hang fails the test instead of stalling it
+
+
+@pytest.fixture(scope="module")
+def char(char_run):
+    model, tokenizer, _ = load_model(char_run)
+    return model, tokenizer
+
+
+# Every architecture switch of model.py at once (grouped-query attention: 2 query heads share a key/value head).
+MODERN = dict(pos_embedding="rope", norm="rmsnorm", embed_norm=True, qk_norm=True, mlp="relu2", n_kv_head=1,
+              tie_embeddings=False, logit_softcap=15.0, bias=False)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "modern"])
+def any_char(request, char, tmp_path_factory):
+    """The char model, and a char model with every switch, loaded from its checkpoint as serve.py loads it."""
+    if request.param == "gpt2":
+        return char
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=16, **MODERN))
+    out = tmp_path_factory.mktemp("modern") / "out"
+    save_checkpoint(out, model, {"tokenizer": Tokenizer.char(CHARS).to_meta()}, {"iter_num": 1}, iter_num=1,
+                    is_best=True)
+    model, tokenizer, _ = load_model(out)
+    assert model.config.n_kv_head == 1 and model.config.pos_embedding == "rope"
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def bpe(bpe_run):
+    model, tokenizer, _ = load_model(bpe_run)
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer, **settings) -> Iterator[tuple[int, object]]:
+    """A uvicorn server for model on 127.0.0.1, on a free port, in a thread; yields (port, app)."""
+    app = create_app(model, tokenizer, ServeConfig(**settings), "tiny")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "the server did not start"
+    try:
+        yield sock.getsockname()[1], app
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT)
+        sock.close()
+        assert not thread.is_alive()
+        assert not app.state.scheduler.thread.is_alive()  # the lifespan stopped the decode worker
+
+
+@pytest.fixture(scope="module")
+def char_server(char):
+    with serving(*char) as (port, _):
+        yield port
+
+
+def request(port: int, method: str, path: str, body: object = None, raw: bytes | None = None) -> tuple[int, object]:
+    """(status, parsed JSON or text) of one request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    try:
+        return response.status, json.loads(text)
+    except json.JSONDecodeError:
+        return response.status, text
+
+
+def complete(port: int, **body) -> dict:
+    status, answer = request(port, "POST", "/v1/completions", body)
+    assert status == 200, answer
+    return answer
+
+
+def stream_events(port: int, **body) -> list:
+    """The data payloads of a streamed completion, parsed, up to and including "[DONE]"."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}))
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+    events = []
+    for line in response:
+        if line.startswith(b"data: "):
+            payload = line[6:].strip().decode()
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    conn.close()
+    return events
+
+
+def streamed_texts(events: list, choices: int) -> tuple[list[str], list[str]]:
+    """Each choice's concatenated text and finish reason."""
+    texts, reasons = [""] * choices, [None] * choices
+    for event in events[:-1]:
+        for c in event["choices"]:
+            assert reasons[c["index"]] is None, "a chunk after the choice's finish reason"
+            texts[c["index"]] += c["text"]
+            reasons[c["index"]] = c["finish_reason"]
+    return texts, reasons
+
+
+def greedy(model, tokenizer, prompt: str, max_tokens: int) -> str:
+    """The text model.generate adds to prompt, greedily, alone."""
+    idx = torch.tensor([tokenizer.encode(prompt)])
+    return decode(tokenizer, model.generate(idx, max_tokens, temperature=0.0)[0, idx.size(1):].tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------- results
+
+
+def test_greedy_completions_are_model_generate(any_char):
+    model, tokenizer = any_char
+    with serving(model, tokenizer) as (port, _):
+        for prompt, max_tokens in (("ROMEO:", 10), ("a", 1), ("But soft, what light through yon", 40)):  # past block
+            check_greedy(port, model, tokenizer, prompt, max_tokens)
+
+
+def check_greedy(port: int, model, tokenizer, prompt: str, max_tokens: int) -> None:
+    answer = complete(port, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    assert answer["object"] == "text_completion" and answer["model"] == "tiny"
+    assert answer["choices"] == [{"text": greedy(model, tokenizer, prompt, max_tokens), "index": 0,
+                                  "logprobs": None, "finish_reason": "length"}]
+    assert answer["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": max_tokens,
+                               "total_tokens": len(prompt) + max_tokens}
+
+
+def test_seeded_samples_are_sample_py_samples(char, char_server):
+    """n completions with a seed are sample.py's num_samples with that seed (top_k none), streamed or not."""
+    model, tokenizer = char
+    cfg = SampleConfig(num_samples=3, max_new_tokens=20, temperature=0.9, top_k=None, top_p=0.9, seed=5)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    expected, _ = generate_samples(model, tokenizer, tokenizer.encode("KING:"), cfg, generator)
+    body = dict(prompt="KING:", n=3, max_tokens=20, temperature=0.9, top_p=0.9, seed=5)
+    assert [c["text"] for c in complete(char_server, **body)["choices"]] == expected
+    texts, reasons = streamed_texts(stream_events(char_server, **body), 3)
+    assert texts == expected and reasons == ["length"] * 3
+    other = complete(char_server, **{**body, "seed": 6})["choices"]
+    assert [c["text"] for c in other] != expected
+
+
+def test_several_prompts_each_as_alone_with_echo_and_token_ids(char, char_server):
+    model, tokenizer = char
+    answer = complete(char_server, prompt=["to be", "or not"], n=2, max_tokens=6, temperature=0, echo=True,
+                      return_token_ids=True)
+    choices = answer["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for c, prompt in zip(choices, ["to be", "to be", "or not", "or not"]):
+        assert c["text"] == prompt + greedy(model, tokenizer, prompt, 6)
+        assert c["prompt_token_ids"] == tokenizer.encode(prompt)
+        assert decode(tokenizer, c["token_ids"]) == c["text"][len(prompt):]
+    assert answer["usage"]["prompt_tokens"] == 5 + 6 and answer["usage"]["completion_tokens"] == 4 * 6
+    ids = complete(char_server, prompt=tokenizer.encode("to be"), max_tokens=6, temperature=0)["choices"][0]["text"]
+    assert ids == greedy(model, tokenizer, "to be", 6)  # a prompt given as token ids
+
+
+def test_stream_equals_non_stream_with_stops_and_usage(bpe):
+    """GPT-2 BPE with characters split across tokens and end-of-text: the deltas never hold half a character or a
+    piece of a stop string, and add up to the non-streamed text; usage comes last when asked for."""
+    model, tokenizer = bpe
+    with serving(model, tokenizer) as (port, _):
+        for stop in (None, "\ufffd", ["語", "🙂"]):
+            body = dict(prompt="Hello", n=4, max_tokens=12, temperature=1.0, seed=3, stop=stop)
+            answer = complete(port, **body)
+            events = stream_events(port, **body, stream_options={"include_usage": True})
+            assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and events[-2]["usage"] == answer["usage"]
+            texts, reasons = streamed_texts(events[:-1], 4)
+            assert texts == [c["text"] for c in answer["choices"]]
+            assert reasons == [c["finish_reason"] for c in answer["choices"]]
+            assert "stop" in reasons  # end-of-text (p ~0.06 a step) or a stop string ended some
+            for event in events[:-2]:
+                for c in event["choices"]:
+                    if c["finish_reason"] is None:
+                        assert not c["text"].endswith("\ufffd")  # half a character is held back
+                        assert not any(s in c["text"] for s in ([stop] if isinstance(stop, str) else stop or []))
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+
+BAD = [
+    (b'{"prompt": "a",', 400, None),  # malformed JSON
+    (b"\xff\xfe garbage", 400, None),
+    (b'["prompt"]', 400, None),
+    (b'{"max_tokens": 3}', 400, "prompt"),
+    (b'{"prompt": 5}', 400, "prompt"),
+    (b'{"prompt": "a", "max_tokens": -1}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": 100000}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": "5"}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": 5.0}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": true}', 400, "max_tokens"),
+    (b'{"prompt": "a", "temperature": "hot"}', 400, "temperature"),
+    (b'{"prompt": "a", "temperature": NaN}', 400, "temperature"),
+    (b'{"prompt": "a", "temperature": 2.5}', 400, "temperature"),
+    (b'{"prompt": "a", "top_p": 0}', 400, "top_p"),
+    (b'{"prompt": "a", "n": 0}', 400, "n"),
+    (b'{"prompt": "a", "n": 1000}', 400, "n"),
+    (b'{"prompt": "a", "stream": "yes"}', 400, "stream"),
+    (b'{"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    (b'{"prompt": "a", "stop": ""}', 400, "stop"),
+    (b'{"prompt": "a", "seed": -1}', 400, "seed"),
+    (b'{"prompt": "a", "stream_options": {"x": 1}}', 400, "stream_options"),
+    (b'{"prompt": "a", "foo": 1}', 400, "foo"),  # a field the API does not have
+    (b'{"prompt": "a", "logprobs": 2}', 400, "logprobs"),  # one it has, that this server cannot honour
+    (b'{"prompt": "a", "presence_penalty": 0.5}', 400, "presence_penalty"),
+    (b'{"prompt": "' + b"a" * 33 + b'"}', 400, "prompt"),  # longer than block_size 32
+    (b'{"prompt": "\\u00e9t\\u00e9"}', 400, "prompt"),  # not in the char vocabulary
+    (b'{"prompt": ""}', 400, "prompt"),  # a char model has no end-of-text to start from
+    (b'{"prompt": [1, 2, 999]}', 400, "prompt"),  # a token id past the vocabulary
+    (b'{"prompt": []}', 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("raw,status,param", BAD, ids=[b.decode(errors="replace")[:40] for b, _, _ in BAD])
+def test_bad_requests_get_openai_error_bodies(char_server, raw, status, param):
+    got, body = request(char_server, "POST", "/v1/completions", raw=raw)
+    assert got == status
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["param"] == param
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+
+
+def test_other_errors_and_the_server_lives_on(char, char_server):
+    assert request(char_server, "GET", "/nope")[0] == 404
+    status, body = request(char_server, "GET", "/v1/completions")
+    assert status == 405 and "error" in body
+    status, body = request(char_server, "POST", "/v1/completions", raw=b'{"prompt": "' + b"a" * (1 << 21) + b'"}')
+    assert status == 413 and "error" in body
+    status, body = request(char_server, "POST", "/v1/completions", {"prompt": "a" * 33})
+    assert body["error"]["code"] == "context_length_exceeded"
+    assert complete(char_server, prompt="ab", max_tokens=3, temperature=0)["choices"][0]["text"] == \
+        greedy(*char, "ab", 3)
+    status, models = request(char_server, "GET", "/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "tiny" and models["data"][0]["object"] == "model"
+
+
+# ---------------------------------------------------------------------------------------------------------- queue
+
+
+class Gate:
+    """Wraps model.generate_stream: counts the tokens the worker takes, and holds it before each while closed."""
+
+    def __init__(self, model) -> None:
+        self.model, self.original, self.open, self.tokens = model, model.generate_stream, threading.Event(), 0
+        self.open.set()
+
+    def __enter__(self) -> "Gate":
+        def gated(*args, **kwargs):
+            for token in self.original(*args, **kwargs):
+                assert self.open.wait(TIMEOUT)
+                self.tokens += 1
+                yield token
+        self.model.generate_stream = gated
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.generate_stream  # back to the class's method
+        self.open.set()
+
+
+def health(port: int) -> dict:
+    return request(port, "GET", "/health")[1]
+
+
+def wait_for(condition, what: str) -> None:
+    for _ in range(400):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def open_stream(port: int, **body) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}))
+    return conn, conn.getresponse()
+
+
+def test_full_queue_answers_503_at_once_and_a_gone_client_frees_its_rows(char):
+    model, tokenizer = char
+    with serving(model, tokenizer, max_sequences=2, max_waiting=1) as (port, _), Gate(model) as gate:
+        first, response = open_stream(port, prompt="ab", n=2, max_tokens=2000, temperature=0)
+        response.readline()  # the first chunk: the job holds both rows
+        gate.open.clear()  # the worker stops before its next token
+        waiting = open_stream(port, prompt="cd", max_tokens=3, temperature=0)
+        wait_for(lambda: health(port)["waiting_prompts"] == 1, "the second request to queue")
+        status, body = request(port, "POST", "/v1/completions", {"prompt": "ef", "max_tokens": 3})
+        assert status == 503 and body["error"]["code"] == "overloaded"  # answered while the worker is held
+        first.sock.shutdown(socket.SHUT_RDWR)  # the first client goes away mid-stream
+        first.close()
+        gate.open.set()
+        texts, _ = streamed_texts(read_all(waiting[1]), 1)
+        assert texts == [greedy(model, tokenizer, "cd", 3)]  # the queued request ran once the rows were free
+        wait_for(lambda: health(port) == {"status": "ok", "active_sequences": 0, "waiting_prompts": 0}, "idle")
+        assert gate.tokens < 100  # the gone client's 2000 tokens were not all generated
+
+
+def read_all(response: http.client.HTTPResponse) -> list:
+    return [json.loads(line[6:]) if line[6:].strip() != b"[DONE]" else "[DONE]"
+            for line in response if line.startswith(b"data: ")]
+
+
+def test_a_gone_client_of_a_non_streamed_request_frees_its_rows(char):
+    model, tokenizer = char
+    with serving(model, tokenizer) as (port, _), Gate(model) as gate:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ab", "max_tokens": 2000}))
+        wait_for(lambda: gate.tokens > 0, "the first token")
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        wait_for(lambda: health(port)["active_sequences"] == 0, "the rows to be freed")
+        assert gate.tokens < 2000
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read())[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set size from /proc")
+def test_load_test_well_formed_garbage_and_gone_clients(char):
+    """8 clients at once, 3 rounds: well-formed requests (streamed or not) get exactly their tokens alone, garbage
+    gets 400, clients that leave mid-stream leave nothing behind; no client hangs; memory returns to its level."""
+    model, tokenizer = char
+    prompts = ["ROMEO:", "a", "What light through yonder", "KING HENRY:\nNo"]
+    expected = {p: greedy(model, tokenizer, p, 30) for p in prompts}
+
+    def well_formed(port: int, prompt: str, streamed: bool) -> str:
+        body = dict(prompt=prompt, max_tokens=30, temperature=0)
+        if streamed:
+            return streamed_texts(stream_events(port, **body), 1)[0][0]
+        return complete(port, **body)["choices"][0]["text"]
+
+    def garbage(port: int, i: int) -> int:
+        return request(port, "POST", "/v1/completions", raw=[b"\x00{]", b'{"prompt": "a", "n": -3}'][i])[0]
+
+    def gone(port: int) -> None:
+        conn, response = open_stream(port, prompt="Hello", max_tokens=2000, temperature=0.7)
+        response.readline()
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+    with serving(model, tokenizer, max_sequences=4, max_waiting=16) as (port, _):
+        levels = []
+        for round in range(3):
+            results: dict = {}
+            jobs = [(f"ok{i}", well_formed, (port, p, i % 2 == 0)) for i, p in enumerate(prompts)]
+            jobs += [(f"garbage{i}", garbage, (port, i)) for i in range(2)]
+            jobs += [(f"gone{i}", gone, (port,)) for i in range(2)]
+            threads = [threading.Thread(target=lambda k=k, f=f, a=a: results.__setitem__(k, f(*a))) for k, f, a in jobs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(TIMEOUT)
+                assert not t.is_alive(), "a client hangs"
+            assert [results[f"ok{i}"] for i in range(4)] == [expected[p] for p in prompts]
+            assert results["garbage0"] == results["garbage1"] == 400
+            wait_for(lambda: health(port)["active_sequences"] == health(port)["waiting_prompts"] == 0, "idle")
+            gc.collect()
+            assert not [o for o in gc.get_objects() if type(o) is KVCache], "a KV cache outlived its request"
+            levels.append(rss_mb())
+        assert levels[2] < levels[0] + 20, f"resident memory grows from round to round: {levels} MB"
+
+
+# ---------------------------------------------------------------------------------------------------------- clients
+
+
+def test_openai_client(char, char_server):
+    openai = pytest.importorskip("openai", reason="the openai client is not installed: pip install openai")
+    model, tokenizer = char
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{char_server}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    answer = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=0, stop=["\n\n"])
+    assert answer.choices[0].text == greedy(model, tokenizer, "ROMEO:", 12).split("\n\n")[0]
+    assert answer.usage.prompt_tokens == 6
+    chunks = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=0, stop=["\n\n"],
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == answer.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=-1)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl(char, char_server):
+    url = f"http://127.0.0.1:{char_server}/v1/completions"
+    body = json.dumps({"prompt": "ab", "max_tokens": 5, "temperature": 0, "stream": True})
+    out = subprocess.run(["curl", "-sN", url, "-H", "Content-Type: application/json", "-d", body],
+                         capture_output=True, text=True, timeout=TIMEOUT).stdout
+    events = [line[6:] for line in out.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == greedy(*char, "ab", 5)
+
+
+# ---------------------------------------------------------------------------------------------------------- attention
+
+
+def test_attention_endpoint_is_attention_maps(any_char):
+    model, tokenizer = any_char
+    with serving(model, tokenizer) as (port, _):
+        check_attention(port, model, tokenizer)
+
+
+def check_attention(port: int, model, tokenizer) -> None:
+    ids = tokenizer.encode("But soft, what light through yonder window breaks")  # 49 tokens, block_size 32
+    status, answer = request(port, "POST", "/v1/attention", {"token_ids": ids, "position": 5})
+    assert status == 200 and answer["start"] == 0 and answer["tokens"] == list("But soft, what light through "
+                                                                             "yonder window breaks")
+    expected = attention_maps(model, torch.tensor(ids[:6]))[:, 0, :, -1]  # (n_layer, n_head, 6)
+    assert torch.allclose(torch.tensor(answer["weights"]), expected, atol=1e-4)
+    status, answer = request(port, "POST", "/v1/attention", {"token_ids": ids})  # the last: a full window
+    assert answer["position"] == 48 and answer["start"] == 48 + 1 - 32
+    expected = attention_maps(model, torch.tensor(ids[17:]))[:, 0, :, -1]
+    assert torch.allclose(torch.tensor(answer["weights"]), expected, atol=1e-4)
+    status, answer = request(port, "POST", "/v1/attention", {"prompt": "abc"})
+    assert status == 200 and answer["token_ids"] == tokenizer.encode("abc")
+    for bad in ({"token_ids": ids, "position": 49}, {"token_ids": []}, {"prompt": "a", "token_ids": [1]},
+                {"token_ids": [1, -1]}, {"prompt": "a", "layer": 0}, "text"):
+        status, answer = request(port, "POST", "/v1/attention", bad)
+        assert status == 400 and "error" in answer, bad
+
+
+def test_attention_context_limit(char):
+    with serving(*char, max_attention_tokens=8) as (port, _):
+        assert request(port, "POST", "/v1/attention", {"prompt": "abcdefgh"})[0] == 200
+        status, answer = request(port, "POST", "/v1/attention", {"prompt": "abcdefghi"})
+        assert status == 400 and "max_attention_tokens" in answer["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+
+def test_without_the_serve_extra_one_line_says_what_to_install():
+    code = "import sys, runpy; sys.modules['uvicorn'] = None; sys.argv = ['serve.py']; " \
+           "runpy.run_path('serve.py', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["serve.py needs starlette and uvicorn: pip install -e '.[serve]'"]
+
+
+def test_bad_settings_exit_with_one_line():
+    for argv, words in ((["--max_sequences=0"], "max_sequences"), (["--port=70000"], "port"),
+                        (["--out_dir=/nonexistent"], "does not exist")):
+        with pytest.raises(SystemExit, match=words) as e:
+            serve.main(argv)
+        assert "\n" not in str(e.value.code)
+
+
+def test_a_port_in_use_exits_with_one_line(char_run):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port} .*pass another --port"):
+            serve.main([f"--out_dir={char_run}", f"--port={port}"])
+
+
+def test_serves_a_checkpoint_from_the_command_line(char_run, char):
+    """python serve.py --out_dir=RUN in a process of its own, as a user starts it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={char_run}", f"--port={port}"], cwd=REPO,
+                               env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:
+            if line.startswith("serving"):
+                break
+        wait_for(lambda: _answers(port), "the server to listen")
+        assert complete(port, prompt="ab", max_tokens=4, temperature=0)["choices"][0]["text"] == \
+            greedy(*char, "ab", 4)
+        status, page = request(port, "GET", "/")
+        assert status == 200 and page.startswith("<!doctype html>")
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return request(port, "GET", "/health")[0] == 200
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------- browser
+
+
+def test_playground_page_loads_nothing_from_elsewhere():
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", PLAYGROUND)
+    assert "import " not in PLAYGROUND and "@import" not in PLAYGROUND
+
+
+def _browser() -> str | None:
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome", "chrome")
+                 if (path := shutil.which(name))), None)
+
+
+def test_playground_in_headless_chromium(any_char):
+    """Type a prompt, generate, wait for the streamed text, click a token: the attention view shows that token's
+    attention_maps weights (mean of the heads of layer 0), and a grid of every layer and head."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
+    executable = _browser()
+    if executable is None:
+        pytest.skip("no Chromium found: apt-get install chromium (see README, Serving)")
+    model, tokenizer = any_char
+    prompt, max_tokens = "ROMEO:", 10
+    text = greedy(model, tokenizer, prompt, max_tokens)
+    ids = tokenizer.encode(prompt + text)
+    with serving(model, tokenizer) as (port, _), sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#prompt", prompt)
+            page.fill("#max_tokens", str(max_tokens))
+            page.fill("#temperature", "0")
+            page.click("#go")
+            page.wait_for_function(f"document.querySelectorAll('#text .tok').length === {len(ids)}",
+                                   timeout=TIMEOUT * 1000)
+            assert page.inner_text("#text").replace("\u21b5", "") == prompt + text
+            page.wait_for_function(f"document.getElementById('info').textContent.startsWith('token {len(ids) - 1} ')")
+            before = page.inner_text("#info")
+            assert page.locator("#grid canvas").count() == model.config.n_layer * model.config.n_head
+
+            page.click("#text .tok[data-i='3']")
+            page.wait_for_function("document.getElementById('info').textContent.startsWith('token 3 ')")
+            assert page.inner_text("#info") != before
+            shown = [float(page.get_attribute(f"#text .tok[data-i='{k}']", "data-w")) for k in range(4)]
+            expected = attention_maps(model, torch.tensor(ids[:4]))[0, 0, :, 3].mean(dim=0)  # layer 0, head mean
+            assert torch.allclose(torch.tensor(shown), expected, atol=2e-4)
+            assert page.get_attribute("#text .tok[data-i='4']", "data-w") is None  # a later token: no weight
+            assert not errors
+        finally:
+            browser.close()
