@@ -511,13 +511,12 @@ class GPT(nn.Module):
         norms. Each group keeps its peak rate as "base_lr"; train.py scales every group by the schedule."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = []
-        if optimizer == "muon":
-            h, a = self.transformer.h, self.transformer.h[0].attn
-            qkv = [a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim]  # c_attn's columns
-            for weights, blocks in (([b.attn.c_attn.weight for b in h], qkv), ([b.attn.c_proj.weight for b in h], None),
-                                    ([b.mlp.c_fc.weight for b in h], None), ([b.mlp.c_proj.weight for b in h], None)):
-                groups.append({"params": weights, "muon": True, "blocks": blocks, "lr": muon_lr,
-                               "momentum": muon_momentum, "weight_decay": muon_weight_decay})
+        if optimizer == "muon":  # the matrices inside the blocks, one group each kind
+            h = self.transformer.h
+            for weights in ([b.attn.c_attn.weight for b in h], [b.attn.c_proj.weight for b in h],
+                            [b.mlp.c_fc.weight for b in h], [b.mlp.c_proj.weight for b in h]):
+                groups.append({"params": weights, "muon": True, "lr": muon_lr, "momentum": muon_momentum,
+                               "weight_decay": muon_weight_decay})
         hidden = {id(p) for group in groups for p in group["params"]}
         adam = [p for p in params if id(p) not in hidden]
         groups += [
