@@ -265,16 +265,17 @@ def resolve_device(name: str) -> torch.device:
 def set_threads(threads: int | None) -> int:
     """Apply a `threads` setting to torch's CPU thread pool and return the number in use.
 
-    None: $OMP_NUM_THREADS when set, else 1; 0: torch's default, one per core. One thread is the default because
-    torch's one-per-core pool oversubscribes a CPU that other processes share, and on two cores it was faster even
-    on an idle machine (docs/benchmarks.md, "Threads").
+    None: $OMP_NUM_THREADS when set, else the cores that are idle now (the cores minus the 1-minute load average, at
+    least 1): torch's one thread per core is fastest on an idle machine, but oversubscribes one that other processes
+    share, which can be 10x slower (docs/benchmarks.md, "Threads"). 0: one per core, whatever the load.
     """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else 1
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = int(env) if env.isdigit() and int(env) > 0 else max(1, cores - round(load))
     if threads < 0:
         raise SystemExit(f"--threads={threads}: use a positive number, or 0 for one per core")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads or cores)
     return torch.get_num_threads()
 

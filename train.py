@@ -129,7 +129,7 @@ class TrainConfig:
     device: str = "auto"  # cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # bfloat16, float16 (with a gradient scaler) or float32; auto: bfloat16 where CUDA has it, else float32
     compile: bool | None = None  # torch.compile the model; none: on for CUDA, off elsewhere
-    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
     backend: str = "auto"  # torch.distributed backend under torchrun: nccl or gloo; auto: nccl on CUDA, gloo on CPU
     seed: int = 1337  # seeds the initial weights, the data windows and the dropout masks
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: looked up (H100, A100...), else no MFU

@@ -272,11 +272,14 @@ def test_threads_setting(monkeypatch):
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert set_threads(None) == 1  # the default: one thread (docs/benchmarks.md, Threads)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})  # 4 cores
+        for load, expected in ((0.2, 4), (1.1, 3), (2.6, 1), (9.0, 1)):  # the default: the cores that are idle
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+            assert set_threads(None) == expected, load
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         assert set_threads(None) == 2
         assert set_threads(1) == 1
-        assert set_threads(0) == len(os.sched_getaffinity(0))  # one per core
+        assert set_threads(0) == 4  # one per core, whatever the load
         with pytest.raises(SystemExit, match="--threads=-1"):
             set_threads(-1)
     finally:
