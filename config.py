@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import textwrap
+import time
 import tokenize
 import tomllib
 import types
@@ -264,19 +265,35 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def busy_cores(interval: float = 0.1) -> float:
+    """How many of the machine's cores other processes keep busy now: /proc/stat sampled over `interval` seconds
+    (Linux), else the 1-minute load average (which still counts processes that ended a minute ago)."""
+    def ticks() -> tuple[int, int]:  # (all, idle + iowait) jiffies since boot, summed over the cores
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+
+    try:
+        total, idle = ticks()
+        time.sleep(interval)
+        total2, idle2 = ticks()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (os.cpu_count() or 1) * (1 - (idle2 - idle) / max(1, total2 - total))
+
+
 def set_threads(threads: int | None) -> int:
     """Apply a `threads` setting to torch's CPU thread pool and return the number in use.
 
-    None: $OMP_NUM_THREADS when set, else 1; 0: torch's default, one per core. One thread is the default because
-    torch's one-per-core pool oversubscribes a CPU that other processes share, and on two cores it was faster even
-    on an idle machine (docs/benchmarks.md, "Threads").
+    None: $OMP_NUM_THREADS when set, else the cores that are idle now (at least 1): torch's one thread per core is fastest on an idle machine, but oversubscribes one that other processes
+    share, which can be 10x slower (docs/benchmarks.md, "Threads"). 0: one per core, whatever the load.
     """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else 1
+        threads = int(env) if env.isdigit() and int(env) > 0 else max(1, cores - round(busy_cores()))
     if threads < 0:
         raise SystemExit(f"--threads={threads}: use a positive number, or 0 for one per core")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads or cores)
     return torch.get_num_threads()
 

@@ -129,7 +129,7 @@ class TrainConfig:
     device: str = "auto"  # cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # bfloat16, float16 (with a gradient scaler) or float32; auto: bfloat16 where CUDA has it, else float32
     compile: bool | None = None  # torch.compile the model; none: on for CUDA, off elsewhere
-    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else 1 (README: Threads); 0: one per core
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
     backend: str = "auto"  # torch.distributed backend under torchrun: nccl or gloo; auto: nccl on CUDA, gloo on CPU
     seed: int = 1337  # seeds the initial weights, the data windows and the dropout masks
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: looked up (H100, A100...), else no MFU
@@ -322,6 +322,7 @@ def check_train_state(state: object, path: Path) -> None:
                 (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or
                  rng.shape != torch.get_rng_state().shape, "rng['torch'] is not a CPU generator's state"),
                 (type(state.get("elapsed", 0.0)) not in (int, float), "elapsed is not a number"),
+                (type(state.get("threads", 1)) is not int or state.get("threads", 1) < 1, "threads is not a count"),
                 (not isinstance(state.get("scaler") or {}, dict), "scaler is not a state_dict"),
             ]
             wrong = next((what for bad, what in problems if bad), None)
@@ -586,6 +587,8 @@ def main(argv: list[str] | None = None) -> dict:
             scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
         elapsed_before = state.get("elapsed", 0.0)
+        if cfg.threads is None and "OMP_NUM_THREADS" not in os.environ and state.get("threads"):
+            set_threads(state["threads"])  # the run's own thread count: CPU sums, so the weights, depend on it
         # Nothing below draws from these generators (data and dropout are seeded per micro-step), but a change
         # that does will then resume exactly too.
         torch.set_rng_state(state["rng"]["torch"])
@@ -669,7 +672,7 @@ def main(argv: list[str] | None = None) -> dict:
             "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            "scaler": scaler.state_dict(), "elapsed": elapsed(),
+            "scaler": scaler.state_dict(), "elapsed": elapsed(), "threads": torch.get_num_threads(),
         }
         extra = {"tokenizer": meta["tokenizer"], "train": config_to_dict(cfg), "val_loss": val_loss}
         return save_checkpoint(out_dir, raw_model, extra, train_state, iter_num=iter_num, is_best=is_best), is_best

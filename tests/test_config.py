@@ -271,17 +271,23 @@ def test_device_and_dtype_resolution_shared_by_the_entry_points():
 def test_threads_setting(monkeypatch):
     import torch
 
+    import config
     from config import set_threads
 
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert set_threads(None) == 1  # the default: one thread (docs/benchmarks.md, Threads)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})  # 4 cores
+        for busy, expected in ((0.2, 4), (1.1, 3), (2.6, 1), (9.0, 1)):  # the default: the cores that are idle
+            monkeypatch.setattr(config, "busy_cores", lambda: busy)
+            assert set_threads(None) == expected, busy
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         assert set_threads(None) == 2
         assert set_threads(1) == 1
-        assert set_threads(0) == len(os.sched_getaffinity(0))  # one per core
+        assert set_threads(0) == 4  # one per core, whatever the load
         with pytest.raises(SystemExit, match="--threads=-1"):
             set_threads(-1)
+        monkeypatch.undo()
+        assert 0 <= config.busy_cores() <= (os.cpu_count() or 1) + 0.5  # measured from /proc/stat here
     finally:
         torch.set_num_threads(before)

@@ -92,10 +92,15 @@ def write_dataset(folder: Path, tokenizer: tokens.Tokenizer, text: str) -> Path:
 def one_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread, and the 2-core test machine is shared. Subprocesses get
     OMP_NUM_THREADS=1 too: runs compared bit for bit must use the same number of threads."""
-    threads = torch.get_num_threads()
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # what train.py's default (the idle cores) reads first
     yield
     torch.set_num_threads(threads)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="module")
@@ -765,3 +770,20 @@ def test_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_op(char_data:
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGINT  # ended by the signal itself, not by a handler (a shell shows 130)
     load_model(tmp_path)  # the checkpoint on disk is whole
+
+
+def test_resume_uses_the_runs_own_thread_count(char_data, tmp_path, monkeypatch):
+    """CPU sums depend on the thread count, so a resume with threads unset keeps the count the run was saved with."""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    args = [f"--dataset={char_data}", f"--out_dir={tmp_path}", "--device=cpu", "--compile=false", "--batch_size=2",
+            "--block_size=16", "--n_layer=1", "--n_head=2", "--n_embd=16", "--eval_iters=1", "--eval_interval=2",
+            "--log_interval=1", "--warmup_iters=0"]
+    main(args + ["--max_iters=2", "--threads=3"])
+    torch.set_num_threads(1)
+    main(args + ["--max_iters=4", "--init_from=resume"])
+    assert torch.get_num_threads() == 3
+    state = torch.load(tmp_path / "latest" / "state.pt", weights_only=True)
+    assert state["threads"] == 3
+    torch.set_num_threads(1)
+    main(args + ["--max_iters=6", "--init_from=resume", "--threads=1"])  # an explicit setting wins
+    assert torch.get_num_threads() == 1
