@@ -50,8 +50,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -425,25 +425,79 @@ def summary(out_dir: Path, iters: int, seconds: float, best_val_loss: float) -> 
 
 
 # ------------------------------------------------------------------------------------------------------------- main
+# main() runs the steps below in this order: setup, load_data, build_model, build_optimizer, train (the loop, whose
+# every iteration is one train_step). A resumed run reads its checkpoint in load_resumed (weights and state.pt) and
+# sets the rest of its state back (optimizer, scaler, counters, RNG) in restore().
+
+
+@dataclass
+class Run:
+    """Where this process trains, decided once by setup(): its place among torchrun's processes, device, precision."""
+    ddp: bool  # under torchrun
+    rank: int
+    local_rank: int
+    world_size: int
+    local_accum: int  # micro-steps this process runs per optimizer step
+    device: torch.device
+    dtype: torch.dtype
+    autocast: AbstractContextManager  # autocast to dtype, or nothing in float32
+    compile: bool
+    out_dir: Path
+    resuming: bool  # init_from=resume
+    writes: bool  # rank 0 of a run that trains: checkpoints, metrics.jsonl, loss.png
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0  # only rank 0 prints, logs and writes files
+
+
+@dataclass
+class Data:
+    """The prepared dataset: its folder, meta.json, tokenizer, and the token files of each split."""
+    dir: Path
+    meta: dict
+    tokenizer: Tokenizer
+    splits: dict[str, list[np.memmap]]
+
+
+@dataclass
+class Progress:
+    """The counters a checkpoint saves and restore() sets back."""
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    elapsed_before: float = 0.0  # seconds trained before this process started (by the run it resumes)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run training as configured by argv (default sys.argv[1:]); returns the final iteration and losses."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(TrainConfig, argv, description=__doc__)
+    run = setup(cfg)
+    try:
+        data = load_data(cfg, run)
+        model, state = build_model(cfg, run, data)
+        optimizer, scaler, progress = build_optimizer(cfg, run, model, state)
+        return train(cfg, run, data, model, optimizer, scaler, progress, argv)
+    finally:
+        if run.ddp:
+            dist.destroy_process_group()
 
-    # ------------------------------------------------------------------------------------------------ setup
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check that this run can start (processes, device, dtype, out_dir) before any work; join torchrun's group."""
     ddp = "RANK" in os.environ  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    master = rank == 0  # only rank 0 prints, logs and writes files
     accum = cfg.gradient_accumulation_steps
     if accum % world_size:
         raise SystemExit(f"gradient_accumulation_steps ({accum}) must be divisible by the number of processes "
                          f"({world_size}): each process runs an equal share of the micro-steps; use e.g. "
                          f"--gradient_accumulation_steps={max(world_size, accum // world_size * world_size)}")
-    local_accum = accum // world_size  # micro-steps this process runs per optimizer step
 
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -452,15 +506,13 @@ def main(argv: list[str] | None = None) -> dict:
         index = local_rank if ddp else device.index if device.index is not None else torch.cuda.current_device()
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
-    ptdtype = resolve_dtype(cfg.dtype, device)
-    dtype_name = str(ptdtype).removeprefix("torch.")
-    if ptdtype == torch.float16 and device.type == "cpu":
+    dtype = resolve_dtype(cfg.dtype, device)
+    if dtype == torch.float16 and device.type == "cpu":
         raise SystemExit("dtype=float16 needs a GPU: use --dtype=bfloat16 or --dtype=float32 on the CPU")
-    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
 
     out_dir = Path(cfg.out_dir)
     resuming = cfg.init_from == "resume"
-    writes = master and not cfg.eval_only
+    writes = rank == 0 and not cfg.eval_only
     if writes:
         if not resuming and has_checkpoint(out_dir):
             raise SystemExit(f"{out_dir} already holds a checkpoint: continue that run with --init_from=resume, or "
@@ -473,17 +525,22 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"init_from=resume but {out_dir} holds no checkpoint: check --out_dir, or start with "
                          f"--init_from=scratch")
 
-    if ddp:
+    if ddp:  # from here on, main's `finally` leaves the process group
         backend = cfg.backend if cfg.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         if device.type == "cpu" and cfg.threads is None:  # processes on one machine share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     enable_tf32()
-    autocast = autocast_context(device, ptdtype)
-    if master:
+    if rank == 0:
         print(format_config(cfg))
+    return Run(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, local_accum=accum // world_size,
+               device=device, dtype=dtype, autocast=autocast_context(device, dtype),
+               compile=device.type == "cuda" if cfg.compile is None else cfg.compile,
+               out_dir=out_dir, resuming=resuming, writes=writes)
 
-    # ------------------------------------------------------------------------------------------------ data
+
+def load_data(cfg: TrainConfig, run: Run) -> Data:
+    """The dataset's meta.json, tokenizer and token files, checked to fit each other."""
     data_dir = resolve_dataset(cfg.dataset)
     try:
         meta = load_meta(data_dir)
@@ -500,49 +557,27 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"{f.filename}: token id {int(f.max())} >= the vocabulary size "
                                  f"{tokenizer.vocab_size} of {data_dir / 'meta.json'}: the file does not belong to "
                                  f"this dataset; prepare it again")
+    return Data(data_dir, meta, tokenizer, splits)
 
-    # ------------------------------------------------------------------------------------------------ model
-    state = None  # the training state of the checkpoint we resume from
-    if resuming:
-        try:
-            ckpt_dir = find_checkpoint(out_dir)  # resolved once: the model and the state come from the same folder
-            model, _, ckpt_config = load_model(ckpt_dir, dropout=cfg.dropout)
-            check_tokenizer_matches(ckpt_config, meta, data_dir / "meta.json")
-            state = load_state(ckpt_dir)
-            check_train_state(state, ckpt_dir / "state.pt")
-        except ValueError as e:  # checkpoint.py's messages name the file and the fix
-            raise SystemExit(str(e)) from None
-        if state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
-            if master:
-                print(f"already at iteration {state['iter_num']} >= max_iters={cfg.max_iters}: nothing to train; "
-                      f"raise --max_iters to continue")
-            if ddp:
-                dist.destroy_process_group()
-            raise SystemExit(0)
-        if master:
-            print(f"resuming from iteration {state['iter_num']} ({ckpt_dir}), continuing at iteration "
-                  f"{state['iter_num'] + 1}")
-            saved = ckpt_config.get("train", {})
-            shape = tuple(name for name in MODEL_FIELDS if name != "dropout")  # the checkpoint's model is used as is
-            ignored = [f"{k}={getattr(cfg, k)}" for k in shape if k in saved and getattr(cfg, k) != saved[k]]
-            changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in saved.items()
-                       if k not in shape + ("init_from",) and hasattr(cfg, k) and getattr(cfg, k) != v]
-            if ignored:
-                print(f"the model's shape comes from the checkpoint; ignoring {', '.join(ignored)}")
-            if changed:
-                print(f"settings changed since that checkpoint: {', '.join(changed)}")
+
+def build_model(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict | None]:
+    """The model on its device, in training mode: out_dir's checkpoint (resume), a new one (scratch), or a
+    pretrained one (fine-tune); and the training state a resumed run continues from."""
+    state = None
+    if run.resuming:
+        model, state = load_resumed(cfg, run, data)
     elif cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
-        model = GPT(cfg.gpt_config(padded_vocab_size(tokenizer.vocab_size, char=tokenizer.kind == "char")))
+        model = GPT(cfg.gpt_config(padded_vocab_size(data.tokenizer.vocab_size, char=data.tokenizer.kind == "char")))
     else:  # fine-tune: GPT-2 from the hub, a Hugging Face folder, or another run's out_dir or checkpoint
-        if ddp and not master:
+        if run.ddp and not run.master:
             dist.barrier()  # let rank 0 download a hub model into the cache first, rather than all ranks at once
         try:
             model, _, ckpt_config = load_model(cfg.init_from, dropout=cfg.dropout)
-            check_tokenizer_matches(ckpt_config, meta, data_dir / "meta.json")
+            check_tokenizer_matches(ckpt_config, data.meta, data.dir / "meta.json")
         except ValueError as e:
             raise SystemExit(f"init_from={cfg.init_from}: {e}") from None
-        if ddp and master:
+        if run.ddp and run.master:
             dist.barrier()
         if cfg.block_size > model.config.block_size:
             raise SystemExit(f"block_size={cfg.block_size} is longer than {cfg.init_from}'s context of "
@@ -550,64 +585,177 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
     block_size = model.config.block_size
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise SystemExit(f"{data_dir / 'meta.json'} has {tokenizer.vocab_size} tokens but the model only "
+    if model.config.vocab_size < data.tokenizer.vocab_size:
+        raise SystemExit(f"{data.dir / 'meta.json'} has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: the dataset does not fit this model")
-    for split, files in splits.items():
+    for split, files in data.splits.items():
         if max(len(f) for f in files) <= block_size:
-            raise SystemExit(f"the {split} split of {data_dir} has no file longer than block_size={block_size} "
+            raise SystemExit(f"the {split} split of {data.dir} has no file longer than block_size={block_size} "
                              f"tokens: lower --block_size or prepare more data")
-    get_batch = {split: batch_sampler(files, block_size, cfg.batch_size, device) for split, files in splits.items()}
-    if master:
-        print(f"{model.num_params() / 1e6:.2f}M parameters; {cfg.batch_size * block_size * accum:,} tokens per "
-              f"iteration ({world_size} process(es) x {local_accum} micro-steps x {cfg.batch_size} x {block_size}); "
-              f"{device}, {dtype_name}{', compiled' if use_compile else ''}, {torch.get_num_threads()} CPU thread(s)")
-    raw_model = model.to(device).train()
-    if use_compile:
-        model = torch.compile(model)
-    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
+    if run.master:
+        tokens = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
+        print(f"{model.num_params() / 1e6:.2f}M parameters; {tokens:,} tokens per iteration ({run.world_size} "
+              f"process(es) x {run.local_accum} micro-steps x {cfg.batch_size} x {block_size}); {run.device}, "
+              f"{str(run.dtype).removeprefix('torch.')}{', compiled' if run.compile else ''}, "
+              f"{torch.get_num_threads()} CPU thread(s)")
+    return model.to(run.device).train(), state
 
-    # ------------------------------------------------------------------------------------------------ optimizer
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               device.type, cfg.optimizer, cfg.muon_lr, cfg.muon_momentum,
-                                               cfg.muon_weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)  # float16 underflows without it
-    iter_num, best_val_loss, elapsed_before = 0, math.inf, 0.0
-    if state is not None:
-        saved_optimizer = ckpt_config.get("train", {}).get("optimizer", "adamw")
-        if saved_optimizer != cfg.optimizer:
-            raise SystemExit(f"{ckpt_dir} was trained with optimizer={saved_optimizer}: resume with "
-                             f"--optimizer={saved_optimizer} (its state does not carry over to {cfg.optimizer})")
-        # load_state_dict also restores the saved hyperparameters; this run's settings win (lr is set every step).
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])
-        for group, own in zip(optimizer.param_groups, settings):
-            group.update(own)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
-        elapsed_before = state.get("elapsed", 0.0)
-        if cfg.threads is None and "OMP_NUM_THREADS" not in os.environ and state.get("threads"):
-            set_threads(state["threads"])  # the run's own thread count: CPU sums, so the weights, depend on it
-        # Nothing below draws from these generators (data and dropout are seeded per micro-step), but a change
-        # that does will then resume exactly too.
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-    start_iter = iter_num
+
+def build_optimizer(cfg: TrainConfig, run: Run, model: GPT,
+                    state: dict | None) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler, Progress]:
+    """The optimizer (AdamW, or Muon with AdamW) and float16's gradient scaler, restored when resuming."""
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           run.device.type, cfg.optimizer, cfg.muon_lr, cfg.muon_momentum,
+                                           cfg.muon_weight_decay)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # float16 underflows without it
+    progress = Progress() if state is None else restore(cfg, run, state, optimizer, scaler)
+    return optimizer, scaler, progress
+
+
+# ---------------------------------------------------------------------------------------------------------- resume
+
+
+def load_resumed(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict]:
+    """The model and the training state (state.pt) of out_dir's latest checkpoint, checked against this run's
+    dataset and settings; exits when it is already at max_iters."""
+    try:
+        folder = find_checkpoint(run.out_dir)  # resolved once: the model and the state come from the same folder
+        model, _, config = load_model(folder, dropout=cfg.dropout)
+        check_tokenizer_matches(config, data.meta, data.dir / "meta.json")
+        state = load_state(folder)
+        check_train_state(state, folder / "state.pt")
+    except ValueError as e:  # checkpoint.py's messages name the file and the fix
+        raise SystemExit(str(e)) from None
+    if state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+        if run.master:
+            print(f"already at iteration {state['iter_num']} >= max_iters={cfg.max_iters}: nothing to train; "
+                  f"raise --max_iters to continue")
+        raise SystemExit(0)
+    saved_optimizer = config.get("train", {}).get("optimizer", "adamw")
+    if saved_optimizer != cfg.optimizer:
+        raise SystemExit(f"{folder} was trained with optimizer={saved_optimizer}: resume with "
+                         f"--optimizer={saved_optimizer} (its state does not carry over to {cfg.optimizer})")
+    if run.master:
+        print(f"resuming from iteration {state['iter_num']} ({folder}), continuing at iteration "
+              f"{state['iter_num'] + 1}")
+        saved = config.get("train", {})
+        shape = tuple(name for name in MODEL_FIELDS if name != "dropout")  # the checkpoint's model is used as is
+        ignored = [f"{k}={getattr(cfg, k)}" for k in shape if k in saved and getattr(cfg, k) != saved[k]]
+        changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in saved.items()
+                   if k not in shape + ("init_from",) and hasattr(cfg, k) and getattr(cfg, k) != v]
+        if ignored:
+            print(f"the model's shape comes from the checkpoint; ignoring {', '.join(ignored)}")
+        if changed:
+            print(f"settings changed since that checkpoint: {', '.join(changed)}")
+    return model, state
+
+
+def restore(cfg: TrainConfig, run: Run, state: dict, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler) -> Progress:
+    """Set the optimizer, the gradient scaler, the thread count, the counters and the RNGs back to a checkpoint's
+    state.pt."""
+    # load_state_dict also restores the saved hyperparameters; this run's settings win (lr is set every step).
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if cfg.threads is None and "OMP_NUM_THREADS" not in os.environ and state.get("threads"):
+        set_threads(state["threads"])  # the run's own thread count: CPU sums, so the weights, depend on it
+    # Nothing draws from these generators (data and dropout are seeded per micro-step), but a change that does will
+    # then resume exactly too.
+    torch.set_rng_state(state["rng"]["torch"])
+    if run.device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+    return Progress(state["iter_num"], state["best_val_loss"], state.get("elapsed", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------- one training step
+
+
+def train_step(cfg: TrainConfig, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter], get_batch: Callable, batch: tuple,
+               iter_num: int, stop: StopSignal) -> tuple[float, float, bool, bool, tuple]:
+    """One optimizer step over gradient_accumulation_steps micro-batches (this process's share of them), starting
+    from the prefetched `batch` (x, y, dropout seed). Returns the mean loss, the gradient norm, whether any rank was
+    asked to stop, whether the update was applied (a non-finite loss or gradient skips it on every rank), and the
+    next iteration's first batch."""
+    lr = learning_rate(iter_num, cfg)
+    for group in optimizer.param_groups:  # each group's peak rate, scaled by the schedule
+        group["lr"] = group["base_lr"] * lr / cfg.learning_rate
+        if group.get("muon"):
+            group["momentum"] = muon_momentum(iter_num, cfg)
+    micro_steps = range(run.rank, cfg.gradient_accumulation_steps, run.world_size)  # rank r: r, r + W, r + 2W, ...
+    x, y, dropout_seed = batch
+    loss_sum = torch.zeros((), device=run.device)
+    for i, m in enumerate(micro_steps):
+        last = i == run.local_accum - 1
+        seed_dropout(dropout_seed, run.device)
+        # DDP averages gradients over ranks when the last micro-step's backward runs; the others only accumulate
+        # locally (no_sync), so each optimizer step costs one all-reduce.
+        with model.no_sync() if run.ddp and not last else nullcontext():
+            with run.autocast:
+                _, loss = model(x, y)
+            # Fetch the next batch while the device works: the next micro-step, or the next iteration.
+            rng, dropout_seed = (step_rngs(cfg.seed, iter_num, micro_steps[i + 1]) if not last
+                                 else step_rngs(cfg.seed, iter_num + 1, micro_steps[0]))
+            x, y = get_batch(rng)
+            loss_sum += loss.detach()
+            # Each rank sums local_accum losses and DDP averages over world_size ranks, so dividing by local_accum
+            # here gives the mean over all accum micro-steps, whatever world_size is.
+            scaler.scale(loss / run.local_accum).backward()
+    scaler.unscale_(optimizer)  # a no-op unless float16: clip and check the true gradient
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+    # The step's one host sync: the mean loss, the gradient norm (the same on every rank: the gradients were
+    # all-reduced) and whether any rank got a stop signal. Skipping a non-finite update and stopping must be decided
+    # the same way on every rank; reading three numbers once per optimizer step (not per micro-step) costs far less
+    # than a step, and float16's GradScaler syncs here anyway.
+    stats = torch.stack([loss_sum / run.local_accum, grad_norm.float(),
+                         loss_sum.new_full((), float(stop.signum))])  # a fill kernel, no copy
+    if run.ddp:
+        dist.all_reduce(stats)  # SUM: loss sums over ranks, norm * W, stop > 0 if any rank was signalled
+        stats /= run.world_size
+    loss_value, norm_value, stop_value = stats.tolist()
+
+    # A non-finite loss always skips. A non-finite gradient with a finite loss is, in float16, an overflow that the
+    # GradScaler owns: scaler.step skips that update and scaler.update lowers the scale (it happens now and then
+    # while the scale settles), so it is not counted as skipped.
+    updated = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(norm_value))
+    if updated:
+        scaler.step(optimizer)  # optimizer.step() unless float16
+    scaler.update()  # (float16) after a skip: resets the scaler's per-step state and lowers the scale
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value, stop_value > 0, updated, (x, y, dropout_seed)
+
+
+# ------------------------------------------------------------------------------------------------------------ loop
+
+
+def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: torch.optim.Optimizer,
+          scaler: torch.amp.GradScaler, progress: Progress, argv: list[str]) -> dict:
+    """Evaluate the starting point, then train_step until max_iters, evaluating and saving every eval_interval; stop
+    cleanly on a signal, on too many non-finite steps in a row, or out of memory."""
+    block_size = raw_model.config.block_size
+    model = torch.compile(raw_model) if run.compile else raw_model
+    train_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None) if run.ddp else model
+    get_batch = {split: batch_sampler(files, block_size, cfg.batch_size, run.device)
+                 for split, files in data.splits.items()}
     params = [p for p in raw_model.parameters() if p.requires_grad]
-
-    # ------------------------------------------------------------------------------------------------ schedule
-    # learning_rate(it, cfg) and muon_momentum(it, cfg) above. They depend on the iteration alone, so a resumed run
-    # continues the curve where it stopped.
+    start_iter = progress.iter_num
+    stop = StopSignal(verbose=run.master)
 
     # ------------------------------------------------------------------------------------------------ evaluation
     # UTF-8 bytes of each token id: bits per byte = nats / ln 2 / bytes of the targets, comparable across tokenizers
     try:
-        byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
+        byte_lengths = torch.from_numpy(data.tokenizer.token_byte_lengths()).to(run.device)
     except SystemExit as e:  # BPE files that cannot be loaded (offline): prepared ids still train, without bpb
         byte_lengths = None
-        if master:
+        if run.master:
             print(f"no bits per byte in this run: {e}")
 
     def bpb_text(losses: dict[str, float | None]) -> str:
@@ -625,25 +773,25 @@ def main(argv: list[str] | None = None) -> dict:
         raw_model.eval()
         losses = {}
         signalled_before = stop.signum  # a stop requested during the step that evaluates: evaluate, then stop
-        shown = tqdm(total=2 * len(range(rank, cfg.eval_iters, world_size)), desc="evaluating", unit="batch",
-                     leave=False, delay=EVAL_BAR_DELAY, disable=not master or not sys.stderr.isatty())
+        shown = tqdm(total=2 * len(range(run.rank, cfg.eval_iters, run.world_size)), desc="evaluating", unit="batch",
+                     leave=False, delay=EVAL_BAR_DELAY, disable=not run.master or not sys.stderr.isatty())
         for tag, split in ((1, "train"), (2, "val")):
-            total = torch.zeros((), device=device)
-            nbytes = torch.zeros((), dtype=torch.int64, device=device)  # UTF-8 bytes of the targets
-            for k in range(rank, cfg.eval_iters, world_size):
-                if stop.signum and not signalled_before and not ddp:
+            total = torch.zeros((), device=run.device)
+            nbytes = torch.zeros((), dtype=torch.int64, device=run.device)  # UTF-8 bytes of the targets
+            for k in range(run.rank, cfg.eval_iters, run.world_size):
+                if stop.signum and not signalled_before and not run.ddp:
                     shown.close()
                     raw_model.train()
                     return None
                 rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, tag, k]))
                 x, y = get_batch[split](rng)
-                with autocast:
+                with run.autocast:
                     _, loss = model(x, y)
                 total += loss.float()
                 if byte_lengths is not None:
                     nbytes += byte_lengths[y].sum()
                 shown.update(1)
-            if ddp:
+            if run.ddp:
                 dist.all_reduce(total)
                 dist.all_reduce(nbytes)
             losses[split] = total.item() / cfg.eval_iters
@@ -655,62 +803,41 @@ def main(argv: list[str] | None = None) -> dict:
         return losses
 
     # ------------------------------------------------------------------------------------------------ checkpoint
-    metrics_path = out_dir / "metrics.jsonl"
-    t_start = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t_start
+    metrics_path = run.out_dir / "metrics.jsonl"
 
     def save(val_loss: float | None) -> tuple[Path, bool]:
         """Write ckpt_{iter_num}: weights, config (model, tokenizer, training settings) and the training state.
         Returns the folder and whether val_loss is the best so far (then `best` points to it)."""
-        nonlocal best_val_loss
-        is_best = val_loss is not None and val_loss < best_val_loss
+        is_best = val_loss is not None and val_loss < progress.best_val_loss
         if is_best:
-            best_val_loss = val_loss
+            progress.best_val_loss = val_loss
         train_state = {
-            "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "optimizer": optimizer.state_dict(), "iter_num": progress.iter_num,
+            "best_val_loss": progress.best_val_loss,
             "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            "scaler": scaler.state_dict(), "elapsed": elapsed(), "threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
+            "scaler": scaler.state_dict(), "elapsed": progress.elapsed(), "threads": torch.get_num_threads(),
         }
-        extra = {"tokenizer": meta["tokenizer"], "train": config_to_dict(cfg), "val_loss": val_loss}
-        return save_checkpoint(out_dir, raw_model, extra, train_state, iter_num=iter_num, is_best=is_best), is_best
+        extra = {"tokenizer": data.meta["tokenizer"], "train": config_to_dict(cfg), "val_loss": val_loss}
+        folder = save_checkpoint(run.out_dir, raw_model, extra, train_state, iter_num=progress.iter_num,
+                                 is_best=is_best)
+        return folder, is_best
 
     def record(**values: float | None) -> None:
         """Append one line to metrics.jsonl (rank 0); every line has every key, null where it does not apply."""
-        row = {"iter": iter_num, "train_loss": None, "val_loss": None, "train_bpb": None, "val_bpb": None,
-               "lr": None, "tokens_per_sec": None, "mfu": None, "elapsed": round(elapsed(), 3)} | values
+        row = {"iter": progress.iter_num, "train_loss": None, "val_loss": None, "train_bpb": None, "val_bpb": None,
+               "lr": None, "tokens_per_sec": None, "mfu": None, "elapsed": round(progress.elapsed(), 3)} | values
         assert row.keys() == METRICS_KEYS
         with errors.writing(metrics_path), open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    if writes:
-        # A fresh run starts a new metrics.jsonl; a resumed one drops the lines past its checkpoint, which the
-        # interrupted run wrote but whose steps are now done again, and a line that does not parse: the last one,
-        # half-written when a kill -9 or a power cut stopped that run.
-        out_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resuming and metrics_path.exists():
-            for line in metrics_path.read_text(errors="replace").splitlines():
-                try:  # a line that is not one of record()'s (its keys, numbers or null) is dropped too
-                    row = json.loads(line)
-                    old = METRICS_KEYS - {"train_bpb", "val_bpb"}  # the lines of runs from before bpb was logged
-                    if (old <= row.keys() <= METRICS_KEYS and all(v is None or type(v) in (int, float) for v in row.values())
-                            and type(row["iter"]) is int and row["iter"] <= iter_num):
-                        kept.append(line)
-                except (ValueError, AttributeError):
-                    pass
-        if kept:
-            with errors.writing(metrics_path):
-                metrics_path.write_text("".join(line + "\n" for line in kept))
-        else:  # the first record() makes it: a run stopped before that leaves no empty file
-            metrics_path.unlink(missing_ok=True)
+    if run.writes:
+        start_metrics(metrics_path, run.resuming, progress.iter_num)
 
-    # ------------------------------------------------------------------------------------------------ loop
-    peak_flops = cfg.peak_flops or device_peak_flops(device)
-    tokens_per_iter = cfg.batch_size * block_size * accum
-    last_saved = start_iter if resuming else None
+    # ------------------------------------------------------------------------------------------------ the loop
+    peak_flops = cfg.peak_flops or device_peak_flops(run.device)
+    tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
+    last_saved = start_iter if run.resuming else None
     val_loss = None
     interrupted = False  # all ranks agreed to stop early after a signal
     skipped = 0  # optimizer steps skipped in a row because of a non-finite loss or gradient
@@ -718,175 +845,152 @@ def main(argv: list[str] | None = None) -> dict:
     step_time = None  # seconds per iteration, smoothed (an exponential moving average): the shown tokens/s
     terminal = sys.stderr.isatty()
     last_line = time.perf_counter()  # when the last plain progress line was printed (not on a terminal)
-    stop = StopSignal(verbose=master)
     bar = None
-    if master and device.type == "cpu":
+    if run.master and run.device.type == "cpu":
         warn_if_slow(raw_model, tokens_per_iter, 2 * cfg.eval_iters * cfg.batch_size * block_size)
     with stop:
         try:
-            if cfg.eval_only or not resuming:  # the starting point: the untrained (or pretrained) model's loss
+            if cfg.eval_only or not run.resuming:  # the starting point: the untrained (or pretrained) model's loss
                 losses = evaluate()
                 interrupted = losses is None
-                if master and losses is not None:
-                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                          f"{bpb_text(losses)}")
+                if run.master and losses is not None:
+                    print(f"iter {progress.iter_num}: train loss {losses['train']:.4f}, val loss "
+                          f"{losses['val']:.4f}{bpb_text(losses)}")
                 if cfg.eval_only:
-                    if ddp:
-                        dist.destroy_process_group()
                     if interrupted:
                         raise SystemExit(128 + stop.signum)
-                    return {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                    return {"iter_num": progress.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                             "train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"]}
-                if writes and losses is not None:
+                if run.writes and losses is not None:
                     record(train_loss=losses["train"], val_loss=losses["val"], train_bpb=losses["train_bpb"],
-                           val_bpb=losses["val_bpb"], lr=learning_rate(iter_num, cfg))
+                           val_bpb=losses["val_bpb"], lr=learning_rate(progress.iter_num, cfg))
 
             # A bar on a terminal; in a log file, a plain line every PLAIN_LOG_EVERY seconds instead (a bar there is
             # one endless line of carriage returns).
-            bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or not terminal, dynamic_ncols=True,
-                       unit="it")
-            micro_steps = list(range(rank, accum, world_size))  # rank r runs micro-steps r, r + W, r + 2W, ...
-            rng, dropout_seed = step_rngs(cfg.seed, iter_num, micro_steps[0])
-            x, y = get_batch["train"](rng)
-            while iter_num < cfg.max_iters and not interrupted:
+            bar = tqdm(total=cfg.max_iters, initial=progress.iter_num, disable=not run.master or not terminal,
+                       dynamic_ncols=True, unit="it")
+            rng, dropout_seed = step_rngs(cfg.seed, progress.iter_num, run.rank)  # this rank's first micro-step
+            batch = (*get_batch["train"](rng), dropout_seed)
+            while progress.iter_num < cfg.max_iters and not interrupted:
                 t0 = time.perf_counter()
-                lr = learning_rate(iter_num, cfg)
-                for group in optimizer.param_groups:  # each group's peak rate, scaled by the schedule
-                    group["lr"] = group["base_lr"] * lr / cfg.learning_rate
-                    if group.get("muon"):
-                        group["momentum"] = muon_momentum(iter_num, cfg)
-                loss_sum = torch.zeros((), device=device)
-                for i, m in enumerate(micro_steps):
-                    last = i == local_accum - 1
-                    seed_dropout(dropout_seed, device)
-                    # DDP averages gradients over ranks when the last micro-step's backward runs; the others
-                    # only accumulate locally (no_sync), so each optimizer step costs one all-reduce.
-                    with train_model.no_sync() if ddp and not last else nullcontext():
-                        with autocast:
-                            _, loss = train_model(x, y)
-                        # Fetch the next batch while the device works: the next micro-step, or the next iteration.
-                        rng, dropout_seed = (step_rngs(cfg.seed, iter_num, micro_steps[i + 1]) if not last
-                                             else step_rngs(cfg.seed, iter_num + 1, micro_steps[0]))
-                        x, y = get_batch["train"](rng)
-                        loss_sum += loss.detach()
-                        # Each rank sums local_accum losses and DDP averages over world_size ranks, so dividing by
-                        # local_accum here gives the mean over all accum micro-steps, whatever world_size is.
-                        scaler.scale(loss / local_accum).backward()
-                scaler.unscale_(optimizer)  # a no-op unless float16: clip and check the true gradient
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                lr = learning_rate(progress.iter_num, cfg)
+                loss_value, norm_value, stopping, updated, batch = train_step(
+                    cfg, run, train_model, optimizer, scaler, params, get_batch["train"], batch, progress.iter_num,
+                    stop)
+                if updated:
+                    skipped = 0
                 else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-
-                # The step's one host sync: the mean loss, the gradient norm (the same on every rank: the gradients
-                # were all-reduced) and whether any rank got a stop signal. Skipping a non-finite update and
-                # stopping must be decided the same way on every rank; reading three numbers once per optimizer step
-                # (not per micro-step) costs far less than a step, and float16's GradScaler syncs here anyway.
-                stats = torch.stack([loss_sum / local_accum, grad_norm.float(),
-                                     loss_sum.new_full((), float(stop.signum))])  # a fill kernel, no copy
-                if ddp:
-                    dist.all_reduce(stats)  # SUM: loss sums over ranks, norm * W, stop > 0 if any rank was signalled
-                    stats /= world_size
-                loss_value, norm_value, stop_value = stats.tolist()
-                stopping = stop_value > 0
-
-                # A non-finite loss always counts. A non-finite gradient with a finite loss is, in float16, an
-                # overflow that the GradScaler owns: scaler.step skips that update and scaler.update lowers the scale
-                # (it happens now and then while the scale settles), so it is not counted in max_skipped_steps.
-                nonfinite = not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(norm_value))
-                if nonfinite:
                     skipped += 1
-                    scaler.update()  # (float16) resets the scaler's per-step state and lowers the scale
-                    if master:
-                        tqdm.write(f"iter {iter_num + 1}: loss {loss_value}, gradient norm {norm_value}: update "
-                                   f"skipped ({skipped} in a row)")
+                    if run.master:
+                        tqdm.write(f"iter {progress.iter_num + 1}: loss {loss_value}, gradient norm {norm_value}: "
+                                   f"update skipped ({skipped} in a row)")
                     if skipped >= cfg.max_skipped_steps:
-                        latest = f"{find_checkpoint(out_dir)}" if has_checkpoint(out_dir) else "none was saved yet"
+                        latest = find_checkpoint(run.out_dir) if has_checkpoint(run.out_dir) else "none was saved yet"
                         raise SystemExit(
                             f"the loss or gradient was not finite for {skipped} steps in a row (iterations "
-                            f"{iter_num + 2 - skipped}-{iter_num + 1}): stopping without saving. The last good "
-                            f"checkpoint: {latest}. Resume it with --init_from=resume and a lower --learning_rate, "
-                            f"a --grad_clip, or --dtype=bfloat16/float32 if this ran in float16")
-                else:
-                    skipped = 0
-                    scaler.step(optimizer)  # optimizer.step() unless float16
-                    scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                iter_num += 1
+                            f"{progress.iter_num + 2 - skipped}-{progress.iter_num + 1}): stopping without saving. "
+                            f"The last good checkpoint: {latest}. Resume it with --init_from=resume and a lower "
+                            f"--learning_rate, a --grad_clip, or --dtype=bfloat16/float32 if this ran in float16")
+                progress.iter_num += 1
                 bar.update(1)
                 dt = time.perf_counter() - t0
                 window_time += dt
                 window_iters += 1
                 step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt  # ~the last 10 iterations
 
-                if iter_num % cfg.log_interval == 0 and master:
+                if progress.iter_num % cfg.log_interval == 0 and run.master:
                     tokens_per_sec = tokens_per_iter * window_iters / window_time
                     smooth = tokens_per_iter / step_time
-                    mfu = raw_model.estimate_mfu(smooth / world_size, peak_flops) if peak_flops else None
+                    mfu = raw_model.estimate_mfu(smooth / run.world_size, peak_flops) if peak_flops else None
                     shown = {"loss": f"{loss_value:.4f}", "tok/s": f"{smooth:,.0f}"}
                     if mfu is not None:
                         shown["mfu"] = f"{mfu:.1%}"
                     bar.set_postfix(shown, refresh=False)
                     if not terminal and time.perf_counter() - last_line >= PLAIN_LOG_EVERY:
                         last_line = time.perf_counter()
-                        print(f"iter {iter_num}/{cfg.max_iters} ({format_duration(elapsed())}): "
+                        print(f"iter {progress.iter_num}/{cfg.max_iters} ({format_duration(progress.elapsed())}): "
                               + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
                     record(train_loss=loss_value, lr=lr, tokens_per_sec=round(tokens_per_sec, 1),
                            mfu=None if mfu is None else round(mfu, 4))
-                if iter_num % cfg.log_interval == 0:
+                if progress.iter_num % cfg.log_interval == 0:
                     window_time, window_iters = 0.0, 0
 
                 # Evaluate before honouring a stop signal: the resumed run starts after this iteration, so it would
                 # never evaluate (nor choose `best`) here.
-                if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+                if progress.iter_num % cfg.eval_interval == 0 or progress.iter_num == cfg.max_iters:
                     losses = evaluate()
                     if losses is None:  # stopped during it: save below, without a val loss
                         interrupted = True
                         break
                     val_loss = losses["val"]
-                    if master:
+                    if run.master:
                         record(train_loss=losses["train"], val_loss=val_loss, train_bpb=losses["train_bpb"],
                                val_bpb=losses["val_bpb"], lr=lr)
                         folder, best = save(val_loss)
-                        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}"
-                                   f"{bpb_text(losses)}; saved {folder}{' (best)' if best else ''}")
-                    last_saved = iter_num
+                        tqdm.write(f"iter {progress.iter_num}: train loss {losses['train']:.4f}, val loss "
+                                   f"{val_loss:.4f}{bpb_text(losses)}; saved {folder}{' (best)' if best else ''}")
+                    last_saved = progress.iter_num
                 if stopping:
                     interrupted = True
                     break
         except torch.OutOfMemoryError:
             raise SystemExit(
-                f"out of memory on {device} with batch_size={cfg.batch_size}, block_size={block_size}: lower "
+                f"out of memory on {run.device} with batch_size={cfg.batch_size}, block_size={block_size}: lower "
                 f"--batch_size and raise --gradient_accumulation_steps to keep the tokens per step (e.g. "
-                f"--batch_size={max(1, cfg.batch_size // 2)} --gradient_accumulation_steps={accum * 2}), or train a "
-                f"smaller model. Nothing was saved by this run after its last checkpoint") from None
+                f"--batch_size={max(1, cfg.batch_size // 2)} "
+                f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps * 2}), or train a smaller model. "
+                f"Nothing was saved by this run after its last checkpoint") from None
         finally:
             if bar is not None:
                 bar.close()
 
         # -------------------------------------------------------------------------------------------- end
-        untrained = interrupted and iter_num == start_iter  # stopped in the first evaluation: nothing new to save
-        if master and last_saved != iter_num and not untrained:  # an interrupted run, or a fresh one with max_iters=0
+        untrained = interrupted and progress.iter_num == start_iter  # stopped in the first evaluation: nothing new
+        if run.master and last_saved != progress.iter_num and not untrained:  # interrupted, or max_iters=0
             folder, _ = save(None)
             print(f"saved {folder}")
-        if master and metrics_path.exists() and metrics_path.stat().st_size:
-            plot_losses(metrics_path, out_dir / "loss.png")
-        if ddp:
+        if run.master and metrics_path.exists() and metrics_path.stat().st_size:
+            plot_losses(metrics_path, run.out_dir / "loss.png")
+        if run.ddp:
             dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has written
-            dist.destroy_process_group()
     if interrupted:
         signum = stop.signum or signal.SIGTERM  # a rank that got no signal itself stops because another did
-        if master and untrained:
-            if writes and not resuming and not any(out_dir.iterdir()):
-                out_dir.rmdir()
+        if run.master and untrained:
+            if run.writes and not run.resuming and not any(run.out_dir.iterdir()):
+                run.out_dir.rmdir()
             print(f"stopped by {signal.Signals(signum).name} before the first iteration; nothing was saved")
-        elif master:
-            print(f"stopped by {signal.Signals(signum).name} at iteration {iter_num}; continue with:\n"
+        elif run.master:
+            print(f"stopped by {signal.Signals(signum).name} at iteration {progress.iter_num}; continue with:\n"
                   f"  {resume_command(argv)}")
         raise SystemExit(128 + signum)
-    if master and iter_num > start_iter:
-        print(summary(out_dir, iter_num - start_iter, time.perf_counter() - t_start, best_val_loss))
-    return {"iter_num": iter_num, "val_loss": val_loss, "best_val_loss": best_val_loss}
+    if run.master and progress.iter_num > start_iter:
+        print(summary(run.out_dir, progress.iter_num - start_iter, time.perf_counter() - progress.t_start,
+                      progress.best_val_loss))
+    return {"iter_num": progress.iter_num, "val_loss": val_loss, "best_val_loss": progress.best_val_loss}
+
+
+def start_metrics(path: Path, resuming: bool, iter_num: int) -> None:
+    """A fresh run starts a new metrics.jsonl; a resumed one keeps the lines up to its checkpoint, dropping those the
+    interrupted run wrote past it (their steps are done again) and any line that does not parse: the last one,
+    half-written when a kill -9 or a power cut stopped that run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if resuming and path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:  # a line that is not one of record()'s (its keys, numbers or null) is dropped too
+                row = json.loads(line)
+                old = METRICS_KEYS - {"train_bpb", "val_bpb"}  # the lines of runs from before bpb was logged
+                numbers = all(v is None or type(v) in (int, float) for v in row.values())
+                if old <= row.keys() <= METRICS_KEYS and numbers and type(row["iter"]) is int and \
+                        row["iter"] <= iter_num:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                pass
+    if kept:
+        with errors.writing(path):
+            path.write_text("".join(line + "\n" for line in kept))
+    else:  # the first record() makes it: a run stopped before that leaves no empty file
+        path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
