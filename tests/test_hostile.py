@@ -251,7 +251,9 @@ def test_ctrl_c_during_preparation_and_during_imports(prepared: Path, corpus: Pa
     proc = subprocess.Popen([sys.executable, "-c", HARNESS.format(repo=str(REPO), pre=slow),
                              str(REPO / "data/text/prepare.py"), "--input", str(corpus), "--out_dir", str(prepared)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"TQDM_DISABLE": "1"})
+                            env=os.environ | {"TQDM_DISABLE": "1"},
+                            # a shell's background job (`cmd &`) ignores SIGINT, and children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline() == "writing\n"
     proc.send_signal(signal.SIGINT)  # a real Ctrl-C, in the middle of writing the token files
     _, err = proc.communicate(timeout=60)
