@@ -124,9 +124,10 @@ def write_meta(out_dir: Path, meta: dict) -> Path:
 class Preparation:
     """One preparation of a dataset folder, as a transaction: the new token files are written into a hidden folder
     inside out_dir and moved into place only when all are complete, meta.json last. A failed, interrupted or killed
-    run leaves the previous preparation as it was (a kill during the final renames, a few milliseconds, leaves the
-    folder without meta.json: unprepared, never a mix). Every token file's header carries the id that meta.json
-    records, and load_split refuses a file with another id.
+    run leaves the previous preparation as it was: during the swap the old files wait in .old-prepare/, so a kill in
+    those milliseconds leaves the folder without meta.json (unprepared, never a mix) and the next run puts the old
+    preparation back before it starts. Every token file's header carries the id that meta.json records, and
+    load_split refuses a file with another id.
 
         with Preparation(out_dir) as prep:           # checks out_dir before anything is written
             with ShardWriter(prep.dir, "train", dtype) as w: ...
@@ -149,8 +150,27 @@ class Preparation:
             pid = old.name.removeprefix(".tmp-prepare-")
             if pid.isdigit() and (int(pid) == os.getpid() or not errors.pid_alive(int(pid))):
                 shutil.rmtree(old, ignore_errors=True)
+        self._restore()
         self.dir.mkdir()
         return self
+
+    def _restore(self) -> None:
+        """Put back the preparation that a swap killed half-way had moved into .old-prepare/."""
+        backup = self.out_dir / ".old-prepare"
+        if not backup.is_dir():
+            return
+        if not (self.out_dir / "meta.json").exists() and (backup / "meta.json").exists():
+            old_id = int(json.loads((backup / "meta.json").read_text()).get("preparation", "0"), 16)
+            for split in ("train", "val"):  # files already swapped in belong to the killed run: not the old id
+                single, shards = split_files(self.out_dir, split)
+                for path in ([single] if single else []) + shards:
+                    if int(np.fromfile(path, dtype="<i8", count=1, offset=5 * 4)[0]) != old_id:
+                        path.unlink()
+            for path in sorted(backup.glob("*.bin")):
+                os.replace(path, self.out_dir / path.name)
+            os.replace(backup / "meta.json", self.out_dir / "meta.json")
+            errors.fsync(self.out_dir)
+        shutil.rmtree(backup, ignore_errors=True)
 
     def commit(self, meta: dict) -> None:
         """Swap the files written into self.dir, and meta.json, into out_dir; adds the id to meta as "preparation"."""
@@ -170,17 +190,20 @@ class Preparation:
         write_meta(self.dir, meta)
         errors.fsync(self.dir / "meta.json")
         self._swapping = True
-        (self.out_dir / "meta.json").unlink(missing_ok=True)  # from here to the last rename: unprepared, never mixed
-        names = {p.name for p in new}
+        backup = self.out_dir / ".old-prepare"  # the old files wait here until the new ones are all in place
+        backup.mkdir()
+        if (self.out_dir / "meta.json").exists():  # meta.json first: from here to the last rename, unprepared
+            os.replace(self.out_dir / "meta.json", backup / "meta.json")
+            errors.fsync(self.out_dir)
         for split in ("train", "val"):
             single, shards = split_files(self.out_dir, split)
             for old in ([single] if single else []) + shards:
-                if old.name not in names:
-                    old.unlink()
+                os.replace(old, backup / old.name)
         for path in new:
             os.replace(path, self.out_dir / path.name)
         os.replace(self.dir / "meta.json", self.out_dir / "meta.json")
         errors.fsync(self.out_dir)
+        shutil.rmtree(backup)
         self._swapping = False
 
     def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
@@ -190,6 +213,10 @@ class Preparation:
         if self._made_out_dir:
             with contextlib.suppress(OSError):
                 self.out_dir.rmdir()  # only if still empty
+        if self._swapping:  # stopped half-way through the swap: put the old files back now
+            with contextlib.suppress(OSError):
+                self._restore()
+                self._swapping = False
         state = (f"{self.out_dir} holds no complete preparation now (stopped while swapping the files in): run "
                  f"again" if self._swapping else f"{self.out_dir} was left as it was")
         if kind is KeyboardInterrupt:

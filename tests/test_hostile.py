@@ -437,3 +437,27 @@ def test_messages_of_the_boundary() -> None:
     assert errors.message(ValueError("two\nlines")) == "two lines"
     assert errors.message(KeyboardInterrupt()) == "interrupted"
     assert errors.message(TypeError("a bug")) is None and errors.message(RuntimeError("a bug")) is None
+
+
+@pytest.mark.parametrize("moved", [0, 1, 2])
+def test_a_swap_killed_half_way_is_undone_by_the_next_run(prepared: Path, corpus: Path, tmp_path: Path,
+                                                          moved: int) -> None:
+    """kill -9 during the swap's renames: `moved` of the old files are in .old-prepare/ (the old meta.json is there
+    first), then, with all moved, one new file already in place. The next run restores the old preparation first;
+    one that then fails leaves exactly the old files."""
+    import prepare_data
+
+    before = snapshot(prepared)
+    backup = prepared / ".old-prepare"
+    backup.mkdir()
+    os.replace(prepared / "meta.json", backup / "meta.json")
+    old = sorted(p for p in prepared.glob("*.bin"))
+    for path in old[:moved]:
+        os.replace(path, backup / path.name)
+    if moved == len(old):  # a new train.bin from the killed run, with another preparation id
+        (prepared / old[0].name).write_bytes((backup / old[0].name).read_bytes()[:20] + b"\x07" * 8 +
+                                             (backup / old[0].name).read_bytes()[28:])
+    with pytest.raises(ValueError):  # a run that fails after its checks: the old preparation is back, unchanged
+        with prepare_data.Preparation(prepared):
+            raise ValueError("a failing run")
+    assert snapshot(prepared) == before and not backup.exists()
