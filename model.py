@@ -12,6 +12,7 @@ untied head, a logit softcap, zero-initialised projections) are nanochat's and m
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -186,10 +187,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     same relative-position property; this one exports without permuting weights.
     """
     x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q and k are bf16: keep them so (flash needs it)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
-@torch.compiler.assume_constant_result  # decided once while torch.compile traces, not on every call
+@torch.compiler.assume_constant_result  # a constant to torch.compile's trace
+@functools.cache  # and asked once per GPU and head size in eager mode
 def flash_supported(device_index: int, head_dim: int) -> bool:
     """Whether SDPA's flash kernel can run on this GPU for this head size: Ampere/Hopper, head_dim a multiple of 8,
     at most 256 on sm80/sm90 and 192 on sm86/sm89 (whose backward lacks the shared memory). Warns once otherwise."""
@@ -315,9 +318,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the likelier tokens before it already reach top_p; the top token always stays.
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

@@ -1,6 +1,6 @@
 """Train a GPT from scratch, resume a run, or fine-tune GPT-2: on a laptop CPU, one GPU, or many GPUs with torchrun.
 
-    python train.py configs/shakespeare_char_cpu.toml                          # a CPU, 80-100 s on 2 idle cores
+    python train.py configs/shakespeare_char_cpu.toml                          # a CPU, about 60 s on 2 idle cores
     python train.py configs/shakespeare_char.toml                              # one GPU
     python train.py configs/shakespeare_char.toml --init_from=resume           # continue the run in out_dir
     torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.toml   # eight GPUs on one machine
@@ -528,7 +528,7 @@ def setup(cfg: TrainConfig) -> Run:
     if ddp:  # from here on, main's `finally` leaves the process group
         backend = cfg.backend if cfg.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-        if device.type == "cpu" and cfg.threads is None:  # processes on one machine share its cores
+        if device.type == "cpu" and cfg.threads is None and "OMP_NUM_THREADS" not in os.environ:  # share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     enable_tf32()
     if rank == 0:
@@ -566,6 +566,8 @@ def build_model(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict | Non
     state = None
     if run.resuming:
         model, state = load_resumed(cfg, run, data)
+        if cfg.threads is None and "OMP_NUM_THREADS" not in os.environ and state.get("threads"):
+            set_threads(state["threads"])  # the run's own thread count: CPU sums, so the weights, depend on it
     elif cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
         model = GPT(cfg.gpt_config(padded_vocab_size(data.tokenizer.vocab_size, char=data.tokenizer.kind == "char")))
@@ -652,8 +654,7 @@ def load_resumed(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict]:
 
 def restore(cfg: TrainConfig, run: Run, state: dict, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler) -> Progress:
-    """Set the optimizer, the gradient scaler, the thread count, the counters and the RNGs back to a checkpoint's
-    state.pt."""
+    """Set the optimizer, the gradient scaler, the counters and the RNGs back to a checkpoint's state.pt."""
     # load_state_dict also restores the saved hyperparameters; this run's settings win (lr is set every step).
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
@@ -661,8 +662,6 @@ def restore(cfg: TrainConfig, run: Run, state: dict, optimizer: torch.optim.Opti
         group.update(own)
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if cfg.threads is None and "OMP_NUM_THREADS" not in os.environ and state.get("threads"):
-        set_threads(state["threads"])  # the run's own thread count: CPU sums, so the weights, depend on it
     # Nothing draws from these generators (data and dropout are seeded per micro-step), but a change that does will
     # then resume exactly too.
     torch.set_rng_state(state["rng"]["torch"])

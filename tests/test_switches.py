@@ -577,3 +577,13 @@ def test_muon_adamw_part_equals_torch_adamw():
         ref.step()
     torch.testing.assert_close(a, a2, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(b, b2, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_keeps_q_and_k_in_the_autocast_dtype():
+    """fp32 rotation tables must not lift bf16 q and k back to fp32 (SDPA's flash kernel needs q, k, v in bf16)."""
+    model = switch_model("all")
+    x = torch.randn(2, 8, TINY["n_embd"])
+    cos, sin = model.rope_cos[:8], model.rope_sin[:8]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = model.transformer.h[0].attn.qkv(x, (cos, sin))
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16

@@ -720,7 +720,7 @@ def test_run_ends_with_a_summary_and_plain_progress_lines_in_a_log(char_data: Pa
                                                                                      "iter 30/40", "iter 40/40"]
     best = min(r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
                if r["val_loss"] is not None and r["iter"] > 0)
-    assert f"done: 40 iterations in " in out and f"best val loss {best:.4f}" in out
+    assert "done: 40 iterations in " in out and f"best val loss {best:.4f}" in out
     assert f"python sample.py --out_dir={tmp_path}" in out
 
 
