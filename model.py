@@ -501,8 +501,9 @@ class GPT(nn.Module):
             if cache.pos < block_size:
                 logits = feed(next_token)
             else:  # context full: recompute the window of the last block_size tokens from position 0
+                tokens = [torch.cat(tokens, dim=1)[:, -block_size:]]  # only the window is ever needed again
                 cache.reset()
-                logits = feed(torch.cat(tokens, dim=1)[:, -block_size:])
+                logits = feed(tokens[0])
 
     # ------------------------------------------------------------------ optimizer and FLOPs
 

@@ -675,12 +675,11 @@ def restore(cfg: TrainConfig, run: Run, state: dict, optimizer: torch.optim.Opti
 
 def train_step(cfg: TrainConfig, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter], get_batch: Callable, batch: tuple,
-               iter_num: int, stop: StopSignal) -> tuple[float, float, bool, bool, tuple]:
+               iter_num: int, lr: float, stop: StopSignal) -> tuple[float, float, bool, bool, tuple]:
     """One optimizer step over gradient_accumulation_steps micro-batches (this process's share of them), starting
     from the prefetched `batch` (x, y, dropout seed). Returns the mean loss, the gradient norm, whether any rank was
     asked to stop, whether the update was applied (a non-finite loss or gradient skips it on every rank), and the
-    next iteration's first batch."""
-    lr = learning_rate(iter_num, cfg)
+    next iteration's first batch. lr: learning_rate(iter_num, cfg), which the loop also logs."""
     for group in optimizer.param_groups:  # each group's peak rate, scaled by the schedule
         group["lr"] = group["base_lr"] * lr / cfg.learning_rate
         if group.get("muon"):
@@ -875,7 +874,7 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
                 lr = learning_rate(progress.iter_num, cfg)
                 loss_value, norm_value, stopping, updated, batch = train_step(
                     cfg, run, train_model, optimizer, scaler, params, get_batch["train"], batch, progress.iter_num,
-                    stop)
+                    lr, stop)
                 if updated:
                     skipped = 0
                 else:
