@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from config import (autocast_context, enable_tf32, format_config, load_toml, parse_config, resolve_device, resolve_dtype,
                     set_threads, synchronize)
+from hf import hf_state_dict
 from model import GPT, MODEL_FIELDS, GPTConfig, device_peak_flops, padded_vocab_size, sample_next
 from tokens import load_meta, resolve_dataset
 
@@ -285,7 +286,7 @@ def _transformers_decoder(model: GPT, prompt: torch.Tensor, n: int) -> Callable[
     hf_config = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                         n_layer=c.n_layer, n_head=c.n_head)
     hf = transformers.GPT2LMHeadModel(hf_config).to(device=prompt.device, dtype=model.lm_head.weight.dtype).eval()
-    weights = {"transformer." + k: v for k, v in model.hf_state_dict().items()}
+    weights = {"transformer." + k: v for k, v in hf_state_dict(model).items()}
     missing, unexpected = hf.load_state_dict(weights, strict=False)  # the head is tied to wte, so not in weights
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     mask = torch.ones_like(prompt)

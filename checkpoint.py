@@ -6,12 +6,12 @@
     save_checkpoint(out_dir, raw_model, extra_config, state, iter_num=80, is_best=True)
 
 The layout of an out_dir (every folder of a GPT-2 model also loads with transformers.GPT2LMHeadModel, of a
-nanochat-like model with transformers.NanoChatForCausalLM: see GPT.hf_format):
+nanochat-like model with transformers.NanoChatForCausalLM: see hf.hf_format):
 
     out_dir/
       ckpt_000080/            one complete checkpoint, named by iteration
-        model.safetensors     GPT.hf_state_dict(): Hugging Face's layout (GPT-2 or NanoChat), a tied head left out
-        config.json           GPT.hf_config() + "tokenizer" + "train" + "iter_num" + "val_loss" + ...
+        model.safetensors     hf.hf_state_dict(): Hugging Face's layout (GPT-2 or NanoChat), a tied head left out
+        config.json           hf.hf_config() + "tokenizer" + "train" + "iter_num" + "val_loss" + ...
         state.pt              optimizer, iteration, RNG states...: plain tensors/containers, read with weights_only=True
       latest -> ckpt_000080   symlinks, each replaced in one atomic step
       best -> ckpt_000060
@@ -43,7 +43,8 @@ import safetensors.torch
 import torch
 
 import errors
-from model import GPT, GPTConfig, config_from_hf
+from hf import config_from_hf, hf_config, hf_state_dict, load_hf_state_dict
+from model import GPT, GPTConfig
 from tokens import Tokenizer
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2s, openai-community/* on the hub
@@ -212,7 +213,7 @@ def _load_weights(folder: Path, config: GPTConfig) -> GPT:
     except Exception as e:  # safetensors raises its own error types for truncated or corrupted files
         raise ValueError(f"{path} could not be read ({e}); the file is damaged: download or save it again") from None
     model = GPT(config)
-    model.load_hf_state_dict(weights, source=str(path))
+    load_hf_state_dict(model, weights, source=str(path))
     return model
 
 
@@ -279,7 +280,7 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
 
     model: the plain GPT; unwrap it first (`ddp_model.module`, `compiled_model._orig_mod`) so that no wrapper prefix
         reaches the file.
-    extra_config: merged into config.json next to GPT.hf_config(): "tokenizer" (Tokenizer.to_meta()), "train" (the
+    extra_config: merged into config.json next to hf.hf_config(): "tokenizer" (Tokenizer.to_meta()), "train" (the
         resolved training config), "val_loss", ... iter_num is added.
     state: saved as state.pt; only tensors, numbers, strings, None, lists, tuples and dicts, which is what
         torch.load(weights_only=True) reads back (checked here, not hours later on resume: turn numpy RNG states
@@ -289,12 +290,12 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
     assert isinstance(model, GPT), f"pass the unwrapped GPT (ddp_model.module, compiled._orig_mod), not {type(model)}"
     if "tokenizer" not in extra_config:  # loading would fall back to GPT-2 BPE and misread a char model's ids
         raise ValueError("extra_config needs \"tokenizer\": tokenizer.to_meta(), so that the checkpoint decodes")
-    hf_config = model.hf_config(eot_token=Tokenizer.from_meta(extra_config["tokenizer"]).eot_token)
-    clash = hf_config.keys() & extra_config.keys()
+    hf = hf_config(model.config, eot_token=Tokenizer.from_meta(extra_config["tokenizer"]).eot_token)
+    clash = hf.keys() & extra_config.keys()
     assert not clash, f"extra_config must not override the model's config.json keys {sorted(clash)}"
     _check_plain(state, "state")
-    config_text = json.dumps(hf_config | extra_config | {"iter_num": iter_num}, indent=2)  # TypeError now, not later
-    weights = model.hf_state_dict()
+    config_text = json.dumps(hf | extra_config | {"iter_num": iter_num}, indent=2)  # TypeError now, not later
+    weights = hf_state_dict(model)
 
     out_dir, name = Path(out_dir), f"ckpt_{iter_num:06d}"
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"

@@ -1,13 +1,9 @@
-"""A decoder-only GPT in one file: GPT-2's architecture and names, the modern recipe as switches, a KV cache,
-generation, and the mapping to Hugging Face's GPT-2 and NanoChat formats (checkpoint.py reads and writes the files).
+"""A decoder-only GPT in one file: GPT-2's architecture and names, the modern recipe as switches, a KV cache and
+generation. GPTConfig's defaults are GPT-2 exactly; docs/recipe.md explains the switches, hf.py the export.
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65))
-    model = checkpoint.from_pretrained("gpt2")          # or a local Hugging Face GPT-2 / NanoChat folder
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
-
-GPTConfig's defaults are GPT-2 (Radford et al. 2019) exactly; the switches (RoPE, RMSNorm, QK-norm, ReLU², GQA, an
-untied head, a logit softcap, zero-initialised projections) are nanochat's and modded-nanogpt's, see docs/recipe.md.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -25,6 +21,8 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from muon import Muon
+
+CHOICES = {"pos_embedding": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2")}
 
 
 @dataclass
@@ -47,6 +45,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix (GPT-2); False: its own weight
     logit_softcap: float | None = None  # cap * tanh(logits / cap) on the output logits; None: no cap
     zero_init: bool = False  # output projections (and an untied head) start at zero instead of GPT-2's N(0, 0.02)
+    window: int | None = None  # sliding-window attention: each token sees itself and the window - 1 before; None: all
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -59,8 +58,7 @@ class GPTConfig:
                              f"a divisor of n_embd (e.g. n_head={near}), or n_embd to a multiple of n_head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name, allowed in (("pos_embedding", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "relu2"))):
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.pos_embedding == "rope" and (self.head_dim % 2 or self.rope_theta <= 0):
@@ -70,6 +68,8 @@ class GPTConfig:
                              f"serves n_head / n_kv_head query heads")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ValueError(f"logit_softcap must be positive (nanochat uses 15) or unset, got {self.logit_softcap}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be at least 1 (1: each token sees only itself) or unset, got {self.window}")
 
     @property
     def head_dim(self) -> int:
@@ -83,156 +83,12 @@ class GPTConfig:
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # set by a config; vocab: the data's
 
 
-def padded_vocab_size(vocab_size: int, char: bool) -> int:
-    """The model's vocabulary for a tokenizer of vocab_size tokens, the one rule train.py and bench.py share: a BPE
-    vocabulary rounds up to a multiple of 64 (GPT-2's 50257 to 50304: faster embedding and head matmuls, as
-    nanoGPT; the extra logits learn to be never predicted); a char vocabulary stays exact."""
-    return vocab_size if char else -(-vocab_size // 64) * 64
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated for `max_len` positions.
-
-    The caller creates it, passes it to `GPT.forward`, and resets it; nothing about it lives on the modules. Each
-    layer writes its new keys/values at `pos`; the model advances `pos` once all layers have run.
-    static=True is the fixed-shape mode for CUDA graphs (torch.compile(mode="reduce-overhead"), sample.py's
-    --compile): the positions come in as a tensor, attention reads the whole buffer under a mask, and the caller
-    advances `pos`, so that nothing depends on a Python int (the gpt-fast recipe).
-    """
-
-    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False) -> None:
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        # Dynamic: uninitialised, only filled positions are read. Static: zeros, because masked positions are still
-        # multiplied (by a weight of 0), and 0 * NaN from uninitialised memory would be NaN.
-        new = torch.zeros if static else torch.empty
-        self.k = new(shape, device=device, dtype=dtype)  # (L, B, n_kv_head, max_len, head_dim)
-        self.v = new(shape, device=device, dtype=dtype)  # (L, B, n_kv_head, max_len, head_dim)
-        if static:
-            torch._dynamo.mark_static_address(self.k)  # lets a CUDA graph update the cache in place
-            torch._dynamo.mark_static_address(self.v)
-        self.max_len, self.batch_size, self.static = max_len, batch_size, static
-        self.pos = 0  # number of positions filled
-
-    @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
-        """A cache shaped for `model`, on its device and in its dtype, holding up to block_size positions."""
-        c = model.config
-        p = model.transformer.wte.weight
-        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, p.device, p.dtype, static)
-
-    def reset(self) -> None:
-        self.pos = 0  # stale entries past pos are never read (or are masked), so no need to zero them
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-               input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store this layer's new keys/values (B, n_kv_head, T, head_dim) at input_pos (T,); return the keys and
-        values to attend to and their mask (None: the queries are the last T positions, see attend)."""
-        if self.static:
-            self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))  # .to: k is bf16 under autocast
-            self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
-            mask = torch.arange(self.max_len, device=k.device) <= input_pos[:, None]  # (T, max_len)
-            return self.k[layer], self.v[layer], mask
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} used, {k.size(2)} more asked. "
-                             f"Reset it, or create it with a larger max_len (at most block_size)")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], None  # (B, n_kv_head, end, head_dim)
-
-
-class Linear(nn.Module):
-    """y = x W + b, with W stored (in_features, out_features): nn.Linear's maths, GPT-2's storage.
-
-    OpenAI's checkpoints keep these weights in this layout (Hugging Face's "Conv1D"), so they load without
-    transposes; and a batch-1 decode step, bound by reading W, streams it ~15% faster on the CPU (docs/benchmarks.md).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.t(), self.bias)  # a transposed view: no copy, the BLAS reads W as stored
-
-
-class RMSNorm(nn.Module):
-    """RMS normalisation without a learned weight (nanochat found learned scales no better)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x)
-
-
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),), eps=1e-6)  # Hugging Face's NanoChat eps, so exports match exactly
-
-
-def make_norm(config: GPTConfig) -> nn.Module:
-    return nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
-
-
-def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (block_size, head_dim / 2) of the rotation angles position * theta^(-2i / head_dim)."""
-    inv_freq = config.rope_theta ** -(torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x[i], x[i + head_dim/2]) of x (B, H, T, head_dim) by each position's angles (T, head_dim/2).
-
-    The sign convention is nanochat's (and Hugging Face NanoChat's): rotating by -angle. Any fixed sign gives the
-    same relative-position property; this one exports without permuting weights.
-    """
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q and k are bf16: keep them so (flash needs it)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-
-@torch.compiler.assume_constant_result  # a constant to torch.compile's trace
-@functools.cache  # and asked once per GPU and head size in eager mode
-def flash_supported(device_index: int, head_dim: int) -> bool:
-    """Whether SDPA's flash kernel can run on this GPU for this head size: Ampere/Hopper, head_dim a multiple of 8,
-    at most 256 on sm80/sm90 and 192 on sm86/sm89 (whose backward lacks the shared memory). Warns once otherwise."""
-    major, minor = torch.cuda.get_device_capability(device_index)
-    limit = 256 if (major, minor) in ((8, 0), (9, 0)) else 192
-    ok = major in (8, 9) and head_dim % 8 == 0 and head_dim <= limit
-    if not ok:
-        warnings.warn(f"the flash attention kernel does not run on {torch.cuda.get_device_name(device_index)} "
-                      f"(compute capability {major}.{minor}) with head_dim {head_dim}: attention uses another, "
-                      f"slower SDPA kernel. On Ampere/Hopper GPUs, choose n_embd / n_head a multiple of 8, <= 192")
-    return ok
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention, the model's one SDPA call: q (B, n_head, Tq, hd), k and v (B, n_kv_head, Tk, hd).
-
-    Without a mask the Tq queries are the last Tq of the Tk positions. SDPA's is_causal aligns its mask top-left,
-    which is right only when Tq == Tk; a chunk after a cache needs the bottom-right mask built here, and a single
-    query sees every key. In bf16/fp16 on CUDA, an unmasked call is forced onto the flash kernel where it runs.
-    """
-    Tq, Tk = q.size(2), k.size(2)
-    if mask is None and Tq not in (1, Tk):
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-    causal = mask is None and Tq > 1
-    gqa = k.size(1) != q.size(1)
-    flash = (mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-             and flash_supported(q.device.index, q.size(-1)))
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else nullcontext():  # fail loudly, not slowly
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
-                                              enable_gqa=gqa)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer  # index into the KV cache
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.qk_norm = config.qk_norm
-        self.dropout = config.dropout
+        self.qk_norm, self.window, self.dropout = config.qk_norm, config.window, config.dropout
         # q, k, v for all heads in one matmul; with GQA, k and v have n_kv_head heads each
         self.c_attn = Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -251,18 +107,45 @@ class CausalSelfAttention(nn.Module):
             q, k = rms_norm(q), rms_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
+        return q.to(v.dtype), k.to(v.dtype), v  # CUDA autocast runs rms_norm in fp32 (torch >= 2.12): flash needs bf16
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.qkv(x, rope)
-        mask = None
         if kv_cache is not None:
-            k, v, mask = kv_cache.update(self.layer, k, v, input_pos)  # keys so far: (B, n_kv_head, Tk, head_dim)
+            k, v = kv_cache.update(self.layer, k, v, input_pos)  # every key so far: (B, n_kv_head, Tk, head_dim)
+        mask = None  # SDPA's causal mask, the fast path (flash on a GPU)
+        if self.window is not None or (kv_cache is not None and kv_cache.static):
+            q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)
+            mask = causal_mask(q_pos, q_pos if kv_cache is None else torch.arange(k.size(2), device=x.device),
+                               self.window)
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Which keys each query sees, True where it may: keys at or before its position, and fewer than `window` back.
+    The model's one mask (attend, the static cache, attention.py). Positions (Tq,), (Tk,) give (Tq, Tk); per-row
+    positions (B, Tq) give (B, Tq, Tk), for SDPA after .unsqueeze(1) (the heads)."""
+    back = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)  # (..., Tq, Tk): how far back each key is
+    return (back >= 0) if window is None else (back >= 0) & (back < window)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """The model's one SDPA call: q (B, n_head, Tq, hd), k and v (B, n_kv_head, Tk, hd); mask (Tq, Tk) from
+    causal_mask. Without one: causal, the Tq queries being the last Tq of the Tk positions."""
+    Tq, Tk = q.size(2), k.size(2)
+    if mask is None and Tq not in (1, Tk):  # SDPA's is_causal aligns top-left: wrong for a chunk after a cache
+        pos = torch.arange(Tk, device=q.device)
+        mask = causal_mask(pos[Tk - Tq:], pos)
+    flash = (mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+             and flash_supported(q.device.index, q.size(-1)))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else nullcontext():  # fail loudly, not slowly
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=mask is None and Tq > 1, enable_gqa=k.size(1) != q.size(1))
 
 
 class MLP(nn.Module):
@@ -294,39 +177,6 @@ class Block(nn.Module):
         return x
 
 
-# ---------------------------------------------------------------------- sampling (used by GPT.generate)
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError for sampling settings that make no sense."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token (B, 1) from last-position logits (B, vocab_size)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1): the k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the likelier tokens before it already reach top_p; the top token always stays.
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -352,13 +202,8 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """All initialisation, in one place.
-
-        GPT-2: Linear and Embedding weights ~ N(0, 0.02), biases zero, LayerNorms at identity; the projections that
-        write into the residual stream (attn.c_proj, mlp.c_proj) get std 0.02 / sqrt(2 * n_layer), so that the
-        stream's variance does not grow with depth (GPT-2 paper, sec. 2.3). zero_init (nanochat, modded-nanogpt):
-        those projections, and an untied head, start at zero, so every block starts as the identity.
-        """
+        """All initialisation, in one place: GPT-2's N(0, 0.02), the residual projections scaled by
+        1/sqrt(2 * n_layer) (GPT-2 paper, sec. 2.3); zero_init starts them (and an untied head) at zero instead."""
         if isinstance(module, (Linear, nn.Linear)):
             std = 0.02
             if module is self.lm_head and not self.config.tie_embeddings and self.config.zero_init:
@@ -390,12 +235,9 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) for token ids idx (B, T); the mean cross-entropy too when targets are given.
-
-        Targets of -1 are ignored. With a KV cache, idx continues the cached sequence: positions start at the
-        cache's length, and the cache is advanced by T. A static cache takes the positions input_pos (T,) instead,
-        and its caller advances it.
-        """
+        """Logits (B, T, vocab_size) for token ids idx (B, T), and the mean cross-entropy (-1 ignored) of targets.
+        With a KV cache, idx continues the cached sequence and the cache advances by T; a static cache takes the
+        positions input_pos (T,) instead, and its caller advances it."""
         B, T = idx.size()
         if input_pos is None:
             start = kv_cache.pos if kv_cache is not None else 0
@@ -432,14 +274,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
-
-        The prompt is prefilled once into a KV cache, then each step feeds one token. temperature=0 is greedy;
-        top_k keeps the k likeliest tokens, top_p the smallest set whose probability reaches p (nucleus sampling);
-        a torch.Generator makes sampling reproducible. Past block_size the context is cropped to the last
-        block_size tokens, which restart at position 0, as nanoGPT does: the cache cannot shift positions, so
-        from then on each step recomputes the window (as slow as nanoGPT there, and giving exactly its tokens).
-        """
+        """Continue each row of idx (B, T) by max_new_tokens tokens: (B, T + max_new_tokens). temperature=0 is
+        greedy; top_k and top_p (nucleus) narrow the choice. Past block_size the context is the last block_size
+        tokens from position 0, recomputed each step, exactly as nanoGPT (a cache cannot shift positions)."""
         new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
         return torch.cat([idx, *new], dim=1)
 
@@ -448,13 +285,10 @@ class GPT(nn.Module):
                         generator: torch.Generator | None = None,
                         decode_step: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] | None = None,
                         cache: KVCache | None = None) -> Iterator[torch.Tensor]:
-        """generate(), one step at a time: yields each new token (B, 1) as soon as it is sampled.
-
-        decode_step (sample.py's --compile: a torch.compile of forward_static) runs each one-token step on a static
-        cache; prefill and the recompute past block_size stay eager. In bf16/fp16 its masked attention rounds
-        differently and may pick another token where two nearly tie. A cache passed in is reset and reused (a
-        static one keeps its addresses, sparing a new CUDA graph). Arguments are checked before the first token.
-        """
+        """generate(), yielding each new token (B, 1) as it is sampled; arguments are checked at the call.
+        decode_step (sample.py's --compile: forward_static compiled) runs the one-token steps on a static cache;
+        in bf16 its masked attention may pick another token where two nearly tie. A cache passed in is reset and
+        reused (a static one keeps its addresses, sparing a new CUDA graph)."""
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -510,19 +344,18 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
                              device_type: str, optimizer: str = "adamw", muon_lr: float = 0.02,
                              muon_momentum: float = 0.95, muon_weight_decay: float = 0.0) -> torch.optim.Optimizer:
-        """AdamW for every weight (decay on 2-D weights only, never on biases or norms); or, with
-        optimizer="muon", Muon for the matrices inside the blocks and AdamW for the embeddings, head, biases and
-        norms. Each group keeps its peak rate as "base_lr"; train.py scales every group by the schedule."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = []
-        if optimizer == "muon":  # the matrices inside the blocks, one group each kind
-            h = self.transformer.h
-            for weights in ([b.attn.c_attn.weight for b in h], [b.attn.c_proj.weight for b in h],
-                            [b.mlp.c_fc.weight for b in h], [b.mlp.c_proj.weight for b in h]):
-                groups.append({"params": weights, "muon": True, "lr": muon_lr, "momentum": muon_momentum,
-                               "weight_decay": muon_weight_decay})
-        hidden = {id(p) for group in groups for p in group["params"]}
-        adam = [p for p in params if id(p) not in hidden]
+        """AdamW for every weight (decay on 2-D weights only); or, with optimizer="muon", Muon for every matrix
+        inside the blocks, one group per shape (nanochat), and AdamW for the rest (embeddings, head, biases, norms).
+        Each group keeps its peak rate as "base_lr"; train.py scales every group by the schedule."""
+        by_shape: dict[torch.Size, list[nn.Parameter]] = {}
+        if optimizer == "muon":
+            for p in self.transformer.h.parameters():
+                if p.requires_grad and p.dim() == 2:
+                    by_shape.setdefault(p.shape, []).append(p)
+        groups = [{"params": ps, "muon": True, "lr": muon_lr, "momentum": muon_momentum,
+                   "weight_decay": muon_weight_decay} for ps in by_shape.values()]
+        hidden = {id(p) for ps in by_shape.values() for p in ps}
+        adam = [p for p in self.parameters() if p.requires_grad and id(p) not in hidden]
         groups += [
             {"params": [p for p in adam if p.dim() >= 2], "weight_decay": weight_decay, "lr": learning_rate},
             {"params": [p for p in adam if p.dim() < 2], "weight_decay": 0.0, "lr": learning_rate},
@@ -534,97 +367,139 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs (forward + backward) per token: 6 per parameter plus the attention scores.
-
-        From the PaLM paper (Chowdhery et al. 2022, appendix B): 6N + 12 * n_layer * n_head * head_dim * T.
-        """
+        """Training FLOPs (forward + backward) per token, PaLM's 6N + 12 * n_layer * n_head * head_dim * T (Chowdhery
+        et al. 2022, app. B), T being the keys a query attends: at most window (nanochat's count)."""
         c = self.config
-        T = seq_len or c.block_size
+        T = min(seq_len or c.block_size, c.window or c.block_size)
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
 
     def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, seq_len: int | None = None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (see device_peak_flops)."""
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
-    # ------------------------------------------------------------------ Hugging Face import and export
 
-    def hf_format(self) -> str:
-        """The transformers architecture this model is exactly: "gpt2", "nanochat", or "smallgpt" (none)."""
-        c, d = self.config, GPTConfig()
-        if all(getattr(c, f) == getattr(d, f) for f in _SWITCHES if f != "zero_init") and c.kv_heads == c.n_head:
-            return "gpt2"
-        if (c.pos_embedding, c.norm, c.embed_norm, c.qk_norm, c.mlp, c.bias, c.tie_embeddings) == (
-                "rope", "rmsnorm", True, True, "relu2", False, False):
-            return "nanochat"
-        return "smallgpt"
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated for `max_len` positions; the caller
+    creates, passes and resets it (nothing lives on the modules). static=True is the fixed-shape mode for CUDA graphs
+    (sample.py's --compile, the gpt-fast recipe): positions come in as a tensor, attention reads the whole buffer
+    under a mask, and the caller advances `pos`."""
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights as hf_format() names them (GPT-2: `wte.weight`, `h.0.attn.c_attn.weight`, ..., the tied head
-        left out), as copies in host memory, ready for safetensors."""
-        ours = {k.removeprefix("transformer."): t.detach().to("cpu", copy=True) for k, t in self.state_dict().items()
-                if not (k == "lm_head.weight" and self.config.tie_embeddings)}
-        return _to_nanochat(ours, self.config) if self.hf_format() == "nanochat" else ours
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False) -> None:
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        # static: zeros, since masked positions are still multiplied (by 0), and 0 * NaN from empty memory is NaN
+        new = torch.zeros if static else torch.empty
+        self.k = new(shape, device=device, dtype=dtype)  # (L, B, n_kv_head, max_len, head_dim)
+        self.v = new(shape, device=device, dtype=dtype)  # (L, B, n_kv_head, max_len, head_dim)
+        if static:
+            import torch._dynamo as dynamo  # here, not at the top: it adds ~1.4 s to every script's start-up
 
-    def hf_config(self, eot_token: int | None = None) -> dict:
-        """config.json for hf_format(), plus every GPTConfig field under "smallgpt". A model no transformers class
-        implements gets model_type "smallgpt", which transformers refuses rather than loads with other maths.
-        eot_token: the tokenizer's end-of-text id, written as bos/eos (None for a char vocabulary, which has none;
-        left out, transformers would assume GPT-2's 50256)."""
-        c, fmt = self.config, self.hf_format()
-        own = {"bos_token_id": eot_token, "eos_token_id": eot_token, "smallgpt": asdict(c)}
-        if fmt == "nanochat":
-            return {"model_type": "nanochat", "architectures": ["NanoChatForCausalLM"], "vocab_size": c.vocab_size,
-                    "hidden_size": c.n_embd, "intermediate_size": 4 * c.n_embd, "num_hidden_layers": c.n_layer,
-                    "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads,
-                    "max_position_embeddings": c.block_size, "hidden_act": "relu2", "rms_norm_eps": 1e-6,
-                    "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-                    "final_logit_softcapping": c.logit_softcap, "attention_bias": False,
-                    "attention_dropout": c.dropout, "tie_word_embeddings": False, "pad_token_id": None} | own
-        sizes = {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd,
-                 "n_layer": c.n_layer, "n_head": c.n_head}
-        if fmt == "smallgpt":
-            return {"model_type": "smallgpt", "architectures": ["smallgpt.GPT"]} | sizes | own
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]} | sizes | {
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
-            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout} | own
+            dynamo.mark_static_address(self.k)  # lets a CUDA graph update the cache in place
+            dynamo.mark_static_address(self.v)
+        self.max_len, self.batch_size, self.static = max_len, batch_size, static
+        self.pos = 0  # number of positions filled
 
-    def load_hf_state_dict(self, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
-        """Copy weights as hf_state_dict() names them (GPT-2's layout with or without the `transformer.` prefix, or
-        NanoChat's) into the model; refuse missing, unexpected, misshapen and non-finite ones, naming `source`."""
-        if self.hf_format() == "nanochat":
-            weights = _from_nanochat(weights, self.config)
-        ours = self.state_dict()
-        tied = self.config.tie_embeddings
-        expected = {k.removeprefix("transformer.") for k in ours if not (tied and k == "lm_head.weight")}
-        found = {}
-        for key, tensor in weights.items():
-            name = key.removeprefix("transformer.")
-            if name.endswith((".attn.bias", ".attn.masked_bias")) or (tied and name == "lm_head.weight"):
-                continue  # HF's causal-mask buffers, and a head that is tied to wte anyway
-            found[name] = tensor
-        missing, unexpected = expected - found.keys(), found.keys() - expected
-        if missing or unexpected:
-            raise ValueError(f"{source} does not match the model in config.json: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-        with torch.no_grad():
-            for name, tensor in found.items():
-                target = ours[name if name in ours else "transformer." + name]
-                if tensor.shape != target.shape:
-                    raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config asks for "
-                                     f"{tuple(target.shape)}")
-                # aminmax: one pass, no temporary the size of the weights (NaN propagates, inf shows); 12x faster
-                # than isfinite().all() on the CPU. float8 has no aminmax kernel.
-                if not tensor.is_floating_point() or not all(x.isfinite() for x in torch.aminmax(
-                        tensor if tensor.element_size() > 1 else tensor.float())):
-                    what = f"holds {tensor.dtype} values" if not tensor.is_floating_point() else "holds NaN or Inf"
-                    raise ValueError(f"{source}: {name} {what}: weights must be finite floating-point numbers; "
-                                     f"use another checkpoint")
-                target.copy_(tensor)
+    @classmethod
+    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+        """A cache shaped for `model`, on its device and in its dtype, holding up to block_size positions."""
+        c = model.config
+        p = model.transformer.wte.weight
+        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, p.device, p.dtype, static)
+
+    def reset(self) -> None:
+        self.pos = 0  # stale entries past pos are never read (or are masked), so no need to zero them
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, n_kv_head, T, head_dim) at input_pos (T,); return every key and
+        value to attend to (a static cache: the whole buffer, its positions 0..max_len-1)."""
+        if self.static:
+            self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))  # .to: k is bf16 under autocast
+            self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
+            return self.k[layer], self.v[layer]
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} used, {k.size(2)} more asked. "
+                             f"Reset it, or create it with a larger max_len (at most block_size)")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
+
+
+# ---------------------------------------------------------------------- layers and helpers
+
+
+class Linear(nn.Module):
+    """y = x W + b with W stored (in, out): nn.Linear's maths in GPT-2's layout (OpenAI's checkpoints load without
+    transposes, and a batch-1 decode step streams W ~15% faster on the CPU: docs/benchmarks.md)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.t(), self.bias)  # a transposed view: no copy, the BLAS reads W as stored
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation without a learned weight (nanochat found learned scales no better)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),), eps=1e-6)  # Hugging Face's NanoChat eps, so exports match exactly
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    return nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
+
+
+def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (block_size, head_dim / 2) of the rotation angles position * theta^(-2i / head_dim)."""
+    inv_freq = config.rope_theta ** -(torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[i], x[i + head_dim/2]) of x (B, H, T, head_dim) by each position's angles (T, head_dim/2),
+    by -angle as nanochat (and Hugging Face NanoChat), so that exports need no permuted weights."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q and k are bf16: keep them so (flash needs it)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+@functools.cache  # asked once per GPU and head size in eager mode
+def flash_supported(device_index: int, head_dim: int) -> bool:
+    """Whether SDPA's flash kernel runs on this GPU for this head size (PyTorch's sdp_utils: sm80 or newer, head_dim
+    a multiple of 8, at most 256, or 192 on sm86/sm89 whose backward lacks the shared memory). Warns once if not."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    limit = 192 if (major, minor) in ((8, 6), (8, 9)) else 256
+    if major >= 8 and head_dim % 8 == 0 and head_dim <= limit:
+        return True
+    warnings.warn(f"the flash attention kernel does not run on {torch.cuda.get_device_name(device_index)} "
+                  f"(compute capability {major}.{minor}) with head_dim {head_dim}: attention uses another, slower "
+                  f"SDPA kernel. Flash needs compute capability 8.0 or newer and n_embd / n_head a multiple of 8, "
+                  f"at most {limit} here")
+    return False
+
+
+# torch.compiler.assume_constant_result's mark (a constant to torch.compile's trace), set without importing
+# torch._dynamo at start-up; tests/test_model.py checks that the mark is still what torch sets.
+flash_supported._dynamo_marked_constant = True
+
+
+def padded_vocab_size(vocab_size: int, char: bool) -> int:
+    """The model's vocabulary for a tokenizer's: BPE rounds up to a multiple of 64 (GPT-2's 50257 to 50304: faster
+    matmuls, as nanoGPT; the extra logits learn to be never predicted), a char vocabulary stays exact."""
+    return vocab_size if char else -(-vocab_size // 64) * 64
 
 
 def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 tensor-core peak FLOP/s of known GPUs (NVIDIA's data sheets, SXM parts), for estimate_mfu; None
-    when unknown."""
+    """Dense bf16 tensor-core peak FLOP/s of known GPUs (NVIDIA's data sheets, SXM parts); None when unknown."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -635,104 +510,37 @@ def device_peak_flops(device: torch.device) -> float | None:
     return None
 
 
-_SWITCHES = ("pos_embedding", "norm", "embed_norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap", "zero_init")
-
-# config.json settings that change the maths, and the values of GPT-2 that this model implements.
-_GPT2_SETTINGS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
-                  "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
-                  "tie_word_embeddings": (True,)}
-_NANOCHAT_SETTINGS = {"hidden_act": ("relu2",), "attention_bias": (False,), "tie_word_embeddings": (False,),
-                      "rms_norm_eps": (1e-6,)}
+# ---------------------------------------------------------------------- sampling (GPT.generate, sample.py, serve.py)
 
 
-def config_from_hf(hf: dict, path: str, dropout: float | None) -> GPTConfig:
-    """GPTConfig from a config.json's contents (`path` names it in errors): GPT-2's or NanoChat's keys, overridden by
-    our own "smallgpt" entry where present (ours always write one); refuse settings this model does not implement
-    and values of the wrong type. The inverse of GPT.hf_config; checkpoint.py reads the file."""
-    hf = hf if isinstance(hf, dict) else {}
-    model_type = hf.get("model_type", "gpt2")
-    if model_type == "nanochat":
-        settings, keys = _NANOCHAT_SETTINGS, ("vocab_size", "hidden_size", "num_hidden_layers",
-                                              "num_attention_heads", "max_position_embeddings")
-    elif model_type in ("gpt2", "smallgpt"):
-        settings, keys = _GPT2_SETTINGS, ("vocab_size", "n_layer", "n_head", "n_embd")
-    else:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported: this GPT loads gpt2 and nanochat "
-                         f"folders, and the folders train.py writes")
-    own = hf.get("smallgpt", {})
-    if not isinstance(own, dict) or own.keys() - {f.name for f in fields(GPTConfig)}:
-        raise ValueError(f"{path}: its \"smallgpt\" entry has unknown keys: it was written by another version; "
-                         f"save the checkpoint again with this one")
-    block_size = hf.get("n_positions", hf.get("n_ctx"))  # older GPT-2 configs name the context n_ctx only
-    missing = [k for k in keys if k not in hf] + ["n_positions"] * (model_type != "nanochat" and block_size is None)
-    if missing and model_type != "smallgpt":
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a {model_type} config.json")
-    for key, allowed in settings.items():
-        if key in hf and hf[key] not in allowed:
-            raise ValueError(f"{path}: {key}={hf[key]!r} is not supported: this GPT implements {model_type}'s "
-                             f"{key}={allowed[0]!r}")
-    if model_type == "nanochat":
-        if hf.get("intermediate_size", 4 * hf["hidden_size"]) != 4 * hf["hidden_size"]:
-            raise ValueError(f"{path}: intermediate_size must be 4 * hidden_size, as in this GPT's MLP")
-        rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}  # older: at the top level
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{path}: rope_type {rope['rope_type']!r} is not supported: this GPT implements "
-                             f"RoPE's default type")
-        base = dict(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                    n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
-                    n_kv_head=hf.get("num_key_value_heads"), bias=False, pos_embedding="rope",
-                    rope_theta=rope.get("rope_theta", 10000.0), norm="rmsnorm", embed_norm=True, qk_norm=True,
-                    mlp="relu2", tie_embeddings=False, logit_softcap=hf.get("final_logit_softcapping", 15.0))
-    elif model_type == "gpt2":
-        base = dict(block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                    n_embd=hf["n_embd"])
-    else:
-        base = {}
-    kwargs = base | own | ({} if dropout is None else {"dropout": dropout})
-    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
-    for f in fields(GPTConfig):  # field types are strings here (from __future__ import annotations)
-        if f.name in kwargs and type(kwargs[f.name]) not in sum((kinds[t.strip()] for t in f.type.split("|")), ()):
-            raise ValueError(f"{path}: {f.name}={kwargs[f.name]!r} is not of type {f.type}")
-    try:
-        c = GPTConfig(**kwargs)
-    except TypeError as e:  # a required size missing from a "smallgpt" config
-        raise ValueError(f"{path}: {e}; save the checkpoint again") from None
-    except ValueError as e:  # GPTConfig's own checks (sizes, divisibility, switches)
-        raise ValueError(f"{path}: {e}") from None
-    return c
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError for sampling settings that make no sense."""
+    if not 0 <= temperature < math.inf:  # also NaN
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
 
 
-def _nanochat_names(config: GPTConfig) -> list[tuple[str, str]]:
-    """(our name, NanoChat's name) of every weight but c_attn, which NanoChat splits into q_proj, k_proj, v_proj."""
-    names = [("wte.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")]
-    for i in range(config.n_layer):
-        names += [(f"h.{i}.attn.c_proj.weight", f"model.layers.{i}.self_attn.o_proj.weight"),
-                  (f"h.{i}.mlp.c_fc.weight", f"model.layers.{i}.mlp.fc1.weight"),
-                  (f"h.{i}.mlp.c_proj.weight", f"model.layers.{i}.mlp.fc2.weight")]
-    return names
-
-
-def _qkv_sizes(config: GPTConfig) -> list[int]:
-    return [config.n_head * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim]
-
-
-def _to_nanochat(ours: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Our weights under Hugging Face NanoChat's names; its nn.Linear stores (out, in), our Linear (in, out)."""
-    out = {theirs: ours[name] if name in ("wte.weight", "lm_head.weight") else ours[name].t().contiguous()
-           for name, theirs in _nanochat_names(config)}
-    for i in range(config.n_layer):
-        q, k, v = ours[f"h.{i}.attn.c_attn.weight"].split(_qkv_sizes(config), dim=1)
-        for part, tensor in zip("qkv", (q, k, v)):
-            out[f"model.layers.{i}.self_attn.{part}_proj.weight"] = tensor.t().contiguous()
-    return out
-
-
-def _from_nanochat(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """The inverse of _to_nanochat; a missing weight is left out, for load_hf_state_dict to name."""
-    out = {name: theirs[hf] if name in ("wte.weight", "lm_head.weight") else theirs[hf].t()
-           for name, hf in _nanochat_names(config) if hf in theirs}
-    for i in range(config.n_layer):
-        parts = [theirs.get(f"model.layers.{i}.self_attn.{p}_proj.weight") for p in "qkv"]
-        if all(t is not None for t in parts):
-            out[f"h.{i}.attn.c_attn.weight"] = torch.cat([t.t() for t in parts], dim=1)
-    return out
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token (B, 1) from last-position logits (B, vocab_size); the likeliest token is always a choice."""
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that fp32 would divide by 0: greedy
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0, the top 0: never inf or NaN
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the likelier tokens before it already reach top_p; the top token always stays (a top_p
+        # below fp32's smallest number would otherwise drop it too).
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted[:, 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

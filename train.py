@@ -105,6 +105,7 @@ class TrainConfig:
     tie_embeddings: bool = True  # the output head shares the token embeddings (GPT-2)
     logit_softcap: float | None = None  # cap * tanh(logits / cap) on the logits; none: no cap
     zero_init: bool = False  # output projections (and an untied head) start at zero
+    window: int | None = None  # sliding-window attention: each token sees itself and window - 1 before; none: all
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon: Muon (muon_*) for the matrices in the blocks, AdamW for the rest
     muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as it scales learning_rate)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import attention
 from attention import attention_maps, output_paths, report, save_grid, save_head, token_labels
 from conftest import CHARS, gpt2_bpe, tiny_model
+from hf import hf_config, hf_state_dict
 from model import GPT
 from tokens import Tokenizer
 
@@ -39,8 +40,8 @@ def ckpt_dir(tmp_path):
     model = sharp_model()
     folder = tmp_path / "out" / "ckpt_000010"
     folder.mkdir(parents=True)
-    save_file(model.hf_state_dict(), folder / "model.safetensors")
-    config = model.hf_config() | {"tokenizer": Tokenizer.char(CHARS).to_meta(), "iter_num": 10, "val_loss": 4.0}
+    save_file(hf_state_dict(model), folder / "model.safetensors")
+    config = hf_config(model.config) | {"tokenizer": Tokenizer.char(CHARS).to_meta(), "iter_num": 10, "val_loss": 4.0}
     (folder / "config.json").write_text(json.dumps(config))
     torch.save({"iter_num": 10}, folder / "state.pt")
     os.symlink("ckpt_000010", tmp_path / "out" / "latest")

@@ -23,6 +23,7 @@ import errors
 from checkpoint import (CheckpointError, check_tokenizer_matches, cleanup_partial, find_checkpoint, has_checkpoint,
                         load_model, load_state, save_checkpoint)
 from conftest import CHARS, TINY, assert_same_weights, gpt2_bpe, same_weights, tiny_model
+from hf import hf_config, hf_state_dict
 from model import GPT, GPTConfig
 from tokens import Tokenizer
 
@@ -64,7 +65,7 @@ def test_round_trip(tmp_path: Path) -> None:
         assert not loaded.training
         assert tokenizer == Tokenizer.char(CHARS)
         assert config["iter_num"] == 80 and config["val_loss"] == 1.5 and config["train"] == {"learning_rate": 1e-3}
-        assert config["smallgpt"] == json.loads(json.dumps(model.hf_config()["smallgpt"]))
+        assert config["smallgpt"] == json.loads(json.dumps(hf_config(model.config)["smallgpt"]))
         assert config["vocab_size"] == TINY["vocab_size"] and config["n_layer"] == 2
     assert find_checkpoint(tmp_path) == folder.resolve()
     assert load_model(tmp_path, dropout=0.25)[0].config.dropout == 0.25
@@ -99,8 +100,8 @@ def test_hub_names_are_not_paths(tmp_path: Path, fake_hub) -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257))  # GPT-2 BPE's size
     (tmp_path / "src").mkdir()
-    safetensors.torch.save_file(model.hf_state_dict(), tmp_path / "src" / "model.safetensors")
-    (tmp_path / "src" / "config.json").write_text(json.dumps(model.hf_config()))
+    safetensors.torch.save_file(hf_state_dict(model), tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(hf_config(model.config)))
     fake_hub.repos["openai-community/gpt2-medium"] = tmp_path / "src"
     loaded, tokenizer, config = load_model("gpt2-medium", dropout=0.1)
     assert [repo for repo, _ in fake_hub.calls] == ["openai-community/gpt2-medium"] * 2
@@ -361,7 +362,7 @@ def test_missing_paths_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no 'best' checkpoint"):
         find_checkpoint(tmp_path / "run", "best")
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(tiny_model(0).hf_config()))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config(tiny_model(0).config)))
     with pytest.raises(ValueError, match=f"{tmp_path / 'hf' / 'model.safetensors'} not found"):
         load_model(tmp_path / "hf")
     with pytest.raises(ValueError, match=f"{tmp_path / 'hf' / 'state.pt'} not found.*--init_from="):

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from checkpoint import from_pretrained
 from conftest import TINY, tiny_model
+from hf import hf_config, hf_state_dict
 from model import GPT, GPTConfig, KVCache, sample_next
 
 def generate_uncached(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -386,8 +387,8 @@ def test_hub_without_huggingface_hub_names_the_install_command(monkeypatch):
 def test_safetensors_round_trip_keeps_tied_weights(tmp_path):
     from safetensors.torch import save_file
     model = tiny_model(bias=False, dropout=0.1)
-    save_file(model.hf_state_dict(), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(model.hf_config()))
+    save_file(hf_state_dict(model), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model.config)))
     loaded = from_pretrained(tmp_path).eval()
     assert loaded.config == model.config
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
@@ -402,8 +403,8 @@ def test_exported_folder_loads_in_transformers(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    save_file(model.hf_state_dict(), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(model.hf_config()))
+    save_file(hf_state_dict(model), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model.config)))
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():

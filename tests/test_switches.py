@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from attention import attention_maps, explicit_attention
 from conftest import CHARS, TINY
 from checkpoint import from_pretrained, load_model, save_checkpoint
+from hf import hf_config, hf_format, hf_state_dict
 from model import GPT, GPTConfig, KVCache, apply_rope, attend, rms_norm
 from muon import Muon
 from test_model import generate_uncached
@@ -368,8 +369,8 @@ def test_softcap_bounds_the_logits(cap):
 def save_folder(model: GPT, folder) -> None:
     """What a Hugging Face folder holds: model.safetensors and config.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(model.hf_state_dict(), folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(model.hf_config()))
+    save_file(hf_state_dict(model), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(hf_config(model.config)))
 
 
 @each_switch
@@ -379,7 +380,7 @@ def test_checkpoint_round_trip_restores_every_switch(name, tmp_path):
     save_checkpoint(tmp_path, model, extra, {"iter_num": 1}, iter_num=1, is_best=True)
     loaded, _, config = load_model(tmp_path)
     assert loaded.config == model.config
-    assert config["model_type"] == model.hf_format() == HF_FORMAT.get(name, "smallgpt")
+    assert config["model_type"] == hf_format(model.config) == HF_FORMAT.get(name, "smallgpt")
     assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == model.config.tie_embeddings
     idx = tokens(2, 20)
     with torch.no_grad():
@@ -421,7 +422,7 @@ def test_nanochat_export_matches_transformers(n_kv_head, cap, tmp_path):
     model = switch_model("all", n_kv_head=n_kv_head, logit_softcap=cap, rope_theta=500.0)
     with torch.no_grad():
         model.lm_head.weight.mul_(10.0)  # logits beyond 15, so that the softcap (or its absence) shows
-    assert model.hf_format() == "nanochat"
+    assert hf_format(model.config) == "nanochat"
     save_folder(model, tmp_path)
     hf = transformers.NanoChatForCausalLM.from_pretrained(tmp_path).eval()
     assert hf.config.num_key_value_heads == (n_kv_head or 4)
