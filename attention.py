@@ -91,8 +91,9 @@ def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor,
     x (B, T, n_embd) is the module's input and rope its rotation tables. q, k, v come from the module's own qkv()
     (c_attn, then QK-norm and RoPE as switched); with grouped-query attention each key/value head serves
     n_head / n_kv_head query heads. Scores the model's causal_mask hides are -inf before the softmax, so a token's
-    weights on later tokens (and, with a window, on those too far back) are exactly 0. q, k and v are cast to fp32 first, so that the scores and the softmax are fp32 whatever
-    the model's dtype (bf16 rounding would blur small weights), and so are the returned weights and heads.
+    weights on later tokens (and, with a window, on those too far back) are exactly 0. q, k and v are cast to fp32
+    first, so that the scores and the softmax are fp32 whatever the model's dtype (bf16 rounding would blur small
+    weights), and so are the returned weights and heads.
     """
     T = x.size(1)
     q, k, v = (t.float() for t in attn.qkv(x, rope))

@@ -3,7 +3,10 @@ sampling, GPT-2 import against Hugging Face transformers, and the safetensors ro
 
 import json
 import math
+import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from torch.nn import functional as F
 from checkpoint import from_pretrained
 from conftest import TINY, tiny_model
 from hf import hf_config, hf_state_dict
-from model import GPT, GPTConfig, KVCache, sample_next
+from model import GPT, GPTConfig, KVCache, check_sampling, flash_supported, sample_next
 
 def generate_uncached(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None,
@@ -243,6 +246,39 @@ def test_generate_rejects_bad_arguments(kwargs, words):
         tiny_model().generate(torch.zeros(1, 2, dtype=torch.long), **args)
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-37, 1e-20])
+def test_tiny_temperatures_sample_the_top_token(temperature):
+    """A temperature fp32 rounds to 0 (1e-300) or whose logits / temperature overflow must not give NaN: it is
+    greedy in effect, the top token kept."""
+    logits = torch.tensor([[0.0, 50.0, 49.0, -30.0], [3.0, 1.0, 2.0, 3.5]])
+    check_sampling(temperature, None, None)
+    for seed in range(5):
+        got = sample_next(logits, temperature, generator=torch.Generator().manual_seed(seed))
+        assert got.tolist() == [[1], [3]]
+    assert model_generate_ok(temperature=temperature)
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-9])
+def test_tiny_top_p_keeps_the_top_token(top_p):
+    logits = torch.tensor([[0.0, 2.0, 1.0], [5.0, 5.0, -1.0]])
+    seen = {tuple(sample_next(logits, top_p=top_p, generator=torch.Generator().manual_seed(s)).flatten().tolist())
+            for s in range(30)}
+    assert {row[0] for row in seen} == {1} and {row[1] for row in seen} <= {0, 1}
+    assert model_generate_ok(top_p=top_p)
+
+
+def model_generate_ok(**sampling) -> bool:
+    model = tiny_model()
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), 4, generator=torch.Generator().manual_seed(0), **sampling)
+    return out.shape == (2, 7)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
+def test_non_finite_temperature_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        check_sampling(temperature, None, None)
+
+
 # ---------------------------------------------------------------------------- optimizer and FLOPs
 
 
@@ -270,6 +306,17 @@ def test_flops_per_token_matches_torchs_flop_counter(switches):
         model(idx, idx)[1].backward()
     not_matmul = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 1)  # biases, LayerNorms
     assert counter.get_total_flops() == (model.flops_per_token(T) - 6 * not_matmul) * B * T
+
+
+@pytest.mark.parametrize("window", [1, 8, 32, 100])
+def test_flops_and_mfu_count_only_the_keys_a_window_attends(window):
+    full, windowed = tiny_model(), tiny_model(window=window)
+    T, c = TINY["block_size"], full.config
+    per_key = 12 * c.n_layer * c.n_head * c.head_dim
+    assert windowed.flops_per_token(T) == full.flops_per_token(T) - per_key * max(0, T - window)
+    assert windowed.flops_per_token(T) == 6 * windowed.num_params() + per_key * min(window, T)
+    peak = full.flops_per_token(T) * 1000
+    assert windowed.estimate_mfu(1000, peak, T) == windowed.flops_per_token(T) / full.flops_per_token(T)
 
 
 def test_mfu_and_gpt2_size():
@@ -409,6 +456,34 @@ def test_exported_folder_loads_in_transformers(tmp_path):
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         assert (hf(idx).logits - model(idx)[0]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("capability, head_dim, ok", [
+    ((9, 0), 256, True), ((8, 0), 256, True), ((8, 6), 192, True), ((8, 6), 256, False), ((8, 9), 200, False),
+    ((10, 0), 128, True), ((12, 0), 128, True), ((7, 5), 64, False), ((9, 0), 260, False), ((9, 0), 36, False)])
+def test_flash_supported_follows_pytorchs_limits(capability, head_dim, ok, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "a GPU")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert flash_supported.__wrapped__(0, head_dim) == ok
+    assert len(caught) == (not ok)
+    if not ok and head_dim <= 256 and capability >= (8, 0):
+        assert f"at most {192 if capability in ((8, 6), (8, 9)) else 256}" in str(caught[0].message)
+
+
+def test_import_model_leaves_torch_dynamo_unloaded():
+    """torch._dynamo adds seconds to every script's start-up: model.py imports it only where a static cache needs it,
+    and marks flash_supported constant for torch.compile by hand, as torch.compiler.assume_constant_result does."""
+    code = "import sys, model; assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    import torch._dynamo
+
+    def f() -> None:
+        pass
+    torch._dynamo.assume_constant_result(f)
+    assert f.__dict__ == {"_dynamo_marked_constant": True}  # what model.py sets on flash_supported
+    assert flash_supported._dynamo_marked_constant is True
 
 
 # ---------------------------------------------------------------------------- CUDA only

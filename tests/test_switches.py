@@ -18,7 +18,7 @@ from attention import attention_maps, explicit_attention
 from conftest import CHARS, TINY
 from checkpoint import from_pretrained, load_model, save_checkpoint
 from hf import hf_config, hf_format, hf_state_dict
-from model import GPT, GPTConfig, KVCache, apply_rope, attend, rms_norm
+from model import GPT, GPTConfig, KVCache, apply_rope, attend, causal_mask, rms_norm
 from muon import Muon
 from test_model import generate_uncached
 from tokens import Tokenizer
@@ -39,6 +39,7 @@ SWITCHES = {
     "softcap": dict(logit_softcap=2.0),  # low enough to bend these logits (up to ~3)
     "zero_init": dict(zero_init=True),
     "no_bias": dict(bias=False),
+    "window": dict(window=4),  # each token sees itself and the 3 before
     "all": NANOCHAT,
 }
 HF_FORMAT = {"gpt2": "gpt2", "zero_init": "gpt2", "no_bias": "gpt2", "all": "nanochat"}  # the rest: "smallgpt"
@@ -180,14 +181,17 @@ def test_explicit_attention_reproduces_the_module(name):
     assert not torch.allclose(maps[0], maps[1], atol=1e-3)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention written out, the Tq queries being the last of the Tk positions; each key/value head serves
-    n_head / n_kv_head consecutive query heads (repeat_interleave, as Hugging Face's repeat_kv)."""
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal attention written out, the Tq queries being the last of the Tk positions, each seeing at most `window`
+    keys (itself included); each key/value head serves n_head / n_kv_head consecutive query heads (repeat_interleave,
+    as Hugging Face's repeat_kv)."""
     group = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     Tq, Tk = q.size(2), k.size(2)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     visible = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=Tk - Tq)
+    if window is not None:  # a band: drop the keys window or more places back
+        visible &= ~torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=Tk - Tq - window)
     return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v
 
 
@@ -201,6 +205,51 @@ def test_sdpa_gqa_equals_repeat_interleave(n_kv_head, Tq, Tk):
     if n_kv_head < 4:  # the grouping matters: repeat (0, 1, 0, 1) instead of repeat_interleave (0, 0, 1, 1) differs
         wrong = reference_attention(q, k.repeat(1, 4 // n_kv_head, 1, 1), v.repeat(1, 4 // n_kv_head, 1, 1))
         assert n_kv_head == 1 or not torch.allclose(attend(q, k, v), wrong, atol=1e-3)
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 4])
+@pytest.mark.parametrize("Tq, Tk", [(9, 9), (4, 9), (1, 9)])
+@pytest.mark.parametrize("window", [1, 3, 20])
+def test_attend_with_a_window_equals_a_band_reference(n_kv_head, Tq, Tk, window):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, Tq, 8, generator=g) * 2
+    k, v = (torch.randn(2, n_kv_head, Tk, 8, generator=g) * 2 for _ in range(2))
+    pos = torch.arange(Tk)
+    mask = causal_mask(pos[Tk - Tq:], pos, window)
+    torch.testing.assert_close(attend(q, k, v, mask), reference_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
+    if window < Tk:  # the band matters
+        assert not torch.allclose(attend(q, k, v, mask), reference_attention(q, k, v), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["window", "all"])
+def test_window_bounds_what_a_token_sees(name):
+    """Each layer reaches window - 1 tokens further back: a token's logits ignore anything before that reach."""
+    model = switch_model(name, window=3)
+    reach = TINY["n_layer"] * (3 - 1)  # 4: position 20 sees tokens 16..20
+    idx = tokens(2, 24)
+    far, near = idx.clone(), idx.clone()
+    far[:, 20 - reach - 1] = (far[:, 20 - reach - 1] + 1) % TINY["vocab_size"]
+    near[:, 20 - reach] = (near[:, 20 - reach] + 1) % TINY["vocab_size"]
+    with torch.no_grad():
+        base, a, b = model(idx)[0][:, 20], model(far)[0][:, 20], model(near)[0][:, 20]
+    torch.testing.assert_close(a, base, atol=1e-6, rtol=0)
+    assert (b - base).abs().max() > 1e-2
+
+
+@each_switch
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_window_works_with_every_switch(name, static):
+    """A window on top of each switch: cache == recompute (chunks, decode) and the maps zero outside the band."""
+    model = switch_model(name, window=5)
+    idx = tokens(2, 24)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cached, _ = run_cached(model, idx, CUTS["chunks_after_a_cache"], static)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    maps = attention_maps(model, idx)  # (n_layer, B, n_head, T, T)
+    pos = torch.arange(24)
+    back = pos[:, None] - pos[None, :]
+    assert not maps[..., (back < 0) | (back >= 5)].any() and (maps[..., back == 4] > 0).all()
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2, 4])
@@ -486,21 +535,30 @@ def muon_model(**overrides) -> tuple[GPT, Muon]:
     return model, optimizer
 
 
-def test_muon_groups_cover_every_parameter_once():
-    model, optimizer = muon_model()
-    groups = optimizer.param_groups
-    muon = {id(p) for g in groups if g["muon"] for p in g["params"]}
-    expected = {id(m.weight) for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
-                                                                     b.mlp.c_proj)}
-    assert muon == expected
-    everything = [id(p) for g in groups for p in g["params"]]
-    assert sorted(everything) == sorted(id(p) for p in model.parameters())
+def muon_rule(name: str, p: torch.nn.Parameter) -> bool:
+    """Muon's share: every 2-D weight inside the blocks; the embeddings, the head and 1-D weights are AdamW's."""
+    return name.startswith("transformer.h.") and p.dim() == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2", "all", "gate"])
+def test_muon_groups_follow_the_rule(name):
+    model = switch_model("all" if name == "all" else "gpt2").train()
+    if name == "gate":  # a matrix added later (a SwiGLU gate) joins Muon by itself
+        model.transformer.h[1].mlp.gate = torch.nn.Linear(32, 64, bias=False)
+    optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu", optimizer="muon", muon_lr=1.0)
+    group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(group) == len(list(model.parameters()))
+    by_shape = {}  # one group per shape, in order of appearance: state.pt files of earlier versions still load
+    for n, p in model.named_parameters():
+        assert group[id(p)]["muon"] == muon_rule(n, p), n
+        if muon_rule(n, p):
+            by_shape.setdefault(p.shape, []).append(id(p))
+    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups if g["muon"]] == list(by_shape.values())
 
 
 def reference_optimizers(model: GPT, muon_lr: float, lr: float) -> list[torch.optim.Optimizer]:
     """torch.optim.Muon on the block matrices and torch's AdamW on the rest: what Muon must equal."""
-    matrices = [m.weight for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
-                                                                 b.mlp.c_proj)]
+    matrices = [p for n, p in model.named_parameters() if muon_rule(n, p)]
     ids = {id(p) for p in matrices}
     return [torch.optim.Muon(matrices, lr=muon_lr, weight_decay=0.0, momentum=0.95, nesterov=True,
                              adjust_lr_fn="original"),
@@ -580,8 +638,13 @@ def test_muon_adamw_part_equals_torch_adamw():
     torch.testing.assert_close(b, b2, atol=1e-6, rtol=1e-6)
 
 
-def test_rope_keeps_q_and_k_in_the_autocast_dtype():
-    """fp32 rotation tables must not lift bf16 q and k back to fp32 (SDPA's flash kernel needs q, k, v in bf16)."""
+@pytest.mark.parametrize("fp32_norm", [False, True], ids=["cpu_autocast", "rms_norm_in_fp32"])
+def test_q_and_k_reach_attention_in_vs_dtype(fp32_norm, monkeypatch):
+    """Under autocast q, k and v reach SDPA in one low-precision dtype (its flash kernel needs it): fp32 rotation
+    tables must not lift them, nor rms_norm run in fp32, as CUDA autocast does from torch 2.12 (simulated here)."""
+    import model as model_module
+    if fp32_norm:
+        monkeypatch.setattr(model_module, "rms_norm", lambda x: F.rms_norm(x.float(), (x.size(-1),), eps=1e-6))
     model = switch_model("all")
     x = torch.randn(2, 8, TINY["n_embd"])
     cos, sin = model.rope_cos[:8], model.rope_sin[:8]
