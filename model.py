@@ -69,7 +69,7 @@ class GPTConfig:
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ValueError(f"logit_softcap must be positive (nanochat uses 15) or unset, got {self.logit_softcap}")
         if self.window is not None and self.window < 1:
-            raise ValueError(f"window must be at least 1 (1: each token sees only itself) or unset, got {self.window}")
+            raise ValueError(f"window must be at least 1 (1: each token sees only itself) or none, got {self.window}")
 
     @property
     def head_dim(self) -> int:
@@ -118,8 +118,8 @@ class CausalSelfAttention(nn.Module):
         mask = None  # SDPA's causal mask, the fast path (flash on a GPU)
         if self.window is not None or (kv_cache is not None and kv_cache.static):
             q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)
-            mask = causal_mask(q_pos, q_pos if kv_cache is None else torch.arange(k.size(2), device=x.device),
-                               self.window)
+            k_pos = q_pos if kv_cache is None else torch.arange(k.size(2), device=x.device)  # a cache's: 0..Tk-1
+            mask = causal_mask(q_pos, k_pos, self.window)
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side again
         return self.resid_dropout(self.c_proj(y))
