@@ -516,7 +516,7 @@ def device_peak_flops(device: torch.device) -> float | None:
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError for sampling settings that make no sense."""
     if not 0 <= temperature < math.inf:  # also NaN
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
+        raise ValueError(f"temperature must be >= 0 (0 means greedy) and finite, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
