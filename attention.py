@@ -34,7 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import load_model
-from model import GPT, CausalSelfAttention, causal_mask
+from model import GPT, CausalSelfAttention
 from config import format_config, parse_config, read_prompt, resolve_device, set_threads
 from tokens import Tokenizer
 
@@ -90,7 +90,7 @@ def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor,
 
     x (B, T, n_embd) is the module's input and rope its rotation tables. q, k, v come from the module's own qkv()
     (c_attn, then QK-norm and RoPE as switched); with grouped-query attention each key/value head serves
-    n_head / n_kv_head query heads. Scores the model's causal_mask hides are -inf before the softmax, so a token's
+    n_head / n_kv_head query heads. Scores the module's mask hides are -inf before the softmax, so a token's
     weights on later tokens (and, with a window, on those too far back) are exactly 0. q, k and v are cast to fp32
     first, so that the scores and the softmax are fp32 whatever the model's dtype (bf16 rounding would blur small
     weights), and so are the returned weights and heads.
@@ -101,7 +101,7 @@ def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor,
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_head, T, head_dim)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)  # (B, n_head, T, T): row = query, column = key
     pos = torch.arange(T, device=x.device)
-    visible = causal_mask(pos, pos, attn.window)  # (T, T): the model's own mask, with its window
+    visible = attn.mask(pos, pos)  # (T, T): the model's own mask (causal, and its window if set)
     weights = F.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # (B, n_head, T, T)
     return weights, weights @ v  # (B, n_head, T, T), (B, n_head, T, head_dim)
 

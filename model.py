@@ -119,15 +119,20 @@ class CausalSelfAttention(nn.Module):
         if self.window is not None or (kv_cache is not None and kv_cache.static):
             q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)
             k_pos = q_pos if kv_cache is None else torch.arange(k.size(2), device=x.device)  # a cache's: 0..Tk-1
-            mask = causal_mask(q_pos, k_pos, self.window)
+            mask = self.mask(q_pos, k_pos)
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
+    def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Which keys (positions k_pos) each query (q_pos) sees, with this module's switches: forward and
+        attention.py's maps both ask here."""
+        return causal_mask(q_pos, k_pos, self.window)
+
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Which keys each query sees, True where it may: keys at or before its position, and fewer than `window` back.
-    The model's one mask (attend, the static cache, attention.py). Positions (Tq,), (Tk,) give (Tq, Tk); per-row
+    The model's one mask builder (attend, CausalSelfAttention.mask). Positions (Tq,), (Tk,) give (Tq, Tk); per-row
     positions (B, Tq) give (B, Tq, Tk), for SDPA after .unsqueeze(1) (the heads)."""
     back = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)  # (..., Tq, Tk): how far back each key is
     return (back >= 0) if window is None else (back >= 0) & (back < window)
