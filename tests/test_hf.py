@@ -86,3 +86,15 @@ def test_a_field_no_format_names_is_claimed_at_its_default_only():
     for fmt, base in BASES.items():
         assert hf_format(dataclasses.replace(base, **fresh)) == "smallgpt"
         assert hf_format(base) == fmt
+
+
+@pytest.mark.parametrize("fmt", list(BASES))
+def test_config_json_from_before_a_field_existed_still_loads(fmt):
+    """An older checkpoint's "smallgpt" entry lacks the fields added since: each reads back from the format's own
+    keys or as its default, and nothing else changes."""
+    written = hf_config(BASES[fmt])
+    for field in dataclasses.fields(GPTConfig):
+        older = written | {"smallgpt": {k: v for k, v in written["smallgpt"].items() if k != field.name}}
+        loaded = config_from_hf(json.loads(json.dumps(older)), "config.json", None)
+        assert getattr(loaded, field.name) in (getattr(BASES[fmt], field.name), field.default), field.name
+        assert dataclasses.replace(loaded, **{field.name: getattr(BASES[fmt], field.name)}) == BASES[fmt]
