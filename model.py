@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from muon import Muon
 
+# the values of the str switches: GPTConfig checks them, tests walk them
 CHOICES = {"pos_embedding": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2")}
 
 
