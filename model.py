@@ -132,9 +132,8 @@ class CausalSelfAttention(nn.Module):
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """Which keys each query sees, True where it may: keys at or before its position, and fewer than `window` back.
-    The model's one mask builder (attend, CausalSelfAttention.mask). Positions (Tq,), (Tk,) give (Tq, Tk); per-row
-    positions (B, Tq) give (B, Tq, Tk), for SDPA after .unsqueeze(1) (the heads)."""
+    """True where a query sees a key: at or before its position and fewer than `window` back. The model's one mask
+    builder; positions (Tq,), (Tk,) give (Tq, Tk), per-row positions (B, Tq) give (B, Tq, Tk): unsqueeze(1) for SDPA."""
     back = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)  # (..., Tq, Tk): how far back each key is
     return (back >= 0) if window is None else (back >= 0) & (back < window)
 
@@ -292,9 +291,8 @@ class GPT(nn.Module):
                         decode_step: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] | None = None,
                         cache: KVCache | None = None) -> Iterator[torch.Tensor]:
         """generate(), yielding each new token (B, 1) as it is sampled; arguments are checked at the call.
-        decode_step (sample.py's --compile: forward_static compiled) runs the one-token steps on a static cache;
-        in bf16 its masked attention may pick another token where two nearly tie. A cache passed in is reset and
-        reused (a static one keeps its addresses, sparing a new CUDA graph)."""
+        decode_step (sample.py's --compile) runs the one-token steps on a static cache; a cache passed in is reset
+        and reused (a static one keeps its addresses, sparing a new CUDA graph)."""
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -385,10 +383,9 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated for `max_len` positions; the caller
-    creates, passes and resets it (nothing lives on the modules). static=True is the fixed-shape mode for CUDA graphs
-    (sample.py's --compile, the gpt-fast recipe): positions come in as a tensor, attention reads the whole buffer
-    under a mask, and the caller advances `pos`."""
+    """Keys and values of every layer, preallocated for `max_len` positions; the caller creates, passes and resets it.
+    static=True is the fixed shape of CUDA graphs (the gpt-fast recipe): positions come in as a tensor, attention
+    reads the whole buffer under a mask, and the caller advances `pos`."""
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False) -> None:
