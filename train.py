@@ -244,7 +244,7 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
                         interrupted = True
                         break
                     record(metrics, progress, **losses, lr=lr)
-                    check_finite(raw_model, losses["val_loss"], progress.iter_num, run.out_dir)  # on every rank
+                    check_finite(raw_model, losses["val_loss"], progress.iter_num, run.out_dir)  # every rank stops
                     if run.master:
                         folder, best = save(cfg, data, raw_model, optimizer, scaler, progress, losses["val_loss"])
                         bar.write(f"iter {progress.iter_num}: {loss_text(losses)}; saved {folder}"
@@ -261,7 +261,6 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
 
         untrained = interrupted and progress.iter_num == start_iter  # stopped in the first evaluation: nothing new
         if run.master and last_saved != progress.iter_num and not untrained:  # interrupted, or max_iters=0
-            check_finite(raw_model, None, progress.iter_num, run.out_dir)
             print(f"saved {save(cfg, data, raw_model, optimizer, scaler, progress, None)[0]}")
         if metrics is not None and metrics.path.exists() and metrics.path.stat().st_size:
             plot_losses(metrics.path, run.out_dir / "loss.png")
@@ -412,6 +411,7 @@ def save(cfg: TrainConfig, data: Data, model: GPT, optimizer: torch.optim.Optimi
          progress: Progress, val_loss: float | None) -> tuple[Path, bool]:
     """Write ckpt_{iter_num}: weights, config (model, tokenizer, training settings) and the training state.
     Returns the folder and whether val_loss is the best so far (then `best` points to it)."""
+    check_finite(model, val_loss, progress.iter_num, Path(cfg.out_dir))  # a diverged model is never saved
     is_best = val_loss is not None and val_loss < progress.best_val_loss
     if is_best:
         progress.best_val_loss = val_loss
