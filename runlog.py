@@ -260,14 +260,12 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
         print("matplotlib is not installed, so no loss.png (pip install matplotlib)")
         return
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    nan = lambda v: math.nan if v is None else v  # a diverged loss, written as null
-    logs = [r for r in records if r["tokens_per_sec"] is not None]  # evaluations measure no speed
-    evals = [r for r in records if r["tokens_per_sec"] is None]
+    logs = [r for r in records if r["val_loss"] is None]
+    evals = [r for r in records if r["val_loss"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([r["iter"] for r in logs], [nan(r["train_loss"]) for r in logs], lw=0.8, alpha=0.5,
-            label="train (batch)")
-    ax.plot([r["iter"] for r in evals], [nan(r["train_loss"]) for r in evals], "o-", label="train (eval)")
-    ax.plot([r["iter"] for r in evals], [nan(r["val_loss"]) for r in evals], "o-", label="val (eval)")
+    ax.plot([r["iter"] for r in logs], [r["train_loss"] for r in logs], lw=0.8, alpha=0.5, label="train (batch)")
+    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (eval)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("cross-entropy loss")
     bpb = [r for r in evals if r.get("val_bpb") is not None]  # runs from before bpb was logged have none
