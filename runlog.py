@@ -3,6 +3,7 @@ loss plot and the closing summary. Nothing here changes what a run computes."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -48,6 +49,11 @@ class OutDirLock:
                     os.close(fd)
                     raise SystemExit(f"{self.out_dir} is in use by another train.py (pid {holder}): wait for it to "
                                      f"end, or pass another --out_dir") from None
+                except OSError as e:  # a file system without locks (some network mounts): train, but say so
+                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    print(f"warning: {self.out_dir} cannot be locked ({e.strerror}): nothing stops a second "
+                          f"train.py from writing into it too", file=sys.stderr)
                 try:  # the holder may have removed the file between our open and our lock: lock the new one
                     if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                         break
