@@ -555,7 +555,7 @@ def test_nonfinite_run_stops_and_keeps_the_last_good_checkpoint(char_data: Path,
 def test_nonfinite_gradient_norm_skips_the_update(char_data: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A finite loss with a non-finite gradient (an overflow in backward): iterations 6 and 7 leave the weights as
-    they were, and from iteration 26 on the run stops after max_skipped_steps, keeping the last good checkpoint."""
+    they were, and from iteration 26 on the run stops after max_skipped_steps, naming the last (finite) checkpoint."""
     clip, before = torch.nn.utils.clip_grad_norm_, []
 
     def patched(params, max_norm, *args, **kwargs):
