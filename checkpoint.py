@@ -176,6 +176,33 @@ def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
                          f"checkpoint") from None
 
 
+def check_train_state(state: object, path: Path) -> None:
+    """Refuse a state.pt that is a valid torch file but not what train.py's save() writes, naming what is wrong,
+    before a KeyError or TypeError halfway through a resume."""
+    if not isinstance(state, dict):
+        wrong = f"it holds a {type(state).__name__}, not a dict"
+    else:
+        expected = {"optimizer": (dict,), "iter_num": (int,), "best_val_loss": (float, int), "rng": (dict,)}
+        wrong = next((f"{key} is {type(state.get(key)).__name__}, not {kinds[0].__name__}"
+                      for key, kinds in expected.items() if type(state.get(key)) not in kinds), None)
+        if wrong is None:
+            optimizer, rng = state["optimizer"], state["rng"].get("torch")
+            problems = [
+                (state["iter_num"] < 0, "iter_num is negative"),
+                (not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list),
+                 "optimizer is not an optimizer's state_dict"),
+                (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or
+                 rng.shape != torch.get_rng_state().shape, "rng['torch'] is not a CPU generator's state"),
+                (type(state.get("elapsed", 0.0)) not in (int, float), "elapsed is not a number"),
+                (type(state.get("threads", 1)) is not int or state.get("threads", 1) < 1, "threads is not a count"),
+                (not isinstance(state.get("scaler") or {}, dict), "scaler is not a state_dict"),
+            ]
+            wrong = next((what for bad, what in problems if bad), None)
+    if wrong is not None:
+        raise ValueError(f"{path} is refused: it is not a training state written by train.py ({wrong}); resume "
+                         f"from another checkpoint")
+
+
 def read_config(folder: Path) -> dict:
     """config.json of a model folder, checked to be JSON with model settings that fit model.safetensors beside it."""
     return _read_config(Path(folder), None)[0]
@@ -308,7 +335,9 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
         (tmp / "config.json").write_text(config_text)
         with open(tmp / "state.pt", "wb") as f, _write_error_as_os_error(tmp / "state.pt"):
             torch.save(state, f)
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # open()'s, under the umask; safetensors writes 0600
         for file in FILES:
+            os.chmod(tmp / file, mode)
             errors.fsync(tmp / file)
         errors.fsync(tmp)  # the folder's entries too, or a power cut could leave it empty under its final name
         _install(tmp, out_dir / name)

@@ -229,8 +229,8 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain dict of the settings, for checkpoints and logs."""
-    return dataclasses.asdict(cfg)
+    """Plain dict of the settings, for checkpoints and logs (a field with init=False is not a setting)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
 
 
 def format_config(cfg: Any) -> str:

@@ -19,19 +19,8 @@ masks it draws) comes from generators seeded by (seed, iteration, micro-step) al
 the same whatever the number of processes, and a resumed run sees exactly the data and the masks that the
 uninterrupted run would have: 40 iterations plus a resume to 80 ends with the same weights as 80 straight.
 
-What survives what (tests/test_train.py injects each):
-  - Ctrl-C or SIGTERM: the current optimizer step finishes (and its evaluation, if it has one; a signal during an
-    evaluation stops it at the next batch, in a single process), a checkpoint is written and the run exits, saying
-    how to resume; a second signal exits at once (the checkpoints on disk are whole: checkpoint.py writes
-    atomically), except SIGTERM again within 2 s, which under SLURM is the same request delivered twice (see
-    StopSignal). Under torchrun every rank stops at the same step.
-  - kill -9, a power cut: resume from the last checkpoint (`--init_from=resume`) and end with the same weights; a
-    half-written last line of metrics.jsonl is dropped.
-  - a NaN/Inf loss or gradient norm: the update is skipped on every rank; after max_skipped_steps in a row the run
-    stops, keeping the last good checkpoint. (In float16 an overflowing gradient is the GradScaler's: it skips that
-    update and lowers its scale.)
-  - GPU out of memory: a message with the settings to change; the checkpoints saved before stay as they are, and
-    no partial or newer one is written.
+One train.py at a time writes an out_dir: a second is refused, naming the first's pid. What a run survives (Ctrl-C,
+SIGTERM, kill -9, NaNs, divergence, out of memory) is README's "What survives what"; tests/test_train.py injects each.
 """
 
 from __future__ import annotations
@@ -40,18 +29,15 @@ import errors
 
 errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
 
-import json
 import math
 import os
 import re
-import shlex
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -60,23 +46,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (HUB_MODELS, check_tokenizer_matches, find_checkpoint, has_checkpoint, load_model, load_state,
-                        save_checkpoint)
+from checkpoint import (HUB_MODELS, check_tokenizer_matches, check_train_state, find_checkpoint, has_checkpoint,
+                        load_model, load_state, save_checkpoint)
 from config import (autocast_context, config_to_dict, enable_tf32, format_config, parse_config, resolve_device,
                     resolve_dtype, set_threads)
-from model import GPT, MODEL_FIELDS, GPTConfig, device_peak_flops, padded_vocab_size
+from model import GPT, GPTConfig, device_peak_flops, padded_vocab_size
+from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, plot_losses, resume_command, summary,
+                    warn_if_slow)
 from tokens import Tokenizer, load_meta, load_split, resolve_dataset
 
 EVAL_BAR_DELAY = 3.0  # seconds an evaluation runs before its progress bar appears (on a terminal)
-CPU_STEP_OVERHEAD = 2.0  # a CPU training step takes up to ~this times its FLOPs at a bare matmul's rate (the quick
-# start's: 1.6x, 4 GFLOP in 35 ms against 180 GFLOP/s, one thread)
-PLAIN_LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (a log file: no bar)
-METRICS_KEYS = {"iter", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr", "tokens_per_sec", "mfu",
-                "elapsed"}  # of every metrics.jsonl line
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(GPTConfig):
+    """GPTConfig's fields (the model: n_layer, n_head, the switches...; ignored when resuming or fine-tuning, where
+    the checkpoint's shape is used), then the run's."""
+    vocab_size: int = field(default=GPTConfig.vocab_size, init=False)  # not a setting: the dataset's, see gpt_config
     # output and evaluation
     out_dir: str = "out"  # folder for checkpoints, metrics.jsonl and loss.png
     eval_interval: int = 2000  # evaluate train/val loss and save a checkpoint every this many iterations, and at the end
@@ -88,24 +74,6 @@ class TrainConfig:
     dataset: str = "openwebtext"  # a folder under data/ (prepared by its prepare.py) or the path of a prepared folder
     gradient_accumulation_steps: int = 40  # micro-steps per optimizer step, over all processes together
     batch_size: int = 12  # sequences per micro-step in each process
-    block_size: int = 1024  # tokens per sequence; a pretrained model's may be cropped down to it
-    # model (ignored when resuming or fine-tuning: the checkpoint's shape is used)
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads per block
-    n_embd: int = 768  # width of the residual stream
-    dropout: float = 0.0  # dropout probability (0 for pretraining; try 0.1+ for fine-tuning and small data)
-    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 (Hugging Face's GPT-2 needs them)
-    pos_embedding: str = "learned"  # learned (GPT-2) or rope (rotary embeddings)
-    rope_theta: float = 10000.0  # RoPE base
-    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (weightless)
-    embed_norm: bool = False  # normalise the token embeddings before the first block
-    qk_norm: bool = False  # RMS-normalise q and k per head
-    mlp: str = "gelu"  # gelu (GPT-2) or relu2 (ReLU squared)
-    n_kv_head: int | None = None  # key/value heads for grouped-query attention; none: n_head
-    tie_embeddings: bool = True  # the output head shares the token embeddings (GPT-2)
-    logit_softcap: float | None = None  # cap * tanh(logits / cap) on the logits; none: no cap
-    zero_init: bool = False  # output projections (and an untied head) start at zero
-    window: int | None = None  # sliding-window attention: each token sees itself and window - 1 before; none: all
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon: Muon (muon_*) for the matrices in the blocks, AdamW for the rest
     muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as it scales learning_rate)
@@ -174,261 +142,329 @@ class TrainConfig:
         if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
             raise ValueError(f"muon_lr must be > 0, muon_momentum in [0, 1), muon_weight_decay >= 0; got "
                              f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}")
-        self.gpt_config(vocab_size=1)  # GPTConfig checks the model's fields (sizes, switches), naming the wrong one
+        super().__post_init__()  # GPTConfig checks the model's fields (sizes, switches), naming the wrong one
         if self.init_from not in ("scratch", "resume", *HUB_MODELS) and not Path(self.init_from).is_dir():
             raise ValueError(f"init_from={self.init_from!r} is not scratch, resume, one of {', '.join(HUB_MODELS)} "
                              f"or an existing model folder")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
-        """The model these settings describe."""
-        return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in MODEL_FIELDS})
-
-
-# ---------------------------------------------------------------------------------------------------------- helpers
-
-
-def learning_rate(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_iters, then to min_lr at lr_decay_iters, then min_lr. cosine: nanoGPT's decay.
-    wsd (warmup-stable-decay, as nanochat and modded-nanogpt): constant, then linear over the last cooldown_frac."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        cooldown_start = max(cfg.warmup_iters, cfg.lr_decay_iters * (1 - cfg.cooldown_frac))
-        progress = max(0.0, (it - cooldown_start) / (cfg.lr_decay_iters - cooldown_start))  # 0 -> 1
-        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
-    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def muon_momentum(it: int, cfg: TrainConfig) -> float:
-    """Muon's momentum: 0.85 rising linearly to muon_momentum over muon_momentum_warmup iterations (modded-nanogpt)."""
-    frac = min(1.0, it / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup else 1.0
-    return 0.85 + frac * (cfg.muon_momentum - 0.85)
-
-
-def step_rngs(seed: int, iter_num: int, micro_step: int) -> tuple[np.random.Generator, int]:
-    """The data generator and the dropout seed of one micro-step, derived from (seed, iter_num, micro_step) alone.
-
-    micro_step counts over all processes (0 .. gradient_accumulation_steps - 1), so whichever rank runs micro-step m
-    of iteration i reads the same windows and draws the same dropout masks. numpy's SeedSequence hashes the tuple,
-    so no two tuples share a stream (a formula such as seed * P + iter * Q + micro would collide for large micro).
-    The leading 0 tags training; evaluation batches use 1 (train split) and 2 (val split).
-    """
-    data_seq, dropout_seq = np.random.SeedSequence([seed, 0, iter_num, micro_step]).spawn(2)
-    return np.random.default_rng(data_seq), int(dropout_seq.generate_state(1, np.uint64)[0])
-
-
-def batch_sampler(files: list[np.memmap], block_size: int, batch_size: int,
-                  device: torch.device) -> Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]]:
-    """get_batch(rng) for one split: batch_size random windows of block_size + 1 consecutive tokens, as inputs
-    x (B, T) and targets y (B, T).
-
-    Start positions are uniform over every position of every file (shard), so a shard is picked in proportion to
-    its length and a window never crosses from one shard into the next. Where each file's starts begin is worked
-    out here, once, not at every micro-step.
-    """
-    starts_per_file = [max(len(f) - block_size, 0) for f in files]  # a window needs block_size + 1 tokens
-    first = np.cumsum([0, *starts_per_file])  # file i holds the starts first[i] .. first[i + 1] - 1
-
-    def get_batch(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = rng.integers(0, first[-1], size=batch_size)
-        which = np.searchsorted(first, starts, side="right") - 1  # the file each start falls in
-        offsets = starts - first[which]
-        windows = np.stack([files[f][o:o + block_size + 1] for f, o in zip(which, offsets)]).astype(np.int64)
-        w = torch.from_numpy(windows)  # (B, T + 1)
-        if device.type == "cuda":  # pinned memory lets the copy run while the GPU works on the previous micro-step
-            w = w.pin_memory().to(device, non_blocking=True)
-        else:
-            w = w.to(device)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
-
-    return get_batch
-
-
-def seed_dropout(seed: int, device: torch.device) -> None:
-    """Seed the generator the dropout masks come from (the CPU's, or the current accelerator's)."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)  # this process's GPU only: manual_seed_all would touch every visible GPU
-    elif device.type == "mps":
-        torch.mps.manual_seed(seed)
-
-
-class StopSignal:
-    """Turns SIGINT/SIGTERM into a request to stop after the current optimizer step; a second one exits at once.
-
-    Exiting at once is safe for the files: checkpoint.py writes a checkpoint into a temporary folder and renames it
-    into place, so the checkpoints on disk are whole whenever the process dies.
-
-    A SIGTERM that repeats a first SIGTERM within DUPLICATE_S seconds is ignored: when SLURM preempts or cancels a
-    job it sends SIGTERM to every process of it, and torchrun forwards the SIGTERM it got to its workers too, so each
-    worker receives the same request twice within milliseconds, and honouring the second would lose the graceful
-    save. Ctrl-C pressed again (a second SIGINT, which then has its default action) and a later SIGTERM still exit at
-    once.
-    """
-
-    DUPLICATE_S = 2.0
-
-    def __init__(self, verbose: bool) -> None:
-        self.signum = 0  # the first signal received; 0 while none
-        self.verbose = verbose
-        self._first_at = 0.0  # time.monotonic() of the first signal
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        # os.write, not print: a handler that prints can interrupt a print and fail with a reentrant-call error
-        name = signal.Signals(signum).name
-        if self.signum:
-            if signum == self.signum == signal.SIGTERM and time.monotonic() - self._first_at < self.DUPLICATE_S:
-                return  # the same request delivered twice (SLURM and torchrun), see the docstring
-            os.write(2, f"\n{name} again: exiting now; the last saved checkpoint is intact\n".encode())
-            os._exit(128 + signum)
-        self.signum, self._first_at = signum, time.monotonic()
-        # A Python handler runs only between two torch calls, and on a CPU one matmul can take seconds: a second
-        # Ctrl-C gets the default action instead, which ends the process at once, wherever it is.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if self.verbose:
-            os.write(2, f"\n{name}: finishing this step and saving a checkpoint (send it again to quit at once)\n"
-                     .encode())
-
-
-def check_train_state(state: object, path: Path) -> None:
-    """Refuse a state.pt that is a valid torch file but not what save() below writes, naming what is wrong, before a
-    KeyError or TypeError halfway through a resume."""
-    if not isinstance(state, dict):
-        wrong = f"it holds a {type(state).__name__}, not a dict"
-    else:
-        expected = {"optimizer": (dict,), "iter_num": (int,), "best_val_loss": (float, int), "rng": (dict,)}
-        wrong = next((f"{key} is {type(state.get(key)).__name__}, not {kinds[0].__name__}"
-                      for key, kinds in expected.items() if type(state.get(key)) not in kinds), None)
-        if wrong is None:
-            optimizer, rng = state["optimizer"], state["rng"].get("torch")
-            problems = [
-                (state["iter_num"] < 0, "iter_num is negative"),
-                (not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list),
-                 "optimizer is not an optimizer's state_dict"),
-                (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or
-                 rng.shape != torch.get_rng_state().shape, "rng['torch'] is not a CPU generator's state"),
-                (type(state.get("elapsed", 0.0)) not in (int, float), "elapsed is not a number"),
-                (type(state.get("threads", 1)) is not int or state.get("threads", 1) < 1, "threads is not a count"),
-                (not isinstance(state.get("scaler") or {}, dict), "scaler is not a state_dict"),
-            ]
-            wrong = next((what for bad, what in problems if bad), None)
-    if wrong is not None:
-        raise ValueError(f"{path} is refused: it is not a training state written by train.py ({wrong}); resume "
-                         f"from another checkpoint")
-
-
-def resume_command(argv: list[str]) -> str:
-    """The command line that continues this run: the same launcher and arguments, with --init_from=resume."""
-    keep, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--init_from":  # the space form: the flag and its value
-            i += 2
-            continue
-        if not argv[i].startswith("--init_from="):
-            keep.append(argv[i])
-        i += 1
-    launcher = "torchrun <your torchrun options>" if "RANK" in os.environ else "python"
-    return f"{launcher} {shlex.join(['train.py', *keep, '--init_from=resume'])}"
-
-
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """loss.png from metrics.jsonl: the training loss of each log line, train/val loss and val bpb of each evaluation."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed, so no loss.png (pip install matplotlib)")
-        return
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    logs = [r for r in records if r["val_loss"] is None]
-    evals = [r for r in records if r["val_loss"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([r["iter"] for r in logs], [r["train_loss"] for r in logs], lw=0.8, alpha=0.5, label="train (batch)")
-    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
-    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (eval)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy loss")
-    bpb = [r for r in evals if r.get("val_bpb") is not None]  # runs from before bpb was logged have none
-    if bpb:  # bits per byte, comparable across tokenizers, on its own axis
-        ax2 = ax.twinx()
-        ax2.plot([r["iter"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="tab:red", label="val bpb")
-        ax2.set_ylabel("val bits per byte")
-        ax2.legend(loc="center right")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.savefig(png_path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def format_duration(seconds: float) -> str:
-    """1h 02m, 3m 05s, 42.0 s."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m {secs:02d}s"
-
-
-def matmul_flops_per_sec(n: int = 512, repeats: int = 5) -> float:
-    """This CPU's fp32 matmul rate with the current threads, measured on n x n matrices (a few milliseconds)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times)  # the fastest: other processes only ever slow it down
-
-
-def warn_if_slow(model: GPT, tokens_per_iter: int, eval_tokens: int, limit_s: float = 30.0) -> None:
-    """Say so before the first iteration when an iteration or an evaluation will plainly take minutes on this CPU.
-
-    The estimate is the model's training FLOPs over a measured matmul rate, times CPU_STEP_OVERHEAD (what the rest
-    of a step costs); an evaluation is forward only, a third of the FLOPs.
-    """
-    rate = matmul_flops_per_sec() / CPU_STEP_OVERHEAD
-    step_s = model.flops_per_token() * tokens_per_iter / rate
-    eval_s = model.flops_per_token() / 3 * eval_tokens / rate
-    if max(step_s, eval_s) > limit_s:
-        print(f"warning: on this CPU ({torch.get_num_threads()} thread(s)) one iteration will take about "
-              f"{format_duration(step_s)} and each evaluation about {format_duration(eval_s)}: a model of "
-              f"{model.num_params() / 1e6:.0f}M parameters at {tokens_per_iter:,} tokens an iteration is a GPU's "
-              f"work. On a laptop start from configs/text_cpu.toml, or lower --n_layer, --n_embd, --batch_size, "
-              f"--gradient_accumulation_steps and --eval_iters", flush=True)
-
-
-def summary(out_dir: Path, iters: int, seconds: float, best_val_loss: float) -> str:
-    """The closing lines of a finished run: time, best val loss and its checkpoint, and how to sample from it."""
-    latest = out_dir / find_checkpoint(out_dir).name
-    best = out_dir / find_checkpoint(out_dir, "best").name if (out_dir / "best").is_symlink() else None
-    where = f"best val loss {best_val_loss:.4f} in {best}" if best else f"no val loss measured; saved {latest}"
-    if best and best != latest:
-        where += f" (the latest is {latest})"
-    choice = " --checkpoint=best" if best and best != latest else ""
-    return (f"done: {iters} iterations in {format_duration(seconds)}; {where}\n"
-            f"sample from it:  python sample.py --out_dir={shlex.quote(str(out_dir))}{choice}")
+        """The model these settings describe: every GPTConfig field, and the dataset's vocabulary."""
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)} | {"vocab_size": vocab_size})
 
 
 # ------------------------------------------------------------------------------------------------------------- main
-# main() runs the steps below in this order: setup, load_data, build_model, build_optimizer, train (the loop, whose
-# every iteration is one train_step). A resumed run reads its checkpoint in load_resumed (weights and state.pt) and
-# sets the rest of its state back (optimizer, scaler, counters, RNG) in restore().
+# main() runs: setup, load_data, build_model, build_optimizer, then train: the loop, whose every iteration is one
+# train_step, with evaluate, record and save below it. A resumed run reads its checkpoint in load_resumed and sets the
+# rest of its state back (optimizer, scaler, counters, RNG) in restore(). Run-keeping (the lock, signals, metrics.jsonl,
+# progress lines, the summary) is runlog.py's.
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run training as configured by argv (default sys.argv[1:]); returns the final iteration and losses."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(TrainConfig, argv, description=__doc__)
+    writes = int(os.environ.get("RANK", 0)) == 0 and not cfg.eval_only  # only rank 0 of a training run writes
+    with OutDirLock(Path(cfg.out_dir)) if writes else nullcontext():  # one run per out_dir
+        run = setup(cfg, writes)
+        try:
+            data = load_data(cfg, run)
+            model, state = build_model(cfg, run, data)
+            optimizer, scaler, progress = build_optimizer(cfg, run, model, state)
+            return train(cfg, run, data, model, optimizer, scaler, progress, argv)
+        finally:
+            if run.ddp:
+                dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: torch.optim.Optimizer,
+          scaler: torch.amp.GradScaler, progress: Progress, argv: list[str]) -> dict:
+    """Evaluate the starting point, then train_step until max_iters, evaluating and saving every eval_interval; stop
+    cleanly on a signal, on a diverged run (never saving it), or out of memory."""
+    block_size = raw_model.config.block_size
+    model = torch.compile(raw_model) if run.compile else raw_model
+    train_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None) if run.ddp else model
+    get_batch = {split: batch_sampler(files, block_size, cfg.batch_size, run.device)
+                 for split, files in data.splits.items()}
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    byte_lengths = token_byte_lengths(data.tokenizer, run)
+    metrics = Metrics(run.out_dir / "metrics.jsonl", run.resuming, progress.iter_num) if run.writes else None
+    tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
+    peak_flops = cfg.peak_flops or device_peak_flops(run.device)
+    if run.master and run.device.type == "cpu":
+        warn_if_slow(raw_model, tokens_per_iter, 2 * cfg.eval_iters * cfg.batch_size * block_size)
+    start_iter, last_saved = progress.iter_num, progress.iter_num if run.resuming else None
+    losses, interrupted, skipped, bar = None, False, 0, None  # skipped: updates skipped in a row (non-finite)
+    stop = StopSignal(verbose=run.master)
+    with stop:
+        try:
+            if cfg.eval_only or not run.resuming:  # the starting point: the untrained (or pretrained) model's loss
+                losses = evaluate(cfg, run, model, get_batch, byte_lengths, stop)
+                interrupted = losses is None
+                if losses is not None:
+                    if run.master:
+                        print(f"iter {progress.iter_num}: {loss_text(losses)}")
+                    record(metrics, progress, **losses, lr=learning_rate(progress.iter_num, cfg))
+                if cfg.eval_only:
+                    if interrupted:
+                        raise SystemExit(128 + stop.signum)
+                    return {"iter_num": progress.iter_num, **losses}
+
+            bar = ProgressBar(cfg.max_iters, progress.iter_num, tokens_per_iter, enabled=run.master)
+            rng, dropout_seed = step_rngs(cfg.seed, progress.iter_num, run.rank)  # this rank's first micro-step
+            batch = (*get_batch["train"](rng), dropout_seed)
+            while progress.iter_num < cfg.max_iters and not interrupted:
+                t0 = time.perf_counter()
+                lr = learning_rate(progress.iter_num, cfg)
+                loss, norm, stopping, updated, batch = train_step(cfg, run, train_model, optimizer, scaler, params,
+                                                                  get_batch["train"], batch, progress.iter_num, lr,
+                                                                  stop)
+                skipped = 0 if updated else skipped + 1
+                if skipped:
+                    bar.write(f"iter {progress.iter_num + 1}: loss {loss}, gradient norm {norm}: update skipped "
+                              f"({skipped} in a row)")
+                    if skipped >= cfg.max_skipped_steps:
+                        raise SystemExit(diverged(f"the loss or gradient was not finite for {skipped} steps in a row "
+                                                  f"(iterations {progress.iter_num + 2 - skipped}-"
+                                                  f"{progress.iter_num + 1})", run.out_dir))
+                progress.iter_num += 1
+                bar.step(time.perf_counter() - t0)
+
+                if progress.iter_num % cfg.log_interval == 0:
+                    tokens_per_sec, smooth = bar.rates()
+                    mfu = raw_model.estimate_mfu(smooth / run.world_size, peak_flops) if peak_flops else None
+                    bar.show(progress.iter_num, progress.elapsed(), loss, smooth, mfu)
+                    record(metrics, progress, train_loss=loss, lr=lr, tokens_per_sec=round(tokens_per_sec, 1),
+                           mfu=None if mfu is None else round(mfu, 4))
+
+                # Evaluate before honouring a stop signal: the resumed run starts after this iteration, so it would
+                # never evaluate (nor choose `best`) here.
+                if progress.iter_num % cfg.eval_interval == 0 or progress.iter_num == cfg.max_iters:
+                    losses = evaluate(cfg, run, model, get_batch, byte_lengths, stop)
+                    if losses is None:  # stopped during it: save below, without a val loss
+                        interrupted = True
+                        break
+                    record(metrics, progress, **losses, lr=lr)
+                    check_finite(raw_model, losses["val_loss"], progress.iter_num, run.out_dir)  # every rank stops
+                    if run.master:
+                        folder, best = save(cfg, data, raw_model, optimizer, scaler, progress, losses["val_loss"])
+                        bar.write(f"iter {progress.iter_num}: {loss_text(losses)}; saved {folder}"
+                                  f"{' (best)' if best else ''}")
+                    last_saved = progress.iter_num
+                if stopping:
+                    interrupted = True
+                    break
+        except torch.OutOfMemoryError:
+            raise SystemExit(out_of_memory(cfg, run, block_size)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+
+        untrained = interrupted and progress.iter_num == start_iter  # stopped in the first evaluation: nothing new
+        if run.master and last_saved != progress.iter_num and not untrained:  # interrupted, or max_iters=0
+            print(f"saved {save(cfg, data, raw_model, optimizer, scaler, progress, None)[0]}")
+        if metrics is not None and metrics.path.exists() and metrics.path.stat().st_size:
+            plot_losses(metrics.path, run.out_dir / "loss.png")
+        if run.ddp:
+            dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has written
+    if interrupted:
+        raise SystemExit(stopped(stop.signum or signal.SIGTERM, run.master, untrained, progress.iter_num, argv))
+    if run.master and progress.iter_num > start_iter:
+        print(summary(run.out_dir, progress.iter_num - start_iter, time.perf_counter() - progress.t_start,
+                      progress.best_val_loss))
+    return {"iter_num": progress.iter_num, "val_loss": losses and losses["val_loss"],
+            "best_val_loss": progress.best_val_loss}
+
+
+# ---------------------------------------------------------------------------------------------- one training step
+
+
+def train_step(cfg: TrainConfig, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter], get_batch: Callable, batch: tuple,
+               iter_num: int, lr: float, stop: StopSignal) -> tuple[float, float, bool, bool, tuple]:
+    """One optimizer step over gradient_accumulation_steps micro-batches (this process's share of them), starting
+    from the prefetched `batch` (x, y, dropout seed). Returns the mean loss, the gradient norm, whether any rank was
+    asked to stop, whether the update was applied (a non-finite loss or gradient skips it on every rank), and the
+    next iteration's first batch. lr: learning_rate(iter_num, cfg), which the loop also logs."""
+    for group in optimizer.param_groups:  # each group's peak rate, scaled by the schedule
+        group["lr"] = group["base_lr"] * lr / cfg.learning_rate
+        if group.get("muon"):
+            group["momentum"] = muon_momentum(iter_num, cfg)
+    micro_steps = range(run.rank, cfg.gradient_accumulation_steps, run.world_size)  # rank r: r, r + W, r + 2W, ...
+    x, y, dropout_seed = batch
+    loss_sum = torch.zeros((), device=run.device)
+    for i, m in enumerate(micro_steps):
+        last = i == run.local_accum - 1
+        seed_dropout(dropout_seed, run.device)
+        # DDP averages gradients over ranks when the last micro-step's backward runs; the others only accumulate
+        # locally (no_sync), so each optimizer step costs one all-reduce.
+        with model.no_sync() if run.ddp and not last else nullcontext():
+            with run.autocast:
+                _, loss = model(x, y)
+            # Fetch the next batch while the device works: the next micro-step, or the next iteration.
+            rng, dropout_seed = (step_rngs(cfg.seed, iter_num, micro_steps[i + 1]) if not last
+                                 else step_rngs(cfg.seed, iter_num + 1, micro_steps[0]))
+            x, y = get_batch(rng)
+            loss_sum += loss.detach()
+            # Each rank sums local_accum losses and DDP averages over world_size ranks, so dividing by local_accum
+            # here gives the mean over all accum micro-steps, whatever world_size is.
+            scaler.scale(loss / run.local_accum).backward()
+    scaler.unscale_(optimizer)  # a no-op unless float16: clip and check the true gradient
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+    # The step's one host sync: the mean loss, the gradient norm (the same on every rank: the gradients were
+    # all-reduced) and whether any rank got a stop signal. Skipping a non-finite update and stopping must be decided
+    # the same way on every rank; reading three numbers once per optimizer step (not per micro-step) costs far less
+    # than a step, and float16's GradScaler syncs here anyway.
+    stats = torch.stack([loss_sum / run.local_accum, grad_norm.float(),
+                         loss_sum.new_full((), float(stop.signum))])  # a fill kernel, no copy
+    if run.ddp:
+        dist.all_reduce(stats)  # SUM: loss sums over ranks, norm * W, stop > 0 if any rank was signalled
+        stats /= run.world_size
+    loss_value, norm_value, stop_value = stats.tolist()
+
+    # A non-finite loss always skips. A non-finite gradient with a finite loss is, in float16, an overflow that the
+    # GradScaler owns: scaler.step skips that update and scaler.update lowers the scale (it happens now and then
+    # while the scale settles), so it is not counted as skipped.
+    updated = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(norm_value))
+    if updated:
+        scaler.step(optimizer)  # optimizer.step() unless float16
+    scaler.update()  # (float16) after a skip: resets the scaler's per-step state and lowers the scale
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value, stop_value > 0, updated, (x, y, dropout_seed)
+
+
+# ------------------------------------------------------------------------------------------ evaluation and saving
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, run: Run, model: torch.nn.Module, get_batch: dict[str, Callable],
+             byte_lengths: torch.Tensor | None, stop: StopSignal) -> dict[str, float | None] | None:
+    """Mean loss over eval_iters batches per split ({split}_loss), and its bits per byte ({split}_bpb; None without
+    the BPE's files): the same batches at every evaluation, shared out over ranks.
+
+    None when a stop request came during it: a single process stops between two batches, and that checkpoint then
+    has no val loss (under torchrun every rank finishes, so that their all-reduces stay matched). On a terminal a
+    bar appears after EVAL_BAR_DELAY seconds.
+    """
+    model.eval()
+    losses = {}
+    signalled_before = stop.signum  # a stop requested during the step that evaluates: evaluate, then stop
+    shown = tqdm(total=2 * len(range(run.rank, cfg.eval_iters, run.world_size)), desc="evaluating", unit="batch",
+                 leave=False, delay=EVAL_BAR_DELAY, disable=not run.master or not sys.stderr.isatty())
+    for tag, split in ((1, "train"), (2, "val")):
+        total = torch.zeros((), device=run.device)
+        nbytes = torch.zeros((), dtype=torch.int64, device=run.device)  # UTF-8 bytes of the targets
+        for k in range(run.rank, cfg.eval_iters, run.world_size):
+            if stop.signum and not signalled_before and not run.ddp:
+                shown.close()
+                model.train()
+                return None
+            rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, tag, k]))
+            x, y = get_batch[split](rng)
+            with run.autocast:
+                _, loss = model(x, y)
+            total += loss.float()
+            if byte_lengths is not None:
+                nbytes += byte_lengths[y].sum()
+            shown.update(1)
+        if run.ddp:
+            dist.all_reduce(total)
+            dist.all_reduce(nbytes)
+        losses[f"{split}_loss"] = total.item() / cfg.eval_iters
+        # every batch has batch_size * block_size targets: nats = mean loss * all targets
+        nats = losses[f"{split}_loss"] * cfg.eval_iters * cfg.batch_size * x.size(1)
+        losses[f"{split}_bpb"] = nats / math.log(2) / max(nbytes.item(), 1) if byte_lengths is not None else None
+    shown.close()
+    model.train()
+    return losses
+
+
+def token_byte_lengths(tokenizer: Tokenizer, run: Run) -> torch.Tensor | None:
+    """UTF-8 bytes of each token id, for bits per byte (nats / ln 2 / bytes of the targets: comparable across
+    tokenizers); None when the BPE's files cannot be loaded (offline): prepared ids still train, without bpb."""
+    try:
+        return torch.from_numpy(tokenizer.token_byte_lengths()).to(run.device)
+    except SystemExit as e:
+        if run.master:
+            print(f"no bits per byte in this run: {e}")
+        return None
+
+
+def loss_text(losses: dict[str, float | None]) -> str:
+    bpb = "" if losses["val_bpb"] is None else f" (val bpb {losses['val_bpb']:.4f})"
+    return f"train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}{bpb}"
+
+
+def record(metrics: Metrics | None, progress: Progress, **values: float | None) -> None:
+    """One line of metrics.jsonl (rank 0 of a training run; metrics is None elsewhere), null where a key does not
+    apply."""
+    if metrics is not None:
+        row = {"iter": progress.iter_num, "train_loss": None, "val_loss": None, "train_bpb": None, "val_bpb": None,
+               "lr": None, "tokens_per_sec": None, "mfu": None, "elapsed": round(progress.elapsed(), 3)}
+        metrics.write(row | values)
+
+
+def save(cfg: TrainConfig, data: Data, model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+         progress: Progress, val_loss: float | None) -> tuple[Path, bool]:
+    """Write ckpt_{iter_num}: weights, config (model, tokenizer, training settings) and the training state.
+    Returns the folder and whether val_loss is the best so far (then `best` points to it)."""
+    check_finite(model, val_loss, progress.iter_num, Path(cfg.out_dir))  # a diverged model is never saved
+    is_best = val_loss is not None and val_loss < progress.best_val_loss
+    if is_best:
+        progress.best_val_loss = val_loss
+    device = next(model.parameters()).device
+    train_state = {
+        "optimizer": optimizer.state_dict(), "iter_num": progress.iter_num, "best_val_loss": progress.best_val_loss,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "scaler": scaler.state_dict(), "elapsed": progress.elapsed(), "threads": torch.get_num_threads(),
+    }
+    extra = {"tokenizer": data.meta["tokenizer"], "train": config_to_dict(cfg), "val_loss": val_loss}
+    folder = save_checkpoint(Path(cfg.out_dir), model, extra, train_state, iter_num=progress.iter_num,
+                             is_best=is_best)
+    return folder, is_best
+
+
+def check_finite(model: GPT, val_loss: float | None, iter_num: int, out_dir: Path) -> None:
+    """Stop rather than save a model whose val loss or weights are not finite, so that `latest` (and `best`) stay on
+    the last finite checkpoint. Every rank decides alike: the val loss is all-reduced and the weights are the same."""
+    if val_loss is not None and not math.isfinite(val_loss):
+        raise SystemExit(diverged(f"iteration {iter_num}: val loss {val_loss}, the run diverged", out_dir))
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise SystemExit(diverged(f"iteration {iter_num}: the weights are not finite, the run diverged", out_dir))
+
+
+def diverged(what: str, out_dir: Path) -> str:
+    """The one line that stops a diverged run, naming the checkpoint to go back to (all saved ones are finite)."""
+    fixes = "a lower --learning_rate, a --grad_clip, or --dtype=bfloat16/float32 if this ran in float16"
+    if not has_checkpoint(out_dir):
+        return f"{what}: stopping; no checkpoint was saved. Start again with {fixes}"
+    return (f"{what}: stopping without saving. The last finite checkpoint: {find_checkpoint(out_dir)}. Resume it "
+            f"with --init_from=resume and {fixes}")
+
+
+def stopped(signum: int, master: bool, untrained: bool, iter_num: int, argv: list[str]) -> int:
+    """Say how the run stopped (on rank 0) and return its exit status; signum: the signal (a rank that got none stops
+    because another did: SIGTERM)."""
+    name = signal.Signals(signum).name
+    if master:
+        print(f"stopped by {name} before the first iteration; nothing was saved" if untrained else
+              f"stopped by {name} at iteration {iter_num}; continue with:\n  {resume_command(argv)}")
+    return 128 + signum
+
+
+def out_of_memory(cfg: TrainConfig, run: Run, block_size: int) -> str:
+    return (f"out of memory on {run.device} with batch_size={cfg.batch_size}, block_size={block_size}: lower "
+            f"--batch_size and raise --gradient_accumulation_steps to keep the tokens per step (e.g. "
+            f"--batch_size={max(1, cfg.batch_size // 2)} "
+            f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps * 2}), or train a smaller model. "
+            f"Nothing was saved by this run after its last checkpoint")
+
+
+# ------------------------------------------------------------------------------------------ setup and resume
 
 
 @dataclass
@@ -473,23 +509,9 @@ class Progress:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run training as configured by argv (default sys.argv[1:]); returns the final iteration and losses."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_config(TrainConfig, argv, description=__doc__)
-    run = setup(cfg)
-    try:
-        data = load_data(cfg, run)
-        model, state = build_model(cfg, run, data)
-        optimizer, scaler, progress = build_optimizer(cfg, run, model, state)
-        return train(cfg, run, data, model, optimizer, scaler, progress, argv)
-    finally:
-        if run.ddp:
-            dist.destroy_process_group()
-
-
-def setup(cfg: TrainConfig) -> Run:
-    """Check that this run can start (processes, device, dtype, out_dir) before any work; join torchrun's group."""
+def setup(cfg: TrainConfig, writes: bool) -> Run:
+    """Check that this run can start (processes, device, dtype, out_dir) before any work; join torchrun's group.
+    writes: rank 0 of a training run, which holds out_dir's lock."""
     ddp = "RANK" in os.environ  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -513,15 +535,9 @@ def setup(cfg: TrainConfig) -> Run:
 
     out_dir = Path(cfg.out_dir)
     resuming = cfg.init_from == "resume"
-    writes = rank == 0 and not cfg.eval_only
-    if writes:
-        if not resuming and has_checkpoint(out_dir):
-            raise SystemExit(f"{out_dir} already holds a checkpoint: continue that run with --init_from=resume, or "
-                             f"start a new one with another --out_dir (nothing was overwritten)")
-        try:  # out_dir itself is made just before the first write, so that a run failing in setup leaves none
-            tempfile.TemporaryFile(dir=next(p for p in (out_dir, *out_dir.parents) if p.exists())).close()
-        except OSError as e:
-            raise SystemExit(f"out_dir {out_dir} is not writable ({e.strerror}): pass another --out_dir") from None
+    if writes and not resuming and has_checkpoint(out_dir):
+        raise SystemExit(f"{out_dir} already holds a checkpoint: continue that run with --init_from=resume, or "
+                         f"start a new one with another --out_dir (nothing was overwritten)")
     if resuming and not has_checkpoint(out_dir):
         raise SystemExit(f"init_from=resume but {out_dir} holds no checkpoint: check --out_dir, or start with "
                          f"--init_from=scratch")
@@ -615,9 +631,6 @@ def build_optimizer(cfg: TrainConfig, run: Run, model: GPT,
     return optimizer, scaler, progress
 
 
-# ---------------------------------------------------------------------------------------------------------- resume
-
-
 def load_resumed(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict]:
     """The model and the training state (state.pt) of out_dir's latest checkpoint, checked against this run's
     dataset and settings; exits when it is already at max_iters."""
@@ -642,7 +655,7 @@ def load_resumed(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict]:
         print(f"resuming from iteration {state['iter_num']} ({folder}), continuing at iteration "
               f"{state['iter_num'] + 1}")
         saved = config.get("train", {})
-        shape = tuple(name for name in MODEL_FIELDS if name != "dropout")  # the checkpoint's model is used as is
+        shape = tuple(f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout"))  # as saved
         ignored = [f"{k}={getattr(cfg, k)}" for k in shape if k in saved and getattr(cfg, k) != saved[k]]
         changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in saved.items()
                    if k not in shape + ("init_from",) and hasattr(cfg, k) and getattr(cfg, k) != v]
@@ -671,325 +684,78 @@ def restore(cfg: TrainConfig, run: Run, state: dict, optimizer: torch.optim.Opti
     return Progress(state["iter_num"], state["best_val_loss"], state.get("elapsed", 0.0))
 
 
-# ---------------------------------------------------------------------------------------------- one training step
+# ---------------------------------------------------------------------------------------------------------- helpers
 
 
-def train_step(cfg: TrainConfig, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter], get_batch: Callable, batch: tuple,
-               iter_num: int, lr: float, stop: StopSignal) -> tuple[float, float, bool, bool, tuple]:
-    """One optimizer step over gradient_accumulation_steps micro-batches (this process's share of them), starting
-    from the prefetched `batch` (x, y, dropout seed). Returns the mean loss, the gradient norm, whether any rank was
-    asked to stop, whether the update was applied (a non-finite loss or gradient skips it on every rank), and the
-    next iteration's first batch. lr: learning_rate(iter_num, cfg), which the loop also logs."""
-    for group in optimizer.param_groups:  # each group's peak rate, scaled by the schedule
-        group["lr"] = group["base_lr"] * lr / cfg.learning_rate
-        if group.get("muon"):
-            group["momentum"] = muon_momentum(iter_num, cfg)
-    micro_steps = range(run.rank, cfg.gradient_accumulation_steps, run.world_size)  # rank r: r, r + W, r + 2W, ...
-    x, y, dropout_seed = batch
-    loss_sum = torch.zeros((), device=run.device)
-    for i, m in enumerate(micro_steps):
-        last = i == run.local_accum - 1
-        seed_dropout(dropout_seed, run.device)
-        # DDP averages gradients over ranks when the last micro-step's backward runs; the others only accumulate
-        # locally (no_sync), so each optimizer step costs one all-reduce.
-        with model.no_sync() if run.ddp and not last else nullcontext():
-            with run.autocast:
-                _, loss = model(x, y)
-            # Fetch the next batch while the device works: the next micro-step, or the next iteration.
-            rng, dropout_seed = (step_rngs(cfg.seed, iter_num, micro_steps[i + 1]) if not last
-                                 else step_rngs(cfg.seed, iter_num + 1, micro_steps[0]))
-            x, y = get_batch(rng)
-            loss_sum += loss.detach()
-            # Each rank sums local_accum losses and DDP averages over world_size ranks, so dividing by local_accum
-            # here gives the mean over all accum micro-steps, whatever world_size is.
-            scaler.scale(loss / run.local_accum).backward()
-    scaler.unscale_(optimizer)  # a no-op unless float16: clip and check the true gradient
-    if cfg.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-
-    # The step's one host sync: the mean loss, the gradient norm (the same on every rank: the gradients were
-    # all-reduced) and whether any rank got a stop signal. Skipping a non-finite update and stopping must be decided
-    # the same way on every rank; reading three numbers once per optimizer step (not per micro-step) costs far less
-    # than a step, and float16's GradScaler syncs here anyway.
-    stats = torch.stack([loss_sum / run.local_accum, grad_norm.float(),
-                         loss_sum.new_full((), float(stop.signum))])  # a fill kernel, no copy
-    if run.ddp:
-        dist.all_reduce(stats)  # SUM: loss sums over ranks, norm * W, stop > 0 if any rank was signalled
-        stats /= run.world_size
-    loss_value, norm_value, stop_value = stats.tolist()
-
-    # A non-finite loss always skips. A non-finite gradient with a finite loss is, in float16, an overflow that the
-    # GradScaler owns: scaler.step skips that update and scaler.update lowers the scale (it happens now and then
-    # while the scale settles), so it is not counted as skipped.
-    updated = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(norm_value))
-    if updated:
-        scaler.step(optimizer)  # optimizer.step() unless float16
-    scaler.update()  # (float16) after a skip: resets the scaler's per-step state and lowers the scale
-    optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value, stop_value > 0, updated, (x, y, dropout_seed)
+def learning_rate(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_iters, then to min_lr at lr_decay_iters, then min_lr. cosine: nanoGPT's decay.
+    wsd (warmup-stable-decay, as nanochat and modded-nanogpt): constant, then linear over the last cooldown_frac."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = max(cfg.warmup_iters, cfg.lr_decay_iters * (1 - cfg.cooldown_frac))
+        progress = max(0.0, (it - cooldown_start) / (cfg.lr_decay_iters - cooldown_start))  # 0 -> 1
+        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
+    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# ------------------------------------------------------------------------------------------------------------ loop
+def muon_momentum(it: int, cfg: TrainConfig) -> float:
+    """Muon's momentum: 0.85 rising linearly to muon_momentum over muon_momentum_warmup iterations (modded-nanogpt)."""
+    frac = min(1.0, it / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup else 1.0
+    return 0.85 + frac * (cfg.muon_momentum - 0.85)
 
 
-def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: torch.optim.Optimizer,
-          scaler: torch.amp.GradScaler, progress: Progress, argv: list[str]) -> dict:
-    """Evaluate the starting point, then train_step until max_iters, evaluating and saving every eval_interval; stop
-    cleanly on a signal, on too many non-finite steps in a row, or out of memory."""
-    block_size = raw_model.config.block_size
-    model = torch.compile(raw_model) if run.compile else raw_model
-    train_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None) if run.ddp else model
-    get_batch = {split: batch_sampler(files, block_size, cfg.batch_size, run.device)
-                 for split, files in data.splits.items()}
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    start_iter = progress.iter_num
-    stop = StopSignal(verbose=run.master)
+def step_rngs(seed: int, iter_num: int, micro_step: int) -> tuple[np.random.Generator, int]:
+    """The data generator and the dropout seed of one micro-step, derived from (seed, iter_num, micro_step) alone.
 
-    # ------------------------------------------------------------------------------------------------ evaluation
-    # UTF-8 bytes of each token id: bits per byte = nats / ln 2 / bytes of the targets, comparable across tokenizers
-    try:
-        byte_lengths = torch.from_numpy(data.tokenizer.token_byte_lengths()).to(run.device)
-    except SystemExit as e:  # BPE files that cannot be loaded (offline): prepared ids still train, without bpb
-        byte_lengths = None
-        if run.master:
-            print(f"no bits per byte in this run: {e}")
-
-    def bpb_text(losses: dict[str, float | None]) -> str:
-        return "" if losses["val_bpb"] is None else f" (val bpb {losses['val_bpb']:.4f})"
-
-    @torch.no_grad()
-    def evaluate() -> dict[str, float | None] | None:
-        """Mean loss over eval_iters batches per split, and its bits per byte ({split}_bpb; None without the BPE's
-        files): the same batches at every evaluation, shared out over ranks.
-
-        None when a stop request came during it: a single process stops between two batches, and that checkpoint then
-        has no val loss (under torchrun every rank finishes, so that their all-reduces stay matched). On a terminal a
-        bar appears after EVAL_BAR_DELAY seconds.
-        """
-        raw_model.eval()
-        losses = {}
-        signalled_before = stop.signum  # a stop requested during the step that evaluates: evaluate, then stop
-        shown = tqdm(total=2 * len(range(run.rank, cfg.eval_iters, run.world_size)), desc="evaluating", unit="batch",
-                     leave=False, delay=EVAL_BAR_DELAY, disable=not run.master or not sys.stderr.isatty())
-        for tag, split in ((1, "train"), (2, "val")):
-            total = torch.zeros((), device=run.device)
-            nbytes = torch.zeros((), dtype=torch.int64, device=run.device)  # UTF-8 bytes of the targets
-            for k in range(run.rank, cfg.eval_iters, run.world_size):
-                if stop.signum and not signalled_before and not run.ddp:
-                    shown.close()
-                    raw_model.train()
-                    return None
-                rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, tag, k]))
-                x, y = get_batch[split](rng)
-                with run.autocast:
-                    _, loss = model(x, y)
-                total += loss.float()
-                if byte_lengths is not None:
-                    nbytes += byte_lengths[y].sum()
-                shown.update(1)
-            if run.ddp:
-                dist.all_reduce(total)
-                dist.all_reduce(nbytes)
-            losses[split] = total.item() / cfg.eval_iters
-            # every batch has batch_size * block_size targets: nats = mean loss * all targets
-            nats = losses[split] * cfg.eval_iters * cfg.batch_size * block_size
-            losses[f"{split}_bpb"] = nats / math.log(2) / max(nbytes.item(), 1) if byte_lengths is not None else None
-        shown.close()
-        raw_model.train()
-        return losses
-
-    # ------------------------------------------------------------------------------------------------ checkpoint
-    metrics_path = run.out_dir / "metrics.jsonl"
-
-    def save(val_loss: float | None) -> tuple[Path, bool]:
-        """Write ckpt_{iter_num}: weights, config (model, tokenizer, training settings) and the training state.
-        Returns the folder and whether val_loss is the best so far (then `best` points to it)."""
-        is_best = val_loss is not None and val_loss < progress.best_val_loss
-        if is_best:
-            progress.best_val_loss = val_loss
-        train_state = {
-            "optimizer": optimizer.state_dict(), "iter_num": progress.iter_num,
-            "best_val_loss": progress.best_val_loss,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
-            "scaler": scaler.state_dict(), "elapsed": progress.elapsed(), "threads": torch.get_num_threads(),
-        }
-        extra = {"tokenizer": data.meta["tokenizer"], "train": config_to_dict(cfg), "val_loss": val_loss}
-        folder = save_checkpoint(run.out_dir, raw_model, extra, train_state, iter_num=progress.iter_num,
-                                 is_best=is_best)
-        return folder, is_best
-
-    def record(**values: float | None) -> None:
-        """Append one line to metrics.jsonl (rank 0); every line has every key, null where it does not apply."""
-        row = {"iter": progress.iter_num, "train_loss": None, "val_loss": None, "train_bpb": None, "val_bpb": None,
-               "lr": None, "tokens_per_sec": None, "mfu": None, "elapsed": round(progress.elapsed(), 3)} | values
-        assert row.keys() == METRICS_KEYS
-        with errors.writing(metrics_path), open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    if run.writes:
-        start_metrics(metrics_path, run.resuming, progress.iter_num)
-
-    # ------------------------------------------------------------------------------------------------ the loop
-    peak_flops = cfg.peak_flops or device_peak_flops(run.device)
-    tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
-    last_saved = start_iter if run.resuming else None
-    val_loss = None
-    interrupted = False  # all ranks agreed to stop early after a signal
-    skipped = 0  # optimizer steps skipped in a row because of a non-finite loss or gradient
-    window_time, window_iters = 0.0, 0  # for tokens/s over the current log interval
-    step_time = None  # seconds per iteration, smoothed (an exponential moving average): the shown tokens/s
-    terminal = sys.stderr.isatty()
-    last_line = time.perf_counter()  # when the last plain progress line was printed (not on a terminal)
-    bar = None
-    if run.master and run.device.type == "cpu":
-        warn_if_slow(raw_model, tokens_per_iter, 2 * cfg.eval_iters * cfg.batch_size * block_size)
-    with stop:
-        try:
-            if cfg.eval_only or not run.resuming:  # the starting point: the untrained (or pretrained) model's loss
-                losses = evaluate()
-                interrupted = losses is None
-                if run.master and losses is not None:
-                    print(f"iter {progress.iter_num}: train loss {losses['train']:.4f}, val loss "
-                          f"{losses['val']:.4f}{bpb_text(losses)}")
-                if cfg.eval_only:
-                    if interrupted:
-                        raise SystemExit(128 + stop.signum)
-                    return {"iter_num": progress.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                            "train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"]}
-                if run.writes and losses is not None:
-                    record(train_loss=losses["train"], val_loss=losses["val"], train_bpb=losses["train_bpb"],
-                           val_bpb=losses["val_bpb"], lr=learning_rate(progress.iter_num, cfg))
-
-            # A bar on a terminal; in a log file, a plain line every PLAIN_LOG_EVERY seconds instead (a bar there is
-            # one endless line of carriage returns).
-            bar = tqdm(total=cfg.max_iters, initial=progress.iter_num, disable=not run.master or not terminal,
-                       dynamic_ncols=True, unit="it")
-            rng, dropout_seed = step_rngs(cfg.seed, progress.iter_num, run.rank)  # this rank's first micro-step
-            batch = (*get_batch["train"](rng), dropout_seed)
-            while progress.iter_num < cfg.max_iters and not interrupted:
-                t0 = time.perf_counter()
-                lr = learning_rate(progress.iter_num, cfg)
-                loss_value, norm_value, stopping, updated, batch = train_step(
-                    cfg, run, train_model, optimizer, scaler, params, get_batch["train"], batch, progress.iter_num,
-                    lr, stop)
-                if updated:
-                    skipped = 0
-                else:
-                    skipped += 1
-                    if run.master:
-                        tqdm.write(f"iter {progress.iter_num + 1}: loss {loss_value}, gradient norm {norm_value}: "
-                                   f"update skipped ({skipped} in a row)")
-                    if skipped >= cfg.max_skipped_steps:
-                        latest = find_checkpoint(run.out_dir) if has_checkpoint(run.out_dir) else "none was saved yet"
-                        raise SystemExit(
-                            f"the loss or gradient was not finite for {skipped} steps in a row (iterations "
-                            f"{progress.iter_num + 2 - skipped}-{progress.iter_num + 1}): stopping without saving. "
-                            f"The last good checkpoint: {latest}. Resume it with --init_from=resume and a lower "
-                            f"--learning_rate, a --grad_clip, or --dtype=bfloat16/float32 if this ran in float16")
-                progress.iter_num += 1
-                bar.update(1)
-                dt = time.perf_counter() - t0
-                window_time += dt
-                window_iters += 1
-                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt  # ~the last 10 iterations
-
-                if progress.iter_num % cfg.log_interval == 0 and run.master:
-                    tokens_per_sec = tokens_per_iter * window_iters / window_time
-                    smooth = tokens_per_iter / step_time
-                    mfu = raw_model.estimate_mfu(smooth / run.world_size, peak_flops) if peak_flops else None
-                    shown = {"loss": f"{loss_value:.4f}", "tok/s": f"{smooth:,.0f}"}
-                    if mfu is not None:
-                        shown["mfu"] = f"{mfu:.1%}"
-                    bar.set_postfix(shown, refresh=False)
-                    if not terminal and time.perf_counter() - last_line >= PLAIN_LOG_EVERY:
-                        last_line = time.perf_counter()
-                        print(f"iter {progress.iter_num}/{cfg.max_iters} ({format_duration(progress.elapsed())}): "
-                              + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
-                    record(train_loss=loss_value, lr=lr, tokens_per_sec=round(tokens_per_sec, 1),
-                           mfu=None if mfu is None else round(mfu, 4))
-                if progress.iter_num % cfg.log_interval == 0:
-                    window_time, window_iters = 0.0, 0
-
-                # Evaluate before honouring a stop signal: the resumed run starts after this iteration, so it would
-                # never evaluate (nor choose `best`) here.
-                if progress.iter_num % cfg.eval_interval == 0 or progress.iter_num == cfg.max_iters:
-                    losses = evaluate()
-                    if losses is None:  # stopped during it: save below, without a val loss
-                        interrupted = True
-                        break
-                    val_loss = losses["val"]
-                    if run.master:
-                        record(train_loss=losses["train"], val_loss=val_loss, train_bpb=losses["train_bpb"],
-                               val_bpb=losses["val_bpb"], lr=lr)
-                        folder, best = save(val_loss)
-                        tqdm.write(f"iter {progress.iter_num}: train loss {losses['train']:.4f}, val loss "
-                                   f"{val_loss:.4f}{bpb_text(losses)}; saved {folder}{' (best)' if best else ''}")
-                    last_saved = progress.iter_num
-                if stopping:
-                    interrupted = True
-                    break
-        except torch.OutOfMemoryError:
-            raise SystemExit(
-                f"out of memory on {run.device} with batch_size={cfg.batch_size}, block_size={block_size}: lower "
-                f"--batch_size and raise --gradient_accumulation_steps to keep the tokens per step (e.g. "
-                f"--batch_size={max(1, cfg.batch_size // 2)} "
-                f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps * 2}), or train a smaller model. "
-                f"Nothing was saved by this run after its last checkpoint") from None
-        finally:
-            if bar is not None:
-                bar.close()
-
-        # -------------------------------------------------------------------------------------------- end
-        untrained = interrupted and progress.iter_num == start_iter  # stopped in the first evaluation: nothing new
-        if run.master and last_saved != progress.iter_num and not untrained:  # interrupted, or max_iters=0
-            folder, _ = save(None)
-            print(f"saved {folder}")
-        if run.master and metrics_path.exists() and metrics_path.stat().st_size:
-            plot_losses(metrics_path, run.out_dir / "loss.png")
-        if run.ddp:
-            dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has written
-    if interrupted:
-        signum = stop.signum or signal.SIGTERM  # a rank that got no signal itself stops because another did
-        if run.master and untrained:
-            if run.writes and not run.resuming and not any(run.out_dir.iterdir()):
-                run.out_dir.rmdir()
-            print(f"stopped by {signal.Signals(signum).name} before the first iteration; nothing was saved")
-        elif run.master:
-            print(f"stopped by {signal.Signals(signum).name} at iteration {progress.iter_num}; continue with:\n"
-                  f"  {resume_command(argv)}")
-        raise SystemExit(128 + signum)
-    if run.master and progress.iter_num > start_iter:
-        print(summary(run.out_dir, progress.iter_num - start_iter, time.perf_counter() - progress.t_start,
-                      progress.best_val_loss))
-    return {"iter_num": progress.iter_num, "val_loss": val_loss, "best_val_loss": progress.best_val_loss}
+    micro_step counts over all processes (0 .. gradient_accumulation_steps - 1), so whichever rank runs micro-step m
+    of iteration i reads the same windows and draws the same dropout masks. numpy's SeedSequence hashes the tuple,
+    so no two tuples share a stream (a formula such as seed * P + iter * Q + micro would collide for large micro).
+    The leading 0 tags training; evaluation batches use 1 (train split) and 2 (val split).
+    """
+    data_seq, dropout_seq = np.random.SeedSequence([seed, 0, iter_num, micro_step]).spawn(2)
+    return np.random.default_rng(data_seq), int(dropout_seq.generate_state(1, np.uint64)[0])
 
 
-def start_metrics(path: Path, resuming: bool, iter_num: int) -> None:
-    """A fresh run starts a new metrics.jsonl; a resumed one keeps the lines up to its checkpoint, dropping those the
-    interrupted run wrote past it (their steps are done again) and any line that does not parse: the last one,
-    half-written when a kill -9 or a power cut stopped that run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = []
-    if resuming and path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            try:  # a line that is not one of record()'s (its keys, numbers or null) is dropped too
-                row = json.loads(line)
-                old = METRICS_KEYS - {"train_bpb", "val_bpb"}  # the lines of runs from before bpb was logged
-                numbers = all(v is None or type(v) in (int, float) for v in row.values())
-                if old <= row.keys() <= METRICS_KEYS and numbers and type(row["iter"]) is int and \
-                        row["iter"] <= iter_num:
-                    kept.append(line)
-            except (ValueError, AttributeError):
-                pass
-    if kept:
-        with errors.writing(path):
-            path.write_text("".join(line + "\n" for line in kept))
-    else:  # the first record() makes it: a run stopped before that leaves no empty file
-        path.unlink(missing_ok=True)
+def batch_sampler(files: list[np.memmap], block_size: int, batch_size: int,
+                  device: torch.device) -> Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]]:
+    """get_batch(rng) for one split: batch_size random windows of block_size + 1 consecutive tokens, as inputs
+    x (B, T) and targets y (B, T).
+
+    Start positions are uniform over every position of every file (shard), so a shard is picked in proportion to
+    its length and a window never crosses from one shard into the next. Where each file's starts begin is worked
+    out here, once, not at every micro-step.
+    """
+    starts_per_file = [max(len(f) - block_size, 0) for f in files]  # a window needs block_size + 1 tokens
+    first = np.cumsum([0, *starts_per_file])  # file i holds the starts first[i] .. first[i + 1] - 1
+
+    def get_batch(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = rng.integers(0, first[-1], size=batch_size)
+        which = np.searchsorted(first, starts, side="right") - 1  # the file each start falls in
+        offsets = starts - first[which]
+        windows = np.stack([files[f][o:o + block_size + 1] for f, o in zip(which, offsets)]).astype(np.int64)
+        w = torch.from_numpy(windows)  # (B, T + 1)
+        if device.type == "cuda":  # pinned memory lets the copy run while the GPU works on the previous micro-step
+            w = w.pin_memory().to(device, non_blocking=True)
+        else:
+            w = w.to(device)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
+
+    return get_batch
+
+
+def seed_dropout(seed: int, device: torch.device) -> None:
+    """Seed the generator the dropout masks come from (the CPU's, or the current accelerator's)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # this process's GPU only: manual_seed_all would touch every visible GPU
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
 
 
 if __name__ == "__main__":

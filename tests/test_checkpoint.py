@@ -77,6 +77,17 @@ def test_round_trip(tmp_path: Path) -> None:
     assert has_checkpoint(tmp_path) and not has_checkpoint(tmp_path / "elsewhere")
 
 
+def test_checkpoint_files_share_one_permission(tmp_path: Path) -> None:
+    """safetensors writes its file 0600; a checkpoint's files all get what open() gives under the umask."""
+    old = os.umask(0o022)
+    try:
+        folder = save(tmp_path, tiny_model(0), 1)
+    finally:
+        os.umask(old)
+    assert {name: (folder / name).stat().st_mode & 0o777 for name in checkpoint.FILES} == \
+        dict.fromkeys(checkpoint.FILES, 0o644)
+
+
 def test_optimizer_state_comes_back_exactly(tmp_path: Path) -> None:
     model = tiny_model(0)
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 import attention
 import checkpoint
 import errors
+import runlog
 import sample
 import tokens
 import train
@@ -323,7 +324,7 @@ def test_foreign_metrics_lines_are_dropped_on_resume(trained: tuple[Path, Path],
         f.write(b'[1, 2]\n"text"\n{"iter": "one"}\n{"iter": 1}\n\xff\xfe\n{"iter": 1, "val_loss": "x"}\n')
     train.main([f"--dataset={trained[0]}", f"--out_dir={run_copy}", "--init_from=resume", "--max_iters=4", *TINY])
     rows = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1, 2, 2, 3, 4, 4] and all(r.keys() == train.METRICS_KEYS for r in rows)
+    assert [r["iter"] for r in rows] == [0, 1, 2, 2, 3, 4, 4] and all(r.keys() == runlog.METRICS_KEYS for r in rows)
 
 
 def test_disk_full_writing_metrics(trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -10,6 +10,7 @@ subprocess whose every forward pass sleeps a little (so that the signal lands mi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,12 +30,14 @@ from safetensors.torch import load_file
 
 import model as model_module
 import prepare_data
+import runlog
 import tokens
+import train
 from checkpoint import load_model, load_state
 from conftest import assert_same_weights, exit_message
-from config import parse_config
-from model import GPT
-from train import TrainConfig, learning_rate, main, muon_momentum, resume_command
+from config import field_help, parse_config
+from model import GPT, GPTConfig
+from train import TrainConfig, learning_rate, main, muon_momentum
 
 REPO = Path(__file__).resolve().parents[1]
 ITERS = 80  # the uninterrupted reference run
@@ -160,8 +163,31 @@ def test_help_lists_every_setting(capsys: pytest.CaptureFixture) -> None:
         main(["--help"])
     assert e.value.code == 0
     shown = capsys.readouterr().out
-    for name in TrainConfig.__dataclass_fields__:
-        assert f"--{name}=" in shown
+    for f in dataclasses.fields(TrainConfig):
+        assert (f"--{f.name}=" in shown) == f.init  # vocab_size (init=False) is the dataset's, not a setting
+
+
+def test_every_model_field_is_a_training_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule, walked over GPTConfig's fields so that a field added to it later is covered: each is a setting of
+    train.py (its type, its default, a line of --help) and reaches the model that gpt_config builds."""
+    settings = {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
+    helps = field_help(TrainConfig)
+    model_fields = [f for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+    for f in model_fields:
+        assert f.name in settings and (settings[f.name].type, settings[f.name].default) == (f.type, f.default), f.name
+        assert helps.get(f.name), f"{f.name} has no one-line comment for --help"
+    # Every field flows into GPTConfig: a distinct object in each (validation off, so any object passes).
+    monkeypatch.setattr(GPTConfig, "__post_init__", lambda self: None)
+    cfg, marks = TrainConfig(), {f.name: object() for f in model_fields}
+    for name, mark in marks.items():
+        object.__setattr__(cfg, name, mark)
+    built = cfg.gpt_config(vocab_size=7)
+    assert type(built) is GPTConfig and built.vocab_size == 7
+    assert all(getattr(built, name) is mark for name, mark in marks.items())
+    monkeypatch.undo()
+    assert "unknown setting 'vocab_size'" in exit_message(main, ["--vocab_size=7"])
+    assert parse_config(TrainConfig, ["--n_layer=3", "--qk_norm=true"]).gpt_config(65) == \
+        GPTConfig(n_layer=3, qk_norm=True, vocab_size=65)
 
 
 def test_precedence_cli_over_toml_and_unknown_keys(char_data: Path, tmp_path: Path) -> None:
@@ -273,19 +299,6 @@ def test_resume_with_nothing_left_to_train_says_so(char_data: Path, tmp_path: Pa
         assert (f"already at iteration 2 >= max_iters={max_iters}: nothing to train; raise --max_iters to continue"
                 in capsys.readouterr().out)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # no new checkpoint, metrics untouched
-
-
-def test_resume_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RANK", raising=False)
-    assert resume_command(["run.toml", "--init_from", "gpt2", "--max_iters=5"]) == \
-        "python train.py run.toml --max_iters=5 --init_from=resume"
-    assert resume_command(["--init_from=gpt2", "--out_dir", "my run"]) == \
-        "python train.py --out_dir 'my run' --init_from=resume"
-
-
-def test_resume_command_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RANK", "0")
-    assert resume_command(["run.toml"]) == "torchrun <your torchrun options> train.py run.toml --init_from=resume"
 
 
 def test_two_processes_equal_one_and_stop_together(reference: Path, char_data: Path, tmp_path: Path) -> None:
@@ -542,7 +555,7 @@ def test_nonfinite_run_stops_and_keeps_the_last_good_checkpoint(char_data: Path,
 def test_nonfinite_gradient_norm_skips_the_update(char_data: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A finite loss with a non-finite gradient (an overflow in backward): iterations 6 and 7 leave the weights as
-    they were, and from iteration 26 on the run stops after max_skipped_steps, keeping the last good checkpoint."""
+    they were, and from iteration 26 on the run stops after max_skipped_steps, naming the last (finite) checkpoint."""
     clip, before = torch.nn.utils.clip_grad_norm_, []
 
     def patched(params, max_norm, *args, **kwargs):
@@ -559,6 +572,55 @@ def test_nonfinite_gradient_norm_skips_the_update(char_data: Path, tmp_path: Pat
     assert same(before[5], before[7])  # the updates of iterations 6 and 7 (before[5], before[6]) were skipped
     assert not same(before[4], before[5]) and not same(before[7], before[8])  # those of 5 and 8 were not
     assert all(s["step"].item() == 18 for s in load_state(tmp_path / "latest")["optimizer"]["state"].values())
+
+
+def strict_json(line: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_diverged_run_stops_and_names_the_last_finite_checkpoint(char_data: Path, tmp_path: Path) -> None:
+    """--learning_rate=1e30: the first update is finite (weights ~1e30), every later loss NaN. The evaluation at 40
+    sees val loss nan: nothing is saved, `latest` and `best` stay on iteration 20, and metrics.jsonl stays JSON."""
+    run(char_data, tmp_path, "--max_iters=20")
+    message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=40",
+                                  "--init_from=resume", "--learning_rate=1e30", "--max_skipped_steps=100"])
+    assert message.startswith("iteration 40: val loss nan, the run diverged") and "\n" not in message
+    assert f"The last finite checkpoint: {tmp_path / 'ckpt_000020'}" in message and "good" not in message
+    assert [p.name for p in tmp_path.glob("ckpt_*")] == ["ckpt_000020"]
+    assert (tmp_path / "latest").resolve() == (tmp_path / "best").resolve() == tmp_path / "ckpt_000020"
+    rows = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["iter"] == 40 and rows[-1]["val_loss"] is None  # the diverged evaluation, recorded as null
+    assert [r["iter"] for r in rows if r["train_loss"] is None] == [30, 40, 40]  # log_interval=10, and the eval
+
+
+def test_nonfinite_weights_are_never_saved(reference: Path) -> None:
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=8))
+    train.check_finite(model, 1.0, 3, reference)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("inf")
+    with pytest.raises(SystemExit, match=f"iteration 3: the weights are not finite.*{reference / 'ckpt_000080'}"):
+        train.check_finite(model, 1.0, 3, reference)
+
+
+def test_a_second_run_into_one_out_dir_is_refused(char_data: Path, tmp_path: Path) -> None:
+    """Another process holds out_dir's lock: a fresh run and a resume into it are refused in one line naming its
+    pid, and leave its files alone; once it is killed with -9, the kernel has released the lock."""
+    first = slow_process(char_data, tmp_path, delay=0.05)
+    wait_for(lambda: (tmp_path / "latest").is_symlink(), first)
+    argv = [f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, f"--max_iters={ITERS}"]
+    for extra in ([], ["--init_from=resume"]):
+        assert exit_message(main, [*argv, *extra]) == (f"{tmp_path} is in use by another train.py (pid "
+                                                       f"{first.pid}): wait for it to end, or pass another --out_dir")
+    assert first.poll() is None
+    first.kill()
+    first.communicate()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()[:None if text.endswith("\n") else -1]]  # kill -9: a part
+    assert [r["iter"] for r in rows if r["val_loss"] is None] == list(range(10, rows[-1]["iter"] + 1, 10))  # one run's
+    run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
+    assert iteration(tmp_path) == ITERS and not (tmp_path / ".lock").exists()
 
 
 def test_out_of_memory_says_what_to_change_and_saves_nothing(char_data: Path, tmp_path: Path,
@@ -710,9 +772,7 @@ def test_failed_fine_tune_download_is_one_line_and_leaves_no_folders(char_data: 
 def test_run_ends_with_a_summary_and_plain_progress_lines_in_a_log(char_data: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture) -> None:
-    import train
-
-    monkeypatch.setattr(train, "PLAIN_LOG_EVERY", 0.0)  # a line at every log interval
+    monkeypatch.setattr(runlog, "PLAIN_LOG_EVERY", 0.0)  # a line at every log interval
     run(char_data, tmp_path, "--max_iters=40")
     out, err = capsys.readouterr()
     assert "\r" not in err  # pytest's stderr is not a terminal: no bar
@@ -726,11 +786,9 @@ def test_run_ends_with_a_summary_and_plain_progress_lines_in_a_log(char_data: Pa
 
 def test_slow_cpu_run_is_announced(char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture) -> None:
-    import train
-
     run(char_data, tmp_path / "fast", "--max_iters=1")
     assert "warning" not in capsys.readouterr().out
-    monkeypatch.setattr(train, "matmul_flops_per_sec", lambda: 1e3)  # a CPU a billion times slower
+    monkeypatch.setattr(runlog, "matmul_flops_per_sec", lambda: 1e3)  # a CPU a billion times slower
     run(char_data, tmp_path / "slow", "--max_iters=1")
     assert "warning: on this CPU (1 thread(s)) one iteration will take about" in capsys.readouterr().out
 
