@@ -424,6 +424,13 @@ def test_a_bug_keeps_its_traceback_and_smallgpt_debug_shows_everything(corpus: P
     status, lines = run("data/text/prepare.py", "--input", tmp_path / "latin1.txt", "--out_dir", tmp_path / "o",
                         env={"SMALLGPT_DEBUG": "1"})
     assert status == 1 and lines[0] == "Traceback (most recent call last):" and "not UTF-8 text" in lines[-1]
+    # a failure turned into a SystemExit (Python prints those without a traceback): where it came from too
+    missing = tmp_path / "missing.txt"
+    assert_one_line(run("data/text/prepare.py", "--input", missing, "--out_dir", tmp_path / "o"), "no such file")
+    status, lines = run("data/text/prepare.py", "--input", missing, "--out_dir", tmp_path / "o",
+                        env={"SMALLGPT_DEBUG": "1"})
+    assert status == 1 and lines[0] == "Traceback (most recent call last):", lines
+    assert any("in find_inputs" in line for line in lines) and lines[-1].startswith("SystemExit: --input")
 
 
 def test_messages_of_the_boundary() -> None:
