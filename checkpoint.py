@@ -28,12 +28,15 @@ old checkpoints only once `latest` points at a newer complete one. One process w
 from __future__ import annotations
 
 import errno
+import dataclasses
 import json
+import math
 import os
 import pickle
 import re
 import shutil
 import sys
+import typing
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -114,9 +117,11 @@ def load_model(name_or_path: str | Path, which: str = "latest", device: str = "c
     folder = model_folder(name_or_path, which)
     config, gpt_config = _read_config(folder, dropout)
     tokenizer = config_tokenizer(config, folder / "config.json")
-    if tokenizer.vocab_size > gpt_config.vocab_size:
+    # A BPE vocabulary may be padded (padded_vocab_size); a char one is exact, or the model's extra ids print as U+FFFD.
+    if tokenizer.vocab_size > gpt_config.vocab_size or tokenizer.kind == "char" and \
+            tokenizer.vocab_size != gpt_config.vocab_size:
         raise ValueError(f"{folder / 'config.json'}: its tokenizer has {tokenizer.vocab_size} tokens but the "
-                         f"model only {gpt_config.vocab_size} (vocab_size): the config does not belong to these "
+                         f"model {gpt_config.vocab_size} (vocab_size): the config does not belong to these "
                          f"weights; save the checkpoint again")
     return _load_weights(folder, gpt_config).to(device).eval(), tokenizer, config
 
@@ -189,19 +194,64 @@ def _read_config(folder: Path, dropout: float | None) -> tuple[dict, GPTConfig]:
         raise ValueError(f"{path} not found: a model folder holds config.json and model.safetensors") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; use another checkpoint") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} holds no JSON object: it is not a model's config.json")
+    check_config_types(config, path)
     c = config_from_hf(config, str(path), dropout)
     if not weights.is_file():
         raise ValueError(f"{weights} not found: a model folder holds config.json and model.safetensors "
                          f"(pytorch_model.bin is not read: convert it to safetensors)")
     # Every weight takes at least a byte of model.safetensors: a config that asks for more (a damaged or foreign
     # config.json) would have the allocation fail or swap before load_hf_state_dict compares the shapes.
-    params = (c.vocab_size + c.block_size * (c.pos_embedding == "learned") + c.n_layer * c.n_embd) * c.n_embd
+    # RoPE's tables (block_size x head_dim numbers, not in the file) are held to the same bound.
+    params = ((c.vocab_size + c.n_layer * c.n_embd) * c.n_embd +
+              c.block_size * (c.n_embd if c.pos_embedding == "learned" else c.head_dim))
     if params > weights.stat().st_size:
         raise ValueError(f"{path}: its sizes make ~{params:,} weights, more than the {weights.stat().st_size:,} "
                          f"bytes of {weights}: the config does not belong to these weights")
     return config, c
+
+
+_NUMBER, _NONE = (float,), (type(None),)  # a float takes an int too
+# The JSON types of the config.json entries that are read, checked once, here, before anything reads them: GPT-2's
+# and NanoChat's sizes and settings, the entries train.py adds; the "smallgpt" entry's by GPTConfig's field types.
+CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "model_type": (str,), "smallgpt": (dict,), "tokenizer": (dict,), "train": (dict,), "iter_num": (int,),
+    "val_loss": _NUMBER + _NONE, "n_positions": (int,), "n_ctx": (int,), "n_embd": (int,), "n_layer": (int,),
+    "n_head": (int,), "vocab_size": (int,), "hidden_size": (int,), "intermediate_size": (int,),
+    "num_hidden_layers": (int,), "num_attention_heads": (int,), "num_key_value_heads": (int,) + _NONE,
+    "max_position_embeddings": (int,), "rope_theta": _NUMBER, "rope_parameters": (dict,) + _NONE,
+    "final_logit_softcapping": _NUMBER + _NONE,
+}
+_ROPE_PARAMETER_TYPES = {"rope_type": (str,), "rope_theta": _NUMBER}
+
+
+def check_config_types(config: object, path: Path) -> None:
+    """Refuse a config.json whose entries, nested ones too, have the wrong JSON type (a bool is not a number)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no JSON object: it is not a model's config.json")
+    _check_types(config, CONFIG_TYPES, path, "")
+    for key, types in (("rope_parameters", _ROPE_PARAMETER_TYPES), ("smallgpt", _field_types(GPTConfig))):
+        if isinstance(config.get(key), dict):
+            _check_types(config[key], types, path, f"{key}.")
+
+
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The JSON types each field of a dataclass takes: `int | None` -> (int, NoneType); a float takes an int too."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in dataclasses.fields(cls)}
+
+
+def _check_types(entries: dict, types: dict[str, tuple[type, ...]], path: Path, prefix: str) -> None:
+    for key, allowed in types.items():
+        value = entries.get(key)
+        fits = type(value) in allowed or type(value) is int and float in allowed
+        if key not in entries or fits and (type(value) is not float or math.isfinite(value)):
+            continue
+        if not fits:
+            what = "of type " + " | ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        else:
+            what = "a finite number"
+        raise ValueError(f"{path}: {prefix}{key}={value!r:.60} is not {what}: the file is damaged or not a model's "
+                         f"config.json; use another checkpoint")
 
 
 def _load_weights(folder: Path, config: GPTConfig) -> GPT:

@@ -9,6 +9,7 @@ SIGKILL while it writes, and (in-process, at every filesystem step of a save) an
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,8 @@ from model import GPT, GPTConfig
 from tokens import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = {"tokenizer": Tokenizer.char(CHARS).to_meta()}
+SYMBOLS = CHARS + "".join(chr(0x3b1 + i) for i in range(TINY["vocab_size"] - len(CHARS)))  # one per token id
+TOKENIZER = {"tokenizer": Tokenizer.char(SYMBOLS).to_meta()}
 
 
 def save(out_dir: Path, model: GPT, iter_num: int, is_best: bool = False, val_loss: float = 1.0) -> Path:
@@ -62,7 +64,7 @@ def test_round_trip(tmp_path: Path) -> None:
         assert_same_weights(model, loaded)
         assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tied again after loading
         assert not loaded.training
-        assert tokenizer == Tokenizer.char(CHARS)
+        assert tokenizer == Tokenizer.char(SYMBOLS)
         assert config["iter_num"] == 80 and config["val_loss"] == 1.5 and config["train"] == {"learning_rate": 1e-3}
         assert config["smallgpt"] == json.loads(json.dumps(model.hf_config()["smallgpt"]))
         assert config["vocab_size"] == TINY["vocab_size"] and config["n_layer"] == 2
@@ -345,7 +347,55 @@ def test_bad_config_json_is_refused(tmp_path: Path) -> None:
     # A tokenizer with more tokens than the model has embeddings: the config belongs to another model.
     config["tokenizer"] = Tokenizer.char("".join(chr(c) for c in range(32, 132))).to_meta()
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"{config_path}: its tokenizer has 100 tokens but the model only {TINY['vocab_size']}"):
+    with pytest.raises(ValueError, match=f"{config_path}: its tokenizer has 100 tokens but the model {TINY['vocab_size']}"):
+        load_model(tmp_path)
+    # A char table with fewer symbols than the model's ids: those ids would print as U+FFFD.
+    config["tokenizer"] = Tokenizer.char(CHARS).to_meta()
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"its tokenizer has {len(CHARS)} tokens but the model {TINY['vocab_size']}"):
+        load_model(tmp_path)
+
+
+NANOCHAT = dict(pos_embedding="rope", norm="rmsnorm", embed_norm=True, qk_norm=True, mlp="relu2", bias=False,
+                tie_embeddings=False, logit_softcap=15.0)  # the switches that make a model NanoChat's
+
+
+@pytest.mark.parametrize("hf_folder", [False, True])  # with our "smallgpt" entry, or without it (Hugging Face's)
+@pytest.mark.parametrize("key, value", [
+    ("rope_parameters", "default"), ("rope_parameters", [10000.0]), ("rope_parameters", {"rope_theta": "1e4"}),
+    ("rope_parameters", {"rope_theta": float("nan")}), ("hidden_size", None), ("hidden_size", {}),
+    ("num_key_value_heads", True), ("train", ["lr", 1e-3]), ("tokenizer", "char"), ("iter_num", "10"),
+    ("val_loss", [1.0]), ("smallgpt", {"rope_theta": float("inf")}), ("smallgpt", {"n_kv_head": 2.0}),
+])
+def test_config_json_entries_of_the_wrong_type_are_refused(tmp_path: Path, hf_folder: bool, key: str,
+                                                           value: object) -> None:
+    """Nested entries too, each with one line that names it, however deep it sits: checked once, on reading."""
+    save(tmp_path, tiny_model(0, **NANOCHAT), 10)
+    config_path = tmp_path / "latest" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["model_type"] == "nanochat"
+    if hf_folder:
+        del config["smallgpt"]
+    config_path.write_text(json.dumps(config | {key: value}))
+    name = key + "." + next(iter(value)) if isinstance(value, dict) and value else key
+    with pytest.raises(ValueError, match=rf"config.json: {re.escape(name)}=.* is not (of type|a finite number)"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("key, own_key", [("max_position_embeddings", None), ("max_position_embeddings", "block_size")])
+def test_a_rope_models_context_is_bounded_by_its_weights_too(tmp_path: Path, key: str, own_key: str | None) -> None:
+    """RoPE has no wpe to size block_size against, but its tables take block_size x head_dim numbers: a config.json
+    with block_size 2^31 allocated them for 90 s, then failed for 64 GiB."""
+    save(tmp_path, tiny_model(0, **NANOCHAT), 10)
+    config_path = tmp_path / "latest" / "config.json"
+    config = json.loads(config_path.read_text())
+    config[key] = 1 << 16  # 2^16 x head_dim 8 numbers: more than the tiny model's weights, yet quick to allocate
+    if own_key:
+        config["smallgpt"][own_key] = 1 << 16
+    else:
+        del config["smallgpt"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: its sizes make ~[\d,]+ weights, more than the"):
         load_model(tmp_path)
 
 

@@ -367,7 +367,7 @@ def test_disk_full_inside_torch_save(run_copy: Path, monkeypatch: pytest.MonkeyP
     (None, "block_size", 10 ** 12, r"config.json: its sizes make ~.* weights, more than the .* bytes of .*model"),
     ("n_layer", "n_layer", True, r"config.json: n_layer=True is not of type int"),
     ("n_head", "n_head", 3, r"config.json: n_embd \(16\) must be divisible by n_head \(3\)"),
-    (None, "bias", "yes", r"config.json: bias='yes' is not of type bool"),
+    (None, "bias", "yes", r"config.json: smallgpt.bias='yes' is not of type bool"),
 ])
 def test_config_json_types_and_sizes(run_copy: Path, key: str | None, own_key: str | None, value: object,
                                      pattern: str, capsys: pytest.CaptureFixture) -> None:
