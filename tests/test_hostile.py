@@ -31,6 +31,7 @@ import errors
 import sample
 import tokens
 import train
+from conftest import gpt2_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2",
@@ -237,6 +238,7 @@ builtins.open = open_on_a_full_disk
 
 
 def test_disk_full_during_preparation(prepared: Path, corpus: Path) -> None:
+    gpt2_bpe()  # the preparer's default tokenizer
     before = snapshot(prepared)
     line = assert_one_line(run("data/text/prepare.py", "--input", corpus, "--out_dir", prepared, pre=FULL_DISK),
                            r"\.tmp-prepare-\d+/\.train\.bin\.tmp: no space left on the device: free some space")
@@ -245,6 +247,7 @@ def test_disk_full_during_preparation(prepared: Path, corpus: Path) -> None:
 
 
 def test_ctrl_c_during_preparation_and_during_imports(prepared: Path, corpus: Path) -> None:
+    gpt2_bpe()  # the preparer's default tokenizer
     before = snapshot(prepared)
     slow = ("import time, prepare_data\nprepare_data.ShardWriter.write = lambda self, ids: "
             "(print('writing', flush=True), time.sleep(60))")
