@@ -95,7 +95,7 @@ def _gpt2_bpe_missing() -> str | None:
     else:
         if r.returncode == 0:
             return None
-        why = (r.stderr.strip().splitlines() or ["?"])[-1][:120]
+        why = (r.stderr.strip().splitlines() or ["?"])[-1].split(":")[0].rsplit(".")[-1] + ": offline?"
     return f"tiktoken's GPT-2 BPE files cannot be loaded ({why}): set TIKTOKEN_CACHE_DIR to a folder holding them"
 
 
