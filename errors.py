@@ -13,11 +13,13 @@ printed. SMALLGPT_DEBUG=1 prints the traceback of everything, a SystemExit's too
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sys
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import NoReturn
 
@@ -138,3 +140,39 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+def lock(path: Path, what: str) -> tuple[int, Path]:
+    """Hold an exclusive lock on the file `path` (made if missing) for this process, with its pid written inside;
+    SystemExit naming the process that holds it already. The kernel releases it when the process ends, kill -9
+    included; unlock releases it and removes the file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SystemExit(f"{path.parent} is being {what} by another process (pid {holder}): wait for it to end "
+                             f"or stop it, or use another folder; nothing was changed") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # A holder that ended between our open and our lock removed the file: then ours is a stale inode, try again.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, path
+
+
+def unlock(lock: tuple[int, Path]) -> None:
+    """Release a lock(): the file is removed first, while still held, so no one can lock it meanwhile."""
+    fd, path = lock
+    with suppress(OSError):
+        path.unlink()
+    os.close(fd)

@@ -133,6 +133,8 @@ def quiet_sample_config(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--input", "{parquet}"], r"needs pyarrow"),
     (["--input", "{corpus}", "--num_threads=-1"], r"--num_threads=-1: expected"),
     (["--input", "{corpus}", "--shard_size=0"], r"--shard_size=0: expected"),
+    (["--input", "{corpus}", "--shard_size=1"], r"--shard_size=1 could make up to [\d,]+ files a split .* more than "
+                                                r"1,000 .*: use --shard_size=\d+ or more"),  # train.py: too many open files
     (["--input", "{corpus}", "--val_fraction=nan"], r"--val_fraction=nan: expected"),
     (["--input", "{corpus}", "--val_fraction=0"], r"--val_fraction=0.0: expected .*both splits"),
     (["--input", "{corpus}", "--tokenizer=klingon"], r"--tokenizer=klingon: unknown tiktoken encoding .*or char"),
@@ -202,7 +204,8 @@ def test_kill_9_during_a_rerun_never_leaves_a_loadable_mix(prepared: Path, corpu
     status, _ = run("data/shakespeare_char/prepare.py", "--input", other, "--out_dir", prepared, pre=KILL_WHILE_WRITING)
     assert status == -signal.SIGKILL
     after = snapshot(prepared)
-    assert {k: v for k, v in after.items() if not k.startswith(".tmp-prepare-")} == before  # only the dead run's folder
+    # only the dead run's folder, and its lock file (the kernel released the lock)
+    assert {k: v for k, v in after.items() if not k.startswith(".tmp-prepare-") and k != ".lock"} == before
     assert len(tokens.load_split(prepared, "val")[0]) > 0
 
     status, _ = run("data/shakespeare_char/prepare.py", "--input", other, "--out_dir", prepared, pre=KILL_WHILE_SWAPPING)
@@ -471,3 +474,49 @@ def test_a_swap_killed_half_way_is_undone_by_the_next_run(prepared: Path, corpus
         with prepare_data.Preparation(prepared):
             raise ValueError("a failing run")
     assert snapshot(prepared) == before and not backup.exists()
+
+
+# Stops the preparation (SIGSTOP, as Ctrl-Z does) inside its swap, once the first old token file is set aside.
+PAUSE_IN_SWAP = """import os, signal
+_replace, _paused = os.replace, []
+def _pausing(src, dst):
+    _replace(src, dst)
+    if os.path.basename(os.path.dirname(dst)) == ".old-prepare" and str(dst).endswith(".bin") and not _paused:
+        _paused.append(os.kill(os.getpid(), signal.SIGSTOP))
+os.replace = _pausing"""
+
+
+@pytest.mark.parametrize("then", ["continued", "killed"])
+def test_two_preparations_into_one_folder(prepared: Path, corpus: Path, tmp_path: Path, then: str) -> None:
+    """The second one refuses, naming the first, while the first is paused half-way through its swap (it used to
+    take that for a killed run's and "restore" it, and the two destroyed both preparations). The lock goes with
+    the process: after kill -9 the next run may start, and puts the previous preparation back."""
+    before = snapshot(prepared)
+    (tmp_path / "more.txt").write_text(corpus.read_text() + "\nzebra quiz\n")  # a preparation that differs
+    args = ["--input", str(tmp_path / "more.txt"), "--tokenizer=char", "--out_dir", str(prepared)]
+    first = subprocess.Popen([sys.executable, "-c", HARNESS.format(repo=str(REPO), pre=PAUSE_IN_SWAP),
+                              str(REPO / "data/text/prepare.py"), *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)  # returns once it is stopped
+        assert os.WIFSTOPPED(status), first.communicate()
+        paused = snapshot(prepared)
+        assert (prepared / ".old-prepare").is_dir() and not (prepared / "meta.json").exists()
+        line = assert_one_line(run("data/text/prepare.py", *args), rf"is being prepared by another process "
+                                                                   rf"\(pid {first.pid}\): wait for it")
+        assert str(prepared) in line and snapshot(prepared) == paused  # nothing "restored", nothing written
+        if then == "continued":
+            os.kill(first.pid, signal.SIGCONT)
+            assert first.wait(timeout=60) == 0, first.stderr.read()
+        else:
+            first.kill()
+            first.wait(timeout=60)
+            assert run("data/text/prepare.py", *args)[0] == 0  # the lock died with it
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    after = snapshot(prepared)
+    assert sorted(after) == sorted(before) and after != before  # a complete new preparation, no stray file
+    assert "z" in json.loads(after["meta.json"])["tokenizer"]["chars"]
+    tokens.load_split(prepared, "train")
