@@ -342,7 +342,13 @@ def read_prompt(text: str, option: str = "--start") -> str:
     """The text a prompt setting names (sample.py's --start, attention.py's --text): the text itself, FILE:path, or
     - for standard input."""
     if text == "-":
-        return sys.stdin.read()
+        try:
+            return sys.stdin.read()  # sys.stdin is None when the shell closed it (<&-)
+        except (AttributeError, OSError, UnicodeDecodeError) as e:
+            why = "it is closed" if sys.stdin is None else f"it cannot be read as UTF-8 text ({e})"
+            raise SystemExit(f"{option}=- reads standard input, but {why}: pipe the text in (echo TEXT | python "
+                             f"{Path(sys.argv[0]).name} {option}=-), or pass {option}=TEXT or {option}=FILE:path"
+                             ) from None
     if text.startswith("FILE:"):
         path = Path(text.removeprefix("FILE:"))
         try:
