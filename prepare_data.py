@@ -278,9 +278,9 @@ def download(url: str, dest: Path, sha256: str | None) -> Path:
     dest = Path(dest)
     if dest.is_file():
         if sha256 is None or file_sha256(dest) == sha256:
-            print(f"using {dest} (already downloaded)")
+            print(f"using {dest} (already downloaded)", file=sys.stderr)  # stdout may carry results
             return dest
-        print(f"{dest} does not match sha256 {sha256[:12]}...: downloading it again")
+        print(f"{dest} does not match sha256 {sha256[:12]}...: downloading it again", file=sys.stderr)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
     h = hashlib.sha256()
@@ -314,7 +314,7 @@ def local_or_download(input_path: str | None, url: str, dest: Path, sha256: str 
     if not path.is_file():
         raise SystemExit(f"--input {path}: no such file (leave --input out to download {url})")
     if sha256 is not None and file_sha256(path) != sha256:
-        print(f"note: {path} is not the canonical file (sha256 differs from {url}); using it anyway")
+        print(f"note: {path} is not the canonical file (sha256 differs from {url}); using it anyway", file=sys.stderr)
     return path
 
 
