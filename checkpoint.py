@@ -35,8 +35,10 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import sys
 import typing
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,21 +143,46 @@ def model_folder(name_or_path: str | Path, which: str = "latest") -> Path:
 
 def download_gpt2(name: str) -> Path:
     """The hub's openai-community/<name> config.json and model.safetensors, through huggingface_hub: its cache is
-    shared with transformers, honours HF_HOME, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE, resumes and verifies."""
+    shared with transformers, honours HF_HOME, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE, resumes and verifies.
+    Cached files are used without the network; a hub that cannot be reached fails in seconds, not after retries."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError:
         raise SystemExit(f"{name} is downloaded from the Hugging Face hub, which needs huggingface_hub: pip install "
                          f"huggingface_hub (or pass a folder holding its config.json and model.safetensors)") from None
+    offline = (f"Offline? Download its config.json and model.safetensors elsewhere and pass their folder instead of "
+               f"{name!r}")
+
+    def fetch(**kwargs: bool) -> list[Path]:
+        return [Path(hf_hub_download(f"openai-community/{name}", f, **kwargs)) for f in ("config.json",
+                                                                                        "model.safetensors")]
+
     try:
-        paths = [Path(hf_hub_download(f"openai-community/{name}", f)) for f in ("config.json", "model.safetensors")]
+        try:
+            paths = fetch(local_files_only=True)
+        except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError: not in the cache
+            if not constants.HF_HUB_OFFLINE and (why := _unreachable(constants.ENDPOINT)):
+                raise SystemExit(f"could not download {name} from the Hugging Face hub: {why}. {offline}") from None
+            paths = fetch()
     except Exception as e:  # offline, a proxy, a failed check: huggingface_hub raises many types, all say the same
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = (str(e).strip().splitlines() or [""])[0]
         raise SystemExit(f"could not download {name} from the Hugging Face hub ({type(e).__name__}: {first}). "
-                         f"Offline? Download its config.json and model.safetensors elsewhere and pass their folder "
-                         f"instead of {name!r}") from None
+                         f"{offline}") from None
     assert paths[0].parent == paths[1].parent, "huggingface_hub keeps one revision's files in one snapshot folder"
     return paths[1].parent
+
+
+def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why the hub at `endpoint` cannot be reached (a TCP connection within `timeout` seconds), or None; not probed
+    behind a proxy, which huggingface_hub goes through and this probe would not."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached ({e.strerror or e or type(e).__name__})"
+    return None
 
 
 def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:

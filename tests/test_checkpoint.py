@@ -110,6 +110,42 @@ def test_hub_names_are_not_paths(tmp_path: Path, fake_hub) -> None:
     assert tokenizer == gpt2_bpe() and config["n_embd"] == 32
 
 
+def test_hub_offline_fails_fast_with_the_whole_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in the cache and the hub unreachable: one line at once, before huggingface_hub's retries (27 s), whose
+    message came cut mid-word; the cache is read without the network."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import socket
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    asked = []
+
+    def hub(repo_id: str, filename: str, local_files_only: bool = False, **kwargs: object) -> str:
+        asked.append(local_files_only)
+        if not local_files_only:
+            pytest.fail("went to the network although the hub cannot be reached")
+        raise LocalEntryNotFoundError("not in the cache")
+
+    def unreachable(address: tuple[str, int], timeout: float) -> None:
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(SystemExit) as e:
+        load_model("gpt2")
+    assert e.value.code == ("could not download gpt2 from the Hugging Face hub: huggingface.co cannot be reached "
+                            "(Network is unreachable). Offline? Download its config.json and model.safetensors "
+                            "elsewhere and pass their folder instead of 'gpt2'") and asked == [True]
+
+    long = "An error happened while trying to locate the file on the Hub and we cannot find the requested files " \
+           "in the local cache. Please check your connection and try again or make sure your Internet connection is on."
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError(long)))
+    with pytest.raises(SystemExit, match=re.escape(long)):  # whole, where it was cut at 160 characters
+        load_model("gpt2")
+
+
 def test_transformers_loads_our_checkpoint_and_we_load_theirs(tmp_path: Path) -> None:
     gpt2_bpe()  # the code under test loads GPT-2's BPE: skip without its files
     transformers = pytest.importorskip("transformers")
