@@ -7,7 +7,8 @@ traceback. The first lines of train.py, sample.py, attention.py, bench.py and da
 A user's failures are SystemExit (Python prints its one line), ValueError (this project's type for a bad file or
 value), OSError (a missing or unwritable path, a full disk), running out of memory (exit status 1), and Ctrl-C (exit
 status 130). Anything else (TypeError, KeyError, AssertionError, other RuntimeErrors...) is a bug: its traceback is
-printed. SMALLGPT_DEBUG=1 prints the traceback of everything, a SystemExit's too. This module imports only the standard library.
+printed. SMALLGPT_DEBUG=1 prints the traceback of everything, a SystemExit's too. This module imports only the
+standard library.
 """
 
 from __future__ import annotations

@@ -131,7 +131,8 @@ class Preparation:
     run leaves the previous preparation as it was: during the swap the old files wait in .old-prepare/, so a kill in
     those milliseconds leaves the folder without meta.json (unprepared, never a mix) and the next run puts the old
     preparation back before it starts. Every token file's header carries the id that meta.json records, and
-    load_split refuses a file with another id.
+    load_split refuses a file with another id. A second preparation of the folder meanwhile is refused: out_dir/.lock
+    is held (errors.lock) from __enter__ to __exit__.
 
         with Preparation(out_dir) as prep:           # checks out_dir before anything is written
             with ShardWriter(prep.dir, "train", dtype) as w: ...
@@ -150,19 +151,19 @@ class Preparation:
     def __enter__(self) -> Preparation:
         self._made_out_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # One preparation at a time, from before its look at what a killed one left until its end: another one,
+        # paused in its swap, is not a killed run to undo.
+        self._lock = errors.lock(self.out_dir / ".lock", "prepared")
         try:
-            self._lock = errors.lock(self.out_dir / ".lock", "prepared")
+            for old in self.out_dir.glob(".tmp-prepare-*"):  # left by a killed run
+                pid = old.name.removeprefix(".tmp-prepare-")
+                if pid.isdigit() and (int(pid) == os.getpid() or not errors.pid_alive(int(pid))):
+                    shutil.rmtree(old, ignore_errors=True)
+            self._restore()
+            self.dir.mkdir()
         except BaseException:
-            if self._made_out_dir:
-                with contextlib.suppress(OSError):
-                    self.out_dir.rmdir()
+            errors.unlock(self._lock)
             raise
-        for old in self.out_dir.glob(".tmp-prepare-*"):  # left by a killed run (a live one keeps its own)
-            pid = old.name.removeprefix(".tmp-prepare-")
-            if pid.isdigit() and (int(pid) == os.getpid() or not errors.pid_alive(int(pid))):
-                shutil.rmtree(old, ignore_errors=True)
-        self._restore()
-        self.dir.mkdir()
         return self
 
     def _restore(self) -> None:
