@@ -132,7 +132,7 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         names = sorted(p.stem for p in (Path(__file__).resolve().parent / "configs").glob("*.toml"))
         close = difflib.get_close_matches(Path(path).stem.removeprefix("train_"), names, n=1, cutoff=0.6)
         raise SystemExit(f"{path}: config files are TOML here, not Python (configs/*.toml); e.g. "
-                         f"configs/{(close or names or ['shakespeare_char'])[0]}.toml")
+                         f"configs/{(close or ['shakespeare_char_cpu'])[0]}.toml")  # the quick start's
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
