@@ -315,7 +315,7 @@ def local_or_download(input_path: str | None, url: str, dest: Path, sha256: str 
     if not path.is_file():
         raise SystemExit(f"--input {path}: no such file (leave --input out to download {url})")
     if sha256 is not None and file_sha256(path) != sha256:
-        print(f"note: {path} is not the canonical file (sha256 differs from {url}); using it anyway", file=sys.stderr)
+        print(f"note: {path} is not the canonical file (sha256 differs from {url}); using it anyway")
     return path
 
 

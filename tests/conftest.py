@@ -27,6 +27,7 @@ from model import GPT, GPTConfig  # noqa: E402  (after the path is set)
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)  # the tiny model's GPTConfig
 BPE_PROBE_S = 15  # seconds the GPT-2 BPE probe may wait for a download
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's 65 symbols
+TINY_CHARS = CHARS + "".join(chr(0x3b1 + i) for i in range(TINY["vocab_size"] - len(CHARS)))  # one per tiny id
 
 
 def tiny_model(seed: int = 0, **overrides: object) -> GPT:

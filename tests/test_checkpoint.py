@@ -23,13 +23,12 @@ import checkpoint
 import errors
 from checkpoint import (CheckpointError, check_tokenizer_matches, cleanup_partial, find_checkpoint, has_checkpoint,
                         load_model, load_state, save_checkpoint)
-from conftest import CHARS, TINY, assert_same_weights, gpt2_bpe, same_weights, tiny_model
+from conftest import CHARS, TINY, TINY_CHARS, assert_same_weights, gpt2_bpe, same_weights, tiny_model
 from model import GPT, GPTConfig
 from tokens import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SYMBOLS = CHARS + "".join(chr(0x3b1 + i) for i in range(TINY["vocab_size"] - len(CHARS)))  # one per token id
-TOKENIZER = {"tokenizer": Tokenizer.char(SYMBOLS).to_meta()}
+TOKENIZER = {"tokenizer": Tokenizer.char(TINY_CHARS).to_meta()}
 
 
 def save(out_dir: Path, model: GPT, iter_num: int, is_best: bool = False, val_loss: float = 1.0) -> Path:
@@ -64,7 +63,7 @@ def test_round_trip(tmp_path: Path) -> None:
         assert_same_weights(model, loaded)
         assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tied again after loading
         assert not loaded.training
-        assert tokenizer == Tokenizer.char(SYMBOLS)
+        assert tokenizer == Tokenizer.char(TINY_CHARS)
         assert config["iter_num"] == 80 and config["val_loss"] == 1.5 and config["train"] == {"learning_rate": 1e-3}
         assert config["smallgpt"] == json.loads(json.dumps(model.hf_config()["smallgpt"]))
         assert config["vocab_size"] == TINY["vocab_size"] and config["n_layer"] == 2
