@@ -299,3 +299,13 @@ def test_threads_setting(monkeypatch):
         assert 0 <= config.busy_cores() <= (os.cpu_count() or 1) + 0.5  # measured from /proc/stat here
     finally:
         torch.set_num_threads(before)
+
+
+def test_help_examples_name_no_path_of_this_repositorys_ci():
+    """--help prints each script's docstring: its examples must work in a user's checkout, which has no ../shared."""
+    import ast
+
+    repo = Path(__file__).resolve().parents[1]
+    scripts = [*repo.glob("*.py"), *repo.glob("data/*/prepare.py")]
+    docs = {p.relative_to(repo): ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or "" for p in scripts}
+    assert len(docs) > 10 and [str(p) for p, doc in docs.items() if "../shared" in doc] == []
