@@ -58,7 +58,7 @@ class AttentionConfig:
     head: int = 0  # head drawn at full size (negative counts from the last head)
     token: int = -1  # query token of the terminal report, by position (negative counts from the end: -1 is the last)
     top: int = 5  # how many of the most attended tokens to list per layer and head
-    out: str | None = None  # PNG path prefix (OUT_grid.png, OUT_L0_H0.png) or a folder (existing or ending in /); none: out_dir/attention
+    out: str | None = None  # prefix P of the PNGs it writes, P_grid.png and P_L{layer}_H{head}.png; a folder (existing or ending in /): FOLDER/attention_grid.png, ...; none: out_dir/attention
     dpi: int = 100  # pixels per inch of the PNGs
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto: one forward pass over a short text is quick anywhere
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core

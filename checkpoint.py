@@ -28,12 +28,17 @@ old checkpoints only once `latest` points at a newer complete one. One process w
 from __future__ import annotations
 
 import errno
+import dataclasses
 import json
+import math
 import os
 import pickle
 import re
 import shutil
+import socket
 import sys
+import typing
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,9 +120,11 @@ def load_model(name_or_path: str | Path, which: str = "latest", device: str = "c
     folder = model_folder(name_or_path, which)
     config, gpt_config = _read_config(folder, dropout)
     tokenizer = config_tokenizer(config, folder / "config.json")
-    if tokenizer.vocab_size > gpt_config.vocab_size:
+    # A BPE vocabulary may be padded (padded_vocab_size); a char one is exact, or the model's extra ids print as U+FFFD.
+    if tokenizer.vocab_size > gpt_config.vocab_size or tokenizer.kind == "char" and \
+            tokenizer.vocab_size != gpt_config.vocab_size:
         raise ValueError(f"{folder / 'config.json'}: its tokenizer has {tokenizer.vocab_size} tokens but the "
-                         f"model only {gpt_config.vocab_size} (vocab_size): the config does not belong to these "
+                         f"model {gpt_config.vocab_size} (vocab_size): the config does not belong to these "
                          f"weights; save the checkpoint again")
     return _load_weights(folder, gpt_config).to(device).eval(), tokenizer, config
 
@@ -137,21 +144,46 @@ def model_folder(name_or_path: str | Path, which: str = "latest") -> Path:
 
 def download_gpt2(name: str) -> Path:
     """The hub's openai-community/<name> config.json and model.safetensors, through huggingface_hub: its cache is
-    shared with transformers, honours HF_HOME, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE, resumes and verifies."""
+    shared with transformers, honours HF_HOME, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE, resumes and verifies.
+    Cached files are used without the network; a hub that cannot be reached fails in seconds, not after retries."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError:
         raise SystemExit(f"{name} is downloaded from the Hugging Face hub, which needs huggingface_hub: pip install "
                          f"huggingface_hub (or pass a folder holding its config.json and model.safetensors)") from None
+    offline = (f"Offline? Download its config.json and model.safetensors elsewhere and pass their folder instead of "
+               f"{name!r}")
+
+    def fetch(**kwargs: bool) -> list[Path]:
+        return [Path(hf_hub_download(f"openai-community/{name}", f, **kwargs)) for f in ("config.json",
+                                                                                        "model.safetensors")]
+
     try:
-        paths = [Path(hf_hub_download(f"openai-community/{name}", f)) for f in ("config.json", "model.safetensors")]
+        try:
+            paths = fetch(local_files_only=True)
+        except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError: not in the cache
+            if not constants.HF_HUB_OFFLINE and (why := _unreachable(constants.ENDPOINT)):
+                raise SystemExit(f"could not download {name} from the Hugging Face hub: {why}. {offline}") from None
+            paths = fetch()
     except Exception as e:  # offline, a proxy, a failed check: huggingface_hub raises many types, all say the same
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = (str(e).strip().splitlines() or [""])[0]
         raise SystemExit(f"could not download {name} from the Hugging Face hub ({type(e).__name__}: {first}). "
-                         f"Offline? Download its config.json and model.safetensors elsewhere and pass their folder "
-                         f"instead of {name!r}") from None
+                         f"{offline}") from None
     assert paths[0].parent == paths[1].parent, "huggingface_hub keeps one revision's files in one snapshot folder"
     return paths[1].parent
+
+
+def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why the hub at `endpoint` cannot be reached (a TCP connection within `timeout` seconds), or None; not probed
+    behind a proxy, which huggingface_hub goes through and this probe would not."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached ({e.strerror or e or type(e).__name__})"
+    return None
 
 
 def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
@@ -217,19 +249,64 @@ def _read_config(folder: Path, dropout: float | None) -> tuple[dict, GPTConfig]:
         raise ValueError(f"{path} not found: a model folder holds config.json and model.safetensors") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; use another checkpoint") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} holds no JSON object: it is not a model's config.json")
+    check_config_types(config, path)
     c = config_from_hf(config, str(path), dropout)
     if not weights.is_file():
         raise ValueError(f"{weights} not found: a model folder holds config.json and model.safetensors "
                          f"(pytorch_model.bin is not read: convert it to safetensors)")
     # Every weight takes at least a byte of model.safetensors: a config that asks for more (a damaged or foreign
     # config.json) would have the allocation fail or swap before load_hf_state_dict compares the shapes.
-    params = (c.vocab_size + c.block_size * (c.pos_embedding == "learned") + c.n_layer * c.n_embd) * c.n_embd
+    # RoPE's tables (block_size x head_dim numbers, not in the file) are held to the same bound.
+    params = ((c.vocab_size + c.n_layer * c.n_embd) * c.n_embd +
+              c.block_size * (c.n_embd if c.pos_embedding == "learned" else c.head_dim))
     if params > weights.stat().st_size:
         raise ValueError(f"{path}: its sizes make ~{params:,} weights, more than the {weights.stat().st_size:,} "
                          f"bytes of {weights}: the config does not belong to these weights")
     return config, c
+
+
+_NUMBER, _NONE = (float,), (type(None),)  # a float takes an int too
+# The JSON types of the config.json entries that are read, checked once, here, before anything reads them: GPT-2's
+# and NanoChat's sizes and settings, the entries train.py adds; the "smallgpt" entry's by GPTConfig's field types.
+CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "model_type": (str,), "smallgpt": (dict,), "tokenizer": (dict,), "train": (dict,), "iter_num": (int,),
+    "val_loss": _NUMBER + _NONE, "n_positions": (int,), "n_ctx": (int,), "n_embd": (int,), "n_layer": (int,),
+    "n_head": (int,), "vocab_size": (int,), "hidden_size": (int,), "intermediate_size": (int,),
+    "num_hidden_layers": (int,), "num_attention_heads": (int,), "num_key_value_heads": (int,) + _NONE,
+    "max_position_embeddings": (int,), "rope_theta": _NUMBER, "rope_parameters": (dict,) + _NONE,
+    "final_logit_softcapping": _NUMBER + _NONE,
+}
+_ROPE_PARAMETER_TYPES = {"rope_type": (str,), "rope_theta": _NUMBER}
+
+
+def check_config_types(config: object, path: Path) -> None:
+    """Refuse a config.json whose entries, nested ones too, have the wrong JSON type (a bool is not a number)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no JSON object: it is not a model's config.json")
+    _check_types(config, CONFIG_TYPES, path, "")
+    for key, types in (("rope_parameters", _ROPE_PARAMETER_TYPES), ("smallgpt", _field_types(GPTConfig))):
+        if isinstance(config.get(key), dict):
+            _check_types(config[key], types, path, f"{key}.")
+
+
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The JSON types each field of a dataclass takes: `int | None` -> (int, NoneType); a float takes an int too."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in dataclasses.fields(cls)}
+
+
+def _check_types(entries: dict, types: dict[str, tuple[type, ...]], path: Path, prefix: str) -> None:
+    for key, allowed in types.items():
+        value = entries.get(key)
+        fits = type(value) in allowed or type(value) is int and float in allowed
+        if key not in entries or fits and (type(value) is not float or math.isfinite(value)):
+            continue
+        if not fits:
+            what = "of type " + " | ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        else:
+            what = "a finite number"
+        raise ValueError(f"{path}: {prefix}{key}={value!r:.60} is not {what}: the file is damaged or not a model's "
+                         f"config.json; use another checkpoint")
 
 
 def _load_weights(folder: Path, config: GPTConfig) -> GPT:

@@ -12,7 +12,7 @@ Each script (train.py, sample.py, bench.py, attention.py) defines one dataclass;
         compile: bool = True  # wrap the model in torch.compile
 
     cfg = parse_config(TrainConfig, description=__doc__)
-    print(format_config(cfg))
+    print(format_config(cfg))  # only the settings that differ from the defaults
 
     python train.py configs/shakespeare_char.toml --max_iters=2_000 --compile=false
 
@@ -128,6 +128,11 @@ def _check_toml_value(field_type: Any, value: Any, where: str) -> Any:
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a flat TOML config file; SystemExit with a one-line reason if it is missing, invalid or has tables."""
+    if Path(path).suffix == ".py":  # nanoGPT's habit: python train.py config/train_shakespeare_char.py
+        names = sorted(p.stem for p in (Path(__file__).resolve().parent / "configs").glob("*.toml"))
+        close = difflib.get_close_matches(Path(path).stem.removeprefix("train_"), names, n=1, cutoff=0.6)
+        raise SystemExit(f"{path}: config files are TOML here, not Python (configs/*.toml); e.g. "
+                         f"configs/{(close or ['shakespeare_char_cpu'])[0]}.toml")  # the quick start's
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -234,11 +239,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def format_config(cfg: Any) -> str:
-    """Aligned `key = value` lines, for printing the resolved config at start."""
-    d = config_to_dict(cfg)
-    width = max((len(k) for k in d), default=0)
-    return "\n".join(f"{k:<{width}} = {v!r}" if isinstance(v, str) else f"{k:<{width}} = {_show(v)}"
-                     for k, v in d.items())
+    """The settings that differ from the dataclass defaults, as aligned `key = value` lines after a heading: what a
+    run's start prints (--help shows every default, a checkpoint keeps every value)."""
+    defaults = {name: default for name, (_, default) in _settings(type(cfg)).items()}
+    changed = {k: v for k, v in config_to_dict(cfg).items() if k not in defaults or v != defaults[k]}
+    if not changed:
+        return "settings: the defaults (--help lists them)"
+    width = max(len(k) for k in changed)
+    return "\n".join(["settings that differ from the defaults (--help lists them all):"] +
+                     [f"  {k:<{width}} = {v!r}" if isinstance(v, str) else f"  {k:<{width}} = {_show(v)}"
+                      for k, v in changed.items()])
 
 
 # ---------------------------------------------------------------------------------- device and dtype settings
@@ -332,7 +342,13 @@ def read_prompt(text: str, option: str = "--start") -> str:
     """The text a prompt setting names (sample.py's --start, attention.py's --text): the text itself, FILE:path, or
     - for standard input."""
     if text == "-":
-        return sys.stdin.read()
+        try:
+            return sys.stdin.read()  # sys.stdin is None when the shell closed it (<&-)
+        except (AttributeError, OSError, UnicodeDecodeError) as e:
+            why = "it is closed" if sys.stdin is None else f"it cannot be read as UTF-8 text ({e})"
+            raise SystemExit(f"{option}=- reads standard input, but {why}: pipe the text in (echo TEXT | python "
+                             f"{Path(sys.argv[0]).name} {option}=-), or pass {option}=TEXT or {option}=FILE:path"
+                             ) from None
     if text.startswith("FILE:"):
         path = Path(text.removeprefix("FILE:"))
         try:

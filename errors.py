@@ -7,17 +7,22 @@ traceback. The first lines of train.py, sample.py, attention.py, bench.py and da
 A user's failures are SystemExit (Python prints its one line), ValueError (this project's type for a bad file or
 value), OSError (a missing or unwritable path, a full disk), running out of memory (exit status 1), and Ctrl-C (exit
 status 130). Anything else (TypeError, KeyError, AssertionError, other RuntimeErrors...) is a bug: its traceback is
-printed. SMALLGPT_DEBUG=1 prints the traceback of everything. This module imports only the standard library.
+printed. SMALLGPT_DEBUG=1 prints the traceback of everything, a SystemExit's too. This module imports only the
+standard library.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sys
+import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
-from types import TracebackType
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import NoReturn
 
 _HINTS = {  # errno -> what it means for the user, where strerror alone does not say what to do
     errno.ENOSPC: "no space left on the device: free some space or write elsewhere, then run again",
@@ -75,11 +80,36 @@ def _hook(kind: type[BaseException], e: BaseException, tb: TracebackType | None)
         os._exit(status)
 
 
+_debugging = False  # the script is being run again under _debug_run
+
+
 def install(name: str) -> None:
     """Make this module the boundary of the script being run: call it with the script's __name__ (a module imported
     by another one, or by the tests, leaves sys.excepthook alone)."""
-    if name == "__main__" and os.environ.get("SMALLGPT_DEBUG", "") in ("", "0"):
+    if name != "__main__" or _debugging:
+        return
+    if os.environ.get("SMALLGPT_DEBUG", "") in ("", "0"):
         sys.excepthook = _hook
+    elif getattr(sys.modules["__main__"], "__file__", None):
+        _debug_run(sys.modules["__main__"])
+
+
+def _debug_run(main: ModuleType) -> NoReturn:
+    """SMALLGPT_DEBUG=1: run the script's module again from here, in its own namespace, so that a SystemExit with a
+    message, which Python prints without a traceback, shows where it was raised and what it replaced."""
+    global _debugging
+    _debugging = True
+    with open(main.__file__, "rb") as f:
+        code = compile(f.read(), main.__file__, "exec", dont_inherit=True)
+    try:
+        exec(code, main.__dict__)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        e.__suppress_context__ = False  # `raise SystemExit(...) from None` hid the error it stands for
+        traceback.print_exception(e)
+        sys.exit(1)
+    sys.exit(0)  # the module ran to its end; the first run must not go on past install()
 
 
 @contextmanager
@@ -111,3 +141,39 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+def lock(path: Path, what: str) -> tuple[int, Path]:
+    """Hold an exclusive lock on the file `path` (made if missing) for this process, with its pid written inside;
+    SystemExit naming the process that holds it already. The kernel releases it when the process ends, kill -9
+    included; unlock releases it and removes the file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SystemExit(f"{path.parent} is being {what} by another process (pid {holder}): wait for it to end "
+                             f"or stop it, or use another folder; nothing was changed") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # A holder that ended between our open and our lock removed the file: then ours is a stale inode, try again.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, path
+
+
+def unlock(lock: tuple[int, Path]) -> None:
+    """Release a lock(): the file is removed first, while still held, so no one can lock it meanwhile."""
+    fd, path = lock
+    with suppress(OSError):
+        path.unlink()
+    os.close(fd)

@@ -1,7 +1,7 @@
 """Score a model: loss, perplexity and bits per byte on any text, or HellaSwag accuracy.
 
     python eval.py --out_dir=out/shakespeare_char_cpu --dataset=shakespeare_char   # a prepared split, --split=val
-    python eval.py --init_from=gpt2 --input=../shared/data/tinyshakespeare.txt     # text files or a folder
+    python eval.py --init_from=gpt2 --input=data/shakespeare_char/input.txt        # text files or a folder
     python eval.py --init_from=gpt2 --task=hellaswag --device=cuda                 # downloads the val set once
     python eval.py --out_dir=out/x --input=notes.txt --json=true                   # one JSON object on stdout
 
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import check_tokenizer_matches, load_model
-from config import DTYPES, autocast_context, format_config, parse_config, resolve_device, resolve_dtype
+from config import (DTYPES, autocast_context, format_config, parse_config, resolve_device, resolve_dtype,
+                    set_threads)
 from prepare_data import find_inputs, iter_files, local_or_download  # eval.py reads raw text, as the preparers do
 from tokens import Tokenizer, load_meta, load_split, resolve_dataset
 
@@ -61,6 +62,7 @@ class EvalConfig:
     limit: int | None = None  # hellaswag: score only the first this many examples (none: all)
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
     dtype: str = "auto"  # autocast dtype: float32, bfloat16 or float16; auto: bfloat16 on CUDA, else float32
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
     json: bool = False  # print the result as one JSON object instead of the summary line
 
     def __post_init__(self) -> None:
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Score as configured by argv (default sys.argv[1:]); prints and returns the result record."""
     cfg = parse_config(EvalConfig, argv, description=__doc__)
     print(format_config(cfg), file=sys.stderr)  # stderr: standard output carries only the result
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if dtype == torch.float16 and device.type == "cpu":

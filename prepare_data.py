@@ -33,6 +33,7 @@ import errors
 from tokens import HEADER_BYTES, MAGIC, VERSION, Tokenizer, cpu_count, split_files, token_dtype, write_tokens  # noqa: F401
 
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB of uint16, as llm.c's FineWeb shards
+MAX_SHARDS = 1000  # files per split (FineWeb-Edu's 100BT in default shards): train.py keeps every one open
 
 
 class ShardWriter:
@@ -69,6 +70,9 @@ class ShardWriter:
             tokens = tokens[take:]
 
     def _flush(self, last: bool = False) -> None:
+        if len(self.files) == MAX_SHARDS:
+            raise ValueError(f"--shard_size={self.shard_size} makes more than {MAX_SHARDS:,} {self.split} files, "
+                             f"which train.py would all keep open: use a larger --shard_size")
         name = f"{self.split}.bin" if last and not self.files else f"{self.split}_{len(self.files):06d}.bin"
         write_tokens(self.out_dir / name, self._buf[: self._fill], self.dtype)
         self.files.append(self.out_dir / name)
@@ -127,7 +131,8 @@ class Preparation:
     run leaves the previous preparation as it was: during the swap the old files wait in .old-prepare/, so a kill in
     those milliseconds leaves the folder without meta.json (unprepared, never a mix) and the next run puts the old
     preparation back before it starts. Every token file's header carries the id that meta.json records, and
-    load_split refuses a file with another id.
+    load_split refuses a file with another id. A second preparation of the folder meanwhile is refused: out_dir/.lock
+    is held (errors.lock) from __enter__ to __exit__.
 
         with Preparation(out_dir) as prep:           # checks out_dir before anything is written
             with ShardWriter(prep.dir, "train", dtype) as w: ...
@@ -146,12 +151,19 @@ class Preparation:
     def __enter__(self) -> Preparation:
         self._made_out_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for old in self.out_dir.glob(".tmp-prepare-*"):  # left by a killed run (a live one keeps its own)
-            pid = old.name.removeprefix(".tmp-prepare-")
-            if pid.isdigit() and (int(pid) == os.getpid() or not errors.pid_alive(int(pid))):
-                shutil.rmtree(old, ignore_errors=True)
-        self._restore()
-        self.dir.mkdir()
+        # One preparation at a time, from before its look at what a killed one left until its end: another one,
+        # paused in its swap, is not a killed run to undo.
+        self._lock = errors.lock(self.out_dir / ".lock", "prepared")
+        try:
+            for old in self.out_dir.glob(".tmp-prepare-*"):  # left by a killed run
+                pid = old.name.removeprefix(".tmp-prepare-")
+                if pid.isdigit() and (int(pid) == os.getpid() or not errors.pid_alive(int(pid))):
+                    shutil.rmtree(old, ignore_errors=True)
+            self._restore()
+            self.dir.mkdir()
+        except BaseException:
+            errors.unlock(self._lock)
+            raise
         return self
 
     def _restore(self) -> None:
@@ -208,15 +220,16 @@ class Preparation:
 
     def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._swapping:  # stopped half-way through the swap: put the old files back now
+            with contextlib.suppress(OSError):
+                self._restore()
+                self._swapping = False
+        errors.unlock(self._lock)
         if kind is None:
             return
         if self._made_out_dir:
             with contextlib.suppress(OSError):
                 self.out_dir.rmdir()  # only if still empty
-        if self._swapping:  # stopped half-way through the swap: put the old files back now
-            with contextlib.suppress(OSError):
-                self._restore()
-                self._swapping = False
         state = (f"{self.out_dir} holds no complete preparation now (stopped while swapping the files in): run "
                  f"again" if self._swapping else f"{self.out_dir} was left as it was")
         if kind is KeyboardInterrupt:
@@ -266,9 +279,9 @@ def download(url: str, dest: Path, sha256: str | None) -> Path:
     dest = Path(dest)
     if dest.is_file():
         if sha256 is None or file_sha256(dest) == sha256:
-            print(f"using {dest} (already downloaded)")
+            print(f"using {dest} (already downloaded)", file=sys.stderr)  # stdout may carry results
             return dest
-        print(f"{dest} does not match sha256 {sha256[:12]}...: downloading it again")
+        print(f"{dest} does not match sha256 {sha256[:12]}...: downloading it again", file=sys.stderr)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
     h = hashlib.sha256()
@@ -521,6 +534,10 @@ def tokenize_to_shards(
     precedes every document but the first, so val + train (or train + val) is exactly the tokenized corpus.
     """
     assert (val_tokens is None) != (train_bytes is None), "give exactly one of val_tokens, train_bytes"
+    if total_bytes is not None and total_bytes > shard_size * MAX_SHARDS:  # a token takes a source byte at least
+        raise ValueError(f"--shard_size={shard_size} could make up to {-(-total_bytes // shard_size):,} files a "
+                         f"split from {total_bytes:,} bytes of text, more than {MAX_SHARDS:,} (train.py keeps every "
+                         f"one open): use --shard_size={-(-total_bytes // MAX_SHARDS)} or more")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)

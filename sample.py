@@ -7,8 +7,8 @@
 
 Each sample is printed as the prompt followed by its continuation, then a line of dashes (as nanoGPT prints them);
 standard output carries only the samples, so it can be piped. The settings and the speed go to standard error. All
-samples are generated together as one batch. The tokenizer is the checkpoint's own (its config.json says which).
-With one sample on a terminal the text streams as it is generated.
+samples are generated together as one batch, and each is printed as soon as it is complete; on a terminal the first
+one streams as it is generated. The tokenizer is the checkpoint's own (its config.json says which).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from tqdm import tqdm
 
 from checkpoint import load_model
 from config import (DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, set_threads,
@@ -56,7 +57,7 @@ class SampleConfig:
     compile: bool = False  # fixed-shape KV cache and torch.compile'd decode step (CUDA graphs on a GPU)
     stop: str | None = None  # end each sample at the end-of-text token ("eot") or before this string (\n = newline)
     out_file: str | None = None  # also write the samples to this file
-    stream: bool | None = None  # print the text as it is generated; none: when there is one sample and a terminal
+    stream: bool | None = None  # print the first sample's text as it is generated; none: on a terminal
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)  # ValueError -> one line from parse_config
@@ -70,8 +71,6 @@ class SampleConfig:
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.stop == "":
             raise ValueError("stop must not be empty: pass none, eot, or the string to stop before")
-        if self.stream and self.num_samples > 1:
-            raise ValueError("stream=true prints one sample as it grows: use it with num_samples=1")
         out = Path(self.out_file) if self.out_file is not None else None
         if out is not None and not out.parent.is_dir():
             raise ValueError(f"out_file={self.out_file}: the folder {out.parent} does not exist")
@@ -196,10 +195,14 @@ class Continuation:
 
 
 def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
-                     generator: torch.Generator, stream_to: TextIO | None = None) -> tuple[list[str], dict]:
+                     generator: torch.Generator, stream_to: TextIO | None = None,
+                     on_done: Callable[[int, str], None] | None = None,
+                     progress: bool = False) -> tuple[list[str], dict]:
     """Continue prompt_ids num_samples times in one batch; the continuations' texts and timing figures.
 
-    With stream_to, the (single) sample's text is written there as it settles, with the same characters in the end.
+    With stream_to, the first sample's text is written there as it settles, with the same characters in the end.
+    on_done(i, text) is called for each sample in order, as soon as it and the samples before it are complete.
+    progress: a progress bar of the steps on standard error.
     """
     stop_token = tokenizer.eot_token if cfg.stop == "eot" else None
     stop_text = cfg.stop.replace("\\n", "\n").replace("\\t", "\t") if cfg.stop not in (None, "eot") else None
@@ -209,6 +212,7 @@ def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cf
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T)
 
     printed = 0
+    finished = 0  # samples passed to on_done
     pending = []  # tokens left on the device until the end when nothing needs them sooner (no sync per step)
     t0 = time.perf_counter()
     t_first = t0
@@ -217,7 +221,9 @@ def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cf
         tokens = compiled_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
     else:
         tokens = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    bar = tqdm(total=cfg.max_new_tokens, desc="sampling", unit="step", leave=False, disable=not progress)
     for steps, token in enumerate(tokens, start=1):  # token: (num_samples, 1)
+        bar.update()
         if steps == 1:
             synchronize(device)
             t_first = time.perf_counter()  # prefill done
@@ -226,20 +232,26 @@ def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cf
             continue
         for sample, t in zip(samples, token[:, 0].tolist()):
             sample.add(t)
-        if stream_to is not None:
+        if stream_to is not None and finished == 0:
             settled = samples[0].settled()
             stream_to.write(settled[printed:])
             stream_to.flush()
             printed = len(settled)
+        while on_done is not None and finished < len(samples) and samples[finished].done:
+            on_done(finished, samples[finished].text)
+            finished += 1
         if all(s.done for s in samples):
             break
+    bar.close()
     synchronize(device)
     t_end = time.perf_counter()
     if pending:
         for sample, row in zip(samples, torch.cat(pending, dim=1).tolist()):  # one transfer for the whole batch
             sample.extend(row)
-    if stream_to is not None:
+    if stream_to is not None and finished == 0:
         stream_to.write(samples[0].text[printed:])
+    for i in range(finished, len(samples) if on_done is not None else 0):
+        on_done(i, samples[i].text)
     new_tokens = sum(s.generated for s in samples)  # fewer than num_samples x steps where samples stopped early
     timing = {"steps": steps, "new_tokens": new_tokens, "prefill_s": t_first - t0, "total_s": t_end - t0,
               "decode_tokens_per_s": (new_tokens - cfg.num_samples) / (t_end - t_first) if steps > 1 else None}
@@ -272,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: temperature=0 is greedy, so the {cfg.num_samples} samples will be identical: pass "
               f"--num_samples=1, or a temperature above 0 for different ones", file=sys.stderr)
 
+    prompt = read_prompt(cfg.start)  # before loading: a closed standard input fails at once
     try:
         source = cfg.out_dir if cfg.init_from in (None, "resume") else cfg.init_from  # "resume" as in nanoGPT
         model, tokenizer, _ = load_model(source, cfg.checkpoint, device="cpu")
@@ -284,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     # halve the memory traffic, where autocast would read fp32 weights and cast them again at every step.
     model = model.to(device=device, dtype=dtype)
 
-    prompt = read_prompt(cfg.start)
     prompt_ids = encode_prompt(tokenizer, prompt)
     if len(prompt_ids) > model.config.block_size:
         print(f"the prompt has {len(prompt_ids)} tokens, more than block_size {model.config.block_size}: the model "
@@ -294,18 +306,19 @@ def main(argv: list[str] | None = None) -> int:
         compiled_generate(model, torch.tensor([prompt_ids[-1:]] * cfg.num_samples, device=device), 4)
         print(f"compiled the decode step in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
-    stream = cfg.stream if cfg.stream is not None else cfg.num_samples == 1 and sys.stdout.isatty()
+    stream = cfg.stream if cfg.stream is not None else sys.stdout.isatty()
     if stream:
         sys.stdout.write(prompt)
+
+    def print_sample(i: int, text: str) -> None:  # each as soon as it is complete; the streamed one has its text out
+        sys.stdout.write(f"\n{SEPARATOR}\n" if stream and i == 0 else f"{prompt}{text}\n{SEPARATOR}\n")
+        sys.stdout.flush()
+
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     continuations, timing = generate_samples(model, tokenizer, prompt_ids, cfg, generator,
-                                             stream_to=sys.stdout if stream else None)
+                                             stream_to=sys.stdout if stream else None, on_done=print_sample,
+                                             progress=not stream and sys.stderr.isatty())
     samples = [prompt + text for text in continuations]
-    if stream:
-        sys.stdout.write(f"\n{SEPARATOR}\n")
-    else:
-        sys.stdout.write("".join(f"{s}\n{SEPARATOR}\n" for s in samples))
-    sys.stdout.flush()
     if cfg.out_file is not None:
         with errors.writing(cfg.out_file):
             Path(cfg.out_file).write_text("".join(f"{s}\n{SEPARATOR}\n" for s in samples), encoding="utf-8")

@@ -315,7 +315,28 @@ def load_split(dataset_dir: Path, split: str) -> list[np.memmap]:
         raise ValueError(f"{dataset_dir / 'meta.json'}: \"preparation\" is {recorded!r}, not the 16 hex digits a "
                          f"preparer writes: re-run {_prepare_hint(dataset_dir)}")
     expected = None if recorded is None else int(recorded, 16)
-    return [open_tokens(p, expected) for p in ([single] if single else shards)]
+    files = [single] if single else shards
+    _allow_open_files(len(files), dataset_dir)
+    return [open_tokens(p, expected) for p in files]
+
+
+def _allow_open_files(n: int, dataset_dir: Path) -> None:
+    """Make room for n more open files (a memory-mapped file keeps its own descriptor): raise this process's soft
+    limit up to the hard one where needed (Linux starts at 1024, macOS at 256); SystemExit if that is not enough."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 256  # elsewhere: a guess
+    need = open_now + n + 64
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    except (ValueError, OSError):  # above the hard limit
+        raise SystemExit(f"{dataset_dir} has {n:,} token files in one split, more than this process may open "
+                         f"(ulimit -n {soft}, at most {hard}): prepare it again with a larger --shard_size") from None
 
 
 def resolve_dataset(name: str) -> Path:

@@ -4,7 +4,9 @@ CI sets SMALLGPT_DATA_DIR and TIKTOKEN_CACHE_DIR (see .ci/run); in a developer c
 beside the repository is used when it exists. Tests that need a corpus skip when neither is there.
 """
 
+import functools
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +25,9 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (_shared / "tiktoken_cache").is_di
 from model import GPT, GPTConfig  # noqa: E402  (after the path is set)
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)  # the tiny model's GPTConfig
+BPE_PROBE_S = 15  # seconds the GPT-2 BPE probe may wait for a download
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's 65 symbols
+TINY_CHARS = CHARS + "".join(chr(0x3b1 + i) for i in range(TINY["vocab_size"] - len(CHARS)))  # one per tiny id
 
 
 def tiny_model(seed: int = 0, **overrides: object) -> GPT:
@@ -80,14 +84,32 @@ def repo() -> Path:
     return REPO
 
 
+@functools.cache
+def _gpt2_bpe_missing() -> str | None:
+    """Why tiktoken's GPT-2 BPE files cannot be had here, or None; probed once, in a child process with a time limit,
+    since tiktoken's download has none (an offline machine may fail at once or wait on the network)."""
+    probe = "import tiktoken; tiktoken.get_encoding('gpt2')"
+    try:
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=BPE_PROBE_S)
+    except subprocess.TimeoutExpired:
+        why = f"not cached, and no download within {BPE_PROBE_S} s"
+    else:
+        if r.returncode == 0:
+            return None
+        why = (r.stderr.strip().splitlines() or ["?"])[-1].split(":")[0].rsplit(".")[-1] + ": offline?"
+    return f"tiktoken's GPT-2 BPE files cannot be loaded ({why}): set TIKTOKEN_CACHE_DIR to a folder holding them"
+
+
 def gpt2_bpe():
-    """tiktoken's GPT-2 BPE, or skip the test when its files cannot be had (offline, no TIKTOKEN_CACHE_DIR)."""
+    """tiktoken's GPT-2 BPE, loaded, or skip the test when its files cannot be had (offline, no TIKTOKEN_CACHE_DIR).
+    Call it first in every test that needs them, directly or through the code under test."""
     from tokens import Tokenizer
 
-    try:
-        return Tokenizer.tiktoken("gpt2")
-    except SystemExit as e:  # tokens.py's one-line "could not load the tiktoken encoding" message
-        pytest.skip(str(e))
+    if reason := _gpt2_bpe_missing():
+        pytest.skip(reason)
+    tokenizer = Tokenizer.tiktoken("gpt2")
+    tokenizer.encode("x")  # the files load lazily, at the first encode
+    return tokenizer
 
 
 class FakeHub:

@@ -124,6 +124,11 @@ def test_pngs_have_the_size_of_their_figures(tmp_path):
 def test_output_paths():
     assert output_paths("maps/run1", 2, 3) == (Path("maps/run1_grid.png"), Path("maps/run1_L2_H3.png"))
     assert output_paths("maps/", 0, 1) == (Path("maps/attention_grid.png"), Path("maps/attention_L0_H1.png"))
+    from attention import AttentionConfig
+    from config import field_help
+
+    out_help = field_help(AttentionConfig)["out"]  # --help names the files, for a prefix and for a folder
+    assert "P_grid.png" in out_help and "P_L{layer}_H{head}.png" in out_help and "/attention_grid.png" in out_help
 
 
 # ---------------------------------------------------------------------------- the command line

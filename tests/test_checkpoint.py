@@ -9,6 +9,7 @@ SIGKILL while it writes, and (in-process, at every filesystem step of a save) an
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,13 +23,13 @@ import checkpoint
 import errors
 from checkpoint import (CheckpointError, check_tokenizer_matches, cleanup_partial, find_checkpoint, has_checkpoint,
                         load_model, load_state, save_checkpoint)
-from conftest import CHARS, TINY, assert_same_weights, gpt2_bpe, same_weights, tiny_model
+from conftest import CHARS, TINY, TINY_CHARS, assert_same_weights, gpt2_bpe, same_weights, tiny_model
 from hf import hf_config, hf_state_dict
 from model import GPT, GPTConfig
 from tokens import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = {"tokenizer": Tokenizer.char(CHARS).to_meta()}
+TOKENIZER = {"tokenizer": Tokenizer.char(TINY_CHARS).to_meta()}
 
 
 def save(out_dir: Path, model: GPT, iter_num: int, is_best: bool = False, val_loss: float = 1.0) -> Path:
@@ -63,7 +64,7 @@ def test_round_trip(tmp_path: Path) -> None:
         assert_same_weights(model, loaded)
         assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tied again after loading
         assert not loaded.training
-        assert tokenizer == Tokenizer.char(CHARS)
+        assert tokenizer == Tokenizer.char(TINY_CHARS)
         assert config["iter_num"] == 80 and config["val_loss"] == 1.5 and config["train"] == {"learning_rate": 1e-3}
         assert config["smallgpt"] == json.loads(json.dumps(hf_config(model.config)["smallgpt"]))
         assert config["vocab_size"] == TINY["vocab_size"] and config["n_layer"] == 2
@@ -118,6 +119,42 @@ def test_hub_names_are_not_paths(tmp_path: Path, fake_hub) -> None:
     assert [repo for repo, _ in fake_hub.calls] == ["openai-community/gpt2-medium"] * 2
     assert loaded.config.dropout == 0.1 and not loaded.training and same_weights(loaded, model)
     assert tokenizer == gpt2_bpe() and config["n_embd"] == 32
+
+
+def test_hub_offline_fails_fast_with_the_whole_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in the cache and the hub unreachable: one line at once, before huggingface_hub's retries (27 s), whose
+    message came cut mid-word; the cache is read without the network."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import socket
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    asked = []
+
+    def hub(repo_id: str, filename: str, local_files_only: bool = False, **kwargs: object) -> str:
+        asked.append(local_files_only)
+        if not local_files_only:
+            pytest.fail("went to the network although the hub cannot be reached")
+        raise LocalEntryNotFoundError("not in the cache")
+
+    def unreachable(address: tuple[str, int], timeout: float) -> None:
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(SystemExit) as e:
+        load_model("gpt2")
+    assert e.value.code == ("could not download gpt2 from the Hugging Face hub: huggingface.co cannot be reached "
+                            "(Network is unreachable). Offline? Download its config.json and model.safetensors "
+                            "elsewhere and pass their folder instead of 'gpt2'") and asked == [True]
+
+    long = "An error happened while trying to locate the file on the Hub and we cannot find the requested files " \
+           "in the local cache. Please check your connection and try again or make sure your Internet connection is on."
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError(long)))
+    with pytest.raises(SystemExit, match=re.escape(long)):  # whole, where it was cut at 160 characters
+        load_model("gpt2")
 
 
 def test_transformers_loads_our_checkpoint_and_we_load_theirs(tmp_path: Path) -> None:
@@ -357,7 +394,55 @@ def test_bad_config_json_is_refused(tmp_path: Path) -> None:
     # A tokenizer with more tokens than the model has embeddings: the config belongs to another model.
     config["tokenizer"] = Tokenizer.char("".join(chr(c) for c in range(32, 132))).to_meta()
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"{config_path}: its tokenizer has 100 tokens but the model only {TINY['vocab_size']}"):
+    with pytest.raises(ValueError, match=f"{config_path}: its tokenizer has 100 tokens but the model {TINY['vocab_size']}"):
+        load_model(tmp_path)
+    # A char table with fewer symbols than the model's ids: those ids would print as U+FFFD.
+    config["tokenizer"] = Tokenizer.char(CHARS).to_meta()
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"its tokenizer has {len(CHARS)} tokens but the model {TINY['vocab_size']}"):
+        load_model(tmp_path)
+
+
+NANOCHAT = dict(pos_embedding="rope", norm="rmsnorm", embed_norm=True, qk_norm=True, mlp="relu2", bias=False,
+                tie_embeddings=False, logit_softcap=15.0)  # the switches that make a model NanoChat's
+
+
+@pytest.mark.parametrize("hf_folder", [False, True])  # with our "smallgpt" entry, or without it (Hugging Face's)
+@pytest.mark.parametrize("key, value", [
+    ("rope_parameters", "default"), ("rope_parameters", [10000.0]), ("rope_parameters", {"rope_theta": "1e4"}),
+    ("rope_parameters", {"rope_theta": float("nan")}), ("hidden_size", None), ("hidden_size", {}),
+    ("num_key_value_heads", True), ("train", ["lr", 1e-3]), ("tokenizer", "char"), ("iter_num", "10"),
+    ("val_loss", [1.0]), ("smallgpt", {"rope_theta": float("inf")}), ("smallgpt", {"n_kv_head": 2.0}),
+])
+def test_config_json_entries_of_the_wrong_type_are_refused(tmp_path: Path, hf_folder: bool, key: str,
+                                                           value: object) -> None:
+    """Nested entries too, each with one line that names it, however deep it sits: checked once, on reading."""
+    save(tmp_path, tiny_model(0, **NANOCHAT), 10)
+    config_path = tmp_path / "latest" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["model_type"] == "nanochat"
+    if hf_folder:
+        del config["smallgpt"]
+    config_path.write_text(json.dumps(config | {key: value}))
+    name = key + "." + next(iter(value)) if isinstance(value, dict) and value else key
+    with pytest.raises(ValueError, match=rf"config.json: {re.escape(name)}=.* is not (of type|a finite number)"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("key, own_key", [("max_position_embeddings", None), ("max_position_embeddings", "block_size")])
+def test_a_rope_models_context_is_bounded_by_its_weights_too(tmp_path: Path, key: str, own_key: str | None) -> None:
+    """RoPE has no wpe to size block_size against, but its tables take block_size x head_dim numbers: a config.json
+    with block_size 2^31 allocated them for 90 s, then failed for 64 GiB."""
+    save(tmp_path, tiny_model(0, **NANOCHAT), 10)
+    config_path = tmp_path / "latest" / "config.json"
+    config = json.loads(config_path.read_text())
+    config[key] = 1 << 16  # 2^16 x head_dim 8 numbers: more than the tiny model's weights, yet quick to allocate
+    if own_key:
+        config["smallgpt"][own_key] = 1 << 16
+    else:
+        del config["smallgpt"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: its sizes make ~[\d,]+ weights, more than the"):
         load_model(tmp_path)
 
 

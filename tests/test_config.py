@@ -244,11 +244,19 @@ def test_config_to_dict_and_format_config():
     d = config_to_dict(cfg)
     assert d == {"learning_rate": 6e-4, "max_iters": 5000, "compile": True, "dataset": "shakespeare#char",
                  "seed": None, "dropout": 0.0}
-    lines = format_config(cfg).splitlines()
-    assert lines[0] == "learning_rate = 0.0006"
-    assert "max_iters     = 5000" in lines and "compile       = true" in lines
-    assert "dataset       = 'shakespeare#char'" in lines and "seed          = none" in lines
-    assert len({line.index("=") for line in lines}) == 1  # aligned
+    assert format_config(cfg) == "settings: the defaults (--help lists them)"  # seed=none is its default
+
+
+def test_format_config_shows_only_what_differs_from_the_defaults(tmp_path: Path):
+    cfg = parse_config(Cfg, [write(tmp_path, "compile = true\ndataset = 'x y'\n"), "--max_iters=7", "--dropout=0.1"])
+    heading, *lines = format_config(cfg).splitlines()
+    assert "differ from the defaults" in heading
+    assert lines == ["  max_iters = 7", "  dataset   = 'x y'", "  dropout   = 0.1"]  # compile=true is the default
+
+
+def test_a_nanogpt_python_config_points_to_the_toml_files():
+    line = config_error(["config/train_shakespeare_char.py"])
+    assert "TOML" in line and "configs/shakespeare_char.toml" in line
 
 
 def test_device_and_dtype_resolution_shared_by_the_entry_points():
@@ -291,3 +299,13 @@ def test_threads_setting(monkeypatch):
         assert 0 <= config.busy_cores() <= (os.cpu_count() or 1) + 0.5  # measured from /proc/stat here
     finally:
         torch.set_num_threads(before)
+
+
+def test_help_examples_name_no_path_of_this_repositorys_ci():
+    """--help prints each script's docstring: its examples must work in a user's checkout, which has no ../shared."""
+    import ast
+
+    repo = Path(__file__).resolve().parents[1]
+    scripts = [*repo.glob("*.py"), *repo.glob("data/*/prepare.py")]
+    docs = {p.relative_to(repo): ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or "" for p in scripts}
+    assert len(docs) > 10 and [str(p) for p, doc in docs.items() if "../shared" in doc] == []

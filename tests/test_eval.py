@@ -24,7 +24,7 @@ import torch
 import train
 from checkpoint import save_checkpoint
 from conftest import exit_message, gpt2_bpe, tiny_model
-from eval import main, read_hellaswag, score_hellaswag, score_tokens, windows
+from eval import git_blob_id, main, read_hellaswag, score_hellaswag, score_tokens, windows
 from model import GPT
 from prepare_data import dataset_meta, write_meta
 from tokens import Tokenizer, token_dtype, write_tokens
@@ -283,3 +283,25 @@ def test_json_record_has_every_field(char_run: Path, tmp_path: Path, capsys: pyt
     record = json.loads(capsys.readouterr().out)
     assert {"model", "data", "tokens", "bytes", "loss", "ppl", "bpb", "acc", "acc_norm", "seconds"} <= set(record)
     assert record["tokens"] == 199 and record["stride"] == 8  # block_size 16 // 2
+
+
+def test_json_is_alone_on_stdout_and_threads_are_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """The cached HellaSwag file's "using ... (already downloaded)" went to stdout before the JSON; and eval.py took
+    every core whatever --threads said (README: Threads)."""
+    import eval as eval_script
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "hellaswag_val.jsonl").write_text("\n".join(hellaswag_line(f"A man{'.' * i}", [" a", " b", " c", " d"],
+                                                                       i % 4) for i in range(5)) + "\n")
+    monkeypatch.setenv("SMALLGPT_CACHE", str(cache))
+    monkeypatch.setattr(eval_script, "HELLASWAG_BLOB", git_blob_id(cache / "hellaswag_val.jsonl"))  # as if canonical
+    tok = Tokenizer.char(" .Aabcdmn")
+    run = save_model(tmp_path / "run", tiny_model(vocab_size=tok.vocab_size, block_size=32), tok)
+    torch.set_num_threads(2)  # the module's fixture restores its own setting afterwards
+    capsys.readouterr()
+    record = main([f"--out_dir={run}", "--task=hellaswag", "--limit=5", "--device=cpu", "--json=true", "--threads=1"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == record and "already downloaded" in captured.err
+    assert torch.get_num_threads() == 1

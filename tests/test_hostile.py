@@ -32,6 +32,7 @@ import runlog
 import sample
 import tokens
 import train
+from conftest import gpt2_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2",
@@ -133,6 +134,8 @@ def quiet_sample_config(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--input", "{parquet}"], r"needs pyarrow"),
     (["--input", "{corpus}", "--num_threads=-1"], r"--num_threads=-1: expected"),
     (["--input", "{corpus}", "--shard_size=0"], r"--shard_size=0: expected"),
+    (["--input", "{corpus}", "--shard_size=1"], r"--shard_size=1 could make up to [\d,]+ files a split .* more than "
+                                                r"1,000 .*: use --shard_size=\d+ or more"),  # train.py: too many open files
     (["--input", "{corpus}", "--val_fraction=nan"], r"--val_fraction=nan: expected"),
     (["--input", "{corpus}", "--val_fraction=0"], r"--val_fraction=0.0: expected .*both splits"),
     (["--input", "{corpus}", "--tokenizer=klingon"], r"--tokenizer=klingon: unknown tiktoken encoding .*or char"),
@@ -202,7 +205,8 @@ def test_kill_9_during_a_rerun_never_leaves_a_loadable_mix(prepared: Path, corpu
     status, _ = run("data/shakespeare_char/prepare.py", "--input", other, "--out_dir", prepared, pre=KILL_WHILE_WRITING)
     assert status == -signal.SIGKILL
     after = snapshot(prepared)
-    assert {k: v for k, v in after.items() if not k.startswith(".tmp-prepare-")} == before  # only the dead run's folder
+    # only the dead run's folder, and its lock file (the kernel released the lock)
+    assert {k: v for k, v in after.items() if not k.startswith(".tmp-prepare-") and k != ".lock"} == before
     assert len(tokens.load_split(prepared, "val")[0]) > 0
 
     status, _ = run("data/shakespeare_char/prepare.py", "--input", other, "--out_dir", prepared, pre=KILL_WHILE_SWAPPING)
@@ -238,6 +242,7 @@ builtins.open = open_on_a_full_disk
 
 
 def test_disk_full_during_preparation(prepared: Path, corpus: Path) -> None:
+    gpt2_bpe()  # the preparer's default tokenizer
     before = snapshot(prepared)
     line = assert_one_line(run("data/text/prepare.py", "--input", corpus, "--out_dir", prepared, pre=FULL_DISK),
                            r"\.tmp-prepare-\d+/\.train\.bin\.tmp: no space left on the device: free some space")
@@ -246,6 +251,7 @@ def test_disk_full_during_preparation(prepared: Path, corpus: Path) -> None:
 
 
 def test_ctrl_c_during_preparation_and_during_imports(prepared: Path, corpus: Path) -> None:
+    gpt2_bpe()  # the preparer's default tokenizer
     before = snapshot(prepared)
     slow = ("import time, prepare_data\nprepare_data.ShardWriter.write = lambda self, ids: "
             "(print('writing', flush=True), time.sleep(60))")
@@ -368,7 +374,7 @@ def test_disk_full_inside_torch_save(run_copy: Path, monkeypatch: pytest.MonkeyP
     (None, "block_size", 10 ** 12, r"config.json: its sizes make ~.* weights, more than the .* bytes of .*model"),
     ("n_layer", "n_layer", True, r"config.json: n_layer=True is not of type int"),
     ("n_head", "n_head", 3, r"config.json: n_embd \(16\) must be divisible by n_head \(3\)"),
-    (None, "bias", "yes", r"config.json: bias='yes' is not of type bool"),
+    (None, "bias", "yes", r"config.json: smallgpt.bias='yes' is not of type bool"),
 ])
 def test_config_json_types_and_sizes(run_copy: Path, key: str | None, own_key: str | None, value: object,
                                      pattern: str, capsys: pytest.CaptureFixture) -> None:
@@ -425,6 +431,13 @@ def test_a_bug_keeps_its_traceback_and_smallgpt_debug_shows_everything(corpus: P
     status, lines = run("data/text/prepare.py", "--input", tmp_path / "latin1.txt", "--out_dir", tmp_path / "o",
                         env={"SMALLGPT_DEBUG": "1"})
     assert status == 1 and lines[0] == "Traceback (most recent call last):" and "not UTF-8 text" in lines[-1]
+    # a failure turned into a SystemExit (Python prints those without a traceback): where it came from too
+    missing = tmp_path / "missing.txt"
+    assert_one_line(run("data/text/prepare.py", "--input", missing, "--out_dir", tmp_path / "o"), "no such file")
+    status, lines = run("data/text/prepare.py", "--input", missing, "--out_dir", tmp_path / "o",
+                        env={"SMALLGPT_DEBUG": "1"})
+    assert status == 1 and lines[0] == "Traceback (most recent call last):", lines
+    assert any("in find_inputs" in line for line in lines) and lines[-1].startswith("SystemExit: --input")
 
 
 def test_messages_of_the_boundary() -> None:
@@ -462,3 +475,49 @@ def test_a_swap_killed_half_way_is_undone_by_the_next_run(prepared: Path, corpus
         with prepare_data.Preparation(prepared):
             raise ValueError("a failing run")
     assert snapshot(prepared) == before and not backup.exists()
+
+
+# Stops the preparation (SIGSTOP, as Ctrl-Z does) inside its swap, once the first old token file is set aside.
+PAUSE_IN_SWAP = """import os, signal
+_replace, _paused = os.replace, []
+def _pausing(src, dst):
+    _replace(src, dst)
+    if os.path.basename(os.path.dirname(dst)) == ".old-prepare" and str(dst).endswith(".bin") and not _paused:
+        _paused.append(os.kill(os.getpid(), signal.SIGSTOP))
+os.replace = _pausing"""
+
+
+@pytest.mark.parametrize("then", ["continued", "killed"])
+def test_two_preparations_into_one_folder(prepared: Path, corpus: Path, tmp_path: Path, then: str) -> None:
+    """The second one refuses, naming the first, while the first is paused half-way through its swap (it used to
+    take that for a killed run's and "restore" it, and the two destroyed both preparations). The lock goes with
+    the process: after kill -9 the next run may start, and puts the previous preparation back."""
+    before = snapshot(prepared)
+    (tmp_path / "more.txt").write_text(corpus.read_text() + "\nzebra quiz\n")  # a preparation that differs
+    args = ["--input", str(tmp_path / "more.txt"), "--tokenizer=char", "--out_dir", str(prepared)]
+    first = subprocess.Popen([sys.executable, "-c", HARNESS.format(repo=str(REPO), pre=PAUSE_IN_SWAP),
+                              str(REPO / "data/text/prepare.py"), *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)  # returns once it is stopped
+        assert os.WIFSTOPPED(status), first.communicate()
+        paused = snapshot(prepared)
+        assert (prepared / ".old-prepare").is_dir() and not (prepared / "meta.json").exists()
+        line = assert_one_line(run("data/text/prepare.py", *args), rf"is being prepared by another process "
+                                                                   rf"\(pid {first.pid}\): wait for it")
+        assert str(prepared) in line and snapshot(prepared) == paused  # nothing "restored", nothing written
+        if then == "continued":
+            os.kill(first.pid, signal.SIGCONT)
+            assert first.wait(timeout=60) == 0, first.stderr.read()
+        else:
+            first.kill()
+            first.wait(timeout=60)
+            assert run("data/text/prepare.py", *args)[0] == 0  # the lock died with it
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    after = snapshot(prepared)
+    assert sorted(after) == sorted(before) and after != before  # a complete new preparation, no stray file
+    assert "z" in json.loads(after["meta.json"])["tokenizer"]["chars"]
+    tokens.load_split(prepared, "train")

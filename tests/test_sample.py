@@ -207,6 +207,33 @@ def test_streaming_prints_the_same_text(bpe_run, char_run, capsys):
     assert held >= 5 and "🙂" in c.text and "\ufffd" in c.text
 
 
+def test_each_sample_is_printed_as_soon_as_it_is_complete(char_run, capsys):
+    """Several samples: the first streams, each is printed when done (they were silent until the whole batch was),
+    and the bytes are those printed at the end, the same samples as for the seed before."""
+    for args in ([f"--out_dir={char_run}", "--start=a", "--max_new_tokens=40", "--temperature=2.0"],
+                 [f"--out_dir={char_run}", "--start=a", "--max_new_tokens=60", "--stop=e", "--seed=3"]):
+        streamed, _ = run(capsys, *args, "--num_samples=3", "--stream=true")
+        printed, _ = run(capsys, *args, "--num_samples=3", "--stream=false")
+        assert streamed == printed
+    assert printed == expected_output(char_run, "a", 3, 60, 3, stop="e", temperature=0.8, top_k=200)
+
+    model, tokenizer = from_pretrained(char_run / "latest").eval(), Tokenizer.char(CHARS)
+    steps, generate_stream = [], model.generate_stream
+
+    def counted(*args, **kwargs):
+        for token in generate_stream(*args, **kwargs):
+            steps.append(token)
+            yield token
+
+    model.generate_stream = counted
+    done = []
+    cfg = SampleConfig(out_dir=str(char_run), num_samples=4, max_new_tokens=60, stop="e", temperature=2.0)
+    texts, _ = generate_samples(model, tokenizer, tokenizer.encode("a"), cfg, torch.Generator().manual_seed(3),
+                                on_done=lambda i, text: done.append((i, text, len(steps))))
+    assert [(i, text) for i, text, _ in done] == list(enumerate(texts))
+    assert done[0][2] < len(steps)  # out before the batch ended
+
+
 class Scripted:
     """Stands in for a GPT in generate_samples: its generate_stream yields fixed tokens, the same in every row."""
 
@@ -273,16 +300,17 @@ def test_padded_vocabulary_ids_decode_as_replacement_characters():
     (["--checkpoint=oldest"], "latest or best"),
     (["--dtype=int8"], "dtype must be"),
     (["--stop="], "stop must not be empty"),
-    (["--stream=true", "--num_samples=2"], "num_samples=1"),
     (["--temprature=1"], "did you mean 'temperature'"),
     (["--stop=eot"], "no end-of-text token"),
     (["--start=héllo"], "cannot be encoded"),
     (["--start="], "prompt is empty"),
     (["--start=FILE:/no/such/prompt.txt"], "no such file"),
+    (["--start=-"], "--start=- reads standard input, but it is closed: pipe the text in"),  # sys.stdin: None below
     (["--checkpoint=best", "--out_dir=/no/such/dir"], "does not exist"),
     (["--out_file=/no/such/dir/samples.txt"], "does not exist"),
 ])
-def test_bad_settings_exit_with_one_line(char_run, args, words):
+def test_bad_settings_exit_with_one_line(char_run, args, words, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)  # as Python sets it when the shell closed it: python sample.py <&-
     with pytest.raises(SystemExit) as e:
         main([f"--out_dir={char_run}", "--max_new_tokens=3", *args])
     message = str(e.value.code)

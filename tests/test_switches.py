@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from attention import attention_maps, explicit_attention
-from conftest import CHARS, TINY
+from conftest import TINY, TINY_CHARS
 from checkpoint import from_pretrained, load_model, save_checkpoint
 from hf import hf_config, hf_format, hf_state_dict
 from model import GPT, GPTConfig, KVCache, apply_rope, attend, causal_mask, rms_norm
@@ -425,7 +425,7 @@ def save_folder(model: GPT, folder) -> None:
 @each_switch
 def test_checkpoint_round_trip_restores_every_switch(name, tmp_path):
     model = switch_model(name, dropout=0.1)
-    extra = {"tokenizer": Tokenizer.char(CHARS).to_meta()}
+    extra = {"tokenizer": Tokenizer.char(TINY_CHARS).to_meta()}  # a char table as large as the model's vocabulary
     save_checkpoint(tmp_path, model, extra, {"iter_num": 1}, iter_num=1, is_best=True)
     loaded, _, config = load_model(tmp_path)
     assert loaded.config == model.config

@@ -204,6 +204,31 @@ def test_shard_writer_single_shard_is_nanogpt_layout_and_clears_old_files(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val_000000.bin", "val_000001.bin"]
 
 
+def test_shards_are_bounded_and_loading_makes_room_for_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each memory-mapped shard keeps a file open: a split of 20,000 shards ended train.py with "Too many open
+    files". A preparation stops at MAX_SHARDS a split; loading raises the soft limit where the hard one allows."""
+    import resource
+
+    monkeypatch.setattr(prepare_data, "MAX_SHARDS", 3)
+    with pytest.raises(ValueError, match="--shard_size=10 makes more than 3 train files"):
+        with prepare_data.ShardWriter(tmp_path, "train", np.uint16, shard_size=10) as w:
+            w.write(np.arange(31))
+    with prepare_data.ShardWriter(tmp_path, "train", np.uint16, shard_size=10) as w:
+        w.write(np.arange(30))  # exactly three
+    limits = []
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: limits.append(value))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2, 100_000))
+    assert len(tokens.load_split(tmp_path, "train")) == 3
+    assert limits and limits[-1][0] > 3 and limits[-1][1] == 100_000
+
+    def refuse(which: int, value: tuple[int, int]) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    with pytest.raises(SystemExit, match="3 token files in one split, more than this process may open"):
+        tokens.load_split(tmp_path, "train")
+
+
 def test_shard_writer_refuses_ids_too_wide(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not fit uint16"):
         prepare_data.ShardWriter(tmp_path, "train", np.uint16, 10).write(np.array([70_000]))

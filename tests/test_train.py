@@ -34,7 +34,7 @@ import runlog
 import tokens
 import train
 from checkpoint import load_model, load_state
-from conftest import assert_same_weights, exit_message
+from conftest import assert_same_weights, exit_message, gpt2_bpe
 from config import field_help, parse_config
 from model import GPT, GPTConfig
 from train import TrainConfig, learning_rate, main, muon_momentum
@@ -465,10 +465,7 @@ def test_checkpoint_loads_with_transformers(run: str, hf_class: str, request: py
 
 def test_finetune_from_a_hugging_face_folder(char_data: Path, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    try:
-        bpe = tokens.Tokenizer.tiktoken("gpt2")
-    except SystemExit:
-        pytest.skip("GPT-2 BPE files unavailable offline: set TIKTOKEN_CACHE_DIR")
+    bpe = gpt2_bpe()
     data = write_dataset(tmp_path / "bpe", bpe, synthetic_text(20_000, seed=1))
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=bpe.vocab_size)

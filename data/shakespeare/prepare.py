@@ -1,7 +1,7 @@
 """Tiny Shakespeare with GPT-2's BPE (tiktoken "gpt2"), nanoGPT's 90/10 train/val split.
 
     python data/shakespeare/prepare.py                                           # downloads input.txt once (1.1 MB)
-    python data/shakespeare/prepare.py --input ../shared/data/tinyshakespeare.txt --out_dir=/tmp/s
+    python data/shakespeare/prepare.py --input ~/Downloads/input.txt --out_dir=/tmp/s
 
 Writes train.bin (301,966 tokens), val.bin (36,059 tokens) and meta.json into this folder (or --out_dir); then
 fine-tune GPT-2 on it with `python train.py --dataset=data/shakespeare ...`. The text is one document: no end-of-text.

@@ -1,7 +1,7 @@
 """Tiny Shakespeare at the character level: 65 symbols, nanoGPT's 90/10 train/val split.
 
     python data/shakespeare_char/prepare.py                                      # downloads input.txt once (1.1 MB)
-    python data/shakespeare_char/prepare.py --input ../shared/data/tinyshakespeare.txt --out_dir=/tmp/sc
+    python data/shakespeare_char/prepare.py --input ~/Downloads/input.txt --out_dir=/tmp/sc
 
 Writes train.bin (1,003,854 tokens), val.bin (111,540 tokens) and meta.json into this folder (or --out_dir);
 then `python train.py --dataset=data/shakespeare_char`.

@@ -1,6 +1,6 @@
 """Any corpus of your own: .txt files (one document each), .jsonl (one document a line), .parquet (a row each).
 
-    python data/text/prepare.py --input ../shared/data/sotu.txt --input ../shared/data/kjv.txt --out_dir=data/sotu_kjv
+    python data/text/prepare.py --input ~/corpora/sotu.txt --input ~/corpora/kjv.txt --out_dir=data/sotu_kjv
     python data/text/prepare.py --input my_folder/ --tokenizer=char --out_dir=data/mine
     python train.py --dataset=data/sotu_kjv
 
