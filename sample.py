@@ -29,7 +29,7 @@ from typing import TextIO
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_for_inference
 from config import (DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, set_threads,
                     synchronize)
 from model import GPT, KVCache, check_sampling
@@ -272,17 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: temperature=0 is greedy, so the {cfg.num_samples} samples will be identical: pass "
               f"--num_samples=1, or a temperature above 0 for different ones", file=sys.stderr)
 
-    try:
-        source = cfg.out_dir if cfg.init_from in (None, "resume") else cfg.init_from  # "resume" as in nanoGPT
-        model, tokenizer, _ = load_model(source, cfg.checkpoint, device="cpu")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    # Cast the weights rather than autocast: decoding reads every weight once per token, so half-size weights
+    # halve the memory traffic, where autocast would read fp32 weights and cast them again at every step.
+    model, tokenizer, _, _ = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device, dtype)
     if cfg.stop == "eot" and tokenizer.eot_token is None:
         raise SystemExit("--stop=eot: this model's char tokenizer has no end-of-text token; stop at a string "
                          "instead, e.g. --stop='\\n\\n'")
-    # Cast the weights rather than autocast: decoding reads every weight once per token, so half-size weights
-    # halve the memory traffic, where autocast would read fp32 weights and cast them again at every step.
-    model = model.to(device=device, dtype=dtype)
 
     prompt = read_prompt(cfg.start)
     prompt_ids = encode_prompt(tokenizer, prompt)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from attention import attention_maps
-from checkpoint import load_model
+from checkpoint import load_for_inference
 from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype
 from engine import Job, Scheduler
 from model import GPT
@@ -631,12 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_config(cfg), file=sys.stderr)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    source = cfg.out_dir if cfg.init_from in (None, "resume") else cfg.init_from
-    try:
-        model, tokenizer, _ = load_model(source, cfg.checkpoint, device="cpu")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    model = model.to(device=device, dtype=dtype)  # cast, not autocast: see sample.py
+    model, tokenizer, _, source = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device,
+                                                     dtype)  # cast, not autocast: see sample.py
     name = cfg.model_name or Path(str(source).rstrip("/")).name or str(source)
     try:
         sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
