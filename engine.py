@@ -151,7 +151,7 @@ class Scheduler:
         if job.stream is None:
             idx = torch.tensor([r.prompts[job.prompt_index]] * r.n, dtype=torch.long, device=self.device)
             generator = torch.Generator(device=self.device).manual_seed(r.seed)
-            job.stream = self.model.generate_stream(idx, r.max_tokens, r.temperature, None, r.top_p, generator)
+            job.stream = self.model.generate_stream(idx, r.max_tokens, r.temperature, r.top_k, r.top_p, generator)
         token = next(job.stream, None)  # (n, 1); the first call prefills the prompt; None: max_tokens was 0
         tokens = token[:, 0].tolist() if token is not None else None
         for row, text in enumerate(job.texts):
