@@ -579,3 +579,68 @@ def test_playground_in_headless_chromium(any_char):
             assert not errors
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------------------------------------- stops
+
+
+def test_stop_matching_equals_the_naive_search():
+    """Continuation's incremental matcher against the plain rule: the text ends before the earliest stop string, and
+    while streaming, everything is shown except an ending that may still grow into a stop string."""
+    import random
+    from sample import Continuation
+    tokenizer, rng = Tokenizer.char(CHARS), random.Random(0)
+    for _ in range(400):
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4)))
+        text = "".join(rng.choice("ab") for _ in range(40))
+        c = Continuation(tokenizer, None, stops)
+        for t in range(1, len(text) + 1):
+            c.add(tokenizer.encode(text[t - 1])[0])
+            cuts = [i for s in stops if (i := text[:t].find(s)) >= 0]
+            if cuts:
+                assert c.done and c.text == c.settled() == text[:min(cuts)], (stops, text[:t])
+                break
+            held = max((n for s in stops for n in range(1, len(s)) if text[:t].endswith(s[:n])), default=0)
+            assert not c.done and c.settled() == text[:t - held], (stops, text[:t])
+
+
+class CountingStr(str):
+    """A stop string that counts the characters read from it by indexing or slicing."""
+    reads = 0
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        CountingStr.reads += len(value)
+        return value
+
+
+def test_stop_matching_is_linear_in_the_stop_length():
+    """The work per token does not grow with the stop strings: a step may not rescan them (four 250k-character stop
+    strings with n=4 once held every other request for 36 s)."""
+    from sample import Continuation
+    tokenizer = Tokenizer.char(CHARS)
+    stop = CountingStr("ab" * 2000 + "c")  # 4,001 characters; the text "abab..." keeps matching a growing prefix
+    c = Continuation(tokenizer, None, (stop,))
+    CountingStr.reads = 0
+    for _ in range(500):
+        for ch in "ab":
+            c.add(tokenizer.encode(ch)[0])
+            c.settled()
+    assert not c.done and c.settled() == ""  # all 1,000 characters may still begin the stop string
+    assert CountingStr.reads < 8 * (len(stop) + 1000)  # the table once, then a few reads per character
+
+
+def test_long_stop_strings_are_bounded_and_do_not_hold_other_requests(char, char_server):
+    status, body = request(char_server, "POST", "/v1/completions",
+                           {"prompt": "a", "stop": ["x" * (serve.MAX_STOP_CHARS + 1)]})
+    assert status == 400 and body["error"]["param"] == "stop" and str(serve.MAX_STOP_CHARS) in body["error"]["message"]
+    stops = [c * serve.MAX_STOP_CHARS for c in "wxyz"]  # the bound, four times, n=4: a long stream meanwhile
+    conn, response = open_stream(char_server, prompt="ab", n=4, max_tokens=2000, temperature=1.0, stop=stops)
+    response.readline()
+    try:
+        assert complete(char_server, prompt="ab", max_tokens=1, temperature=0)["choices"][0]["text"] == \
+            greedy(*char, "ab", 1)
+        assert health(char_server)["active_sequences"] == 4  # answered while the long stream runs
+    finally:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
