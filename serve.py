@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import math
 import os
 import signal
@@ -72,6 +73,7 @@ except ImportError:
 
 SERVE_EXTRA_MISSING = "serve.py needs starlette and uvicorn: pip install -e '.[serve]'"
 PLAYGROUND = Path(__file__).with_name("playground.html")  # read at start-up: edit it and restart
+ACCESS_LOG = logging.getLogger("serve")  # one line per request; main() shows them on stderr
 MAX_BODY = 1 << 20  # bytes; a prompt of a full GPT-2 context is a few kB
 MAX_STOP_CHARS = 1000  # characters of a stop string (OpenAI's count limit is 4): bounds the matcher's tables
 
@@ -501,8 +503,8 @@ class Guard:
             usage = reply.usage() if (reply := scope.get("state", {}).get("reply")) else None
             tokens = f" {usage['prompt_tokens']} + {usage['completion_tokens']} tokens," if usage else ""
             client = scope["client"][0] if scope.get("client") else "-"
-            print(f"{client} {scope['method']} {scope['path']} {status or '-'}{tokens} "
-                  f"{time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
+            ACCESS_LOG.info("%s %s %s %s%s %.2f s", client, scope["method"], scope["path"], status or "-", tokens,
+                            time.perf_counter() - start)
 
 
 def _check_host(scope: dict, listening: str) -> ApiError | None:
@@ -653,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pass another --port or "
                          f"--host") from None
     app = create_app(model, tokenizer, cfg, name)
+    ACCESS_LOG.addHandler(logging.StreamHandler(sys.stderr))
+    ACCESS_LOG.setLevel(logging.INFO)
     if not _is_loopback(cfg.host):
         print(f"warning: --host={cfg.host} is not a loopback address: anyone who can reach this machine can use the "
               f"server, which has no authentication", file=sys.stderr)
