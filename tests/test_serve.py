@@ -493,7 +493,8 @@ def test_without_the_serve_extra_one_line_says_what_to_install():
 
 def test_bad_settings_exit_with_one_line():
     for argv, words in ((["--max_sequences=0"], "max_sequences"), (["--port=70000"], "port"),
-                        (["--out_dir=/nonexistent"], "does not exist")):
+                        (["--out_dir=/nonexistent"], "does not exist"), (["--threads=-1"], "threads=-1"),
+                        (["--drain_seconds=-1"], "drain_seconds"), (["--allow_origins=a,,b"], "allow_origins")):
         with pytest.raises(SystemExit, match=words) as e:
             serve.main(argv)
         assert "\n" not in str(e.value.code)
@@ -616,6 +617,21 @@ def _answers(port: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------- browser
+
+
+def test_playground_page_is_a_tracked_file_beside_serve_py():
+    """A fresh clone has it: serve.py reads it from beside itself at start-up."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "playground.html"], cwd=REPO, capture_output=True, text=True).stdout
+    assert listed.strip() == "playground.html" and serve.PLAYGROUND == REPO / "playground.html"
+
+
+def test_a_missing_playground_page_is_one_line(char, monkeypatch, tmp_path):
+    monkeypatch.setattr(serve, "PLAYGROUND", tmp_path / "playground.html")
+    with pytest.raises(SystemExit, match="playground.html: No such file.*git checkout playground.html") as e:
+        create_app(*char, ServeConfig(), "tiny")
+    assert "\n" not in str(e.value.code)
 
 
 def test_playground_page_loads_nothing_from_elsewhere():
