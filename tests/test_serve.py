@@ -745,7 +745,7 @@ def test_long_stop_strings_are_bounded_and_do_not_hold_other_requests(char, char
     try:
         assert complete(char_server, prompt="ab", max_tokens=1, temperature=0)["choices"][0]["text"] == \
             greedy(*char, "ab", 1)
-        assert health(char_server)["active_sequences"] == 4  # answered while the long stream runs
+        assert health(char_server)["active_sequences"] >= 4  # answered while the long stream runs
     finally:
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
