@@ -620,14 +620,13 @@ class Server(uvicorn.Server if uvicorn is not None else object):
                 signal.signal(s, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        # os.write: a signal handler may interrupt a print to stderr, and a second print there would raise
         if self.should_exit:  # the second signal: no drain, no tracebacks of the tasks it would cancel
-            print("stopped now", file=sys.stderr, flush=True)
-            sys.stdout.flush()
+            os.write(2, b"stopped now\n")
             os._exit(128 + sig)
         self.signal, self.should_exit = sig, True
-        if self.served.in_flight:
-            print(f"draining {self.served.in_flight} request{'s' * (self.served.in_flight != 1)} (Ctrl-C again to "
-                  f"stop now)", file=sys.stderr, flush=True)
+        if n := self.served.in_flight:
+            os.write(2, f"draining {n} request{'s' * (n != 1)} (Ctrl-C again to stop now)\n".encode())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         deadline = asyncio.get_running_loop().call_later(self.served.cfg.drain_seconds, self.served.end_all,
