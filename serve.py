@@ -520,9 +520,10 @@ def _check_host(scope: dict, listening: str) -> ApiError | None:
     names = {"localhost", "127.0.0.1", "::1", listening.strip("[]").lower(), address}
     if name in names and (not port or listening_port is None or port == str(listening_port)):
         return None
+    address = f"[{address}]" if ":" in (address or "") else address or "localhost"
     return ApiError(421 if host else 400, f"the Host header {host!r} names no address of this server: ask for "
-                                          f"http://{address or 'localhost'}:{listening_port}/ (a guard against web "
-                                          f"pages of other sites)")
+                                          f"http://{address}:{listening_port}/ (a guard against web pages of other "
+                                          f"sites)")
 
 
 def _is_loopback(host: str) -> bool:
