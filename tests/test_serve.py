@@ -548,6 +548,7 @@ def test_serves_a_checkpoint_from_the_command_line(char_run, char):
             greedy(*char, "ab", 4)
         status, page = request(port, "GET", "/")
         assert status == 200 and page.startswith("<!doctype html>")
+        wait_for(lambda: " GET / " in server.text(), "the access line")  # the request has left the server too
         server.signal(signal.SIGINT)
         assert server.wait() == 130
     finally:
