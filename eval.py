@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import check_tokenizer_matches, load_for_inference
-from config import DTYPES, autocast_context, format_config, parse_config, resolve_device, resolve_dtype,
-                    set_threads
+from config import (DTYPES, autocast_context, format_config, parse_config, resolve_device, resolve_dtype,
+                    set_threads)
 from prepare_data import find_inputs, iter_files, local_or_download  # eval.py reads raw text, as the preparers do
 from tokens import Tokenizer, load_meta, load_split, resolve_dataset
 
