@@ -892,15 +892,16 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
                 progress.iter_num += 1
                 bar.update(1)
                 dt = time.perf_counter() - t0
-                window_time += dt
-                window_iters += 1
-                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt  # ~the last 10 iterations
+                if progress.iter_num > start_iter + 1:  # a process's first iteration compiles and warms up: untimed
+                    window_time += dt
+                    window_iters += 1
+                    step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt  # ~the last 10 iterations
 
                 if progress.iter_num % cfg.log_interval == 0 and run.master:
-                    tokens_per_sec = tokens_per_iter * window_iters / window_time
-                    smooth = tokens_per_iter / step_time
-                    mfu = raw_model.estimate_mfu(smooth / run.world_size, peak_flops) if peak_flops else None
-                    shown = {"loss": f"{loss_value:.4f}", "tok/s": f"{smooth:,.0f}"}
+                    tokens_per_sec = tokens_per_iter * window_iters / window_time if window_iters else None
+                    smooth = tokens_per_iter / step_time if step_time else None
+                    mfu = raw_model.estimate_mfu(smooth / run.world_size, peak_flops) if peak_flops and smooth else None
+                    shown = {"loss": f"{loss_value:.4f}"} | ({"tok/s": f"{smooth:,.0f}"} if smooth else {})
                     if mfu is not None:
                         shown["mfu"] = f"{mfu:.1%}"
                     bar.set_postfix(shown, refresh=False)
@@ -908,7 +909,8 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
                         last_line = time.perf_counter()
                         print(f"iter {progress.iter_num}/{cfg.max_iters} ({format_duration(progress.elapsed())}): "
                               + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
-                    record(train_loss=loss_value, lr=lr, tokens_per_sec=round(tokens_per_sec, 1),
+                    record(train_loss=loss_value, lr=lr,
+                           tokens_per_sec=None if tokens_per_sec is None else round(tokens_per_sec, 1),
                            mfu=None if mfu is None else round(mfu, 4))
                 if progress.iter_num % cfg.log_interval == 0:
                     window_time, window_iters = 0.0, 0
