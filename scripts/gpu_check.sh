@@ -54,7 +54,7 @@ failed=0
 
 # No step may reach the network (the GPU machine has none: a download would hang until its step's limit):
 # requests and httpx fail at once through a closed port, and the hub libraries stay offline.
-export HTTPS_PROXY=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 NO_PROXY= HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HTTPS_PROXY=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 NO_PROXY=localhost,127.0.0.1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export SMALLGPT_DEBUG=1 PYTHONUNBUFFERED=1  # whole tracebacks from torch and Triton, and logs as they happen
 [ -d "$carry/tiktoken_cache" ] && export TIKTOKEN_CACHE_DIR=$PWD/$carry/tiktoken_cache
 for wheel in "$carry"/pytest_timeout-*.whl; do  # a pure-Python wheel imports from its zip
@@ -89,7 +89,7 @@ skip() {  # skip NAME REASON
     if [ -z "$only" ] || [[ " $only " == *" $1 "* ]]; then echo "$1: skipped, $2" | tee -a "$summary"; fi
 }
 
-# train_to_target ARGS...: train.py until an evaluation reaches val $target, then SIGTERM (it saves, exits): 0
+# train_to_target METRICS ARGS...: train.py ARGS until an evaluation reaches val $target, then SIGTERM (it saves, exits): 0
 train_to_target() {
     local metrics=$1 pid
     shift
@@ -120,67 +120,61 @@ if [ ! -f "$data/train.bin" ]; then
 fi
 [ -f "$data/train.bin" ] || data=
 
+# Each command takes the GPU's settings; a dry run appends the CPU's (the last of a key wins), so that it parses the
+# GPU's too.
+bench=(--device=cuda --dtype=bfloat16 --batch_size=16 --train_steps=10 --repeats=3 --warmup=3)
+short=(--device=cuda --eval_interval=100 --eval_iters=20 --log_interval=20 --compile=false) iters=200  # ~15 s each
+runs=(--device=cuda --eval_interval=250 --eval_iters=50 --log_interval=50)
+cpu=() cpu_bench=() cpu_modern=() cpu_short=() cpu_half=() cpu_runs=()
+cap_smoke=30 cap_tests=120 cap_bench=90
 if [ -n "$dry" ]; then
-    device=(--device=cpu)
-    tiny=(--n_layer=2 --n_head=2 --n_embd=32 --block_size=32 --batch_size=4 --eval_iters=2 --log_interval=5)
-    bench=(--device=cpu --dtype=float32 --block_size=32 --batch_size=2 --train_steps=2 --repeats=1 --warmup=1
-           --threads=1)
-    train_compile=(--compile=false)  # inductor's C++ build takes minutes here
-    gpt2=(--model=tiny)
-    modern=(--model=configs/shakespeare_char_cpu_modern.toml)
-    decode=(--compile=false --decode_tokens=4 --prompt_len=4)
-    short=("${tiny[@]}" --eval_interval=5 --compile=false --threads=1) iters=10
-    half=(--dtype=bfloat16)  # a CPU trains in bfloat16, not float16
-    runs=("${tiny[@]}" --max_iters=20 --eval_interval=10 --threads=1)
+    tiny=(--device=cpu --threads=1 --n_layer=2 --n_head=2 --n_embd=32 --block_size=32 --batch_size=4 --eval_iters=2
+          --log_interval=5)
+    cpu=(--device=cpu)
+    cpu_bench=(--device=cpu --threads=1 --dtype=float32 --model=tiny --block_size=32 --batch_size=2 --train_steps=2
+               --repeats=1 --warmup=1 --compile=false --decode_tokens=4 --prompt_len=4)  # compile: minutes of C++
+    cpu_modern=("${cpu_bench[@]}" --model=configs/shakespeare_char_cpu_modern.toml --vocab_size=none)
+    cpu_short=("${tiny[@]}" --eval_interval=5) iters=10
+    cpu_half=(--dtype=bfloat16)  # a CPU trains in bfloat16, not float16
+    cpu_runs=("${tiny[@]}" --max_iters=20 --eval_interval=10)
     cap_smoke=150 cap_tests=120 cap_bench=60
 else
-    device=(--device=cuda)
-    tiny=()
-    bench=(--device=cuda --dtype=bfloat16 --batch_size=16 --train_steps=10 --repeats=3 --warmup=3)
-    train_compile=(--compile=true)
-    gpt2=(--model=gpt2)
-    modern=(--model=configs/gpt2_124m_modern.toml --vocab_size=50304)
-    decode=(--compile=both --decode_tokens=128 --repeats=3)
-    short=(--eval_interval=100 --eval_iters=20 --log_interval=20 --compile=false) iters=200
-    half=(--dtype=float16)  # with the GradScaler
-    runs=(--eval_interval=250 --eval_iters=50 --log_interval=50)
-    cap_smoke=30 cap_tests=90 cap_bench=90
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2> /dev/null
 fi
 
 # 1. smoke: CUDA, bf16, flash forward and backward, torch.compile in both modes; nothing else is worth running without
-step smoke "$cap_smoke" $py scripts/gpu_smoke.py "${device[@]}" --out="$figures" || { echo "smoke failed: stopping"; exit 1; }
+step smoke "$cap_smoke" $py scripts/gpu_smoke.py --device=cuda "${cpu[@]}" --out="$figures" || { echo "smoke failed: stopping"; exit 1; }
 
 # 2. the CUDA-only tests, by name (with "cuda", "flash", "compiled" or "autocast" in it), each bounded by pytest-timeout
 if $py -c "import importlib.metadata as m; m.distribution('pytest-timeout')" 2> /dev/null; then
-    bound=(--timeout=60)
+    bound=(--timeout=90)
 elif $py -c "import pytest_timeout" 2> /dev/null; then
-    bound=(-p pytest_timeout --timeout=60)
+    bound=(-p pytest_timeout --timeout=90)
 else
-    bound=(-o faulthandler_timeout=60)  # no pytest-timeout: a hung test's stack is printed, the step's limit ends it
+    bound=(-o faulthandler_timeout=90)  # no pytest-timeout: a hung test's stack is printed, the step's limit ends it
 fi
 step tests "$cap_tests" $py -m pytest -q -rs -p no:cacheprovider "${bound[@]}" tests -k "cuda or flash or compiled or autocast"
 
 # 3. training throughput of GPT-2 124M, the GPT-2 and the modern recipe: tokens/s and MFU after the compiling
 #    warm-up steps, peak memory
-step bench_train_gpt2 "$cap_bench" $py bench.py "${gpt2[@]}" --what=train "${bench[@]}" "${train_compile[@]}" \
-    --out="$figures"
-step bench_train_modern "$cap_bench" $py bench.py "${modern[@]}" --what=train "${bench[@]}" "${train_compile[@]}" \
-    --out="$figures"
+step bench_train_gpt2 "$cap_bench" $py bench.py --model=gpt2 --what=train --compile=true "${bench[@]}" \
+    "${cpu_bench[@]}" --out="$figures"
+step bench_train_modern "$cap_bench" $py bench.py --model=configs/gpt2_124m_modern.toml --vocab_size=50304 \
+    --what=train --compile=true "${bench[@]}" "${cpu_modern[@]}" --out="$figures"
 
 # 4. decoding, batch 1 and 8, eager and compiled (CUDA graphs: each row says whether one ran)
-step bench_decode 110 $py bench.py "${gpt2[@]}" --what=decode "${bench[@]}" "${decode[@]}" --decode_batch=1,8 \
-    --out="$figures"
+step bench_decode 110 $py bench.py --model=gpt2 --what=decode --compile=both --decode_batch=1,8 --decode_tokens=128 \
+    "${bench[@]}" "${cpu_bench[@]}" --out="$figures"
 
 # 5. short runs of the paths nothing else here takes: torchrun (DDP), float16 with its GradScaler, a resume (of the
 #    float16 run: its scaler's state too)
 if [ -n "$data" ]; then
-    base=(configs/shakespeare_char.toml --dataset="$data" "${device[@]}")
-    step ddp 40 $py -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${base[@]}" "${short[@]}" \
+    base=(configs/shakespeare_char.toml --dataset="$data" "${short[@]}" "${cpu_short[@]}")
+    step ddp 40 $py -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${base[@]}" \
         --max_iters="$iters" --out_dir="$work/ddp"
-    step fp16 40 $py train.py "${base[@]}" "${short[@]}" "${half[@]}" --max_iters="$iters" --out_dir="$work/fp16"
-    step resume 40 $py train.py "${base[@]}" "${short[@]}" "${half[@]}" --init_from=resume --max_iters=$((2 * iters)) \
-        --out_dir="$work/fp16"
+    step fp16 40 $py train.py "${base[@]}" --dtype=float16 "${cpu_half[@]}" --max_iters="$iters" --out_dir="$work/fp16"
+    step resume 40 $py train.py "${base[@]}" --dtype=float16 "${cpu_half[@]}" --init_from=resume \
+        --max_iters=$((2 * iters)) --out_dir="$work/fp16"
 else
     for name in ddp fp16 resume; do skip "$name" "no Shakespeare data (bash scripts/gpu_check.sh --prepare)"; done
 fi
@@ -194,7 +188,7 @@ for name in shakespeare_char shakespeare_char_modern; do
     share=$((deadline - SECONDS - reserve))
     [ "$name" = shakespeare_char ] && share=$((share / 2))  # half the time left for the first, the rest for the second
     step "$name" "$share" bash -c 'train_to_target "$@"' _ "$work/$name/metrics.jsonl" "configs/$name.toml" \
-        --dataset="$data" "${device[@]}" "${runs[@]}" --out_dir="$work/$name"
+        --dataset="$data" "${runs[@]}" "${cpu_runs[@]}" --out_dir="$work/$name"
     [ -f "$work/$name/metrics.jsonl" ] && cp "$work/$name/metrics.jsonl" "$out/$name.metrics.jsonl"
 done
 
