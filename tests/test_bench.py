@@ -57,7 +57,8 @@ def test_decode_rows_say_whether_a_cuda_graph_ran(tmp_path, monkeypatch):
     monkeypatch.setitem(sample._compiled, "default",
                         torch.compile(GPT.forward_static, backend="aot_eager", dynamic=False))
     try:
-        rows = bench.main(TINY + ["--what=decode", "--compile=both", "--decode_batch=1", f"--out={tmp_path / 'r.jsonl'}"])
+        rows = bench.main(TINY + ["--what=decode", "--compile=both", "--decode_batch=1",
+                                  f"--out={tmp_path / 'r.jsonl'}"])
     finally:
         torch._dynamo.reset()
     assert [(r["compile"], r["cuda_graphs"]) for r in rows] == [(False, False), (True, False)]
