@@ -69,11 +69,11 @@ step() {  # step NAME CAP COMMAND...: run it under min(CAP, time left), log it, 
     shift 2
     if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then return 0; fi
     left=$((deadline - SECONDS - reserve))
-    if [ "$left" -lt 10 ]; then
-        echo "$name: skipped, $left s left" | tee -a "$summary"
+    limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 10 ]; then  # (timeout 0 would mean no limit at all)
+        echo "$name: skipped, $limit s left for it" | tee -a "$summary"
         return 0
     fi
-    limit=$((cap < left ? cap : left))
     t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@" > "$work/logs/$name.log" 2>&1
     rc=$?
