@@ -10,8 +10,9 @@
 Every figure is the median of --repeats timed runs after --warmup untimed steps (which also absorb compilation).
 A decode run is one call that prefills the prompt and then makes --decode_tokens one-token steps: its tokens/s and
 ms_per_token include the prefill.
-Each measurement is announced as it starts (with a bar when it runs long), printed as a table row and appended
-to --out as one JSON line, with the device, torch version and date, so that docs/benchmarks.md can quote it.
+Each measurement is announced as it starts (with a bar when it runs long), appended to --out as one JSON line as
+soon as it is done, with the device, torch version and date, so that docs/benchmarks.md can quote it, and printed in
+a table at the end. Compiled decode rows say whether the step really ran as a CUDA graph (cuda_graphs).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from config import (autocast_context, enable_tf32, format_config, load_toml, par
                     set_threads, synchronize)
 from hf import hf_state_dict
 from model import GPT, MODEL_FIELDS, GPTConfig, device_peak_flops, padded_vocab_size, sample_next
+from sample import compiled_generate, cuda_graphs_recorded
 from tokens import load_meta, resolve_dataset
 
 BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT-2 has them)"
@@ -170,10 +172,12 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
         return profile_steps(step, device)
     announce(f"train: batch {batch_size} x {T}, compile={compiled}: {cfg.warmup} + {cfg.repeats} x {cfg.train_steps} steps")
     bar = progress(cfg.warmup + cfg.repeats * cfg.train_steps, "steps")
+    t0 = time.perf_counter()
     for _ in range(cfg.warmup):
         step()
         bar.update(1)
     synchronize(device)
+    warmup_s = time.perf_counter() - t0
     if is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -191,6 +195,7 @@ def bench_train(cfg: BenchConfig, gpt: GPTConfig, batch_size: int, device: str, 
     return {
         "what": "train", "batch_size": batch_size, "seq_len": T,
         "tokens_per_sec": round(tokens_per_sec, 1), "ms_per_step": round(1000 * dt / cfg.train_steps, 2),
+        "warmup_s": round(warmup_s, 2),  # the untimed steps, the compilation included
         "mfu": round(model.estimate_mfu(tokens_per_sec, peak, T), 4) if peak else None,
         # on the CPU the process's peak so far: this step's only when train is the first measurement (the default)
         "peak_memory_mb": round(peak_memory_mb(device), 1), "params": model.num_params(non_embedding=False),
@@ -235,11 +240,16 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
     announce(f"decode, {method}: batch {batch}, compile={compiled}: {cfg.warmup} + {cfg.repeats} runs of "
              f"{cfg.prompt_len} + {n} tokens")
     bar = progress(cfg.warmup + cfg.repeats, "runs")
+    graphs = cuda_graphs_recorded(torch.device(device))
     with torch.no_grad():
+        t0 = time.perf_counter()
         for _ in range(cfg.warmup):
             run()
             bar.update(1)
         synchronize(device)
+        warmup_s = time.perf_counter() - t0
+        after = cuda_graphs_recorded(torch.device(device))
+        captured = None if None in (graphs, after) else after > graphs  # recorded during the warm-up; None: unknown
         if is_cuda(device):
             torch.cuda.reset_peak_memory_stats(device)  # this decode's peak, not the training run's before it
         times = []
@@ -254,16 +264,15 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
     dt = statistics.median(times)
     return {"what": "decode", "method": method, "batch_size": batch, "prompt_len": cfg.prompt_len, "new_tokens": n,
             "tokens_per_sec": round(batch * n / dt, 1), "ms_per_token": round(1000 * dt / n, 2),
-            "peak_memory_mb": round(peak_memory_mb(device), 1) if is_cuda(device) else None}
+            "peak_memory_mb": round(peak_memory_mb(device), 1) if is_cuda(device) else None,
+            "warmup_s": round(warmup_s, 2), "cuda_graphs": captured}
 
 
 def _cached_decoder(model: GPT, prompt: torch.Tensor, n: int, compiled: bool) -> Callable[[], torch.Tensor]:
     """Prefill plus one-token steps through the KV cache: model.generate's loop, greedy."""
     if not compiled:
         return lambda: model.generate(prompt, n, temperature=0)
-    from sample import compiled_generate  # the static-cache, CUDA-graph decoder that sample.py --compile uses
-
-    return lambda: compiled_generate(model, prompt, n, temperature=0)
+    return lambda: compiled_generate(model, prompt, n, temperature=0)  # sample.py --compile's decoder
 
 
 def _recompute_decode(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -318,24 +327,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "date": datetime.date.today().isoformat(),
     }
     results = []
-    for compiled in compile_modes:
-        if "train" in cfg.what:
-            results.append({**stamp, "compile": compiled, **bench_train(cfg, gpt, batch_size, device, dtype, compiled)})
-        if "decode" in cfg.what:
-            for batch in (int(b) for b in cfg.decode_batch.split(",")):
-                results.append({**stamp, "compile": compiled,
-                                **bench_decode(cfg, gpt, batch, device, dtype, compiled, "kv-cache")})
-    if cfg.baselines and "decode" in cfg.what:
-        for method in ("recompute (nanoGPT)", "transformers"):
-            results.append({**stamp, "compile": False, **bench_decode(cfg, gpt, 1, device, dtype, False, method)})
-    if "serve" in cfg.what:
-        results += [{**stamp, **r} for r in bench_serve(cfg, gpt, device, dtype)]
-    results = [r for r in results if r.get("what") != "profile"]
-    if results:
+
+    def emit(row: dict) -> None:  # appended at once: a run stopped later keeps the rows measured so far
+        if row.get("what") == "profile":
+            return
+        results.append({**stamp, **row})
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         with open(cfg.out, "a") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+            f.write(json.dumps(results[-1]) + "\n")
+
+    for compiled in compile_modes:
+        if "train" in cfg.what:
+            emit({"compile": compiled, **bench_train(cfg, gpt, batch_size, device, dtype, compiled)})
+        if "decode" in cfg.what:
+            for batch in (int(b) for b in cfg.decode_batch.split(",")):
+                emit({"compile": compiled, **bench_decode(cfg, gpt, batch, device, dtype, compiled, "kv-cache")})
+    if cfg.baselines and "decode" in cfg.what:
+        for method in ("recompute (nanoGPT)", "transformers"):
+            emit({"compile": False, **bench_decode(cfg, gpt, 1, device, dtype, False, method)})
+    if "serve" in cfg.what:
+        for row in bench_serve(cfg, gpt, device, dtype):
+            emit(row)
+    if results:
         print_table(results)
     return results
 

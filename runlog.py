@@ -187,22 +187,28 @@ class ProgressBar:
         self.max_iters, self.tokens_per_iter, self.enabled = max_iters, tokens_per_iter, enabled
         self.window_time, self.window_iters = 0.0, 0  # for tokens/s over the current log interval
         self.step_time: float | None = None  # seconds per iteration, an exponential moving average
+        self.steps = 0  # iterations this process has run
         self.last_line = time.perf_counter()  # when the last plain progress line was printed
 
     def step(self, seconds: float) -> None:
         self.bar.update(1)
+        self.steps += 1
+        if self.steps == 1:  # a process's first iteration compiles and warms up: untimed
+            return
         self.window_time += seconds
         self.window_iters += 1
         self.step_time = seconds if self.step_time is None else 0.9 * self.step_time + 0.1 * seconds
 
-    def rates(self) -> tuple[float, float]:
-        """(tokens/s over the log interval now ending, smoothed tokens/s); starts the next interval."""
-        rate = self.tokens_per_iter * self.window_iters / self.window_time
+    def rates(self) -> tuple[float | None, float | None]:
+        """(tokens/s over the log interval now ending, smoothed tokens/s), None before a timed iteration; starts
+        the next interval."""
+        rate = self.tokens_per_iter * self.window_iters / self.window_time if self.window_iters else None
         self.window_time, self.window_iters = 0.0, 0
-        return rate, self.tokens_per_iter / self.step_time
+        return rate, self.tokens_per_iter / self.step_time if self.step_time else None
 
-    def show(self, iter_num: int, elapsed: float, loss: float, tokens_per_sec: float, mfu: float | None) -> None:
-        shown = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_sec:,.0f}"}
+    def show(self, iter_num: int, elapsed: float, loss: float, tokens_per_sec: float | None,
+             mfu: float | None) -> None:
+        shown = {"loss": f"{loss:.4f}"} | ({"tok/s": f"{tokens_per_sec:,.0f}"} if tokens_per_sec else {})
         if mfu is not None:
             shown["mfu"] = f"{mfu:.1%}"
         self.bar.set_postfix(shown, refresh=False)

@@ -97,9 +97,35 @@ def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, KV
     small kernels per token, and launching them one by one from Python would take longer than running them.
     """
     mode = "reduce-overhead" if model.transformer.wte.weight.is_cuda else "default"
-    if mode not in _compiled:
-        _compiled[mode] = torch.compile(GPT.forward_static, mode=mode)
+    if mode not in _compiled:  # dynamic=False: a new batch size gets its own fixed-shape graph, not a dynamic one
+        _compiled[mode] = torch.compile(GPT.forward_static, mode=mode, dynamic=False)
     return functools.partial(_compiled[mode], model)
+
+
+def cuda_graphs_recorded(device: torch.device) -> int | None:
+    """How many CUDA graphs torch.compile's mode="reduce-overhead" has recorded on device so far; 0 off CUDA, None
+    when this torch keeps them where this cannot look.
+
+    Inductor falls back to plain kernel launches without an error (a mutated input, a CPU tensor): a difference
+    before and after a compiled call tells whether it really runs as a graph. Reads inductor's private graph trees;
+    scripts/gpu_check.sh's first step tries it on the torch it runs with.
+    """
+    if device.type != "cuda":
+        return 0
+    try:
+        from torch._inductor import cudagraph_trees
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        manager = cudagraph_trees.get_manager(index, create_if_none_exists=False)
+        nodes = [node for roots in manager.roots.values() for node in roots] if manager is not None else []
+        count = 0
+        while nodes:  # one tree per compiled function: its root and a child per path recorded after it
+            node = nodes.pop()
+            count += 1
+            nodes += [child for children in node.children.values() for child in children]
+        return count
+    except (ImportError, AttributeError, TypeError):
+        return None
 
 
 def compiled_generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -327,9 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the prompt has {len(prompt_ids)} tokens, more than block_size {model.config.block_size}: the model "
               f"sees only its last {model.config.block_size}", file=sys.stderr)
     if cfg.compile:
-        t = time.perf_counter()
+        t, graphs = time.perf_counter(), cuda_graphs_recorded(device)
         compiled_generate(model, torch.tensor([prompt_ids[-1:]] * cfg.num_samples, device=device), 4)
         print(f"compiled the decode step in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        if device.type == "cuda" and graphs is not None and cuda_graphs_recorded(device) == graphs:
+            print("warning: the compiled decode step was not captured as a CUDA graph, so it launches each kernel "
+                  "from Python: TORCH_LOGS=perf_hints says why", file=sys.stderr)
 
     stream = cfg.stream if cfg.stream is not None else sys.stdout.isatty()
     if stream:

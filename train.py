@@ -231,9 +231,9 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
 
                 if progress.iter_num % cfg.log_interval == 0:
                     tokens_per_sec, smooth = bar.rates()
-                    mfu = raw_model.estimate_mfu(smooth / run.world_size, peak_flops) if peak_flops else None
+                    mfu = raw_model.estimate_mfu(smooth / run.world_size, peak_flops) if peak_flops and smooth else None
                     bar.show(progress.iter_num, progress.elapsed(), loss, smooth, mfu)
-                    record(metrics, progress, train_loss=loss, lr=lr, tokens_per_sec=round(tokens_per_sec, 1),
+                    record(metrics, progress, train_loss=loss, lr=lr, tokens_per_sec=tokens_per_sec and round(tokens_per_sec, 1),
                            mfu=None if mfu is None else round(mfu, 4))
 
                 # Evaluate before honouring a stop signal: the resumed run starts after this iteration, so it would

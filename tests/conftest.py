@@ -36,6 +36,15 @@ def tiny_model(seed: int = 0, **overrides: object) -> GPT:
     return GPT(GPTConfig(**TINY | overrides)).eval()
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmul_precision():
+    """bench.main and train.main turn TF32 on for their process: a test after them must still compare in fp32."""
+    precision, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
 def same_weights(a: GPT | dict, b: GPT | dict) -> bool:
     a, b = (x.state_dict() if isinstance(x, torch.nn.Module) else x for x in (a, b))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

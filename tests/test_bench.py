@@ -31,6 +31,40 @@ def test_bench_writes_one_json_line_per_measurement(tmp_path, capsys):
     assert "tokens_per_sec" in capsys.readouterr().out  # the table
 
 
+def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
+    """A run stopped part-way (a timeout, an error) keeps the rows measured before it on disk."""
+    real = bench.bench_decode
+
+    def failing_at_batch_2(cfg, gpt, batch, *args):
+        if batch == 2:
+            raise RuntimeError("stopped here")
+        return real(cfg, gpt, batch, *args)
+
+    monkeypatch.setattr(bench, "bench_decode", failing_at_batch_2)
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(RuntimeError):
+        bench.main(TINY + [f"--out={out}"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["what"], r["batch_size"]) for r in rows] == [("train", 2), ("decode", 1)]
+
+
+def test_decode_rows_say_whether_a_cuda_graph_ran(tmp_path, monkeypatch):
+    """cuda_graphs: False for eager decoding, and for compiled decoding on a CPU (aot_eager: no C++ to build)."""
+    import sample
+    from model import GPT
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(sample._compiled, "default",
+                        torch.compile(GPT.forward_static, backend="aot_eager", dynamic=False))
+    try:
+        rows = bench.main(TINY + ["--what=decode", "--compile=both", "--decode_batch=1",
+                                  f"--out={tmp_path / 'r.jsonl'}"])
+    finally:
+        torch._dynamo.reset()
+    assert [(r["compile"], r["cuda_graphs"]) for r in rows] == [(False, False), (True, False)]
+    assert all(r["warmup_s"] >= 0 for r in rows)
+
+
 def test_bench_reads_a_training_config(tmp_path):
     toml = tmp_path / "small.toml"
     toml.write_text("n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 8\nbatch_size = 3\n")

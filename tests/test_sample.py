@@ -52,8 +52,9 @@ def bpe_run(tmp_path_factory) -> Path:
 
 
 def run(capsys, *args: str) -> tuple[str, str]:
-    """main(args) in this process: (stdout, stderr)."""
-    assert main(list(args)) == 0
+    """main(args) in this process, on the CPU (expected_output's device) unless args name another: (stdout, stderr)."""
+    device = [] if any(a.startswith("--device=") for a in args) else ["--device=cpu"]
+    assert main([*args, *device]) == 0
     captured = capsys.readouterr()
     return captured.out, captured.err
 
@@ -407,6 +408,37 @@ def test_compiled_step_is_captured_once_and_gives_generate_tokens(monkeypatch):
         assert len(graphs) == 1
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_step_gives_each_batch_size_a_fixed_shape_graph(monkeypatch):
+    """sample.py compiles with dynamic=False: a second batch size is captured again with fixed shapes, as CUDA
+    graphs need (torch.compile's default makes the batch dimension symbolic on the second size)."""
+    symbolic = []  # per captured graph: whether any of its inputs has a symbolic size
+
+    def recording_backend(gm, example_inputs):
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        sizes = [d for v in values for d in (v.shape if isinstance(v, torch.Tensor) else [v])]
+        symbolic.append(any(isinstance(d, torch.SymInt) for d in sizes))
+        return gm.forward
+
+    real_compile = torch.compile
+    # sample.py's own arguments, with a backend that builds nothing (a mode needs inductor, so it is dropped)
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: real_compile(fn, backend=recording_backend,
+                                                                                      **kwargs))
+    monkeypatch.setattr(sample, "_compiled", {})
+    torch._dynamo.reset()
+    try:
+        model = tiny_model(vocab_size=len(CHARS))
+        for batch in (2, 3):
+            idx = torch.randint(0, len(CHARS), (batch, 5))
+            assert torch.equal(compiled_generate(model, idx, 6, temperature=0), model.generate(idx, 6, temperature=0))
+    finally:
+        torch._dynamo.reset()
+    assert symbolic == [False, False]
+
+
+def test_cuda_graphs_are_counted_on_cuda_only():
+    assert sample.cuda_graphs_recorded(torch.device("cpu")) == 0  # a CPU never records one
 
 
 def test_compiled_generate_after_the_model_is_cast_to_bfloat16(monkeypatch):

@@ -842,3 +842,14 @@ def test_resume_uses_the_runs_own_thread_count(char_data, tmp_path, monkeypatch)
     torch.set_num_threads(1)
     main(args + ["--max_iters=6", "--init_from=resume", "--threads=1"])  # an explicit setting wins
     assert torch.get_num_threads() == 1
+
+
+def test_logged_speed_leaves_out_each_processs_first_iteration(char_data, tmp_path):
+    """The first iteration of a process compiles (on a GPU, tens of seconds): counted, it would make the logged
+    tokens/s and MFU far too low for many lines after it. A resumed process leaves out its own first one too."""
+    run(char_data, tmp_path, "--max_iters=3", "--log_interval=1", "--eval_interval=3")
+    run(char_data, tmp_path, "--max_iters=5", "--log_interval=1", "--eval_interval=3", "--init_from=resume")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logs = {r["iter"]: r["tokens_per_sec"] for r in rows if r["val_loss"] is None}
+    assert [i for i, speed in logs.items() if speed is None] == [1, 4]
+    assert all(speed > 0 for i, speed in logs.items() if i not in (1, 4))
