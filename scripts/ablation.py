@@ -14,6 +14,7 @@ batches at the end.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -60,7 +61,7 @@ def argv(config: str, settings: dict) -> list[str]:
     return [config, *(f"--{k}={show(v)}" for k, v in settings.items())]
 
 
-def step_times(steps: int = 40, warmup: int = 3) -> dict[str, float]:
+def step_times(rows: str | None, steps: int = 40, warmup: int = 3) -> dict[str, float]:
     """Median CPU ms per training step of every variant (one thread), measured round robin in this process."""
     import torch
 
@@ -69,7 +70,7 @@ def step_times(steps: int = 40, warmup: int = 3) -> dict[str, float]:
     from model import GPT
 
     built = {}
-    for name, (config, settings) in variants().items():
+    for name, (config, settings) in chosen(rows).items():
         cfg = parse_config(TrainConfig, argv(config, settings))
         torch.manual_seed(0)
         model = GPT(cfg.gpt_config(65)).train()
@@ -92,28 +93,40 @@ def step_times(steps: int = 40, warmup: int = 3) -> dict[str, float]:
     return {name: round(1000 * sorted(t)[len(t) // 2], 2) for name, t in times.items()}
 
 
-def run(budget: int, seeds: list[int], lane: int, lanes: int) -> None:
+def slug(name: str) -> str:
+    """A variant's folder name: "recipe - rmsnorm" -> recipe_rmsnorm."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def chosen(rows: str | None) -> dict[str, tuple[str, dict]]:
+    """The variants named by --rows (comma-separated slugs, in the order given), or all of them."""
+    every = variants()
+    if not rows:
+        return every
+    by_slug = {slug(name): name for name in every}
+    unknown = [r for r in rows.split(",") if r not in by_slug]
+    if unknown:
+        raise SystemExit(f"--rows: no variant {', '.join(unknown)}; the variants are {', '.join(by_slug)}")
+    return {by_slug[r]: every[by_slug[r]] for r in rows.split(",")}
+
+
+def run(budget: int, seeds: list[int], lane: int, lanes: int, rows: str | None) -> None:
+    """Train every (variant, seed) not yet finished into OUT/runs/SLUG_sSEED, lane of lanes sharing the list."""
     ms = json.loads((OUT / "time.json").read_text())
     reference = ms["GPT-2, AdamW 3e-3 (tuned)"]
-    jobs = [(name, seed) for name in variants() for seed in seeds]
-    done = set()
-    log = OUT / "runs.jsonl"
-    if log.exists():
-        done = {(r["variant"], r["seed"]) for r in map(json.loads, log.read_text().splitlines())}
+    jobs = [(name, seed) for name in chosen(rows) for seed in seeds]
     for k, (name, seed) in enumerate(jobs):
-        if k % lanes != lane or (name, seed) in done:
-            continue
-        config, settings = variants()[name]
         iters = max(50, round(budget * reference / ms[name] / 10) * 10)
-        out = OUT / f"run_{lane}"
+        out = OUT / "runs" / f"{slug(name)}_s{seed}"
+        if k % lanes != lane or (out / f"ckpt_{iters:06d}").is_dir():
+            continue
         subprocess.run(["rm", "-rf", str(out)], check=True)
+        config, settings = variants()[name]
         cmd = [sys.executable, "train.py", *argv(config, settings), f"--seed={seed}", f"--max_iters={iters}",
-               f"--lr_decay_iters={iters}", f"--eval_interval={iters}", "--eval_iters=100", f"--out_dir={out}"]
+               f"--lr_decay_iters={iters}", f"--eval_interval={iters // 2}", "--eval_iters=100", "--threads=1",
+               f"--out_dir={out}"]
         result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        val = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-               if json.loads(line)["val_loss"] is not None][-1] if result.returncode == 0 else None
-        with open(log, "a") as f:
-            f.write(json.dumps({"variant": name, "seed": seed, "iters": iters, "val_loss": val}) + "\n")
+        print(f"{name}, seed {seed}: {iters} iterations, exit {result.returncode}", flush=True)
 
 
 def table() -> str:
@@ -136,10 +149,11 @@ if __name__ == "__main__":
     opts = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[2:])
     OUT.mkdir(parents=True, exist_ok=True)
     if what == "time":
-        (OUT / "time.json").write_text(json.dumps(step_times(), indent=1))
+        old = json.loads((OUT / "time.json").read_text()) if (OUT / "time.json").exists() else {}
+        (OUT / "time.json").write_text(json.dumps(old | step_times(opts.get("rows")), indent=1))
         print((OUT / "time.json").read_text())
     elif what == "run":
         run(int(opts.get("budget", 600)), [int(s) for s in opts.get("seeds", "1,2,3").split(",")],
-            int(opts.get("lane", 0)), int(opts.get("lanes", 1)))
+            int(opts.get("lane", 0)), int(opts.get("lanes", 1)), opts.get("rows"))
     else:
         print(table())
