@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -252,8 +253,8 @@ def plot(groups: list[Group], metric: str, png: Path, smooth: float = 0.95, titl
         return "the figure needs matplotlib: pip install -e '.[plot]' (the table above does not)"
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey=True)
     axes = axes.ravel()
-    for g in groups:
-        points = group_curve(g, metric, smooth)
+    curves = [group_curve(g, metric, smooth) for g in groups]
+    for g, points in zip(groups, curves):
         if not points:
             continue
         it, t, mean, low, high = map(list, zip(*points))
@@ -265,6 +266,13 @@ def plot(groups: list[Group], metric: str, png: Path, smooth: float = 0.95, titl
             (line,) = ax.plot(x, mean, marker=marker, ms=3, lw=1.2, label=g.label if ax is axes[0] else None)
             if len(g.runs) > 1:
                 ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, lw=0)
+    # the top of the y axis: the highest value once a fifth of a run is done (the start, at ~ln(vocab) for every
+    # run, would flatten the differences that matter)
+    tops = [next(v for it, _, v, _, _ in pts if it >= 0.2 * pts[-1][0]) for pts in curves if pts]
+    lows = [min(p[3] for p in pts) for pts in curves if pts]
+    if tops:
+        margin = 0.05 * (max(tops) - min(lows))
+        axes[0].set_ylim(min(lows) - margin, max(tops) + margin)
     for ax, name in zip(axes, AXES):
         ax.set_xlabel(name)
         ax.grid(alpha=0.3)
@@ -280,6 +288,40 @@ def plot(groups: list[Group], metric: str, png: Path, smooth: float = 0.95, titl
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return None
+
+
+def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
+    """loss.png from metrics.jsonl: the training loss of each log line, train/val loss and val bpb of each evaluation.
+    train.py has it drawn at the end of every run."""
+    metrics_path, png_path = Path(metrics_path), Path(png_path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed, so no {png_path.name} (pip install -e '.[plot]')")
+        return
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    logs = [r for r in records if r["val_loss"] is None]
+    evals = [r for r in records if r["val_loss"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r["iter"] for r in logs], [r["train_loss"] for r in logs], lw=0.8, alpha=0.5, label="train (batch)")
+    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (eval)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    bpb = [r for r in evals if r.get("val_bpb") is not None]  # runs from before bpb was logged have none
+    if bpb:  # bits per byte, comparable across tokenizers, on its own axis
+        ax2 = ax.twinx()
+        ax2.plot([r["iter"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="tab:red", label="val bpb")
+        ax2.set_ylabel("val bits per byte")
+        ax2.legend(loc="center right")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    tmp = png_path.with_name(f".{png_path.name}.tmp")  # renamed into place: a reader never sees half a file
+    fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+    os.replace(tmp, png_path)
 
 
 # ----------------------------------------------------------------------------------------------------------- main

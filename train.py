@@ -40,12 +40,14 @@ import errors
 
 errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
 
+import importlib.util
 import json
 import math
 import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -345,34 +347,15 @@ def resume_command(argv: list[str]) -> str:
     return f"{launcher} {shlex.join(['train.py', *keep, '--init_from=resume'])}"
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """loss.png from metrics.jsonl: the training loss of each log line, train/val loss and val bpb of each evaluation."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed, so no loss.png (pip install matplotlib)")
+def draw_loss_plot(metrics_path: Path, png_path: Path) -> None:
+    """loss.png (compare.plot_losses), drawn by a child process that outlives this one: a run ends without waiting
+    the ~1 s that matplotlib's import and the drawing take (docs/benchmarks.md, "Start-up")."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed, so no loss.png (pip install -e '.[plot]')")
         return
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    logs = [r for r in records if r["val_loss"] is None]
-    evals = [r for r in records if r["val_loss"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([r["iter"] for r in logs], [r["train_loss"] for r in logs], lw=0.8, alpha=0.5, label="train (batch)")
-    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
-    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (eval)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy loss")
-    bpb = [r for r in evals if r.get("val_bpb") is not None]  # runs from before bpb was logged have none
-    if bpb:  # bits per byte, comparable across tokenizers, on its own axis
-        ax2 = ax.twinx()
-        ax2.plot([r["iter"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="tab:red", label="val bpb")
-        ax2.set_ylabel("val bits per byte")
-        ax2.legend(loc="center right")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.savefig(png_path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import compare; compare.plot_losses(*sys.argv[2:])"
+    subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(metrics_path),
+                      str(png_path)], stdin=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C leaves it be
 
 
 def format_duration(seconds: float) -> str:
@@ -948,7 +931,7 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
             folder, _ = save(None)
             print(f"saved {folder}")
         if run.master and metrics_path.exists() and metrics_path.stat().st_size:
-            plot_losses(metrics_path, run.out_dir / "loss.png")
+            draw_loss_plot(metrics_path, run.out_dir / "loss.png")
         if run.ddp:
             dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has written
     if interrupted:

@@ -117,9 +117,13 @@ def test_the_table_without_matplotlib(runs: Path, tmp_path: Path, monkeypatch: p
     pytest.importorskip("matplotlib")
     png = tmp_path / "c.png"
     compare.main([str(runs), f"--out={png}", "--metric=train"])
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    compare.plot_losses(runs / "b_s1" / "metrics.jsonl", tmp_path / "loss.png")  # train.py's loss.png
+    assert png.read_bytes()[:4] == (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "loss.png"]  # no temporary file left
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     compare.main([str(runs), f"--out={tmp_path / 'none.png'}"])
     out, err = capsys.readouterr()
     assert "| learning_rate=0.003 | 1 |" in out and not (tmp_path / "none.png").exists()
     assert "the figure needs matplotlib: pip install -e '.[plot]'" in err
+    compare.plot_losses(runs / "b_s1" / "metrics.jsonl", tmp_path / "none.png")
+    assert "matplotlib is not installed, so no none.png" in capsys.readouterr().out
