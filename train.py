@@ -68,6 +68,7 @@ from config import (autocast_context, config_to_dict, enable_tf32, format_config
                     resolve_dtype, set_threads)
 from model import GPT, MODEL_FIELDS, GPTConfig, device_peak_flops, padded_vocab_size
 from tokens import Tokenizer, load_meta, load_split, resolve_dataset
+from trackers import Trackers, check_log_to
 
 EVAL_BAR_DELAY = 3.0  # seconds an evaluation runs before its progress bar appears (on a terminal)
 CPU_STEP_OVERHEAD = 2.0  # a CPU training step takes up to ~this times its FLOPs at a bare matmul's rate (the quick
@@ -86,6 +87,7 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split in each evaluation (the same batches every time)
     eval_only: bool = False  # evaluate the initial (or resumed, or pretrained) model once, then exit
     init_from: str = "scratch"  # scratch, resume (out_dir's latest checkpoint), gpt2[-medium|-large|-xl], or a model folder
+    log_to: str = ""  # also send metrics.jsonl's lines to tensorboard and/or wandb (comma-separated; trackers.py)
     # data
     dataset: str = "openwebtext"  # a folder under data/ (prepared by its prepare.py) or the path of a prepared folder
     gradient_accumulation_steps: int = 40  # micro-steps per optimizer step, over all processes together
@@ -175,6 +177,7 @@ class TrainConfig:
         if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
             raise ValueError(f"muon_lr must be > 0, muon_momentum in [0, 1), muon_weight_decay >= 0; got "
                              f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}")
+        check_log_to(self.log_to)
         self.gpt_config(vocab_size=1)  # GPTConfig checks the model's fields (sizes, switches), naming the wrong one
         if self.init_from not in ("scratch", "resume", *HUB_MODELS) and not Path(self.init_from).is_dir():
             raise ValueError(f"init_from={self.init_from!r} is not scratch, resume, one of {', '.join(HUB_MODELS)} "
@@ -811,9 +814,13 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
         assert row.keys() == METRICS_KEYS
         with errors.writing(metrics_path), open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if trackers is not None:
+            trackers.log(row)
 
+    trackers = None
     if run.writes:
         start_metrics(metrics_path, run.resuming, progress.iter_num)
+        trackers = Trackers(cfg.log_to, run.out_dir, config_to_dict(cfg))
 
     # ------------------------------------------------------------------------------------------------ the loop
     peak_flops = cfg.peak_flops or device_peak_flops(run.device)
@@ -924,6 +931,8 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
         finally:
             if bar is not None:
                 bar.close()
+            if trackers is not None:
+                trackers.close()
 
         # -------------------------------------------------------------------------------------------- end
         untrained = interrupted and progress.iter_num == start_iter  # stopped in the first evaluation: nothing new
