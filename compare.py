@@ -60,6 +60,7 @@ class Group:
     label: str
     runs: list[Run]
     settings: dict = field(default_factory=dict)  # the settings that differ between groups, as this group has them
+    step_s: float | None = None  # seconds per iteration for the time axis instead of the wall time (measured apart)
 
 
 def read_run(path: Path) -> Run | str:
@@ -236,13 +237,16 @@ def x_axes(group: Group, iters: list[int], elapsed: list[float]) -> list[list[fl
     """The x values of each of AXES at these iterations; tokens and FLOPs are None before a run's first checkpoint
     (its settings are not known yet). FLOPs: the model's training FLOPs per token times the tokens trained."""
     run = group.runs[0]  # a group's runs share their settings
+    if group.step_s is not None:
+        elapsed = [i * group.step_s for i in iters]
     if run.tokens_per_iter is None:
         return [iters, None, elapsed, None]
     return [iters, [i * run.tokens_per_iter for i in iters], elapsed,
             [i * run.tokens_per_iter * run.flops_per_token for i in iters]]
 
 
-def plot(groups: list[Group], metric: str, png: Path, smooth: float = 0.95, title: str = "") -> str | None:
+def plot(groups: list[Group], metric: str, png: Path, smooth: float = 0.95, title: str = "",
+         time_label: str = "wall time (s)") -> str | None:
     """Draw the figure into png: the metric against step, tokens, wall time and training FLOPs. Returns None, or
     the one line that says why there is no figure."""
     try:
@@ -274,7 +278,7 @@ def plot(groups: list[Group], metric: str, png: Path, smooth: float = 0.95, titl
         margin = 0.05 * (max(tops) - min(lows))
         axes[0].set_ylim(min(lows) - margin, max(tops) + margin)
     for ax, name in zip(axes, AXES):
-        ax.set_xlabel(name)
+        ax.set_xlabel(time_label if name == AXES[2] else name)
         ax.grid(alpha=0.3)
         if name in ("tokens", "training FLOPs"):
             ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))

@@ -143,7 +143,8 @@ def report(rows: str | None, figures: Path) -> str:
     for name in chosen(rows):
         mine = [r for r in runs if r.path.name.rsplit("_s", 1)[0] == slug(name) and r.finished]
         if mine:
-            groups.append(compare.Group(name, sorted(mine, key=lambda r: r.settings["seed"])))
+            groups.append(compare.Group(name, sorted(mine, key=lambda r: r.settings["seed"]),
+                                        step_s=ms[name] / 1000))  # the budget's clock, not the shared machine's
     lines = ["| variant | ms/step | iterations | val loss (mean ± std, seeds) | val bpb |", "| --- | --- | --- | --- | --- |"]
     for g in groups:
         row = compare.summarize(g)
@@ -157,7 +158,8 @@ def report(rows: str | None, figures: Path) -> str:
         mine = [g for g in groups if every[g.label][0] == config or g.label == other]
         why_not = compare.plot(mine, "train", figures / f"ablation_{part}.png", smooth=0.98,
                                title=f"{title}: train loss (smoothed) at equal one-thread CPU time; mean of the "
-                                     f"seeds, band from the lowest to the highest")
+                                     f"seeds, band from the lowest to the highest",
+                               time_label="one thread's CPU time of the training steps (s)")
         if why_not:
             print(why_not, file=sys.stderr)
     return "\n".join(lines)

@@ -67,6 +67,8 @@ def test_flops_axis_is_the_models_flops_per_token_times_tokens(runs: Path) -> No
     steps, tokens_, time_, flops = compare.x_axes(compare.group_runs([run])[0], iters, elapsed)
     assert steps == iters and time_ == elapsed and tokens_ == [0, 768, 1536]
     assert flops == [t * model.flops_per_token() for t in tokens_]
+    clocked = compare.Group("b", [run], step_s=0.5)  # a time per iteration measured apart (scripts/ablation.py)
+    assert compare.x_axes(clocked, iters, elapsed)[2] == [0.0, 3.0, 6.0]
 
 
 def test_a_run_in_progress_is_read_as_far_as_it_got(runs: Path, tmp_path: Path) -> None:
