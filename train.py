@@ -351,14 +351,19 @@ def resume_command(argv: list[str]) -> str:
 
 
 def draw_loss_plot(metrics_path: Path, png_path: Path) -> None:
-    """loss.png (compare.plot_losses), drawn by a child process that outlives this one: a run ends without waiting
-    the ~1 s that matplotlib's import and the drawing take (docs/benchmarks.md, "Start-up")."""
-    if importlib.util.find_spec("matplotlib") is None:
+    """loss.png (compare.plot_losses). On a terminal, by a child process that outlives this one: the prompt comes
+    back without waiting the ~1 s of matplotlib's import and drawing (docs/benchmarks.md, "Start-up"). Elsewhere (a
+    job, a pipe) here and now: a script reads the file after the run, and SLURM or docker stop what a job leaves."""
+    if not sys.stdout.isatty():
+        import compare
+
+        compare.plot_losses(metrics_path, png_path)
+    elif importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed, so no loss.png (pip install -e '.[plot]')")
-        return
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import compare; compare.plot_losses(*sys.argv[2:])"
-    subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(metrics_path),
-                      str(png_path)], stdin=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C leaves it be
+    else:
+        code = "import sys; sys.path.insert(0, sys.argv[1]); import compare; compare.plot_losses(*sys.argv[2:])"
+        subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(metrics_path),
+                          str(png_path)], stdin=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C leaves it be
 
 
 def format_duration(seconds: float) -> str:

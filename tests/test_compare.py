@@ -129,3 +129,26 @@ def test_the_table_without_matplotlib(runs: Path, tmp_path: Path, monkeypatch: p
     assert "the figure needs matplotlib: pip install -e '.[plot]'" in err
     compare.plot_losses(runs / "b_s1" / "metrics.jsonl", tmp_path / "none.png")
     assert "matplotlib is not installed, so no none.png" in capsys.readouterr().out
+
+
+def test_train_draws_loss_png_after_it_ends_on_a_terminal(runs: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    import io
+    import time
+
+    import train
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    png = tmp_path / "loss.png"
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    train.draw_loss_plot(runs / "b_s1" / "metrics.jsonl", png)  # returns at once; a child draws it
+    for _ in range(1200):
+        if png.exists():
+            break
+        time.sleep(0.1)
+    compare.plot_losses(runs / "b_s1" / "metrics.jsonl", tmp_path / "here.png")
+    assert png.read_bytes() == (tmp_path / "here.png").read_bytes()  # the same picture as drawn in-process
