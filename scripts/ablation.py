@@ -145,13 +145,12 @@ def report(rows: str | None, figures: Path) -> str:
         if mine:
             groups.append(compare.Group(name, sorted(mine, key=lambda r: r.settings["seed"]),
                                         step_s=ms[name] / 1000))  # the budget's clock, not the shared machine's
-    lines = ["| variant | ms/step | iterations | val loss (mean ± std, seeds) | val bpb |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| variant | ms/step | iterations | val loss (mean ± std, seeds) |", "| --- | --- | --- | --- |"]
     for g in groups:
         row = compare.summarize(g)
         val = row["final_val_loss"]
         shown = f"{val['mean']:.3f} ± {val['std']:.3f} ({len(val['values'])})" if val else "-"
-        lines.append(f"| {g.label} | {ms.get(g.label, '-')} | {row['iters'][0]} | {shown} | "
-                     f"{row['final_val_bpb']['mean']:.3f} |")
+        lines.append(f"| {g.label} | {ms.get(g.label, '-')} | {row['iters'][0]} | {shown} |")
     every = variants()
     for part, config, other, title in (("gpt2", BASE, "full recipe", "GPT-2 and one switch added"),
                                        ("recipe", RECIPE, "GPT-2, AdamW 3e-3 (tuned)", "the recipe less one part")):
