@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib.util
 import json
 import math
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 import errors
 from checkpoint import find_checkpoint
+from trackers import Trackers
 
 PLAIN_LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (a log file: no bar)
 CPU_STEP_OVERHEAD = 2.0  # a CPU training step takes up to ~this times its FLOPs at a bare matmul's rate (the quick
@@ -146,11 +149,11 @@ class Metrics:
     """metrics.jsonl: one JSON object per log line or evaluation, every key of METRICS_KEYS in each. A NaN or an
     infinity is written as null (bare NaN is not JSON). write(row) is the one place rows go out."""
 
-    def __init__(self, path: Path, resuming: bool, iter_num: int) -> None:
+    def __init__(self, path: Path, resuming: bool, iter_num: int, trackers: Trackers | None = None) -> None:
         """A fresh run starts a new file; a resumed one keeps the lines up to its checkpoint, dropping those the
         interrupted run wrote past it (their steps are done again) and any line that does not parse: the last one,
         half-written when a kill -9 or a power cut stopped that run."""
-        self.path = path
+        self.path, self.trackers = path, trackers  # trackers: --log_to's, each row goes there too
         kept = []
         if resuming and path.exists():
             for line in path.read_text(errors="replace").splitlines():
@@ -174,6 +177,12 @@ class Metrics:
         row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         with errors.writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 class ProgressBar:
@@ -263,33 +272,19 @@ def warn_if_slow(model: torch.nn.Module, tokens_per_iter: int, eval_tokens: int,
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """loss.png from metrics.jsonl: the training loss of each log line, train/val loss and val bpb of each evaluation."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed, so no loss.png (pip install matplotlib)")
-        return
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    logs = [r for r in records if r["val_loss"] is None]
-    evals = [r for r in records if r["val_loss"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([r["iter"] for r in logs], [r["train_loss"] for r in logs], lw=0.8, alpha=0.5, label="train (batch)")
-    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
-    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (eval)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy loss")
-    bpb = [r for r in evals if r.get("val_bpb") is not None]  # runs from before bpb was logged have none
-    if bpb:  # bits per byte, comparable across tokenizers, on its own axis
-        ax2 = ax.twinx()
-        ax2.plot([r["iter"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="tab:red", label="val bpb")
-        ax2.set_ylabel("val bits per byte")
-        ax2.legend(loc="center right")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.savefig(png_path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    """loss.png (compare.plot_losses). On a terminal, by a child process that outlives this one: the prompt comes
+    back without waiting the ~1 s of matplotlib's import and drawing (docs/benchmarks.md, "Start-up"). Elsewhere (a
+    job, a pipe) here and now: a script reads the file after the run, and SLURM or docker stop what a job leaves."""
+    if not sys.stdout.isatty():
+        import compare
+
+        compare.plot_losses(metrics_path, png_path)
+    elif importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed, so no loss.png (pip install -e '.[plot]')")
+    else:
+        code = "import sys; sys.path.insert(0, sys.argv[1]); import compare; compare.plot_losses(*sys.argv[2:])"
+        subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(metrics_path),
+                          str(png_path)], stdin=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C leaves it be
 
 
 def summary(out_dir: Path, iters: int, seconds: float, best_val_loss: float) -> str:

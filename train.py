@@ -53,6 +53,7 @@ from config import (autocast_context, config_to_dict, enable_tf32, format_config
 from model import GPT, GPTConfig, device_peak_flops, padded_vocab_size
 from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, plot_losses, resume_command, summary,
                     warn_if_slow)
+from trackers import Trackers, check_log_to
 from tokens import Tokenizer, load_meta, load_split, resolve_dataset
 
 EVAL_BAR_DELAY = 3.0  # seconds an evaluation runs before its progress bar appears (on a terminal)
@@ -65,6 +66,7 @@ class TrainConfig(GPTConfig):
     vocab_size: int = field(default=GPTConfig.vocab_size, init=False)  # not a setting: the dataset's, see gpt_config
     # output and evaluation
     out_dir: str = "out"  # folder for checkpoints, metrics.jsonl and loss.png
+    log_to: str = ""  # also send metrics.jsonl's lines to tensorboard and/or wandb (comma-separated; trackers.py)
     eval_interval: int = 2000  # evaluate train/val loss and save a checkpoint every this many iterations, and at the end
     log_interval: int = 1  # report loss, tokens/s and MFU every this many iterations
     eval_iters: int = 200  # batches per split in each evaluation (the same batches every time)
@@ -142,6 +144,7 @@ class TrainConfig(GPTConfig):
         if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
             raise ValueError(f"muon_lr must be > 0, muon_momentum in [0, 1), muon_weight_decay >= 0; got "
                              f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}")
+        check_log_to(self.log_to)
         super().__post_init__()  # GPTConfig checks the model's fields (sizes, switches), naming the wrong one
         if self.init_from not in ("scratch", "resume", *HUB_MODELS) and not Path(self.init_from).is_dir():
             raise ValueError(f"init_from={self.init_from!r} is not scratch, resume, one of {', '.join(HUB_MODELS)} "
@@ -187,7 +190,8 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
                  for split, files in data.splits.items()}
     params = [p for p in raw_model.parameters() if p.requires_grad]
     byte_lengths = token_byte_lengths(data.tokenizer, run)
-    metrics = Metrics(run.out_dir / "metrics.jsonl", run.resuming, progress.iter_num) if run.writes else None
+    trackers = Trackers(cfg.log_to, run.out_dir, config_to_dict(cfg)) if cfg.log_to and run.writes else None
+    metrics = Metrics(run.out_dir / "metrics.jsonl", run.resuming, progress.iter_num, trackers) if run.writes else None
     tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
     peak_flops = cfg.peak_flops or device_peak_flops(run.device)
     if run.master and run.device.type == "cpu":
@@ -258,6 +262,8 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
         finally:
             if bar is not None:
                 bar.close()
+            if metrics is not None:
+                metrics.close()
 
         untrained = interrupted and progress.iter_num == start_iter  # stopped in the first evaluation: nothing new
         if run.master and last_saved != progress.iter_num and not untrained:  # interrupted, or max_iters=0

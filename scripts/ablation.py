@@ -1,19 +1,23 @@
 """The recipe ablation of docs/recipe.md: each switch added to a tuned GPT-2 and removed from the full recipe, at
-equal wall time, on the CPU Shakespeare setting (block 64, batch 12, 4 x 4 x 128).
+equal wall time, on the CPU Shakespeare setting (block 64, batch 12, 4 x 4 x 128). One command does it all and
+prints the table docs/recipe.md shows (its figures go to docs/img/ablation_{gpt2,recipe}.png):
 
-    OMP_NUM_THREADS=1 python scripts/ablation.py time                 # ms per step of every variant
-    OMP_NUM_THREADS=1 python scripts/ablation.py run --budget=600 --seeds=1,2,3 [--lane=0 --lanes=2]
-    python scripts/ablation.py table                                   # the markdown table of the runs so far
+    OMP_NUM_THREADS=1 python scripts/ablation.py [--budget=N] [--seeds=1,2,3] [--rows=full_recipe,recipe_rmsnorm]
+
+or in parts: `time` (ms per step of every variant, into out/ablation/time.json), `run` (the runs not finished yet,
+each into out/ablation/runs/VARIANT_sSEED; `--lane=K --lanes=L` in L shells shares them out), `table` (the table
+and the figures, from compare.py's pieces, of the runs finished so far).
 
 Equal wall time without timing every run on a shared machine: the step times are measured once, as CPU time of one
 thread, round robin in one process, and each variant gets budget * (tuned GPT-2's ms per step / its own)
-iterations; the losses of a run do not depend on the machine's load, so the runs may share the CPU. Val loss: 100
-batches at the end.
-"""
+iterations. The default budget is the headline's: the time of the recipe preset's 600 iterations. The losses of a
+run do not depend on the machine's load, so the runs may share the CPU. Val loss: 100 batches, at the middle and the
+end."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -60,7 +64,7 @@ def argv(config: str, settings: dict) -> list[str]:
     return [config, *(f"--{k}={show(v)}" for k, v in settings.items())]
 
 
-def step_times(steps: int = 40, warmup: int = 3) -> dict[str, float]:
+def step_times(rows: str | None, steps: int = 40, warmup: int = 3) -> dict[str, float]:
     """Median CPU ms per training step of every variant (one thread), measured round robin in this process."""
     import torch
 
@@ -69,7 +73,7 @@ def step_times(steps: int = 40, warmup: int = 3) -> dict[str, float]:
     from model import GPT
 
     built = {}
-    for name, (config, settings) in variants().items():
+    for name, (config, settings) in chosen(rows).items():
         cfg = parse_config(TrainConfig, argv(config, settings))
         torch.manual_seed(0)
         model = GPT(cfg.gpt_config(65)).train()
@@ -92,54 +96,93 @@ def step_times(steps: int = 40, warmup: int = 3) -> dict[str, float]:
     return {name: round(1000 * sorted(t)[len(t) // 2], 2) for name, t in times.items()}
 
 
-def run(budget: int, seeds: list[int], lane: int, lanes: int) -> None:
+def slug(name: str) -> str:
+    """A variant's folder name: "recipe - rmsnorm" -> recipe_rmsnorm."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def chosen(rows: str | None) -> dict[str, tuple[str, dict]]:
+    """The variants named by --rows (comma-separated slugs, in the order given), or all of them."""
+    every = variants()
+    if not rows:
+        return every
+    by_slug = {slug(name): name for name in every}
+    unknown = [r for r in rows.split(",") if r not in by_slug]
+    if unknown:
+        raise SystemExit(f"--rows: no variant {', '.join(unknown)}; the variants are {', '.join(by_slug)}")
+    return {by_slug[r]: every[by_slug[r]] for r in rows.split(",")}
+
+
+def run(budget: int, seeds: list[int], lane: int, lanes: int, rows: str | None) -> None:
+    """Train every (variant, seed) not yet finished into OUT/runs/SLUG_sSEED, lane of lanes sharing the list."""
     ms = json.loads((OUT / "time.json").read_text())
     reference = ms["GPT-2, AdamW 3e-3 (tuned)"]
-    jobs = [(name, seed) for name in variants() for seed in seeds]
-    done = set()
-    log = OUT / "runs.jsonl"
-    if log.exists():
-        done = {(r["variant"], r["seed"]) for r in map(json.loads, log.read_text().splitlines())}
+    jobs = [(name, seed) for name in chosen(rows) for seed in seeds]
     for k, (name, seed) in enumerate(jobs):
-        if k % lanes != lane or (name, seed) in done:
-            continue
-        config, settings = variants()[name]
         iters = max(50, round(budget * reference / ms[name] / 10) * 10)
-        out = OUT / f"run_{lane}"
+        out = OUT / "runs" / f"{slug(name)}_s{seed}"
+        if k % lanes != lane or (out / f"ckpt_{iters:06d}").is_dir():
+            continue
         subprocess.run(["rm", "-rf", str(out)], check=True)
+        config, settings = variants()[name]
         cmd = [sys.executable, "train.py", *argv(config, settings), f"--seed={seed}", f"--max_iters={iters}",
-               f"--lr_decay_iters={iters}", f"--eval_interval={iters}", "--eval_iters=100", f"--out_dir={out}"]
+               f"--lr_decay_iters={iters}", f"--eval_interval={iters // 2}", "--eval_iters=100", "--threads=1",
+               f"--out_dir={out}"]
         result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        val = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-               if json.loads(line)["val_loss"] is not None][-1] if result.returncode == 0 else None
-        with open(log, "a") as f:
-            f.write(json.dumps({"variant": name, "seed": seed, "iters": iters, "val_loss": val}) + "\n")
+        print(f"{name}, seed {seed}: {iters} iterations, exit {result.returncode}", flush=True)
 
 
-def table() -> str:
-    import statistics
+def report(rows: str | None, figures: Path) -> str:
+    """The markdown table of the runs in OUT/runs, and the figures (compare.py's, one for the GPT-2 rows and one for
+    the recipe's) written into figures/ablation_{gpt2,recipe}.png."""
+    import compare
 
     ms = json.loads((OUT / "time.json").read_text())
-    rows = [json.loads(line) for line in (OUT / "runs.jsonl").read_text().splitlines()]
+    runs, _ = compare.find_runs([str(OUT / "runs")])
+    groups = []
+    for name in chosen(rows):
+        mine = [r for r in runs if r.path.name.rsplit("_s", 1)[0] == slug(name) and r.finished]
+        if mine:
+            groups.append(compare.Group(name, sorted(mine, key=lambda r: r.settings["seed"]),
+                                        step_s=ms[name] / 1000))  # the budget's clock, not the shared machine's
     lines = ["| variant | ms/step | iterations | val loss (mean ± std, seeds) |", "| --- | --- | --- | --- |"]
-    for name in variants():
-        vals = [r["val_loss"] for r in rows if r["variant"] == name and r["val_loss"] is not None]
-        iters = next((r["iters"] for r in rows if r["variant"] == name), None)
-        shown = f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} ({len(vals)})" if len(vals) > 1 else \
-            (f"{vals[0]:.3f} (1)" if vals else "-")
-        lines.append(f"| {name} | {ms.get(name, '-')} | {iters or '-'} | {shown} |")
+    for g in groups:
+        row = compare.summarize(g)
+        val = row["final_val_loss"]
+        shown = f"{val['mean']:.3f} ± {val['std']:.3f} ({len(val['values'])})" if val else "-"
+        lines.append(f"| {g.label} | {ms.get(g.label, '-')} | {row['iters'][0]} | {shown} |")
+    every = variants()
+    for part, config, other, title in (("gpt2", BASE, "full recipe", "GPT-2 and one switch added"),
+                                       ("recipe", RECIPE, "GPT-2, AdamW 3e-3 (tuned)", "the recipe less one part")):
+        mine = [g for g in groups if every[g.label][0] == config or g.label == other]
+        why_not = compare.plot(mine, "train", figures / f"ablation_{part}.png", smooth=0.98,
+                               title=f"{title}: train loss (smoothed) at equal one-thread CPU time; mean of the "
+                                     f"seeds, band from the lowest to the highest",
+                               time_label="one thread's CPU time of the training steps (s)")
+        if why_not:
+            print(why_not, file=sys.stderr)
     return "\n".join(lines)
 
 
+def headline_budget() -> int:
+    """Tuned GPT-2's iterations in the time of the recipe preset's max_iters (its headline run)."""
+    from config import load_toml
+
+    ms = json.loads((OUT / "time.json").read_text())
+    return round(load_toml(REPO / RECIPE)["max_iters"] * ms["full recipe"] / ms["GPT-2, AdamW 3e-3 (tuned)"])
+
+
 if __name__ == "__main__":
-    what = sys.argv[1] if len(sys.argv) > 1 else "table"
-    opts = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[2:])
+    what = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else "all"
+    opts = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    rows, seeds = opts.get("rows"), [int(s) for s in opts.get("seeds", "1,2,3").split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
-    if what == "time":
-        (OUT / "time.json").write_text(json.dumps(step_times(), indent=1))
+    if what == "time" or what == "all" and not (OUT / "time.json").exists():
+        old = json.loads((OUT / "time.json").read_text()) if (OUT / "time.json").exists() else {}
+        (OUT / "time.json").write_text(json.dumps(old | step_times(rows), indent=1))
         print((OUT / "time.json").read_text())
-    elif what == "run":
-        run(int(opts.get("budget", 600)), [int(s) for s in opts.get("seeds", "1,2,3").split(",")],
-            int(opts.get("lane", 0)), int(opts.get("lanes", 1)))
-    else:
-        print(table())
+    if what in ("run", "all"):
+        run(int(opts.get("budget") or headline_budget()), seeds, int(opts.get("lane", 0)), int(opts.get("lanes", 1)),
+            rows)
+    if what in ("table", "all"):
+        print(report(rows, Path(opts.get("figures", REPO / "docs" / "img"))))

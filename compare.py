@@ -1,0 +1,371 @@
+"""Compare training runs: loss against step, tokens, wall time and training FLOPs in one figure, and a table.
+
+    python compare.py out/abl_*                           # compare.png and a markdown table
+    python compare.py "out/ablation/runs/*" --metric=bpb  # a quoted glob; --metric=val, bpb or train
+    python compare.py out/a out/b --json=true             # the table as JSON
+    python compare.py out/ablation/runs                   # a folder of run folders
+
+Runs that differ only by seed are one line: the mean, with a band from the lowest to the highest seed. Each run's
+settings come from its latest checkpoint's config.json, its curve from metrics.jsonl; a run still training is read
+as far as it got. The figure needs matplotlib (pip install -e '.[plot]'); the table does not.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IGNORED = ("seed", "out_dir")  # settings that do not make runs different experiments
+METRICS = {"val": ("val_loss", "val loss"), "bpb": ("val_bpb", "val bits per byte"),
+           "train": ("train_loss", "train loss (smoothed)")}
+
+
+@dataclass
+class CompareConfig:
+    metric: str = "val"  # what the figure plots: val (val loss), bpb (val bits per byte) or train (train loss, smoothed)
+    out: str = "compare.png"  # the figure's path; empty: no figure
+    json: bool = False  # print the table as JSON instead of markdown
+    smooth: float = 0.95  # metric=train: the exponential moving average's decay over log lines (0: none)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be val, bpb or train, got {self.metric!r}")
+        if not 0.0 <= self.smooth < 1.0:
+            raise ValueError(f"smooth must be in [0, 1), got {self.smooth}")
+
+
+@dataclass
+class Run:
+    """One out_dir: its metrics.jsonl lines and the settings of its latest checkpoint (None before the first)."""
+    path: Path
+    rows: list[dict]
+    settings: dict | None  # TrainConfig as the checkpoint stores it
+    tokens_per_iter: int | None
+    flops_per_token: float | None  # the model's training FLOPs per token (GPT.flops_per_token)
+
+    @property
+    def finished(self) -> bool:
+        return self.settings is not None and self.rows[-1]["iter"] >= self.settings["max_iters"]
+
+
+@dataclass
+class Group:
+    """Runs whose settings differ only by seed."""
+    label: str
+    runs: list[Run]
+    settings: dict = field(default_factory=dict)  # the settings that differ between groups, as this group has them
+    step_s: float | None = None  # seconds per iteration for the time axis instead of the wall time (measured apart)
+
+
+def read_run(path: Path) -> Run | str:
+    """The run in out_dir `path`, or a one-line reason why it is not one."""
+    metrics = path / "metrics.jsonl"
+    if not path.is_dir():
+        return f"{path}: {'not a folder' if path.exists() else 'does not exist'}"
+    if not metrics.is_file():
+        return f"{path}: not a run (no metrics.jsonl; train.py writes one into its out_dir)"
+    rows = []
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:  # a run being written may end in half a line
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iter"), int):
+            rows.append(row)
+    if not rows:
+        return f"{path}: metrics.jsonl holds no metrics line (yet)"
+    settings = tokens_per_iter = flops = None
+    latest = path / "latest" / "config.json"
+    if latest.is_file():
+        from model import GPT, config_from_hf  # torch: only once there is a checkpoint to read
+        import torch
+
+        config = json.loads(latest.read_text())
+        settings = config.get("train")
+        gpt = config_from_hf(config, str(latest), None)
+        if settings is not None:
+            block = min(settings["block_size"], gpt.block_size)
+            tokens_per_iter = settings["batch_size"] * block * settings["gradient_accumulation_steps"]
+            with torch.device("meta"):  # the shape alone: no memory, no initialisation cost
+                flops = GPT(gpt).flops_per_token(block)
+    return Run(path, rows, settings, tokens_per_iter, flops)
+
+
+def find_runs(patterns: list[str]) -> tuple[list[Run], list[str]]:
+    """The runs that folders or globs name (a folder of run folders stands for them), and a line per non-run."""
+    runs, skipped = [], []
+    for pattern in patterns:
+        paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
+        if not paths:
+            skipped.append(f"{pattern}: matches nothing")
+        for path in paths:
+            inner = sorted(p.parent for p in path.glob("*/metrics.jsonl")) if path.is_dir() else []
+            if not (path / "metrics.jsonl").exists() and inner:
+                paths_here = inner
+            else:
+                paths_here = [path]
+            for p in paths_here:
+                run = read_run(p)
+                (runs if isinstance(run, Run) else skipped).append(run)
+    return runs, skipped
+
+
+def group_runs(runs: list[Run], labels: dict[Path, str] | None = None) -> list[Group]:
+    """Runs that differ only by seed (and out_dir) grouped, in the order first seen, each labelled by the settings
+    that set it apart (or labels[path] of its first run); a run without a checkpoint yet is a group of its own."""
+    groups: dict[object, Group] = {}
+    for run in runs:
+        key = run.path if run.settings is None else json.dumps(
+            {k: v for k, v in run.settings.items() if k not in IGNORED}, sort_keys=True)
+        groups.setdefault(key, Group("", [])).runs.append(run)
+    known = [g for g in groups.values() if g.runs[0].settings is not None]
+    names = sorted({k for g in known for k in g.runs[0].settings} - set(IGNORED))
+    differ = [k for k in names if len({json.dumps(g.runs[0].settings.get(k)) for g in known}) > 1]
+    for g in groups.values():
+        s = g.runs[0].settings
+        g.settings = {k: s.get(k) for k in differ} if s is not None else {}
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in g.settings.items())
+        g.label = (labels or {}).get(g.runs[0].path) or shown or str(g.runs[0].path)
+        if s is None:
+            g.label += " (no checkpoint yet)"
+    return list(groups.values())
+
+
+def _show(v: object) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+# ------------------------------------------------------------------------------------------------------ the table
+
+
+def _stats(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def summarize(group: Group) -> dict:
+    """A group's row: final and best val loss, final val bpb, wall time, tokens/s and MFU over its seeds."""
+    def last_eval(run: Run) -> dict | None:
+        return next((r for r in reversed(run.rows) if r.get("val_loss") is not None), None)
+
+    def median(run: Run, key: str) -> float | None:
+        values = [r[key] for r in run.rows if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    evals = [e for e in map(last_eval, group.runs) if e is not None]
+    runs = group.runs
+    unfinished = [r for r in runs if not r.finished]
+    return {
+        "label": group.label,
+        "runs": [str(r.path) for r in runs],
+        "seeds": [r.settings["seed"] if r.settings else None for r in runs],
+        "iters": [r.rows[-1]["iter"] for r in runs],
+        "in_progress": [str(r.path) for r in unfinished if r.settings is not None] or None,
+        "final_val_loss": _stats([e["val_loss"] for e in evals]),
+        "best_val_loss": _stats([min(x["val_loss"] for x in r.rows if x.get("val_loss") is not None)
+                                 for r in runs if last_eval(r) is not None]),
+        "final_val_bpb": _stats([e["val_bpb"] for e in evals if e.get("val_bpb") is not None]),
+        "time_s": _stats([r.rows[-1]["elapsed"] for r in runs if r.rows[-1].get("elapsed") is not None]),
+        "tokens_per_sec": _stats([v for v in (median(r, "tokens_per_sec") for r in runs) if v is not None]),
+        "mfu": _stats([v for v in (median(r, "mfu") for r in runs) if v is not None]),
+        "settings": group.settings,
+    }
+
+
+def _cell(stats: dict | None, fmt: str) -> str:
+    if stats is None:
+        return "-"
+    if len(stats["values"]) == 1:
+        return format(stats["mean"], fmt)
+    return f"{format(stats['mean'], fmt)} ± {format(stats['std'], fmt)}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table: one line per group, values as mean ± std over its seeds (n = how many)."""
+    lines = ["| run | n | iterations | final val loss | best val loss | val bpb | time (s) | tokens/s | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        iters = "/".join(sorted({str(i) for i in r["iters"]}))
+        if r["in_progress"]:
+            iters += f" ({len(r['in_progress'])} still running)"
+        mfu = None if r["mfu"] is None else r["mfu"] | {"mean": 100 * r["mfu"]["mean"], "std": 100 * r["mfu"]["std"]}
+        lines.append(f"| {r['label']} | {len(r['runs'])} | {iters} | {_cell(r['final_val_loss'], '.4f')} | "
+                     f"{_cell(r['best_val_loss'], '.4f')} | {_cell(r['final_val_bpb'], '.4f')} | "
+                     f"{_cell(r['time_s'], '.1f')} | {_cell(r['tokens_per_sec'], ',.0f')} | "
+                     f"{_cell(mfu, '.1f') + ' %' if mfu else '-'} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- the figure
+
+
+def curve(run: Run, metric: str, smooth: float) -> list[tuple[int, float, float]]:
+    """(iteration, elapsed seconds, value) of every line that has the metric; train loss from log lines, smoothed."""
+    key = METRICS[metric][0]
+    if metric != "train":
+        return [(r["iter"], r["elapsed"], r[key]) for r in run.rows if r.get(key) is not None]
+    points, ema = [], None
+    for r in run.rows:
+        if r.get("val_loss") is None and r.get(key) is not None and math.isfinite(r[key]):
+            ema = r[key] if ema is None else smooth * ema + (1 - smooth) * r[key]
+            points.append((r["iter"], r["elapsed"], ema))
+    return points
+
+
+def group_curve(group: Group, metric: str, smooth: float) -> list[tuple[int, float, float, float, float]]:
+    """(iteration, mean elapsed, mean, lowest, highest) over the group's runs, at every iteration any run has."""
+    by_iter: dict[int, list[tuple[float, float]]] = {}
+    for run in group.runs:
+        for it, t, v in curve(run, metric, smooth):
+            by_iter.setdefault(it, []).append((t, v))
+    return [(it, statistics.mean(t for t, _ in pts), statistics.mean(v for _, v in pts), min(v for _, v in pts),
+             max(v for _, v in pts)) for it, pts in sorted(by_iter.items())]
+
+
+AXES = ("iteration", "tokens", "wall time (s)", "training FLOPs")
+
+
+def x_axes(group: Group, iters: list[int], elapsed: list[float]) -> list[list[float] | None]:
+    """The x values of each of AXES at these iterations; tokens and FLOPs are None before a run's first checkpoint
+    (its settings are not known yet). FLOPs: the model's training FLOPs per token times the tokens trained."""
+    run = group.runs[0]  # a group's runs share their settings
+    if group.step_s is not None:
+        elapsed = [i * group.step_s for i in iters]
+    if run.tokens_per_iter is None:
+        return [iters, None, elapsed, None]
+    return [iters, [i * run.tokens_per_iter for i in iters], elapsed,
+            [i * run.tokens_per_iter * run.flops_per_token for i in iters]]
+
+
+def plot(groups: list[Group], metric: str, png: Path, smooth: float = 0.95, title: str = "",
+         time_label: str = "wall time (s)") -> str | None:
+    """Draw the figure into png: the metric against step, tokens, wall time and training FLOPs. Returns None, or
+    the one line that says why there is no figure."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "the figure needs matplotlib: pip install -e '.[plot]' (the table above does not)"
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey=True)
+    axes = axes.ravel()
+    curves = [group_curve(g, metric, smooth) for g in groups]
+    for g, points in zip(groups, curves):
+        if not points:
+            continue
+        it, t, mean, low, high = map(list, zip(*points))
+        xs = x_axes(g, it, t)
+        marker = "o" if metric != "train" and len(it) < 30 else None
+        for ax, x in zip(axes, xs):
+            if x is None:
+                continue
+            (line,) = ax.plot(x, mean, marker=marker, ms=3, lw=1.2, label=g.label if ax is axes[0] else None)
+            if len(g.runs) > 1:
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, lw=0)
+    # the top of the y axis: the highest value once a fifth of a run is done (the start, at ~ln(vocab) for every
+    # run, would flatten the differences that matter)
+    tops = [next(v for it, _, v, _, _ in pts if it >= 0.2 * pts[-1][0]) for pts in curves if pts]
+    lows = [min(p[3] for p in pts) for pts in curves if pts]
+    if tops:
+        margin = 0.05 * (max(tops) - min(lows))
+        axes[0].set_ylim(min(lows) - margin, max(tops) + margin)
+    for ax, name in zip(axes, AXES):
+        ax.set_xlabel(time_label if name == AXES[2] else name)
+        ax.grid(alpha=0.3)
+        if name in ("tokens", "training FLOPs"):
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    for ax in axes[::2]:
+        ax.set_ylabel(METRICS[metric][1])
+    fig.legend(loc="lower center", ncol=min(3, len(groups)), fontsize=8, frameon=False)
+    fig.suptitle(title or f"{METRICS[metric][1]}: mean over seeds, band from the lowest to the highest seed")
+    rows = math.ceil(len(groups) / 3)
+    fig.tight_layout(rect=(0, min(0.4, 0.035 * rows + 0.01), 1, 1))
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
+    """loss.png from metrics.jsonl: the training loss of each log line, train/val loss and val bpb of each evaluation.
+    train.py has it drawn at the end of every run."""
+    metrics_path, png_path = Path(metrics_path), Path(png_path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed, so no {png_path.name} (pip install -e '.[plot]')")
+        return
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    logs = [r for r in records if r["val_loss"] is None]
+    evals = [r for r in records if r["val_loss"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r["iter"] for r in logs], [r["train_loss"] for r in logs], lw=0.8, alpha=0.5, label="train (batch)")
+    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (eval)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    bpb = [r for r in evals if r.get("val_bpb") is not None]  # runs from before bpb was logged have none
+    if bpb:  # bits per byte, comparable across tokenizers, on its own axis
+        ax2 = ax.twinx()
+        ax2.plot([r["iter"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="tab:red", label="val bpb")
+        ax2.set_ylabel("val bits per byte")
+        ax2.legend(loc="center right")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    tmp = png_path.with_name(f".{png_path.name}.tmp")  # renamed into place: a reader never sees half a file
+    fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(run folders or globs, the --key=value settings)."""
+    paths, options, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            options.append(arg)
+            if arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                options.append(argv[i + 1])  # --key value
+                i += 1
+        else:
+            paths.append(arg)
+        i += 1
+    return paths, options
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from config import parse_config
+
+    paths, options = split_argv(sys.argv[1:] if argv is None else list(argv))
+    cfg = parse_config(CompareConfig, options, description=__doc__)
+    if not paths:
+        raise SystemExit("name the runs to compare: python compare.py OUT_DIR [OUT_DIR ...] (or a glob: 'out/abl_*')")
+    runs, skipped = find_runs(paths)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    if not runs:
+        raise SystemExit(f"no run among {' '.join(paths)}: a run is an out_dir holding train.py's metrics.jsonl")
+    rows = [summarize(g) for g in group_runs(runs)]
+    print(json.dumps(rows, indent=1) if cfg.json else markdown(rows))
+    if cfg.out:
+        why_not = plot(group_runs(runs), cfg.metric, Path(cfg.out), cfg.smooth)
+        print(why_not or f"figure: {cfg.out}", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""compare.py: runs grouped by seed, the tokens and FLOPs axes, a run still training, folders that are not runs.
+
+    python -m pytest tests/test_compare.py
+
+Three tiny real training runs (two seeds of one setting, one of another) and hand-made folders beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+import compare
+import tokens
+from model import GPT, config_from_hf
+from test_train import synthetic_text, write_dataset
+from train import main as train_main
+
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+        "--gradient_accumulation_steps=2", "--warmup_iters=2", "--max_iters=12", "--lr_decay_iters=12",
+        "--eval_interval=6", "--eval_iters=2", "--log_interval=2", "--threads=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """runs/{a_s1, a_s2}: the default learning rate (6e-4), seeds 1 and 2; runs/b_s1: 3e-3."""
+    root = tmp_path_factory.mktemp("compare")
+    text = synthetic_text(20_000, seed=0)
+    data = write_dataset(root / "data", tokens.Tokenizer.char("".join(sorted(set(text)))), text)
+    for name, extra in (("a_s1", ["--seed=1"]), ("a_s2", ["--seed=2"]), ("b_s1", ["--seed=1", "--learning_rate=3e-3"])):
+        train_main([f"--dataset={data}", f"--out_dir={root / 'runs' / name}", *TINY, *extra])
+    return root / "runs"
+
+
+def test_runs_differing_by_seed_are_one_group(runs: Path) -> None:
+    found, skipped = compare.find_runs([str(runs / "*")])
+    assert not skipped and [r.path.name for r in found] == ["a_s1", "a_s2", "b_s1"]
+    groups = compare.group_runs(found)
+    assert [[r.path.name for r in g.runs] for g in groups] == [["a_s1", "a_s2"], ["b_s1"]]
+    assert [g.label for g in groups] == ["learning_rate=0.0006", "learning_rate=0.003"]  # what sets them apart
+    row = compare.summarize(groups[0])
+    finals = [json.loads(line)["val_loss"] for name in ("a_s1", "a_s2")
+              for line in (runs / name / "metrics.jsonl").read_text().splitlines()[-1:]]
+    assert row["seeds"] == [1, 2] and row["iters"] == [12, 12] and row["in_progress"] is None
+    assert row["final_val_loss"]["values"] == finals
+    assert row["final_val_loss"]["mean"] == pytest.approx(statistics.mean(finals))
+    band = compare.group_curve(groups[0], "val", 0.0)  # (iter, elapsed, mean, lowest, highest)
+    assert [p[0] for p in band] == [0, 6, 12]
+    assert (band[-1][3], band[-1][4]) == (min(finals), max(finals))
+    assert compare.markdown([row]).splitlines()[2].startswith("| learning_rate=0.0006 | 2 | 12 | ")
+    # the same folder named twice, or by a folder of runs, is read the same way
+    assert [r.path.name for r in compare.find_runs([str(runs)])[0]] == ["a_s1", "a_s2", "b_s1"]
+
+
+def test_flops_axis_is_the_models_flops_per_token_times_tokens(runs: Path) -> None:
+    run = compare.read_run(runs / "b_s1")
+    config = json.loads((runs / "b_s1" / "latest" / "config.json").read_text())
+    model = GPT(config_from_hf(config, "config.json", None))  # a real model, not compare.py's meta one
+    assert run.tokens_per_iter == 4 * 16 * 2  # batch_size * block_size * gradient_accumulation_steps
+    assert run.flops_per_token == model.flops_per_token() > 0
+    iters, elapsed = [0, 6, 12], [0.1, 0.2, 0.3]
+    steps, tokens_, time_, flops = compare.x_axes(compare.group_runs([run])[0], iters, elapsed)
+    assert steps == iters and time_ == elapsed and tokens_ == [0, 768, 1536]
+    assert flops == [t * model.flops_per_token() for t in tokens_]
+    clocked = compare.Group("b", [run], step_s=0.5)  # a time per iteration measured apart (scripts/ablation.py)
+    assert compare.x_axes(clocked, iters, elapsed)[2] == [0.0, 3.0, 6.0]
+
+
+def test_a_run_in_progress_is_read_as_far_as_it_got(runs: Path, tmp_path: Path) -> None:
+    # before its first checkpoint: its curve, no settings (so no tokens or FLOPs), and a half-written last line
+    early = tmp_path / "early"
+    early.mkdir()
+    lines = (runs / "a_s1" / "metrics.jsonl").read_text().splitlines()
+    (early / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
+    run = compare.read_run(early)
+    assert [r["iter"] for r in run.rows] == [json.loads(line)["iter"] for line in lines[:4]]
+    assert run.settings is None and not run.finished
+    assert compare.x_axes(compare.group_runs([run])[0], [0], [0.0])[1::2] == [None, None]
+    # after a checkpoint, before max_iters: in progress, grouped with its finished seeds
+    mid = tmp_path / "mid"
+    shutil.copytree(runs / "a_s2", mid, symlinks=True)
+    (mid / "metrics.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    config = json.loads((mid / "latest" / "config.json").read_text())
+    config["train"]["seed"] = 3  # the same settings as a_s1's but for the seed
+    (mid / "latest" / "config.json").write_text(json.dumps(config))
+    found, _ = compare.find_runs([str(runs / "a_s1"), str(mid), str(early)])
+    groups = compare.group_runs(found)
+    assert [len(g.runs) for g in groups] == [2, 1] and groups[1].label.endswith("(no checkpoint yet)")
+    row = compare.summarize(groups[0])
+    assert row["in_progress"] == [str(mid)] and row["iters"] == [12, json.loads(lines[5])["iter"]]
+    assert "(1 still running)" in compare.markdown([row])
+
+
+def test_folders_that_are_not_runs(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "metrics.jsonl").write_text("not json\n[1, 2]\n")
+    bad = [str(tmp_path / n) for n in ("empty", "a_file", "garbage", "missing")] + [str(tmp_path / "zz*")]
+    found, skipped = compare.find_runs(bad)
+    assert found == [] and len(skipped) == 5 and all("\n" not in line for line in skipped)
+    with pytest.raises(SystemExit) as e:
+        compare.main([*bad, "--out="])
+    assert "no run among" in str(e.value)
+    capsys.readouterr()
+    rows = compare.main([*bad, str(runs / "b_s1"), "--out=", "--json=true"])  # a run among them: the table
+    out, err = capsys.readouterr()
+    assert [r["runs"] for r in rows] == [[str(runs / "b_s1")]] and json.loads(out) == rows
+    assert err.count("skipped ") == 5 and "empty: not a run" in err
+
+
+def test_the_table_without_matplotlib(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "c.png"
+    compare.main([str(runs), f"--out={png}", "--metric=train"])
+    compare.plot_losses(runs / "b_s1" / "metrics.jsonl", tmp_path / "loss.png")  # train.py's loss.png
+    assert png.read_bytes()[:4] == (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "loss.png"]  # no temporary file left
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    compare.main([str(runs), f"--out={tmp_path / 'none.png'}"])
+    out, err = capsys.readouterr()
+    assert "| learning_rate=0.003 | 1 |" in out and not (tmp_path / "none.png").exists()
+    assert "the figure needs matplotlib: pip install -e '.[plot]'" in err
+    compare.plot_losses(runs / "b_s1" / "metrics.jsonl", tmp_path / "none.png")
+    assert "matplotlib is not installed, so no none.png" in capsys.readouterr().out
+
+
+def test_train_draws_loss_png_after_it_ends_on_a_terminal(runs: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    import io
+    import time
+
+    import train
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    png = tmp_path / "loss.png"
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    train.draw_loss_plot(runs / "b_s1" / "metrics.jsonl", png)  # returns at once; a child draws it
+    for _ in range(1200):
+        if png.exists():
+            break
+        time.sleep(0.1)
+    compare.plot_losses(runs / "b_s1" / "metrics.jsonl", tmp_path / "here.png")
+    assert png.read_bytes() == (tmp_path / "here.png").read_bytes()  # the same picture as drawn in-process
