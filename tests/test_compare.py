@@ -17,7 +17,8 @@ import pytest
 
 import compare
 import tokens
-from model import GPT, config_from_hf
+from hf import config_from_hf
+from model import GPT
 from test_train import synthetic_text, write_dataset
 from train import main as train_main
 
@@ -137,7 +138,7 @@ def test_train_draws_loss_png_after_it_ends_on_a_terminal(runs: Path, tmp_path: 
     import io
     import time
 
-    import train
+    import runlog
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -145,7 +146,7 @@ def test_train_draws_loss_png_after_it_ends_on_a_terminal(runs: Path, tmp_path: 
 
     png = tmp_path / "loss.png"
     monkeypatch.setattr(sys, "stdout", Terminal())
-    train.draw_loss_plot(runs / "b_s1" / "metrics.jsonl", png)  # returns at once; a child draws it
+    runlog.plot_losses(runs / "b_s1" / "metrics.jsonl", png)  # returns at once; a child draws it
     for _ in range(1200):
         if png.exists():
             break
