@@ -83,7 +83,8 @@ def read_run(path: Path) -> Run | str:
     settings = tokens_per_iter = flops = None
     latest = path / "latest" / "config.json"
     if latest.is_file():
-        from model import GPT, config_from_hf  # torch: only once there is a checkpoint to read
+        from hf import config_from_hf  # torch: only once there is a checkpoint to read
+        from model import GPT
         import torch
 
         config = json.loads(latest.read_text())
