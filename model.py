@@ -98,10 +98,14 @@ class KVCache:
     static=True is the fixed-shape mode for CUDA graphs (torch.compile(mode="reduce-overhead"), sample.py's
     --compile): the positions come in as a tensor, attention reads the whole buffer under a mask, and the caller
     advances `pos`, so that nothing depends on a Python int (the gpt-fast recipe).
+    rows=True is serve.py's continuous batching: each row is its own sequence, `lengths[b]` positions long; a
+    forward of B rows feeds rows 0..B-1, each after its own tokens, and attends up to the longest (`pos`) under a
+    mask. The caller puts a sequence in a row with set_row, and sets `pos` to the longest of the rows it feeds.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False,
+                 rows: bool = False) -> None:
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         # Dynamic: uninitialised, only filled positions are read. Static: zeros, because masked positions are still
         # multiplied (by a weight of 0), and 0 * NaN from uninitialised memory would be NaN.
@@ -112,17 +116,23 @@ class KVCache:
             torch._dynamo.mark_static_address(self.k)  # lets a CUDA graph update the cache in place
             torch._dynamo.mark_static_address(self.v)
         self.max_len, self.batch_size, self.static = max_len, batch_size, static
-        self.pos = 0  # number of positions filled
+        self.pos = 0  # number of positions filled (rows: of the longest row)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device) if rows else None  # (B,) rows only
+        self.zeroed = 0  # rows: positions zeroed in every row, see update
 
     @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None, static: bool = False,
+                  rows: bool = False) -> KVCache:
         """A cache shaped for `model`, on its device and in its dtype, holding up to block_size positions."""
         c = model.config
         p = model.transformer.wte.weight
-        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, p.device, p.dtype, static)
+        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, p.device, p.dtype, static,
+                   rows)
 
     def reset(self) -> None:
         self.pos = 0  # stale entries past pos are never read (or are masked), so no need to zero them
+        if self.lengths is not None:
+            self.lengths.zero_()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -137,9 +147,32 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} used, {k.size(2)} more asked. "
                              f"Reset it, or create it with a larger max_len (at most block_size)")
+        if self.lengths is not None:  # rows at their own lengths: input_pos (B, T)
+            self._zero_to(end)
+            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+            self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # (B, T, n_kv_head, head_dim) at each row's positions
+            self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
+            mask = torch.arange(end, device=k.device) <= input_pos[..., None]  # (B, T, end)
+            return self.k[layer, :k.size(0), :, :end], self.v[layer, :k.size(0), :, :end], mask[:, None]
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end], None  # (B, n_kv_head, end, head_dim)
+
+    def set_row(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """rows: make row b the sequence whose keys and values (n_layer, n_kv_head, T, head_dim) are given."""
+        T = k.size(2)
+        self._zero_to(T)
+        self.k[:, b, :, :T] = k
+        self.v[:, b, :, :T] = v
+        self.lengths[b] = T
+
+    def _zero_to(self, end: int) -> None:
+        # A row shorter than the longest reads keys past its end under a mask, and a masked key is still multiplied
+        # by 0: never-written memory could hold NaN (0 * NaN = NaN). So every row is zeroed once up to the longest.
+        if end > self.zeroed:
+            self.k[:, :, :, self.zeroed:end] = 0
+            self.v[:, :, :, self.zeroed:end] = 0
+            self.zeroed = end
 
 
 class Linear(nn.Module):
@@ -403,17 +436,23 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                                  f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens")
             input_pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+            if kv_cache is not None and kv_cache.lengths is not None:
+                input_pos = kv_cache.lengths[:B, None] + input_pos - start  # (B, T): each row after its own tokens
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(input_pos)
         if self.config.embed_norm:
             x = self.transformer.ln_emb(x)
         x = self.transformer.drop(x)
-        rope = (self.rope_cos[input_pos], self.rope_sin[input_pos]) if "wpe" not in self.transformer else None
+        # (1 or B, 1, T, head_dim / 2): the same angles for every head
+        rope = (self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)) \
+            if "wpe" not in self.transformer else None
         for block in self.transformer.h:
             x = block(x, rope, kv_cache, input_pos)
         if kv_cache is not None and not kv_cache.static:
             kv_cache.pos += T
+            if kv_cache.lengths is not None:
+                kv_cache.lengths[:B] += T
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap

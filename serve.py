@@ -44,7 +44,7 @@ import torch
 from attention import attention_maps
 from checkpoint import load_model
 from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype
-from engine import Job, Scheduler
+from engine import Job, Metrics, Scheduler
 from model import GPT
 from sample import Continuation, decode
 from tokens import Tokenizer
@@ -53,6 +53,7 @@ try:  # the `serve` extra: main() says what to install when it is missing
     import uvicorn
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -72,7 +73,8 @@ class ServeConfig:
     dtype: str = "auto"  # float32, bfloat16 or float16 (the weights are cast); auto: bfloat16 on CUDA, else float32
     model_name: str | None = None  # the model id /v1/models lists and responses carry; none: the checkpoint's name
     max_tokens: int = 2048  # the largest max_tokens a request may ask for
-    max_sequences: int = 16  # rows decoded at once (a request with n=4 takes 4), in turn, each with its own KV cache
+    max_sequences: int = 16  # rows decoded together (a request with n=4 takes 4): the KV cache has this many rows
+    prefill_chunk: int = 128  # prompt tokens prefilled between two decode steps: how long a long prompt pauses others
     max_waiting: int = 64  # prompts waiting for rows; when the queue is full, new requests get 503 at once
     max_attention_tokens: int = 512  # longest context /v1/attention maps: its memory is n_layer x n_head x T² floats
 
@@ -83,7 +85,7 @@ class ServeConfig:
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
-        for name in ("max_tokens", "max_sequences", "max_waiting", "max_attention_tokens"):
+        for name in ("max_tokens", "max_sequences", "prefill_chunk", "max_waiting", "max_attention_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -118,13 +120,15 @@ class Completion:
     include_usage: bool
     echo: bool
     return_token_ids: bool
+    logprobs: int | None  # alternatives per token to return with the chosen token's log-probability; None: none
 
 
 # OpenAI's completions fields that this server cannot honour, with the values that mean "off".
-_UNSUPPORTED = {"suffix": (None, ""), "logprobs": (None,), "best_of": (None, 1), "presence_penalty": (None, 0),
+_UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "presence_penalty": (None, 0),
                 "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default limit (OpenAI's is 5)
 _FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-           "echo", "user", "return_token_ids"} | set(_UNSUPPORTED)  # return_token_ids: vLLM's extension
+           "echo", "user", "return_token_ids", "logprobs"} | set(_UNSUPPORTED)  # return_token_ids: vLLM's extension
 
 
 def _typed(body: dict, key: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
@@ -175,13 +179,20 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", "stop")
 
+    logprobs = _typed(body, "logprobs", (int,), None, "an integer")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}", "logprobs")
+    if logprobs is not None and echo:
+        raise ApiError(400, "logprobs with echo would need the prompt's log-probabilities, which this server does "
+                            "not compute: leave out echo", "logprobs")
+
     prompts, texts = _parse_prompts(body.get("prompt"), model, tokenizer)
     if n < 1 or n * len(prompts) > cfg.max_sequences:
         raise ApiError(400, f"n x the number of prompts must be between 1 and {cfg.max_sequences} (the server's "
                             f"max_sequences), got {n} x {len(prompts)}", "n")
     return Completion(prompts, texts, max_tokens, temperature, top_p if top_p < 1 else None, n,
                       seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1, tuple(stop), stream,
-                      options.get("include_usage", False), echo, return_token_ids)
+                      options.get("include_usage", False), echo, return_token_ids, logprobs)
 
 
 def _parse_prompts(prompt: Any, model: GPT, tokenizer: Tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -244,7 +255,7 @@ async def _read_json(request: Request) -> Any:
 
 def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) -> Starlette:
     """The ASGI app serving `model`; its decode worker starts now and stops with the app's lifespan."""
-    scheduler = Scheduler(model, cfg.max_sequences, cfg.max_waiting)
+    scheduler = Scheduler(model, cfg.max_sequences, cfg.max_waiting, cfg.prefill_chunk)
     created = int(time.time())
     stop_token = tokenizer.eot_token  # generation ends at end-of-text, as OpenAI's does
 
@@ -268,10 +279,15 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) ->
             completion = sum(sum(j.generated) for j in jobs)
             return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-        def choice(index: int, text: str, ids: list[int], reason: str | None, first: bool) -> dict:
+        def choice(index: int, text: str, ids: list[int], reason: str | None, first: bool,
+                   logprobs: list[tuple] | None) -> dict:
             if first and r.echo:
                 text = r.prompt_texts[index // r.n] + text
-            c = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+            if logprobs is not None:  # OpenAI's completions format; text_offset counts from the completion's start
+                tokens, chosen, top, offsets = zip(*logprobs) if logprobs else ((), (), (), ())
+                logprobs = {"tokens": list(tokens), "token_logprobs": list(chosen), "top_logprobs": list(top),
+                            "text_offset": list(offsets)}
+            c = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
             if r.return_token_ids:
                 c["token_ids"] = ids
                 if first:
@@ -296,20 +312,23 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) ->
 
         if not r.stream:
             texts, ids, reasons = [""] * choices, [[] for _ in range(choices)], [None] * choices
+            logprobs = [[] if r.logprobs is not None else None for _ in range(choices)]
             try:
                 async for event in events_until_done(0.5):
                     if event is None:
                         if await request.is_disconnected():
                             return Response(status_code=499)  # nobody reads it; the jobs are cancelled below
                         continue
-                    i, delta, new_ids, reasons[i] = event
+                    i, delta, new_ids, reasons[i], new_logprobs = event
                     texts[i] += delta
                     ids[i] += new_ids
+                    if new_logprobs:
+                        logprobs[i] += new_logprobs
             except ApiError as e:
                 return _error(e)
             finally:
                 scheduler.cancel(jobs)  # a no-op for jobs that have ended
-            return JSONResponse({**head, "choices": [choice(i, texts[i], ids[i], reasons[i], True)
+            return JSONResponse({**head, "choices": [choice(i, texts[i], ids[i], reasons[i], True, logprobs[i])
                                                      for i in range(choices)], "usage": usage()})
 
         async def stream() -> AsyncIterator[str]:
@@ -319,8 +338,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) ->
                     if event is None:
                         yield ": waiting\n\n"  # an SSE comment: lets a closed connection show itself while queued
                         continue
-                    i, delta, new_ids, reason = event
-                    chunk = {**head, "choices": [choice(i, delta, new_ids, reason, i not in started)]}
+                    i, delta, new_ids, reason, new_logprobs = event
+                    chunk = {**head, "choices": [choice(i, delta, new_ids, reason, i not in started, new_logprobs)]}
                     started.add(i)
                     if r.include_usage:
                         chunk["usage"] = None
@@ -367,6 +386,13 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) ->
     async def page(request: Request) -> Response:
         return HTMLResponse(PLAYGROUND)
 
+    async def metrics(request: Request) -> Response:
+        if scheduler.metrics is None:
+            return _error(ApiError(501, "GET /metrics needs prometheus_client: pip install -e '.[serve]'",
+                                   kind="server_error"))
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(scheduler.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def http_error(request: Request, e: HTTPException) -> Response:
         return _error(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
 
@@ -379,11 +405,26 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) ->
         scheduler.stop()
 
     app = Starlette(routes=[Route("/", page), Route("/v1/models", models), Route("/health", health),
-                            Route("/v1/completions", completions, methods=["POST"]),
+                            Route("/metrics", metrics), Route("/v1/completions", completions, methods=["POST"]),
                             Route("/v1/attention", attention, methods=["POST"])],
-                    exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan)
+                    exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan,
+                    middleware=[Middleware(_CountStatuses, metrics=scheduler.metrics)])
     app.state.scheduler = scheduler
     return app
+
+
+class _CountStatuses:
+    """ASGI middleware: counts every answer by its HTTP status for GET /metrics."""
+
+    def __init__(self, app: Callable, metrics: Metrics | None) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(str(message["status"])).inc()
+            await send(message)
+        await self.app(scope, receive, counted if self.metrics is not None and scope["type"] == "http" else send)
 
 
 def _parse_attention(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConfig) -> tuple[list[int], int, int]:
