@@ -344,7 +344,7 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
     each a different random prompt_len-token prompt and decode_tokens greedy tokens.
 
     tokens_per_sec: all clients' tokens over the time from the first request to the last token; ttft: time to first
-    token per client; rss: this process's resident memory (read every 20 ms) with the model loaded and idle, its
+    token per client, latency: to its last (median, p95); rss: this process's resident memory (read every 20 ms) with the model loaded and idle, its
     peak during the round, and once the server is idle again. The clients are threads of another process, so that
     they do not share the server's GIL; they share its CPU, as local clients do.
     """
@@ -397,16 +397,24 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
             time.sleep(0.5)  # the worker hands freed memory back once idle (serve.py's malloc_trim)
             t0, t_end = min(r[0] for r in runs), max(r[2] for r in runs)
             ttft = sorted(1000 * (r[1] - r[0]) for r in runs)
+            latency = sorted(1000 * (r[2] - r[0]) for r in runs)
             results.append({"what": "serve", "clients": clients, "prompt_len": cfg.prompt_len,
                             "new_tokens": cfg.decode_tokens, "tokens": sum(r[3] for r in runs),
                             "tokens_per_sec": round(sum(r[3] for r in runs) / (t_end - t0), 1),
                             "client_tokens_per_sec": round(statistics.median(r[3] / (r[2] - r[0]) for r in runs), 2),
-                            "ttft_ms": round(statistics.median(ttft)), "ttft_ms_max": round(ttft[-1]),
+                            "ttft_ms": round(statistics.median(ttft)), "ttft_ms_p95": round(_p95(ttft)),
+                            "ttft_ms_max": round(ttft[-1]), "latency_ms": round(statistics.median(latency)),
+                            "latency_ms_p95": round(_p95(latency)),
                             "rss_mb": f"{idle:.0f} / {peak[0]:.0f} / {_rss_mb():.0f}"})
     finally:
         server.should_exit = True
         thread.join()
     return results[1:]
+
+
+def _p95(sorted_values: list[float]) -> float:
+    """The 95th percentile (nearest rank) of sorted values."""
+    return sorted_values[max(0, -(-95 * len(sorted_values) // 100) - 1)]
 
 
 # The streaming clients of bench_serve: argv = port, max_tokens, JSON list of prompts; prints one tuple per client.
@@ -454,7 +462,7 @@ def _device_name(device: str) -> str:
 
 def print_table(results: list[dict]) -> None:
     columns = ["what", "method", "compile", "batch_size", "clients", "tokens_per_sec", "client_tokens_per_sec",
-               "ttft_ms", "ttft_ms_max", "ms_per_step", "ms_per_token", "mfu", "peak_memory_mb", "rss_mb"]
+               "ttft_ms", "ttft_ms_p95", "ttft_ms_max", "latency_ms", "latency_ms_p95", "ms_per_step", "ms_per_token", "mfu", "peak_memory_mb", "rss_mb"]
     columns = [c for c in columns if c == "what" or any(r.get(c) is not None for r in results)]
     rows = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]

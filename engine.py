@@ -211,6 +211,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------ prefill
 
+    @torch.no_grad()
     def _prefill(self) -> list[Job]:
         """Prefill prompts that have rows, prefill_chunk tokens at most: short prompts together (right-padded,
         so that causal attention never reaches the padding), a longer one alone, a chunk a round. Sample each
@@ -264,6 +265,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------ decode
 
+    @torch.no_grad()
     def _decode(self) -> list[Job]:
         """One token for every row: the batch of cache rows in one forward, and each windowed job (past
         block_size) recomputing its window as model.generate does. The jobs that ended."""
