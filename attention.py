@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from checkpoint import load_model
+from checkpoint import load_for_inference
 from model import GPT, CausalSelfAttention
 from config import format_config, parse_config, read_prompt, resolve_device, set_threads
 from tokens import Tokenizer
@@ -293,12 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(AttentionConfig, argv, description=__doc__)
     print(format_config(cfg))
     set_threads(cfg.threads)
-    source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     device = resolve_device(cfg.device)
-    try:
-        model, tokenizer, _ = load_model(source, which=cfg.checkpoint, device=str(device))
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    model, tokenizer, _, _ = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device)
 
     try:
         ids = tokenizer.encode(read_prompt(cfg.text, "--text"))

@@ -121,6 +121,19 @@ def load_model(name_or_path: str | Path, which: str = "latest", device: str = "c
     return _load_weights(folder, gpt_config).to(device).eval(), tokenizer, config
 
 
+def load_for_inference(out_dir: str, init_from: str | None, which: str, device: torch.device,
+                       dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, dict, str]:
+    """What sample.py, serve.py, eval.py and attention.py load: init_from's model (None or "resume", as in nanoGPT:
+    out_dir's `which` checkpoint) in eval mode on device, cast to dtype when given; with its tokenizer, config.json
+    and the source's name. SystemExit with the reason when it cannot be loaded."""
+    source = out_dir if init_from in (None, "resume") else init_from
+    try:
+        model, tokenizer, config = load_model(source, which, device="cpu")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return model.to(device=device, dtype=dtype), tokenizer, config, source
+
+
 def from_pretrained(name_or_path: str | Path, which: str = "latest", dropout: float | None = None) -> GPT:
     """The model alone (in train mode, on the CPU), from any place load_model reads; no tokenizer is loaded."""
     folder = model_folder(name_or_path, which)

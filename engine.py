@@ -284,7 +284,7 @@ class Scheduler:
                 job.length += 1
                 logits[job] = out[slots] if len(slots) > 1 else out[slots[0]:slots[0] + 1]
         for job in self.jobs:
-            if job.windowed and not job.done:  # the window of the last block_size tokens from position 0, each step (generate's way)
+            if job.windowed and not job.done:  # the last block_size tokens from position 0, as model.generate
                 window = self._tensor([c[-self.block_size:] for c in job.contexts])
                 logits[job] = self.model(window)[0][:, -1]
         return [job for job, job_logits in logits.items() if self._sampled(job, job_logits)]
@@ -297,7 +297,7 @@ class Scheduler:
         r = job.request
         tokens, lp = None, None
         if logits is not None:
-            tokens_t = sample_next(logits, r.temperature, None, r.top_p, job.generator)  # (rows, 1)
+            tokens_t = sample_next(logits, r.temperature, r.top_k, r.top_p, job.generator)  # (rows, 1)
             tokens = tokens_t[:, 0].tolist()
             if r.logprobs is not None:
                 lp = self._logprobs(job, logits, tokens_t, r.logprobs)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import check_tokenizer_matches, load_model
+from checkpoint import check_tokenizer_matches, load_for_inference
 from config import DTYPES, autocast_context, format_config, parse_config, resolve_device, resolve_dtype
 from prepare_data import find_inputs, iter_files, local_or_download  # eval.py reads raw text, as the preparers do
 from tokens import Tokenizer, load_meta, load_split, resolve_dataset
@@ -261,11 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     if dtype == torch.float16 and device.type == "cpu":
         raise SystemExit("dtype=float16 needs a GPU: use --dtype=bfloat16 or --dtype=float32 on the CPU")
     autocast = autocast_context(device, dtype)
-    source = cfg.out_dir if cfg.init_from in (None, "resume") else cfg.init_from
-    try:
-        model, tokenizer, config = load_model(source, cfg.checkpoint, device=str(device))
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    model, tokenizer, config, source = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device)
     block_size = model.config.block_size
     record = dict.fromkeys(("model", "task", "data", "tokens", "bytes", "loss", "ppl", "bpb", "acc", "acc_norm",
                             "examples", "stride", "seconds"))

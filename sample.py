@@ -29,7 +29,7 @@ from typing import TextIO
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_for_inference
 from config import (DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, set_threads,
                     synchronize)
 from model import GPT, KVCache, check_sampling
@@ -147,7 +147,8 @@ class Continuation:
     """The text one sample adds to its prompt, token by token, and whether a stop condition has ended it.
 
     A character may span several tokens (GPT-2 BPE works on bytes), so tokens are decoded together, not one by one:
-    only the ids since the last complete character are decoded again at each step.
+    only the ids since the last complete character are decoded again at each step. Stop strings are matched as the
+    text grows (Knuth-Morris-Pratt), so a step costs the same however long the stop strings are.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop_token: int | None,
@@ -159,6 +160,7 @@ class Continuation:
         self.done = False
         self.generated = 0  # tokens generated for this sample, a stop token included
         self._fixed_ids, self._fixed_text = 0, ""  # a prefix ending on a character boundary, decoded once
+        self._matched = [0] * len(self._stops)  # characters of each stop string that end the fixed text
 
     def extend(self, ids: list[int]) -> None:
         """Many tokens at once, when there is no stop condition to check on the way."""
@@ -176,23 +178,51 @@ class Continuation:
             return
         self.ids.append(token)
         tail = decode(self.tokenizer, self.ids[self._fixed_ids:])
-        searched = len(self._fixed_text)  # text that earlier steps searched for the stop string already
+        start = len(self._fixed_text)  # text that earlier steps searched for the stop strings already
         self.text = self._fixed_text + tail
-        if not tail.endswith("\ufffd"):  # ends on a complete character: later tokens cannot change the text so far
+        if tail.endswith("\ufffd"):  # a character still misses bytes: search what may end in it, keep no state
+            cuts = [cut for stop in self._stops if (cut := self.text.find(stop, max(0, start - len(stop) + 1))) >= 0]
+        else:  # ends on a complete character: later tokens cannot change the text so far
             self._fixed_ids, self._fixed_text = len(self.ids), self.text
-        # The earliest stop string wins; none can lie wholly before `searched`, or an earlier step would have cut.
-        cuts = [cut for stop in self._stops if (cut := self.text.find(stop, max(0, searched - len(stop) + 1))) >= 0]
-        if cuts:
+            cuts = [cut for i in range(len(self._stops)) if (cut := self._match(i, tail, start)) >= 0]
+        if cuts:  # the earliest stop string wins
             self.text, self.done = self.text[:min(cuts)], True
+
+    def _match(self, i: int, chars: str, start: int) -> int:
+        """Extend stop string i's match over chars (the text from `start`); where a whole match begins, else -1."""
+        stop, fallback, k = self._stops[i], _fallback(self._stops[i]), self._matched[i]
+        for j, c in enumerate(chars):
+            while k and stop[k] != c:
+                k = fallback[k - 1]
+            if stop[k] == c:
+                k += 1
+            if k == len(stop):
+                return start + j + 1 - k
+        self._matched[i] = k
+        return -1
 
     def settled(self) -> str:
         """The part of the text that later tokens cannot change: this much can be printed while streaming."""
         if self.done:
             return self.text
-        text = self.text.rstrip("\ufffd")  # a multi-byte character may still be missing its last bytes
-        # hold back an ending that the next characters may complete to a stop string
-        held = max((n for stop in self._stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
-        return text[:len(text) - held]
+        if not self._stops:
+            return self.text.rstrip("\ufffd")  # a multi-byte character may still be missing its last bytes
+        # hold back the text after the last complete character, and an ending that may grow into a stop string
+        return self._fixed_text[:len(self._fixed_text) - max(self._matched)]
+
+
+@functools.lru_cache(maxsize=64)
+def _fallback(stop: str) -> tuple[int, ...]:
+    """Knuth-Morris-Pratt's table: for each prefix stop[:k + 1], the length of its longest proper prefix that is
+    also a suffix of it."""
+    table, k = [0] * len(stop), 0
+    for j in range(1, len(stop)):
+        while k and stop[j] != stop[k]:
+            k = table[k - 1]
+        if stop[j] == stop[k]:
+            k += 1
+        table[j] = k
+    return tuple(table)
 
 
 def generate_samples(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
@@ -272,17 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: temperature=0 is greedy, so the {cfg.num_samples} samples will be identical: pass "
               f"--num_samples=1, or a temperature above 0 for different ones", file=sys.stderr)
 
-    try:
-        source = cfg.out_dir if cfg.init_from in (None, "resume") else cfg.init_from  # "resume" as in nanoGPT
-        model, tokenizer, _ = load_model(source, cfg.checkpoint, device="cpu")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    # Cast the weights rather than autocast: decoding reads every weight once per token, so half-size weights
+    # halve the memory traffic, where autocast would read fp32 weights and cast them again at every step.
+    model, tokenizer, _, _ = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device, dtype)
     if cfg.stop == "eot" and tokenizer.eot_token is None:
         raise SystemExit("--stop=eot: this model's char tokenizer has no end-of-text token; stop at a string "
                          "instead, e.g. --stop='\\n\\n'")
-    # Cast the weights rather than autocast: decoding reads every weight once per token, so half-size weights
-    # halve the memory traffic, where autocast would read fp32 weights and cast them again at every step.
-    model = model.to(device=device, dtype=dtype)
 
     prompt = read_prompt(cfg.start)
     prompt_ids = encode_prompt(tokenizer, prompt)

@@ -8,16 +8,17 @@
 
 Endpoints: POST /v1/completions (OpenAI's completions format; `stream` sends server-sent events), GET /v1/models,
 POST /v1/attention (one token's attention weights over the earlier tokens, every layer and head: attention.py's
-maps), GET /health (sequences decoding and waiting), GET / (the playground).
+maps), GET /health (sequences decoding and waiting), GET /metrics (Prometheus), GET / (the playground,
+playground.html beside this file).
 
-Scheduling: one worker thread owns the model. Every prompt of a request gets its own model.generate_stream (its own
-KV cache, one row per completion `n`), and the worker advances all of them one token per round, in turn. Rows of
-different requests are not batched together: the KV cache has one position for all its rows, so prompts of
-different lengths cannot share a step, and a row batched with others rounds differently from the same row alone
-(another matmul shape), so greedy tokens could change at near-ties. This way every completion is exactly what
-sample.py gives for its prompt, settings and seed, however many clients there are; the price is that throughput
-does not grow with clients (docs/benchmarks.md). When `max_sequences` rows are decoding, prompts wait in a queue
-of `max_waiting`; beyond that a request is answered 503 at once. A client that disconnects frees its rows at once.
+Scheduling (engine.py): one worker thread owns the model and decodes the rows of every request in one batch, a
+token per step; a request joins after its prefill and leaves the step it ends. When `max_sequences` rows are
+decoding, prompts wait in a queue of `max_waiting`; beyond that a request is answered 503 at once. A client that
+disconnects frees its rows at once.
+
+No web page can use the server: it answers only a Host header naming an address it listens on (DNS rebinding),
+reads only JSON bodies sent as application/json (a form or text/plain POST needs no CORS preflight), and sends no
+CORS headers unless --allow_origins names origins. It has no authentication.
 """
 
 from __future__ import annotations
@@ -28,23 +29,28 @@ errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads
 
 import asyncio
 import contextlib
+import ipaddress
 import json
+import logging
+import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from attention import attention_maps
-from checkpoint import load_model
-from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype
-from engine import Job, Metrics, Scheduler
+from checkpoint import load_for_inference
+from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype, set_threads
+from engine import Job, Scheduler
 from model import GPT
 from sample import Continuation, decode
 from tokens import Tokenizer
@@ -54,6 +60,7 @@ try:  # the `serve` extra: main() says what to install when it is missing
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -61,6 +68,11 @@ except ImportError:
     uvicorn = None
 
 SERVE_EXTRA_MISSING = "serve.py needs starlette and uvicorn: pip install -e '.[serve]'"
+PLAYGROUND = Path(__file__).with_name("playground.html")  # read at start-up: edit it and restart
+ACCESS_LOG = logging.getLogger("serve")  # one line per request; main() shows them on stderr
+MAX_BODY = 1 << 20  # bytes; a prompt of a full GPT-2 context is a few kB
+MAX_STOP_CHARS = 1000  # characters of a stop string (OpenAI's count limit is 4): bounds the matcher's tables
+
 
 @dataclass
 class ServeConfig:
@@ -69,14 +81,17 @@ class ServeConfig:
     checkpoint: str = "latest"  # which checkpoint of out_dir: latest or best
     host: str = "127.0.0.1"  # address to listen on; 0.0.0.0 opens the server to the network (it has no authentication)
     port: int = 8000  # TCP port
+    allow_origins: str | None = None  # web origins whose pages may call the API (CORS), comma-separated; none: no page
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
     dtype: str = "auto"  # float32, bfloat16 or float16 (the weights are cast); auto: bfloat16 on CUDA, else float32
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores; 0: one per core
     model_name: str | None = None  # the model id /v1/models lists and responses carry; none: the checkpoint's name
     max_tokens: int = 2048  # the largest max_tokens a request may ask for
     max_sequences: int = 16  # rows decoded together (a request with n=4 takes 4): the KV cache has this many rows
     prefill_chunk: int = 128  # prompt tokens prefilled between two decode steps: how long a long prompt pauses others
     max_waiting: int = 64  # prompts waiting for rows; when the queue is full, new requests get 503 at once
     max_attention_tokens: int = 512  # longest context /v1/attention maps: its memory is n_layer x n_head x T² floats
+    drain_seconds: float = 5.0  # after Ctrl-C, how long requests in flight may finish before they are ended
 
     def __post_init__(self) -> None:
         if self.checkpoint not in ("latest", "best"):
@@ -88,6 +103,15 @@ class ServeConfig:
         for name in ("max_tokens", "max_sequences", "prefill_chunk", "max_waiting", "max_attention_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.drain_seconds < math.inf:
+            raise ValueError(f"drain_seconds must be 0 or more, got {self.drain_seconds}")
+        if self.allow_origins is not None and not all(o.strip() for o in self.allow_origins.split(",")):
+            raise ValueError(f"allow_origins must be origins separated by commas, e.g. http://localhost:3000, got "
+                             f"{self.allow_origins!r}")
+
+    @property
+    def origins(self) -> list[str]:
+        return [o.strip() for o in self.allow_origins.split(",")] if self.allow_origins else []
 
 
 # ---------------------------------------------------------------------------------------------------------- requests
@@ -112,6 +136,7 @@ class Completion:
     prompt_texts: list[str]  # each prompt as text (for echo)
     max_tokens: int
     temperature: float
+    top_k: int | None
     top_p: float | None
     n: int
     seed: int  # drawn at random when the request gives none
@@ -121,6 +146,7 @@ class Completion:
     echo: bool
     return_token_ids: bool
     logprobs: int | None  # alternatives per token to return with the chosen token's log-probability; None: none
+    dropped: int = 0  # prompt tokens before the last block_size of each prompt, which the model does not see
 
 
 # OpenAI's completions fields that this server cannot honour, with the values that mean "off".
@@ -128,7 +154,7 @@ _UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "presence_penalty": 
                 "frequency_penalty": (None, 0), "logit_bias": (None, {})}
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default limit (OpenAI's is 5)
 _FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-           "echo", "user", "return_token_ids", "logprobs"} | set(_UNSUPPORTED)  # return_token_ids: vLLM's extension
+           "echo", "user", "logprobs", "return_token_ids", "top_k"} | set(_UNSUPPORTED)  # the last two: vLLM's
 
 
 def _typed(body: dict, key: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
@@ -141,6 +167,15 @@ def _typed(body: dict, key: str, kinds: tuple[type, ...], default: Any, what: st
     return value
 
 
+def _number(body: dict, key: str, default: float) -> float:
+    """body[key] as a float: a JSON number (an integer of 400 digits overflows a float: out of range too)."""
+    value = _typed(body, key, (int, float), default, "a number")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ApiError(400, f"{key} is out of range, got an integer of {len(str(abs(value)))} digits", key) from None
+
+
 def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConfig) -> Completion:
     """Check a completions request against OpenAI's format and this model; ApiError (400) naming the field if not."""
     if not isinstance(body, dict):
@@ -148,8 +183,8 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     for key in body:
         if key not in _FIELDS:
             raise ApiError(400, f"Unrecognized request argument supplied: {key}", key)
-    for key, off in _UNSUPPORTED.items():
-        if key in body and body[key] not in off:
+    for key, off in _UNSUPPORTED.items():  # true == 1 and false == 0 in Python: a bool is never "off"
+        if key in body and (isinstance(body[key], bool) or body[key] not in off):
             raise ApiError(400, f"{key} is not supported by this server: leave it out", key)
     _typed(body, "model", (str,), None, "a string")
     _typed(body, "user", (str,), None, "a string")
@@ -157,12 +192,16 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     if not 0 <= max_tokens <= cfg.max_tokens:
         raise ApiError(400, f"max_tokens must be between 0 and {cfg.max_tokens} (this server's limit), got "
                             f"{max_tokens}", "max_tokens")
-    temperature = float(_typed(body, "temperature", (int, float), 1.0, "a number"))
+    temperature = _number(body, "temperature", 1.0)
     if not 0 <= temperature <= 2:
         raise ApiError(400, f"temperature must be between 0 and 2 (0 is greedy), got {temperature}", "temperature")
-    top_p = float(_typed(body, "top_p", (int, float), 1.0, "a number"))
+    top_p = _number(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise ApiError(400, f"top_p must be in (0, 1], got {top_p}; for greedy decoding set temperature=0", "top_p")
+    top_k = _typed(body, "top_k", (int,), None, "an integer")
+    if top_k is not None and top_k < 1 and top_k not in (0, -1):
+        raise ApiError(400, f"top_k must be 1 or more (0 or -1: no limit, as in llama.cpp and vLLM), got {top_k}",
+                       "top_k")
     n = _typed(body, "n", (int,), 1, "an integer")
     seed = _typed(body, "seed", (int,), None, "an integer")
     if seed is not None and not 0 <= seed < 2**63:
@@ -178,6 +217,9 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"a stop string may have up to {MAX_STOP_CHARS} characters, got "
+                            f"{max(len(s) for s in stop)}", "stop")
 
     logprobs = _typed(body, "logprobs", (int,), None, "an integer")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
@@ -190,20 +232,23 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     if n < 1 or n * len(prompts) > cfg.max_sequences:
         raise ApiError(400, f"n x the number of prompts must be between 1 and {cfg.max_sequences} (the server's "
                             f"max_sequences), got {n} x {len(prompts)}", "n")
-    return Completion(prompts, texts, max_tokens, temperature, top_p if top_p < 1 else None, n,
+    dropped = sum(max(0, len(p) - model.config.block_size) for p in prompts)
+    return Completion(prompts, texts, max_tokens, temperature, top_k if top_k not in (None, 0, -1) else None,
+                      top_p if top_p < 1 else None, n,
                       seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1, tuple(stop), stream,
-                      options.get("include_usage", False), echo, return_token_ids, logprobs)
+                      options.get("include_usage", False), echo, return_token_ids, logprobs, dropped)
 
 
 def _parse_prompts(prompt: Any, model: GPT, tokenizer: Tokenizer) -> tuple[list[list[int]], list[str]]:
-    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of such lists."""
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of such lists. A prompt
+    longer than block_size is kept whole: the model sees its last block_size tokens, as in sample.py."""
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt or not all(
             isinstance(p, str) or (isinstance(p, list) and all(type(t) is int for t in p)) for p in prompt):
         raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids, or a list of lists of "
                             "token ids", "prompt")
-    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    vocab_size = model.config.vocab_size
     ids_list, texts = [], []
     for p in prompt:
         if isinstance(p, str):
@@ -218,18 +263,215 @@ def _parse_prompts(prompt: Any, model: GPT, tokenizer: Tokenizer) -> tuple[list[
             if not p or not all(0 <= t < vocab_size for t in p):
                 raise ApiError(400, f"token ids must be between 0 and {vocab_size - 1}, at least one", "prompt")
             ids = p
-        if len(ids) > block_size:
-            raise ApiError(400, f"This model's maximum context length is {block_size} tokens, however the prompt "
-                                f"has {len(ids)} tokens: shorten it", "prompt", "context_length_exceeded")
         ids_list.append(ids)
         texts.append(p if isinstance(p, str) else decode(tokenizer, ids))
     return ids_list, texts
 
 
-# ---------------------------------------------------------------------------------------------------------- decoding
-
-
 # ---------------------------------------------------------------------------------------------------------- HTTP
+
+
+@dataclass(eq=False)
+class Served:
+    """What the handlers share, as request.app.state.served: the model, its settings, the requests in flight."""
+    model: GPT
+    tokenizer: Tokenizer
+    cfg: ServeConfig
+    name: str  # the model id of /v1/models and of every response
+    scheduler: Scheduler
+    page: str  # the playground, read at start-up
+    created: int  # when the server started, for /v1/models
+    replies: set[Reply] = field(default_factory=set)  # completions being answered
+    in_flight: int = 0  # requests being answered
+    answered: int = 0  # requests answered since the start
+
+    def end_all(self, message: str) -> None:
+        """End every completion still being answered (the drain's deadline has passed)."""
+        for reply in list(self.replies):
+            reply.events.put_nowait(("shutdown", message))
+
+
+async def completions(request: Request) -> Response | Callable:
+    served: Served = request.app.state.served
+    try:
+        r = parse_completion(await _read_json(request), served.model, served.tokenizer, served.cfg)
+    except ApiError as e:
+        return _error(e)
+    reply = Reply(r, served)
+    if not served.scheduler.submit(reply.jobs):
+        return _error(ApiError(503, "the server is busy: its queue is full; try again later", None, "overloaded",
+                               "server_error"))
+    request.state.reply = reply  # for the access line
+    served.replies.add(reply)
+    return reply if r.stream else await reply.answer(request)
+
+
+class Reply:
+    """One completions request being answered: its jobs' events become OpenAI's response, or, called as an ASGI app,
+    its stream of server-sent events."""
+
+    def __init__(self, r: Completion, served: Served) -> None:
+        self.r, self.served = r, served
+        self.events: asyncio.Queue = asyncio.Queue()
+        loop, stop_token = asyncio.get_running_loop(), served.tokenizer.eot_token  # end-of-text ends, as OpenAI's
+        self.jobs = [Job(r, i, self.events, loop, generated=[0] * r.n, sent=[0] * r.n, sent_ids=[0] * r.n,
+                         texts=[Continuation(served.tokenizer, stop_token, r.stop) for _ in range(r.n)])
+                     for i in range(len(r.prompts))]
+        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                     "model": served.name}
+        self.choices = len(r.prompts) * r.n
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.r.prompts)
+        completion = sum(sum(j.generated) for j in self.jobs)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self.r.dropped:  # the prompt was longer than the context: the model saw its last block_size tokens
+            usage["prompt_tokens_dropped"] = self.r.dropped
+        return usage
+
+    def choice(self, index: int, text: str, ids: list[int], reason: str | None, first: bool,
+               logprobs: list[tuple] | None) -> dict:
+        r = self.r
+        if first and r.echo:
+            text = r.prompt_texts[index // r.n] + text
+        if logprobs is not None:  # OpenAI's completions format; text_offset counts from the completion's start
+            tokens, chosen, top, offsets = zip(*logprobs) if logprobs else ((), (), (), ())
+            logprobs = {"tokens": list(tokens), "token_logprobs": list(chosen), "top_logprobs": list(top),
+                        "text_offset": list(offsets)}
+        c = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+        if r.return_token_ids:
+            c["token_ids"] = ids
+            if first:
+                c["prompt_token_ids"] = r.prompts[index // r.n]
+        return c
+
+    async def events_until_done(self, wait: float) -> AsyncIterator[tuple | None]:
+        """The jobs' events until every choice has finished, and a None every `wait` seconds."""
+        ended, tick = 0, time.monotonic() + wait
+        while ended < self.choices:
+            if time.monotonic() >= tick:
+                tick = time.monotonic() + wait
+                yield None
+            try:
+                event = await asyncio.wait_for(self.events.get(), max(0.0, tick - time.monotonic()))
+            except TimeoutError:
+                continue
+            if event[0] == "error":
+                raise ApiError(500, event[1], kind="server_error")
+            if event[0] == "shutdown":
+                raise ApiError(503, event[1], None, "shutting_down", "server_error")
+            ended += event[3] is not None
+            yield event
+
+    def close(self) -> None:
+        self.served.scheduler.cancel(self.jobs)  # a no-op for jobs that have ended
+        self.served.replies.discard(self)
+
+    async def answer(self, request: Request) -> Response:
+        """The whole response at once."""
+        texts, ids, reasons = [""] * self.choices, [[] for _ in range(self.choices)], [None] * self.choices
+        logprobs = [[] if self.r.logprobs is not None else None for _ in range(self.choices)]
+        try:
+            async for event in self.events_until_done(0.5):
+                if event is None:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)  # nobody reads it; the jobs are cancelled below
+                    continue
+                i, delta, new_ids, reasons[i], new_logprobs = event
+                texts[i] += delta
+                ids[i] += new_ids
+                if new_logprobs:
+                    logprobs[i] += new_logprobs
+        except ApiError as e:
+            return _error(e)
+        finally:
+            self.close()
+        return JSONResponse({**self.head, "choices": [self.choice(i, texts[i], ids[i], reasons[i], True, logprobs[i])
+                                                      for i in range(self.choices)], "usage": self.usage()})
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        response = StreamingResponse(self.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            await response(scope, receive, send)
+        finally:  # however the stream ends: finished, client gone, server stopping
+            self.close()
+
+    async def stream(self) -> AsyncIterator[str]:
+        started = set()
+        try:
+            async for event in self.events_until_done(1.0):
+                if event is None:
+                    yield ": waiting\n\n"  # an SSE comment: lets a closed connection show itself while queued
+                    continue
+                i, delta, new_ids, reason, new_logprobs = event
+                chunk = {**self.head, "choices": [self.choice(i, delta, new_ids, reason, i not in started,
+                                                              new_logprobs)]}
+                started.add(i)
+                if self.r.include_usage:
+                    chunk["usage"] = None
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except ApiError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+            return
+        if self.r.include_usage:
+            yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+async def chat_completions(request: Request) -> Response:
+    served: Served = request.app.state.served
+    return _error(ApiError(404, f"{served.name} is a base model, not a chat model, so /v1/chat/completions is not "
+                                f"served: send the text to continue to POST /v1/completions", "model"))
+
+
+async def attention(request: Request) -> Response:
+    served: Served = request.app.state.served
+    try:
+        body = await _read_json(request)
+        ids, position, start = _parse_attention(body, served.model, served.tokenizer, served.cfg)
+        idx = torch.tensor(ids[start:position + 1], dtype=torch.long, device=served.scheduler.device)
+        future = served.scheduler.call(lambda: attention_maps(served.model, idx)[:, 0, :, -1].float().cpu())  # (L,H,T)
+        if future is None:
+            raise ApiError(503, "the server is busy: try again later", None, "overloaded", "server_error")
+        weights = await asyncio.wrap_future(future)
+    except ApiError as e:
+        return _error(e)
+    return JSONResponse({"token_ids": ids, "tokens": [decode(served.tokenizer, [i]) for i in ids],
+                         "position": position, "start": start, "n_layer": weights.size(0),
+                         "n_head": weights.size(1), "weights": weights.double().mul(1e4).round().div(1e4).tolist()})
+
+
+async def models(request: Request) -> Response:
+    served: Served = request.app.state.served
+    return JSONResponse({"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                                     "owned_by": "smallgpt",
+                                                     "context_length": served.model.config.block_size}]})
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", **request.app.state.served.scheduler.load()})
+
+
+async def page(request: Request) -> Response:
+    return HTMLResponse(request.app.state.served.page)
+
+
+async def metrics(request: Request) -> Response:
+    instruments = request.app.state.served.scheduler.metrics
+    if instruments is None:
+        return _error(ApiError(501, "GET /metrics needs prometheus_client: pip install -e '.[serve]'",
+                               kind="server_error"))
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def http_error(request: Request, e: HTTPException) -> Response:
+    return _error(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
+
+
+async def server_error(request: Request, e: Exception) -> Response:
+    return _error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -237,10 +479,10 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-MAX_BODY = 1 << 20  # bytes; a prompt of a full GPT-2 context is a few kB
-
-
 async def _read_json(request: Request) -> Any:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # a form or text/plain POST is one a web page may send without asking
+        raise ApiError(415, f"send the body as JSON with Content-Type: application/json (got {kind or 'none'})")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -251,180 +493,106 @@ async def _read_json(request: Request) -> Any:
         return json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise ApiError(400, f"the request body holds a number too long to read ({str(e).split(';')[0]})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests arrays or objects too deeply") from None
+
+
+class Guard:
+    """The ASGI layer before the routes: refuses a Host header that names no address of this server (a web page
+    reaching it by DNS rebinding), counts the requests in flight (and, for /metrics, the answers by status), and
+    writes one access line per request."""
+
+    def __init__(self, app: Callable, served: Served) -> None:
+        self.app, self.served = app, served
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 0
+
+        async def send_noting_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.served.in_flight += 1
+        try:
+            refused = _check_host(scope, self.served.cfg.host)
+            await (_error(refused) if refused else self.app)(scope, receive, send_noting_status)
+        finally:
+            self.served.in_flight -= 1
+            self.served.answered += 1
+            if status and (instruments := self.served.scheduler.metrics) is not None:
+                instruments.requests.labels(str(status)).inc()
+            usage = reply.usage() if (reply := scope.get("state", {}).get("reply")) else None
+            tokens = f" {usage['prompt_tokens']} + {usage['completion_tokens']} tokens," if usage else ""
+            client = scope["client"][0] if scope.get("client") else "-"
+            ACCESS_LOG.info("%s %s %s %s%s %.2f s", client, scope["method"], scope["path"], status or "-", tokens,
+                            time.perf_counter() - start)
+
+
+def _check_host(scope: dict, listening: str) -> ApiError | None:
+    """None when the Host header names this server: localhost, a loopback address, --host, or the address the
+    connection came in on, with this server's port or none."""
+    host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+    if host.startswith("["):  # [::1]:8000
+        name, _, port = host[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        name, _, port = host.partition(":") if host.count(":") == 1 else (host, "", "")
+    address, listening_port = scope.get("server") or (None, None)
+    names = {"localhost", "127.0.0.1", "::1", listening.strip("[]").lower(), address}
+    if name in names and (not port or listening_port is None or port == str(listening_port)):
+        return None
+    address = f"[{address}]" if ":" in (address or "") else address or "localhost"
+    return ApiError(421 if host else 400, f"the Host header {host!r} names no address of this server: ask for "
+                                          f"http://{address}:{listening_port}/ (a guard against web pages of other "
+                                          f"sites)")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    yield
+    app.state.served.scheduler.stop()
+
+
+ROUTES = [("/", page, ["GET"]), ("/v1/models", models, ["GET"]), ("/health", health, ["GET"]),
+          ("/metrics", metrics, ["GET"]), ("/v1/completions", completions, ["POST"]),
+          ("/v1/chat/completions", chat_completions, ["POST"]), ("/v1/attention", attention, ["POST"])]
 
 
 def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) -> Starlette:
     """The ASGI app serving `model`; its decode worker starts now and stops with the app's lifespan."""
+    page_text = read_playground()
     scheduler = Scheduler(model, cfg.max_sequences, cfg.max_waiting, cfg.prefill_chunk)
-    created = int(time.time())
-    stop_token = tokenizer.eot_token  # generation ends at end-of-text, as OpenAI's does
-
-    async def completions(request: Request) -> Response | Callable:
-        try:
-            r = parse_completion(await _read_json(request), model, tokenizer, cfg)
-        except ApiError as e:
-            return _error(e)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        jobs = [Job(r, i, events, loop, texts=[Continuation(tokenizer, stop_token, r.stop) for _ in range(r.n)],
-                    generated=[0] * r.n, sent=[0] * r.n, sent_ids=[0] * r.n) for i in range(len(r.prompts))]
-        if not scheduler.submit(jobs):
-            return _error(ApiError(503, "the server is busy: its queue is full; try again later", None, "overloaded",
-                                   "server_error"))
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": name}
-        choices = len(r.prompts) * r.n
-
-        def usage() -> dict:
-            prompt = sum(len(p) for p in r.prompts)
-            completion = sum(sum(j.generated) for j in jobs)
-            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-        def choice(index: int, text: str, ids: list[int], reason: str | None, first: bool,
-                   logprobs: list[tuple] | None) -> dict:
-            if first and r.echo:
-                text = r.prompt_texts[index // r.n] + text
-            if logprobs is not None:  # OpenAI's completions format; text_offset counts from the completion's start
-                tokens, chosen, top, offsets = zip(*logprobs) if logprobs else ((), (), (), ())
-                logprobs = {"tokens": list(tokens), "token_logprobs": list(chosen), "top_logprobs": list(top),
-                            "text_offset": list(offsets)}
-            c = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
-            if r.return_token_ids:
-                c["token_ids"] = ids
-                if first:
-                    c["prompt_token_ids"] = r.prompts[index // r.n]
-            return c
-
-        async def events_until_done(wait: float) -> AsyncIterator[tuple | None]:
-            """The jobs' events until every choice has finished, and a None every `wait` seconds."""
-            ended, tick = 0, time.monotonic() + wait
-            while ended < choices:
-                if time.monotonic() >= tick:
-                    tick = time.monotonic() + wait
-                    yield None
-                try:
-                    event = await asyncio.wait_for(events.get(), max(0.0, tick - time.monotonic()))
-                except TimeoutError:
-                    continue
-                if event[0] == "error":
-                    raise ApiError(500, event[1], kind="server_error")
-                ended += event[3] is not None
-                yield event
-
-        if not r.stream:
-            texts, ids, reasons = [""] * choices, [[] for _ in range(choices)], [None] * choices
-            logprobs = [[] if r.logprobs is not None else None for _ in range(choices)]
-            try:
-                async for event in events_until_done(0.5):
-                    if event is None:
-                        if await request.is_disconnected():
-                            return Response(status_code=499)  # nobody reads it; the jobs are cancelled below
-                        continue
-                    i, delta, new_ids, reasons[i], new_logprobs = event
-                    texts[i] += delta
-                    ids[i] += new_ids
-                    if new_logprobs:
-                        logprobs[i] += new_logprobs
-            except ApiError as e:
-                return _error(e)
-            finally:
-                scheduler.cancel(jobs)  # a no-op for jobs that have ended
-            return JSONResponse({**head, "choices": [choice(i, texts[i], ids[i], reasons[i], True, logprobs[i])
-                                                     for i in range(choices)], "usage": usage()})
-
-        async def stream() -> AsyncIterator[str]:
-            started = set()
-            try:
-                async for event in events_until_done(1.0):
-                    if event is None:
-                        yield ": waiting\n\n"  # an SSE comment: lets a closed connection show itself while queued
-                        continue
-                    i, delta, new_ids, reason, new_logprobs = event
-                    chunk = {**head, "choices": [choice(i, delta, new_ids, reason, i not in started, new_logprobs)]}
-                    started.add(i)
-                    if r.include_usage:
-                        chunk["usage"] = None
-                    yield f"data: {json.dumps(chunk)}\n\n"
-            except ApiError as e:
-                yield f"data: {json.dumps(e.body())}\n\n"
-                return
-            if r.include_usage:
-                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        response = StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-        async def send_events(scope: dict, receive: Callable, send: Callable) -> None:
-            try:
-                await response(scope, receive, send)
-            finally:  # however the stream ends: finished, client gone, server stopping
-                scheduler.cancel(jobs)
-        return send_events  # an ASGI app: Starlette awaits it as it would a Response
-
-    async def attention(request: Request) -> Response:
-        try:
-            body = await _read_json(request)
-            ids, position, start = _parse_attention(body, model, tokenizer, cfg)
-            idx = torch.tensor(ids[start:position + 1], dtype=torch.long, device=scheduler.device)
-            future = scheduler.call(lambda: attention_maps(model, idx)[:, 0, :, -1].float().cpu())  # (L, H, T)
-            if future is None:
-                raise ApiError(503, "the server is busy: try again later", None, "overloaded", "server_error")
-            weights = await asyncio.wrap_future(future)
-        except ApiError as e:
-            return _error(e)
-        return JSONResponse({"token_ids": ids, "tokens": [decode(tokenizer, [i]) for i in ids], "position": position,
-                             "start": start, "n_layer": weights.size(0), "n_head": weights.size(1),
-                             "weights": weights.double().mul(1e4).round().div(1e4).tolist()})
-
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                                         "owned_by": "smallgpt",
-                                                         "context_length": model.config.block_size}]})
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", **scheduler.load()})
-
-    async def page(request: Request) -> Response:
-        return HTMLResponse(PLAYGROUND)
-
-    async def metrics(request: Request) -> Response:
-        if scheduler.metrics is None:
-            return _error(ApiError(501, "GET /metrics needs prometheus_client: pip install -e '.[serve]'",
-                                   kind="server_error"))
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        return Response(generate_latest(scheduler.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def http_error(request: Request, e: HTTPException) -> Response:
-        return _error(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
-
-    async def server_error(request: Request, e: Exception) -> Response:
-        return _error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        scheduler.stop()
-
-    app = Starlette(routes=[Route("/", page), Route("/v1/models", models), Route("/health", health),
-                            Route("/metrics", metrics), Route("/v1/completions", completions, methods=["POST"]),
-                            Route("/v1/attention", attention, methods=["POST"])],
-                    exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan,
-                    middleware=[Middleware(_CountStatuses, metrics=scheduler.metrics)])
-    app.state.scheduler = scheduler
+    served = Served(model, tokenizer, cfg, name, scheduler, page_text, int(time.time()))
+    middleware = [Middleware(Guard, served=served)]
+    if cfg.origins:  # CORS for the pages of these origins only; none: browsers keep every other page out
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cfg.origins, allow_methods=["GET", "POST"],
+                                     allow_headers=["Content-Type", "Authorization"]))
+    app = Starlette(routes=[Route(path, handler, methods=methods) for path, handler, methods in ROUTES],
+                    middleware=middleware, exception_handlers={HTTPException: http_error, Exception: server_error},
+                    lifespan=_lifespan)
+    app.state.served, app.state.scheduler = served, served.scheduler
     return app
 
 
-class _CountStatuses:
-    """ASGI middleware: counts every answer by its HTTP status for GET /metrics."""
-
-    def __init__(self, app: Callable, metrics: Metrics | None) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        async def counted(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.requests.labels(str(message["status"])).inc()
-            await send(message)
-        await self.app(scope, receive, counted if self.metrics is not None and scope["type"] == "http" else send)
+def read_playground() -> str:
+    try:
+        return PLAYGROUND.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SystemExit(f"{PLAYGROUND}: {e.strerror}: serve.py serves the playground page from beside it; restore "
+                         f"it (git checkout playground.html)") from None
 
 
 def _parse_attention(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConfig) -> tuple[list[int], int, int]:
@@ -454,215 +622,47 @@ def _parse_attention(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     return ids, position, start
 
 
-# ---------------------------------------------------------------------------------------------------------- page
-
-PLAYGROUND = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>smallgpt playground</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px system-ui,sans-serif;margin:0;display:grid;grid-template-columns:330px 1fr;height:100vh;color:#222}
-aside{padding:10px 14px;border-right:1px solid #ddd;overflow:auto;background:#fafafa}
-main{padding:14px 18px;overflow:auto}
-h1{font-size:17px;margin:4px 0} h2{font-size:14px;margin:16px 0 4px}
-#model{color:#666;font-size:12px}
-textarea{width:100%;box-sizing:border-box;height:110px;font:13px monospace}
-.row{display:flex;gap:8px;flex-wrap:wrap;margin:6px 0} .row label{font-size:12px;color:#555}
-input[type=number]{width:70px} #stop{width:90px}
-#status{color:#666;font-size:12px;min-height:1.2em}
-#text{font:15px/1.9 monospace;white-space:pre-wrap;word-break:break-word}
-#text .prompt{color:#777} .tok{cursor:pointer;border-radius:2px;box-shadow:inset 0 -1px #ccc}
-.tok.gen{box-shadow:inset 0 -2px #8ab4f8} .tok.query{outline:2px solid #d33;outline-offset:1px}
-.tok:hover{box-shadow:inset 0 -2px #d33}
-#info{font-size:12px;min-height:2.4em} #grid{display:grid;gap:2px 3px;align-items:center;font-size:10px;color:#777}
-#grid canvas{width:100%;height:12px;cursor:pointer;image-rendering:pixelated;border:1px solid #e4e4e4;
-  box-sizing:border-box}
-#grid canvas.sel{border-color:#d33}
-</style></head><body>
-<aside>
-<h1>smallgpt playground</h1><div id="model"></div>
-<h2>Prompt</h2>
-<textarea id="prompt" spellcheck="false">The meaning of life is</textarea>
-<div class="row">
-<label>max tokens<br><input id="max_tokens" type="number" value="48" min="0"></label>
-<label>temperature<br><input id="temperature" type="number" value="0.8" step="0.1" min="0" max="2"></label>
-<label>top p<br><input id="top_p" type="number" value="0.95" step="0.05" min="0.01" max="1"></label>
-</div><div class="row">
-<label>seed<br><input id="seed" type="number" placeholder="random"></label>
-<label>stop (\n: newline)<br><input id="stop" placeholder="none"></label>
-</div>
-<div class="row"><button id="go">Generate</button><button id="halt" disabled>Stop</button></div>
-<div id="status"></div>
-<h2>Attention</h2>
-<div class="row">
-<label>layer<br><select id="layer"></select></label>
-<label>head<br><select id="head"></select></label>
-</div>
-<div id="info">Click a token of the text to see where it looks.</div>
-<div id="grid" title="each strip: the chosen token's weights over its context, earliest left; click one to show it">
-</div>
-</aside>
-<main><div id="text"></div></main>
-<script>
-"use strict";
-const $ = id => document.getElementById(id);
-let ids = [], nPrompt = 0, labels = [], att = null, query = -1, controller = null;
-
-function status(msg) { $('status').textContent = msg; }
-
-async function post(path, body, signal) {
-  const resp = await fetch(path, {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                  body: JSON.stringify(body), signal});
-  if (!resp.ok) {
-    const e = await resp.json().catch(() => null);
-    throw new Error(e ? e.error.message : resp.statusText);
-  }
-  return resp;
-}
-
-function request() {
-  const body = {prompt: $('prompt').value, max_tokens: +$('max_tokens').value, temperature: +$('temperature').value,
-                top_p: +$('top_p').value, stream: true, return_token_ids: true};
-  if ($('seed').value !== '') body.seed = +$('seed').value;
-  if ($('stop').value !== '') body.stop = $('stop').value.replace(/\\n/g, '\n');
-  return body;
-}
-
-async function generate() {
-  if (controller) controller.abort();
-  controller = new AbortController();
-  ids = []; nPrompt = 0; labels = []; att = null; query = -1;
-  $('grid').innerHTML = ''; $('info').textContent = '';
-  const prompt = document.createElement('span'), out = document.createElement('span');
-  prompt.className = 'prompt'; prompt.textContent = $('prompt').value;
-  $('text').replaceChildren(prompt, out);
-  $('go').disabled = true; $('halt').disabled = false;
-  const t0 = performance.now(); let tFirst = null, n = 0;
-  try {
-    const resp = await post('/v1/completions', request(), controller.signal);
-    const reader = resp.body.getReader(), decoder = new TextDecoder();
-    let buffer = '', done = false;
-    status('generating…');
-    while (!done) {
-      const part = await reader.read();
-      if (part.done) break;
-      buffer += decoder.decode(part.value, {stream: true});
-      let cut;
-      while ((cut = buffer.indexOf('\n\n')) >= 0) {
-        const event = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
-        if (!event.startsWith('data: ')) continue;  // ": waiting" comments while queued
-        const data = event.slice(6);
-        if (data === '[DONE]') { done = true; break; }
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
-        const c = chunk.choices[0];
-        if (c.prompt_token_ids) { ids = c.prompt_token_ids.slice(); nPrompt = ids.length; }
-        ids.push(...c.token_ids); n += c.token_ids.length;
-        if (c.token_ids.length && tFirst === null) tFirst = performance.now();
-        out.textContent += c.text;
-      }
-      const s = (performance.now() - t0) / 1000;
-      const first = tFirst ? `, first after ${((tFirst - t0) / 1000).toFixed(2)} s` : '';
-      status(`${n} tokens in ${s.toFixed(1)} s${first}`);
-    }
-  } catch (e) {
-    if (e.name !== 'AbortError') { status('error: ' + e.message); finish(); return; }
-    status(status_text() + ' (stopped)');
-  }
-  finish();
-  if (ids.length) await showTokens();
-}
-
-function status_text() { return $('status').textContent; }
-function finish() { $('go').disabled = false; $('halt').disabled = true; controller = null; }
-
-async function showTokens() {
-  // The tokens' own texts come with the attention of the first token (a one-token forward); then the last token.
-  try {
-    const first = await (await post('/v1/attention', {token_ids: ids, position: 0})).json();
-    labels = first.tokens;
-  } catch (e) { $('info').textContent = 'attention: ' + e.message; return; }
-  const spans = labels.map((label, i) => {
-    const s = document.createElement('span');
-    s.className = i < nPrompt ? 'tok' : 'tok gen'; s.dataset.i = i;
-    s.textContent = label.replace(/\n/g, '\u21b5\n');
-    return s;
-  });
-  $('text').replaceChildren(...spans);
-  await select(ids.length - 1);
-}
-
-async function select(i) {
-  query = i;
-  try {
-    att = await (await post('/v1/attention', {token_ids: ids, position: i})).json();
-  } catch (e) { att = null; $('info').textContent = 'attention: ' + e.message; paint(); return; }
-  const layer = $('layer'), head = $('head');
-  if (layer.options.length !== att.n_layer || head.options.length !== att.n_head + 1) {
-    layer.replaceChildren(...[...Array(att.n_layer).keys()].map(l => new Option(l, l)));
-    head.replaceChildren(new Option('mean', -1), ...[...Array(att.n_head).keys()].map(h => new Option(h, h)));
-  }
-  drawGrid(); paint();
-}
-
-function weightsOf(l, h) {  // (T,) weights of the query over its context, for one head or the mean of the heads
-  const rows = att.weights[l];
-  if (h >= 0) return rows[h];
-  return rows[0].map((_, k) => rows.reduce((sum, r) => sum + r[k], 0) / rows.length);
-}
-
-function paint() {
-  const spans = $('text').querySelectorAll('.tok');
-  spans.forEach(s => { s.classList.remove('query'); s.style.background = ''; delete s.dataset.w; s.title = ''; });
-  if (query >= 0 && spans[query]) spans[query].classList.add('query');
-  if (!att) return;
-  const l = +$('layer').value, h = +$('head').value, w = weightsOf(l, h), top = Math.max(...w);
-  w.forEach((v, k) => {
-    const s = spans[att.start + k];
-    s.dataset.w = v.toFixed(4); s.title = `weight ${v.toFixed(4)}`;
-    s.style.background = `rgba(255, 120, 0, ${(0.85 * v / top).toFixed(3)})`;
-  });
-  const best = w.map((v, k) => [v, att.start + k]).sort((a, b) => b[0] - a[0]).slice(0, 3);
-  const name = k => JSON.stringify(labels[k]);
-  $('info').textContent = `token ${query} ${name(query)}, layer ${l}, ` + (h < 0 ? 'mean of heads' : `head ${h}`) +
-    ': attends most to ' + best.map(([v, k]) => `${name(k)}[${k}] ${v.toFixed(2)}`).join(', ');
-  $('grid').querySelectorAll('canvas').forEach(
-    c => c.classList.toggle('sel', +c.dataset.l === l && +c.dataset.h === h));
-}
-
-function drawGrid() {  // every layer (rows) and head (columns): the query's weights over its context, darker = more
-  const grid = $('grid'), T = att.weights[0][0].length;
-  grid.style.gridTemplateColumns = `1.5em repeat(${att.n_head}, 1fr)`;
-  const cells = [document.createElement('span')];
-  for (let h = 0; h < att.n_head; h++) {
-    const label = document.createElement('span'); label.textContent = 'head ' + h; cells.push(label);
-  }
-  for (let l = 0; l < att.n_layer; l++) {
-    const label = document.createElement('span'); label.textContent = 'L' + l; cells.push(label);
-    for (let h = 0; h < att.n_head; h++) {
-      const c = document.createElement('canvas'), w = att.weights[l][h], top = Math.max(...w);
-      c.width = T; c.height = 1; c.dataset.l = l; c.dataset.h = h; c.title = `layer ${l} head ${h}`;
-      const ctx = c.getContext('2d');
-      w.forEach((v, k) => { ctx.fillStyle = `rgba(255, 120, 0, ${v / top})`; ctx.fillRect(k, 0, 1, 1); });
-      c.onclick = () => { $('layer').value = l; $('head').value = h; paint(); };
-      cells.push(c);
-    }
-  }
-  grid.replaceChildren(...cells);
-}
-
-$('text').addEventListener('click', e => { if (e.target.classList.contains('tok')) select(+e.target.dataset.i); });
-$('layer').onchange = $('head').onchange = paint;
-$('go').onclick = generate;
-$('halt').onclick = () => controller && controller.abort();
-fetch('/v1/models').then(r => r.json()).then(j => {
-  $('model').textContent = `${j.data[0].id}, context ${j.data[0].context_length} tokens`;
-});
-</script>
-</body></html>
-"""
-
-
 # ---------------------------------------------------------------------------------------------------------- main
+
+
+class Server(uvicorn.Server if uvicorn is not None else object):
+    """uvicorn's server with this script's signals: the first Ctrl-C (or SIGTERM) stops taking requests and gives
+    those in flight drain_seconds to finish, the second stops at once. A signal the parent process ignores (a
+    script's background job ignores Ctrl-C) stays ignored."""
+
+    def __init__(self, config: uvicorn.Config, served: Served) -> None:
+        super().__init__(config)
+        self.served, self.signal = served, 0
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+            yield
+            return
+        caught = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+        previous = {s: signal.signal(s, self.handle_exit) for s in caught}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # os.write: a signal handler may interrupt a print to stderr, and a second print there would raise
+        if self.should_exit:  # the second signal: no drain, no tracebacks of the tasks it would cancel
+            os.write(2, b"stopped now\n")
+            os._exit(128 + sig)
+        self.signal, self.should_exit = sig, True
+        if n := self.served.in_flight:
+            os.write(2, f"draining {n} request{'s' * (n != 1)} (Ctrl-C again to stop now)\n".encode())
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        deadline = asyncio.get_running_loop().call_later(self.served.cfg.drain_seconds, self.served.end_all,
+                                                         "the server is shutting down: send the request again later")
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -670,14 +670,11 @@ def main(argv: list[str] | None = None) -> int:
     if uvicorn is None:
         raise SystemExit(SERVE_EXTRA_MISSING)
     print(format_config(cfg), file=sys.stderr)
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    source = cfg.out_dir if cfg.init_from in (None, "resume") else cfg.init_from
-    try:
-        model, tokenizer, _ = load_model(source, cfg.checkpoint, device="cpu")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    model = model.to(device=device, dtype=dtype)  # cast, not autocast: see sample.py
+    model, tokenizer, _, source = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device,
+                                                     dtype)  # cast, not autocast: see sample.py
     name = cfg.model_name or Path(str(source).rstrip("/")).name or str(source)
     try:
         sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
@@ -685,10 +682,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pass another --port or "
                          f"--host") from None
     app = create_app(model, tokenizer, cfg, name)
+    ACCESS_LOG.addHandler(logging.StreamHandler(sys.stderr))
+    ACCESS_LOG.setLevel(logging.INFO)
+    if not _is_loopback(cfg.host):
+        print(f"warning: --host={cfg.host} is not a loopback address: anyone who can reach this machine can use the "
+              f"server, which has no authentication", file=sys.stderr)
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters, {device}, {str(dtype).removeprefix('torch.')}) "
           f"on http://{cfg.host}:{sock.getsockname()[1]}", file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
-    return 0
+    # A backstop after our own deadline (Server.shutdown): uvicorn then cancels what is still running.
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=cfg.drain_seconds + 5),
+                    app.state.served)
+    server.run(sockets=[sock])
+    print(f"stopped after {app.state.served.answered} requests", file=sys.stderr)
+    return 128 + server.signal if server.signal else 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 import checkpoint
 import errors
 from checkpoint import (CheckpointError, check_tokenizer_matches, cleanup_partial, find_checkpoint, has_checkpoint,
-                        load_model, load_state, save_checkpoint)
+                        load_for_inference, load_model, load_state, save_checkpoint)
 from conftest import CHARS, TINY, assert_same_weights, gpt2_bpe, same_weights, tiny_model
 from model import GPT, GPTConfig
 from tokens import Tokenizer
@@ -74,6 +74,22 @@ def test_round_trip(tmp_path: Path) -> None:
     assert torch.equal(state["rng"]["torch"], rng)
     assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], torch.full((3,), 80.0))
     assert has_checkpoint(tmp_path) and not has_checkpoint(tmp_path / "elsewhere")
+
+
+def test_load_for_inference_picks_the_source_and_casts(tmp_path: Path) -> None:
+    """The one preamble of sample.py, serve.py, eval.py and attention.py: init_from None or "resume" is out_dir."""
+    model = tiny_model(0)
+    save(tmp_path / "run", model, 1, is_best=True)
+    for init_from, out_dir in ((None, tmp_path / "run"), ("resume", tmp_path / "run"), (str(tmp_path / "run"), "x")):
+        loaded, tokenizer, config, source = load_for_inference(str(out_dir), init_from, "latest", torch.device("cpu"))
+        assert_same_weights(model, loaded)
+        assert not loaded.training and tokenizer == Tokenizer.char(CHARS) and config["iter_num"] == 1
+        assert source == str(tmp_path / "run")
+    half = load_for_inference(str(tmp_path / "run"), None, "best", torch.device("cpu"), torch.bfloat16)[0]
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with pytest.raises(SystemExit, match="does not exist") as e:
+        load_for_inference(str(tmp_path / "nothing"), None, "latest", torch.device("cpu"))
+    assert "\n" not in str(e.value.code)
 
 
 def test_optimizer_state_comes_back_exactly(tmp_path: Path) -> None:

@@ -225,9 +225,10 @@ def test_logprobs_of_bpe_tokens_with_a_stop_string(bpe):
 def test_metrics_in_prometheus_text_format(char):
     pytest.importorskip("prometheus_client", reason="prometheus_client is not installed: pip install -e '.[serve]'")
     model, tokenizer = char
-    with serving(model, tokenizer) as (port, _):
+    with serving(model, tokenizer) as (port, app):
         complete(port, prompt="ab", n=2, max_tokens=7, temperature=0)
         request(port, "POST", "/v1/completions", {"prompt": "ab", "n": 0})
+        wait_for(lambda: not app.state.scheduler.jobs, "the rows to be freed")  # the round after the answer
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         conn.request("GET", "/metrics")
         response = conn.getresponse()

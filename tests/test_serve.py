@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,12 +29,13 @@ from checkpoint import load_model, save_checkpoint  # noqa: E402
 from model import GPT, GPTConfig, KVCache  # noqa: E402
 from sample import SampleConfig, decode, generate_samples  # noqa: E402
 import serve  # noqa: E402
-from serve import PLAYGROUND, ServeConfig, create_app  # noqa: E402
+from serve import ServeConfig, create_app, read_playground  # noqa: E402
 from test_sample import CHARS, bpe_run, char_run  # noqa: E402,F401 (fixtures)
 from tokens import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 60  # seconds a client waits for any answer: a hang fails the test instead of stalling it
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,7 @@ def request(port: int, method: str, path: str, body: object = None, raw: bytes |
     """(status, parsed JSON or text) of one request."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    conn.request(method, path, body=data, headers=JSON)
     response = conn.getresponse()
     text = response.read().decode()
     conn.close()
@@ -121,7 +123,7 @@ def complete(port: int, **body) -> dict:
 def stream_events(port: int, **body) -> list:
     """The data payloads of a streamed completion, parsed, up to and including "[DONE]"."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}))
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}), headers=JSON)
     response = conn.getresponse()
     assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
     events = []
@@ -248,11 +250,18 @@ BAD = [
     (b'{"prompt": "a", "logprobs": 2, "echo": true}', 400, "logprobs"),  # the prompt's logprobs are not computed
     (b'{"prompt": "a", "suffix": "b"}', 400, "suffix"),  # a field the API has, that this server cannot honour
     (b'{"prompt": "a", "presence_penalty": 0.5}', 400, "presence_penalty"),
-    (b'{"prompt": "' + b"a" * 33 + b'"}', 400, "prompt"),  # longer than block_size 32
     (b'{"prompt": "\\u00e9t\\u00e9"}', 400, "prompt"),  # not in the char vocabulary
     (b'{"prompt": ""}', 400, "prompt"),  # a char model has no end-of-text to start from
     (b'{"prompt": [1, 2, 999]}', 400, "prompt"),  # a token id past the vocabulary
     (b'{"prompt": []}', 400, "prompt"),
+    (b'{"prompt": "a", "seed": 1' + b"0" * 5000 + b"}", 400, None),  # json.loads: past Python's 4,300 digits
+    (b"[" * 200_000 + b"]" * 200_000, 400, None),  # json.loads: RecursionError
+    (b'{"prompt": "a", "temperature": 1' + b"0" * 400 + b"}", 400, "temperature"),  # an int no float can hold
+    (b'{"prompt": "a", "top_p": 1e400}', 400, "top_p"),  # a float that overflows: inf
+    (b'{"prompt": "a", "best_of": true}', 400, "best_of"),  # true == 1 in Python: a bool is not a number
+    (b'{"prompt": "a", "presence_penalty": false}', 400, "presence_penalty"),
+    (b'{"prompt": "a", "top_k": -2}', 400, "top_k"),
+    (b'{"prompt": "a", "top_k": true}', 400, "top_k"),
 ]
 
 
@@ -270,8 +279,11 @@ def test_other_errors_and_the_server_lives_on(char, char_server):
     assert status == 405 and "error" in body
     status, body = request(char_server, "POST", "/v1/completions", raw=b'{"prompt": "' + b"a" * (1 << 21) + b'"}')
     assert status == 413 and "error" in body
-    status, body = request(char_server, "POST", "/v1/completions", {"prompt": "a" * 33})
-    assert body["error"]["code"] == "context_length_exceeded"
+    long = "But soft, what light through yonder window breaks"  # 49 tokens, block_size 32: as sample.py, the model
+    answer = complete(char_server, prompt=long, max_tokens=3, temperature=0)  # sees the last 32, and usage says so
+    assert answer["choices"][0]["text"] == greedy(*char, long, 3) == greedy(*char, long[-32:], 3)
+    assert answer["usage"] == {"prompt_tokens": 49, "completion_tokens": 3, "total_tokens": 52,
+                               "prompt_tokens_dropped": 17}
     assert complete(char_server, prompt="ab", max_tokens=3, temperature=0)["choices"][0]["text"] == \
         greedy(*char, "ab", 3)
     status, models = request(char_server, "GET", "/v1/models")
@@ -315,7 +327,7 @@ def wait_for(condition, what: str) -> None:
 
 def open_stream(port: int, **body) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}))
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}), headers=JSON)
     return conn, conn.getresponse()
 
 
@@ -347,7 +359,7 @@ def test_a_gone_client_of_a_non_streamed_request_frees_its_rows(char):
     model, tokenizer = char
     with serving(model, tokenizer) as (port, app), Gate(app.state.scheduler) as gate:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ab", "max_tokens": 2000}))
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ab", "max_tokens": 2000}), headers=JSON)
         wait_for(lambda: gate.tokens > 0, "the first token")
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
@@ -485,7 +497,8 @@ def test_without_the_serve_extra_one_line_says_what_to_install():
 
 def test_bad_settings_exit_with_one_line():
     for argv, words in ((["--max_sequences=0"], "max_sequences"), (["--port=70000"], "port"),
-                        (["--out_dir=/nonexistent"], "does not exist")):
+                        (["--out_dir=/nonexistent"], "does not exist"), (["--threads=-1"], "threads=-1"),
+                        (["--drain_seconds=-1"], "drain_seconds"), (["--allow_origins=a,,b"], "allow_origins")):
         with pytest.raises(SystemExit, match=words) as e:
             serve.main(argv)
         assert "\n" not in str(e.value.code)
@@ -498,26 +511,106 @@ def test_a_port_in_use_exits_with_one_line(char_run):
             serve.main([f"--out_dir={char_run}", f"--port={port}"])
 
 
+class Process:
+    """python serve.py ARGS in a process of its own, as a user starts it; its stderr lines collected as they come."""
+
+    def __init__(self, run: Path, *args: str, ignore_sigint: bool = False) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+        self.process = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={run}", "--port=0", *args], cwd=REPO,
+                                        env=env, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.process.stderr), daemon=True).start()
+        wait_for(lambda: any(line.startswith("serving") for line in self.lines) or self.process.poll() is not None,
+                 "the server to start")
+        serving = next(line for line in self.lines if line.startswith("serving"))
+        self.port = int(re.search(r":(\d+)$", serving.strip())[1])
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self) -> int:
+        code = self.process.wait(TIMEOUT)
+        time.sleep(0.1)  # the reader thread takes the last lines
+        return code
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+
+
 def test_serves_a_checkpoint_from_the_command_line(char_run, char):
-    """python serve.py --out_dir=RUN in a process of its own, as a user starts it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={char_run}", f"--port={port}"], cwd=REPO,
-                               env=env, stderr=subprocess.PIPE, text=True)
+    """python serve.py --out_dir=RUN: one access line per request, a Ctrl-C when idle stops at once with 130."""
+    server = Process(char_run, "--threads=1")
     try:
-        for line in process.stderr:
-            if line.startswith("serving"):
-                break
-        wait_for(lambda: _answers(port), "the server to listen")
+        port = server.port
         assert complete(port, prompt="ab", max_tokens=4, temperature=0)["choices"][0]["text"] == \
             greedy(*char, "ab", 4)
         status, page = request(port, "GET", "/")
         assert status == 200 and page.startswith("<!doctype html>")
+        server.signal(signal.SIGINT)
+        assert server.wait() == 130
     finally:
-        process.terminate()
-        process.wait(TIMEOUT)
+        server.close()
+    text = server.text()
+    assert re.search(r"^127\.0\.0\.1 POST /v1/completions 200 2 \+ 4 tokens, \d+\.\d\d s$", text, re.M), text
+    assert re.search(r"^127\.0\.0\.1 GET / 200 \d+\.\d\d s$", text, re.M), text
+    assert text.endswith("stopped after 2 requests\n") and "draining" not in text and "Traceback" not in text
+
+
+def test_ctrl_c_drains_requests_in_flight_for_drain_seconds(char_run):
+    """The first Ctrl-C says how many requests are still being answered and lets them run for drain_seconds; then
+    their streams end with an error event, and the server exits with 130."""
+    server = Process(char_run, "--drain_seconds=1", "--max_tokens=10000000")
+    try:
+        conn, response = open_stream(server.port, prompt="ab", max_tokens=10000000)  # hours of tokens
+        response.readline()
+        server.signal(signal.SIGINT)
+        events = read_all(response)  # the stream goes on for a second, then ends
+        assert events[-1]["error"]["code"] == "shutting_down" and len(events) > 1
+        assert server.wait() == 130
+    finally:
+        server.close()
+    text = server.text()
+    assert "draining 1 request (Ctrl-C again to stop now)\n" in text
+    assert "Traceback" not in text and "Error" not in text and text.endswith("stopped after 1 requests\n"), text
+
+
+def test_a_second_ctrl_c_stops_at_once(char_run):
+    server = Process(char_run, "--drain_seconds=600")
+    try:
+        conn, response = open_stream(server.port, prompt="ab", max_tokens=2000)
+        response.readline()
+        server.signal(signal.SIGINT)
+        wait_for(lambda: "draining 1 request" in server.text(), "the drain to start")
+        server.signal(signal.SIGINT)
+        assert server.wait() == 130  # long before drain_seconds
+    finally:
+        server.close()
+    assert "Traceback" not in server.text() and server.text().endswith("stopped now\n"), server.text()
+
+
+def test_an_ignored_ctrl_c_stays_ignored_and_a_public_host_is_warned_about(char_run):
+    """A script's background job inherits SIGINT ignored (it once aborted the server with SIGABRT): it stays
+    ignored, SIGTERM stops the server. --host=0.0.0.0 is open to the network without authentication: one warning."""
+    server = Process(char_run, "--host=0.0.0.0", ignore_sigint=True)
+    try:
+        assert health(server.port)["status"] == "ok"  # reached as 127.0.0.1: an address the server listens on
+        server.signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert server.process.poll() is None and health(server.port)["status"] == "ok"
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 128 + signal.SIGTERM
+    finally:
+        server.close()
+    text = server.text()
+    assert "warning: --host=0.0.0.0 is not a loopback address: anyone who can reach this machine can use the server, " \
+           "which has no authentication\n" in text
+    assert "Traceback" not in text and "Fatal" not in text
 
 
 def _answers(port: int) -> bool:
@@ -530,7 +623,23 @@ def _answers(port: int) -> bool:
 # ---------------------------------------------------------------------------------------------------------- browser
 
 
+def test_playground_page_is_a_tracked_file_beside_serve_py():
+    """A fresh clone has it: serve.py reads it from beside itself at start-up."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "playground.html"], cwd=REPO, capture_output=True, text=True).stdout
+    assert listed.strip() == "playground.html" and serve.PLAYGROUND == REPO / "playground.html"
+
+
+def test_a_missing_playground_page_is_one_line(char, monkeypatch, tmp_path):
+    monkeypatch.setattr(serve, "PLAYGROUND", tmp_path / "playground.html")
+    with pytest.raises(SystemExit, match="playground.html: No such file.*git checkout playground.html") as e:
+        create_app(*char, ServeConfig(), "tiny")
+    assert "\n" not in str(e.value.code)
+
+
 def test_playground_page_loads_nothing_from_elsewhere():
+    PLAYGROUND = read_playground()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", PLAYGROUND)
     assert "import " not in PLAYGROUND and "@import" not in PLAYGROUND
 
@@ -579,3 +688,166 @@ def test_playground_in_headless_chromium(any_char):
             assert not errors
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------------------------------------- stops
+
+
+def test_stop_matching_equals_the_naive_search():
+    """Continuation's incremental matcher against the plain rule: the text ends before the earliest stop string, and
+    while streaming, everything is shown except an ending that may still grow into a stop string."""
+    import random
+    from sample import Continuation
+    tokenizer, rng = Tokenizer.char(CHARS), random.Random(0)
+    for _ in range(400):
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4)))
+        text = "".join(rng.choice("ab") for _ in range(40))
+        c = Continuation(tokenizer, None, stops)
+        for t in range(1, len(text) + 1):
+            c.add(tokenizer.encode(text[t - 1])[0])
+            cuts = [i for s in stops if (i := text[:t].find(s)) >= 0]
+            if cuts:
+                assert c.done and c.text == c.settled() == text[:min(cuts)], (stops, text[:t])
+                break
+            held = max((n for s in stops for n in range(1, len(s)) if text[:t].endswith(s[:n])), default=0)
+            assert not c.done and c.settled() == text[:t - held], (stops, text[:t])
+
+
+class CountingStr(str):
+    """A stop string that counts the characters read from it by indexing or slicing."""
+    reads = 0
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        CountingStr.reads += len(value)
+        return value
+
+
+def test_stop_matching_is_linear_in_the_stop_length():
+    """The work per token does not grow with the stop strings: a step may not rescan them (four 250k-character stop
+    strings with n=4 once held every other request for 36 s)."""
+    from sample import Continuation
+    tokenizer = Tokenizer.char(CHARS)
+    stop = CountingStr("ab" * 2000 + "c")  # 4,001 characters; the text "abab..." keeps matching a growing prefix
+    c = Continuation(tokenizer, None, (stop,))
+    CountingStr.reads = 0
+    for _ in range(500):
+        for ch in "ab":
+            c.add(tokenizer.encode(ch)[0])
+            c.settled()
+    assert not c.done and c.settled() == ""  # all 1,000 characters may still begin the stop string
+    assert CountingStr.reads < 8 * (len(stop) + 1000)  # the table once, then a few reads per character
+
+
+def test_long_stop_strings_are_bounded_and_do_not_hold_other_requests(char, char_server):
+    status, body = request(char_server, "POST", "/v1/completions",
+                           {"prompt": "a", "stop": ["x" * (serve.MAX_STOP_CHARS + 1)]})
+    assert status == 400 and body["error"]["param"] == "stop" and str(serve.MAX_STOP_CHARS) in body["error"]["message"]
+    stops = [c * serve.MAX_STOP_CHARS for c in "wxyz"]  # the bound, four times, n=4: a long stream meanwhile
+    conn, response = open_stream(char_server, prompt="ab", n=4, max_tokens=2000, temperature=1.0, stop=stops)
+    response.readline()
+    try:
+        assert complete(char_server, prompt="ab", max_tokens=1, temperature=0)["choices"][0]["text"] == \
+            greedy(*char, "ab", 1)
+        assert health(char_server)["active_sequences"] >= 4  # answered while the long stream runs
+    finally:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------------------------- API
+
+
+def test_top_k_is_sample_py_top_k(char, char_server):
+    """top_k as vLLM and llama.cpp take it: sample.py's top_k; 0 and -1 mean no limit."""
+    model, tokenizer = char
+    body = dict(prompt="KING:", n=2, max_tokens=12, temperature=1.0, seed=7)
+    for top_k in (1, 5, 0, -1):
+        cfg = SampleConfig(num_samples=2, max_new_tokens=12, temperature=1.0, top_k=top_k if top_k > 0 else None,
+                           top_p=None, seed=7)
+        expected, _ = generate_samples(model, tokenizer, tokenizer.encode("KING:"), cfg,
+                                       torch.Generator().manual_seed(7))
+        assert [c["text"] for c in complete(char_server, **body, top_k=top_k)["choices"]] == expected, top_k
+    assert expected != generate_samples(model, tokenizer, tokenizer.encode("KING:"),
+                                        SampleConfig(num_samples=2, max_new_tokens=12, temperature=1.0, top_k=1,
+                                                     top_p=None, seed=7), torch.Generator().manual_seed(7))[0]
+
+
+def test_chat_completions_says_this_is_a_base_model(char_server):
+    openai = pytest.importorskip("openai", reason="the openai client is not installed: pip install openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{char_server}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="base model.*POST /v1/completions"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+
+
+# ---------------------------------------------------------------------------------------------------------- web pages
+
+
+def raw_request(port: int, method: str, path: str, headers: dict, body: bytes | None = None,
+                host: str | None = None) -> http.client.HTTPResponse:
+    """A request with exactly these headers (and this Host); the response, read."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    conn.putrequest(method, path, skip_host=host is not None, skip_accept_encoding=True)
+    if host is not None:
+        conn.putheader("Host", host)
+    for key, value in {**headers, "Content-Length": str(len(body or b""))}.items():
+        conn.putheader(key, value)
+    conn.endheaders(body)
+    response = conn.getresponse()
+    response.body = response.read()
+    conn.close()
+    return response
+
+
+def test_only_json_bodies_are_read(char_server):
+    """A web page may POST text/plain or a form to any address without asking (no CORS preflight): refused."""
+    body = json.dumps({"prompt": "ab", "max_tokens": 1}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        for path in ("/v1/completions", "/v1/attention"):
+            response = raw_request(char_server, "POST", path, {"Content-Type": kind} if kind else {}, body)
+            assert response.status == 415 and "application/json" in json.loads(response.body)["error"]["message"]
+    assert raw_request(char_server, "POST", "/v1/completions", {"Content-Type": "Application/JSON; charset=utf-8"},
+                       body).status == 200
+
+
+def test_host_must_name_this_server(char_server):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example."""
+    port = char_server
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "127.0.0.1", f"LOCALHOST:{port}"):
+        assert raw_request(port, "GET", "/v1/models", {}, host=host).status == 200, host
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", f"127.0.0.1.evil.example:{port}",
+                 "", f"localhost:{port}@evil.example"):
+        for method, path in (("GET", "/"), ("GET", "/v1/models"), ("POST", "/v1/completions")):
+            response = raw_request(port, method, path, {"Content-Type": "application/json"}, b'{"prompt": "a"}',
+                                   host=host)
+            assert response.status in (400, 421) and b"Host" in response.body, (host, path)
+
+
+def test_no_cors_headers_unless_origins_are_allowed(char):
+    origin = {"Origin": "http://evil.example"}
+    preflight = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    with serving(*char) as (port, _):
+        for method, path, headers in (("GET", "/v1/models", origin), ("OPTIONS", "/v1/completions", preflight)):
+            response = raw_request(port, method, path, headers)
+            assert not [h for h in response.getheaders() if h[0].lower().startswith("access-control")], path
+    with serving(*char, allow_origins="http://good.example, http://localhost:3000") as (port, _):
+        response = raw_request(port, "OPTIONS", "/v1/completions", {**preflight, "Origin": "http://localhost:3000"})
+        assert response.status == 200
+        assert response.getheader("Access-Control-Allow-Origin") == "http://localhost:3000"
+        response = raw_request(port, "GET", "/v1/models", {"Origin": "http://good.example"})
+        assert response.getheader("Access-Control-Allow-Origin") == "http://good.example"
+        for method, path, headers in (("GET", "/v1/models", origin), ("OPTIONS", "/v1/completions", preflight)):
+            assert raw_request(port, method, path, headers).getheader("Access-Control-Allow-Origin") is None
+
+
+def test_streams_never_send_part_of_a_stop_string(char, char_server):
+    """Streamed deltas add up to the non-streamed text, which ends before the stop string: a delta that had sent
+    the stop string's first characters would make the sum longer."""
+    for seed in range(4):
+        body = dict(prompt="ab", max_tokens=40, temperature=1.0, seed=seed)
+        free = complete(char_server, **body)["choices"][0]["text"]
+        stop = free[20:23]  # three characters that this seed writes
+        answer = complete(char_server, **body, stop=[stop, "never"])["choices"][0]
+        assert answer["finish_reason"] == "stop" and answer["text"] == free[:free.index(stop)]
+        texts, reasons = streamed_texts(stream_events(char_server, **body, stop=[stop, "never"]), 1)
+        assert texts == [answer["text"]] and reasons == ["stop"]
