@@ -276,7 +276,8 @@ class Scheduler:
         logits, where = {}, {}
         if self.slots:
             idx = self._tensor([[job.contexts[row][-1]] for job, row in self.slots])  # (B, 1)
-            self.cache.pos = max(job.length for job, _ in self.slots)
+            lengths = [job.length for job, _ in self.slots]
+            self.cache.pos, self.cache.ragged = max(lengths), min(lengths) != max(lengths)
             out = self.model(idx, kv_cache=self.cache)[0][:, -1]  # (B, vocab)
             for i, (job, row) in enumerate(self.slots):
                 where.setdefault(job, [0] * job.rows)[row] = i

@@ -40,7 +40,7 @@ def test_a_rows_logits_in_a_batch_equal_its_logits_alone(switches):
     torch.manual_seed(0)
     model = tiny_model(**switches | {"vocab_size": 97})
     cache = KVCache.for_model(model, 4, rows=True)
-    seqs = [torch.randint(0, 97, (n,)).tolist() for n in (3, 9, 1, 20)]
+    seqs = [torch.randint(0, 97, (n,)).tolist() for n in (3, 9, 1, 20)]  # then (3, 20, 1) and (3, 20, 1, 5)
 
     def put(b: int, seq: list[int]) -> None:  # a prefill alone, as engine.py's, into row b
         alone = KVCache.for_model(model, 1, max_len=len(seq))
@@ -58,13 +58,22 @@ def test_a_rows_logits_in_a_batch_equal_its_logits_alone(switches):
             if step == 4:  # a new row joins
                 seqs.append(torch.randint(0, 97, (5,)).tolist())
                 put(3, seqs[3])
-            cache.pos = max(len(s) for s in seqs)
+            cache.pos, cache.ragged = max(len(s) for s in seqs), len({len(s) for s in seqs}) > 1
             new = torch.randint(0, 97, (len(seqs), 1))
             logits = model(new, kv_cache=cache)[0][:, -1]  # (B, vocab)
             for b, seq in enumerate(seqs):
                 seq.append(new[b, 0].item())
                 alone = model(torch.tensor([seq]))[0][0, -1]
                 assert (logits[b] - alone).abs().max() < 1e-4, (step, b)
+        for b in range(2):  # rows of one length: one sequence's path, no mask
+            put(b, seqs[0])
+        cache.pos, cache.ragged = len(seqs[0]), False
+        new = torch.randint(0, 97, (2, 1))
+        logits = model(new, kv_cache=cache)[0][:, -1]
+        for b in range(2):
+            alone = model(torch.tensor([seqs[0] + [new[b, 0].item()]]))[0][0, -1]
+            assert (logits[b] - alone).abs().max() < 1e-4, b
+        assert cache.lengths[:2].tolist() == [len(seqs[0]) + 1] * 2
 
 
 class Trace:
