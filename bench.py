@@ -345,8 +345,8 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
     each a different random prompt_len-token prompt and decode_tokens greedy tokens.
 
     tokens_per_sec: all clients' tokens over the time from the first request to the last token; ttft: time to first
-    token per client, latency: to its last (median, p95); rss: this process's resident memory (read every 20 ms) with the model loaded and idle, its
-    peak during the round, and once the server is idle again. The clients are threads of another process, so that
+    token per client, latency: to its last (median, p95); rss: this process's resident memory (read every 20 ms)
+    with the model loaded and idle, its peak during the round, and once the server is idle again. The clients are threads of another process, so that
     they do not share the server's GIL; they share its CPU, as local clients do.
     """
     try:

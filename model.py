@@ -138,8 +138,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store this layer's new keys/values (B, n_kv_head, T, head_dim) at input_pos (T,); return the keys and
-        values to attend to and their mask (None: the queries are the last T positions, see attend)."""
+        """Store this layer's new keys/values (B, n_kv_head, T, head_dim) at input_pos (T,), or (B, T) for ragged
+        rows; return the keys and values to attend to and their mask (None: the queries are the last T positions)."""
         if self.static:
             self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))  # .to: k is bf16 under autocast
             self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
