@@ -851,3 +851,15 @@ def test_streams_never_send_part_of_a_stop_string(char, char_server):
         assert answer["finish_reason"] == "stop" and answer["text"] == free[:free.index(stop)]
         texts, reasons = streamed_texts(stream_events(char_server, **body, stop=[stop, "never"]), 1)
         assert texts == [answer["text"]] and reasons == ["stop"]
+
+
+def test_tiny_temperature_and_top_p_are_answered(char, char_server):
+    """1e-300 is 0 in fp32 (and 1e-40 a subnormal): such a temperature or top_p is all but greedy, never a 500."""
+    model, tokenizer = char
+    for settings in (dict(temperature=1e-300), dict(temperature=1e-40), dict(top_p=1e-300),
+                     dict(temperature=1e-300, top_p=1e-300)):
+        for stream in (False, True):
+            body = dict(prompt="ab", max_tokens=5, seed=1, **settings)
+            texts = streamed_texts(stream_events(char_server, **body), 1)[0] if stream else \
+                [complete(char_server, **body)["choices"][0]["text"]]
+            assert texts == [greedy(model, tokenizer, "ab", 5)], settings
