@@ -66,6 +66,7 @@ class BenchConfig:
     prompt_len: int = 16  # prompt tokens before decoding
     decode_tokens: int = 64  # new tokens per timed decode (serve: per client)
     serve_clients: str = "1,4,16"  # serve: comma-separated numbers of streaming clients at once
+    serve_pause: int = 0  # serve: also time how long a prompt of this many tokens pauses 4 streams; 0: no such round
     baselines: bool = False  # decode: also time nanoGPT's recompute loop and transformers' GPT2 generate
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: model.py's table (H100 989e12, ...)
     profile: bool = False  # train: print a torch.profiler table of a few steps instead of timing
@@ -358,8 +359,8 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
     each a different random prompt_len-token prompt and decode_tokens greedy tokens.
 
     tokens_per_sec: all clients' tokens over the time from the first request to the last token; ttft: time to first
-    token per client; rss: this process's resident memory (read every 20 ms) with the model loaded and idle, its
-    peak during the round, and once the server is idle again. The clients are threads of another process, so that
+    token per client, latency: to its last (median, p95); rss: this process's resident memory (read every 20 ms)
+    with the model loaded and idle, its peak during the round, and once the server is idle again. The clients are threads of another process, so that
     they do not share the server's GIL; they share its CPU, as local clients do.
     """
     try:
@@ -376,8 +377,8 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
     tokenizer = Tokenizer.tiktoken("gpt2") if gpt.vocab_size >= 50257 else \
         Tokenizer.char("".join(chr(0x100 + i) for i in range(gpt.vocab_size)))
     counts = [int(c) for c in cfg.serve_clients.split(",")]
-    app = create_app(model, tokenizer, ServeConfig(max_sequences=max(counts), max_waiting=max(counts),
-                                                   max_tokens=cfg.decode_tokens), cfg.model)
+    app = create_app(model, tokenizer, ServeConfig(max_sequences=max(counts + [5]), max_waiting=max(counts + [5]),
+                                                   max_tokens=max(cfg.decode_tokens, 2000)), cfg.model)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -411,16 +412,78 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
             time.sleep(0.5)  # the worker hands freed memory back once idle (serve.py's malloc_trim)
             t0, t_end = min(r[0] for r in runs), max(r[2] for r in runs)
             ttft = sorted(1000 * (r[1] - r[0]) for r in runs)
+            latency = sorted(1000 * (r[2] - r[0]) for r in runs)
             results.append({"what": "serve", "clients": clients, "prompt_len": cfg.prompt_len,
                             "new_tokens": cfg.decode_tokens, "tokens": sum(r[3] for r in runs),
                             "tokens_per_sec": round(sum(r[3] for r in runs) / (t_end - t0), 1),
                             "client_tokens_per_sec": round(statistics.median(r[3] / (r[2] - r[0]) for r in runs), 2),
-                            "ttft_ms": round(statistics.median(ttft)), "ttft_ms_max": round(ttft[-1]),
+                            "ttft_ms": round(statistics.median(ttft)), "ttft_ms_p95": round(_p95(ttft)),
+                            "ttft_ms_max": round(ttft[-1]), "latency_ms": round(statistics.median(latency)),
+                            "latency_ms_p95": round(_p95(latency)),
                             "rss_mb": f"{idle:.0f} / {peak[0]:.0f} / {_rss_mb():.0f}"})
+        if cfg.serve_pause:
+            results.append(_serve_pause(cfg, gpt, port))
     finally:
         server.should_exit = True
         thread.join()
     return results[1:]
+
+
+def _serve_pause(cfg: BenchConfig, gpt: GPTConfig, port: int) -> dict:
+    """4 clients stream greedy tokens; once they run, a fifth sends a serve_pause-token prompt (cropped to
+    block_size) for one token. step_ms: the streams' median time between tokens before it came; pause_ms: their
+    longest while it was prefilled."""
+    streams = torch.randint(0, gpt.vocab_size, (4, cfg.prompt_len)).tolist()
+    long = torch.randint(0, gpt.vocab_size, (min(cfg.serve_pause, gpt.block_size),)).tolist()
+    out = subprocess.run([sys.executable, "-c", _PAUSE, str(port), json.dumps(streams), json.dumps(long)],
+                         capture_output=True, text=True, check=True, timeout=3600)
+    arrivals, (sent, done) = json.loads(out.stdout)
+    before = [b - a for times in arrivals for a, b in zip(times, times[1:]) if b < sent]
+    during = [b - a for times in arrivals for a, b in zip(times, times[1:]) if b > sent and a < done]
+    return {"what": "serve", "clients": f"4 + {len(long)}-token prompt", "prompt_len": cfg.prompt_len,
+            "step_ms": round(1000 * statistics.median(before)), "pause_ms": round(1000 * max(during, default=0)),
+            "prefill_ms": round(1000 * (done - sent))}
+
+
+# bench_serve's pause round: argv = port, JSON prompts of the streams, JSON long prompt; prints each stream's token
+# arrival times, and when the long prompt was sent and answered.
+_PAUSE = """
+import http.client, json, sys, threading, time
+port, streams, long = int(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+arrivals, started, span = [[] for _ in streams], threading.Barrier(len(streams) + 1), []
+
+def post(body):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    return conn.getresponse()
+
+def stream(i):
+    response = post({"prompt": streams[i], "max_tokens": 2000, "temperature": 0, "stream": True})
+    for line in response:
+        if line.startswith(b"data: {"):
+            arrivals[i].append(time.perf_counter())
+            if len(arrivals[i]) == 5:
+                started.wait()
+            if len(span) == 2 and time.perf_counter() > span[1] + 2:
+                break
+
+threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(streams))]
+for t in threads:
+    t.start()
+started.wait()
+time.sleep(0.5)
+span.append(time.perf_counter())
+post({"prompt": long, "max_tokens": 1, "temperature": 0}).read()
+span.append(time.perf_counter())
+for t in threads:
+    t.join()
+print(json.dumps([arrivals, span]))
+"""
+
+
+def _p95(sorted_values: list[float]) -> float:
+    """The 95th percentile (nearest rank) of sorted values."""
+    return sorted_values[max(0, -(-95 * len(sorted_values) // 100) - 1)]
 
 
 # The streaming clients of bench_serve: argv = port, max_tokens, JSON list of prompts; prints one tuple per client.
@@ -468,7 +531,8 @@ def _device_name(device: str) -> str:
 
 def print_table(results: list[dict]) -> None:
     columns = ["what", "method", "compile", "batch_size", "clients", "tokens_per_sec", "client_tokens_per_sec",
-               "ttft_ms", "ttft_ms_max", "ms_per_step", "ms_per_token", "mfu", "peak_memory_mb", "rss_mb"]
+               "ttft_ms", "ttft_ms_p95", "ttft_ms_max", "latency_ms", "latency_ms_p95", "step_ms", "pause_ms",
+               "prefill_ms", "ms_per_step", "ms_per_token", "mfu", "peak_memory_mb", "rss_mb"]
     columns = [c for c in columns if c == "what" or any(r.get(c) is not None for r in results)]
     rows = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]

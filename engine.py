@@ -1,4 +1,5 @@
-"""The decode worker of serve.py: one thread owns the model and advances every request's completions."""
+"""The decode worker of serve.py: one thread owns the model and decodes every request's rows together, one token per
+step for all of them (continuous batching; README, Serving, says what can differ from sample.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import asyncio
 import concurrent.futures
 import ctypes
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model import GPT
-from sample import Continuation
+from model import GPT, KVCache, sample_next
+from sample import Continuation, decode
 
 if TYPE_CHECKING:
     from serve import Completion
@@ -27,21 +29,37 @@ except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand ba
 
 @dataclass(eq=False)
 class Job:
-    """One prompt continued n times: one model.generate_stream, created when the job gets its rows."""
+    """One prompt continued n times: n rows of the batch, from its prefill until every row has ended."""
     request: Completion
     prompt_index: int
-    events: asyncio.Queue  # (choice index, text, token ids, finish reason or None) or ("error", message)
+    events: asyncio.Queue  # (choice index, text, token ids, finish reason or None, logprobs) or ("error", message)
     loop: asyncio.AbstractEventLoop
     texts: list[Continuation]
     generated: list[int] = field(default_factory=list)  # tokens sampled per row, for usage
     sent: list[int] = field(default_factory=list)  # characters of each row's text already sent
     sent_ids: list[int] = field(default_factory=list)  # token ids of each row already sent
-    stream: Iterator[torch.Tensor] | None = None
     cancelled: bool = False  # set by the request's handler when its client has gone
+    # the worker's
+    submitted: float = field(default_factory=time.monotonic)
+    contexts: list[list[int]] = field(default_factory=list)  # each row's tokens: the prompt's window, then sampled
+    logprobs: list[list[tuple]] = field(default_factory=list)  # per row, per id of its text: see _logprobs
+    generator: torch.Generator | None = None
+    length: int = 0  # positions of each row in the cache (rows of a job advance together)
+    prefilled: int = 0  # prompt tokens prefilled so far
+    prefill: KVCache | None = None  # a long prompt's cache while it is prefilled in chunks
+    windowed: bool = False  # past block_size: each step recomputes the last window, outside the batch
+    last_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.logprobs = self.logprobs or [[] for _ in self.texts]
 
     @property
     def rows(self) -> int:
         return self.request.n
+
+    @property
+    def done(self) -> bool:
+        return all(s < 0 for s in self.sent)  # every row's finish reason has been sent
 
     def emit(self, event: tuple) -> None:
         try:
@@ -50,19 +68,48 @@ class Job:
             self.cancelled = True
 
 
-class Scheduler:
-    """The worker thread that owns the model: it decodes active jobs one token each per round, in turn, and runs
-    other model calls (attention maps) between rounds. Jobs wait in a bounded queue for rows."""
+class Metrics:
+    """The server's Prometheus instruments (GET /metrics), in a registry of its own."""
 
-    def __init__(self, model: GPT, max_sequences: int, max_waiting: int) -> None:
+    def __init__(self, load: Callable[[], dict[str, int]]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("smallgpt_requests", "HTTP requests answered, by status code", ["status"], registry=r)
+        self.tokens = Counter("smallgpt_generated_tokens", "completion tokens sampled", registry=r)
+        Gauge("smallgpt_active_rows", "rows decoding or prefilling", registry=r).set_function(
+            lambda: load()["active_sequences"])
+        Gauge("smallgpt_waiting_prompts", "prompts waiting for rows", registry=r).set_function(
+            lambda: load()["waiting_prompts"])
+        seconds = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("smallgpt_time_to_first_token_seconds", "from a prompt's arrival to its first token",
+                              buckets=seconds, registry=r)
+        self.tpot = Histogram("smallgpt_time_per_output_token_seconds", "between two tokens of a prompt's rows",
+                              buckets=seconds, registry=r)
+
+
+class Scheduler:
+    """The worker thread that owns the model. Each round it runs other model calls (attention maps), prefills
+    waiting prompts (at most prefill_chunk tokens a round, so that a long prompt pauses the others only that
+    long), then decodes one token for every row at once. Rows live in one KV cache of max_sequences rows, each at
+    its own length; a job's rows are freed the round it ends. Jobs wait in a bounded queue for rows."""
+
+    def __init__(self, model: GPT, max_sequences: int, max_waiting: int, prefill_chunk: int = 128) -> None:
         self.model = model
-        self.max_sequences, self.max_waiting = max_sequences, max_waiting
+        self.max_sequences, self.max_waiting, self.prefill_chunk = max_sequences, max_waiting, prefill_chunk
         self.device = model.transformer.wte.weight.device
+        self.block_size = model.config.block_size
+        self.cache = KVCache.for_model(model, max_sequences, rows=True)  # untouched memory until rows use it
+        self.slots: list[tuple[Job, int]] = []  # cache row i holds (job, row of the job)
+        self.jobs: list[Job] = []  # jobs holding rows: prefilling, decoding, or windowed
         self.waiting: deque[Job] = deque()
-        self.active: list[Job] = []
         self.calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self.cond = threading.Condition()
         self.stopping = False
+        try:
+            self.metrics: Metrics | None = Metrics(self.load)
+        except ImportError:  # prometheus_client is in the serve extra; GET /metrics says so
+            self.metrics = None
         self.thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self.thread.start()
 
@@ -76,7 +123,7 @@ class Scheduler:
         return True
 
     def cancel(self, jobs: list[Job]) -> None:
-        """Drop jobs whose client has gone: queued ones now, active ones before their next step."""
+        """Drop jobs whose client has gone: queued ones now, running ones (and their rows) before the next step."""
         with self.cond:
             for job in jobs:
                 job.cancelled = True
@@ -85,8 +132,8 @@ class Scheduler:
             self.cond.notify()
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future | None:
-        """Run fn on the worker between two decoding rounds (a forward hook must not see another job's forward);
-        None when max_waiting calls are queued already."""
+        """Run fn on the worker between two steps (a forward hook must not see another job's forward); None when
+        max_waiting calls are queued already."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.cond:
             if len(self.calls) >= self.max_waiting:
@@ -97,7 +144,7 @@ class Scheduler:
 
     def load(self) -> dict[str, int]:
         with self.cond:
-            return {"active_sequences": sum(j.rows for j in self.active), "waiting_prompts": len(self.waiting)}
+            return {"active_sequences": sum(j.rows for j in self.jobs), "waiting_prompts": len(self.waiting)}
 
     def stop(self) -> None:
         with self.cond:
@@ -105,68 +152,201 @@ class Scheduler:
             self.cond.notify()
         self.thread.join()
 
+    # ------------------------------------------------------------------------------------------------ the loop
+
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not (self.stopping or self.active or self.waiting or self.calls):
+                while not (self.stopping or self.jobs or self.waiting or self.calls):
                     self.cond.wait()
                 if self.stopping:
                     return
                 calls, self.calls = list(self.calls), deque()
-                for job in self.active:
-                    if job.cancelled:
-                        job.stream = None  # frees its KV cache now, not when the handler lets go of the job
-                self.active = [j for j in self.active if not j.cancelled]
-                rows = sum(j.rows for j in self.active)
+                self._free([j for j in self.jobs if j.cancelled])
+                rows = sum(j.rows for j in self.jobs)
                 while self.waiting and rows + self.waiting[0].rows <= self.max_sequences:
                     job = self.waiting.popleft()
-                    self.active.append(job)
+                    self.jobs.append(job)
                     rows += job.rows
-                active = list(self.active)
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except Exception as e:  # noqa: BLE001 (handed to the request that asked)
                         future.set_exception(e)
-            finished = []
-            for job in active:
-                try:
-                    if job.cancelled or self._step(job):
-                        finished.append(job)
-                except Exception as e:  # noqa: BLE001 (a failing request must not stop the server)
+            try:
+                ended = self._prefill() + self._decode()
+            except Exception as e:  # noqa: BLE001 (a failing step fails its requests, not the server)
+                for job in self.jobs:
                     job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
-                    finished.append(job)
+                ended = self.jobs
             with self.cond:
-                self.active = [j for j in self.active if j not in finished]
-                idle = not (self.active or self.waiting or self.calls)
-            for job in finished:
-                job.stream = None
+                self._free(ended)
+                idle = not (self.jobs or self.waiting or self.calls)
             if idle and _malloc_trim is not None:
                 _malloc_trim(0)  # ~1 ms, once the last request has gone: memory returns to its level before
 
-    def _step(self, job: Job) -> bool:
-        """Advance one job by a token; send the text that settled; True when the job has ended."""
+    def _free(self, jobs: list[Job]) -> None:
+        """Give the rows of ended jobs back, at once."""
+        gone = set(jobs)
+        self.jobs = [j for j in self.jobs if j not in gone]
+        self._unslot(jobs)
+        for job in gone:
+            job.prefill = job.generator = None
+
+    def _unslot(self, jobs: list[Job]) -> None:
+        """Take the rows of jobs out of the cache, moving later rows down so that rows 0..B-1 stay the batch."""
+        gone = set(jobs)
+        keep = [s for s in self.slots if s[0] not in gone]
+        kept = {id(s): i for i, s in enumerate(self.slots)}
+        for i, s in enumerate(keep):
+            old = kept[id(s)]
+            if old != i:
+                n = s[0].length
+                self.cache.set_row(i, self.cache.k[:, old, :, :n], self.cache.v[:, old, :, :n])
+        self.slots = keep
+
+    def _prompt(self, job: Job) -> list[int]:
+        return job.request.prompts[job.prompt_index][-self.block_size:]  # as model.generate: the last window
+
+    # ------------------------------------------------------------------------------------------------ prefill
+
+    @torch.no_grad()
+    def _prefill(self) -> list[Job]:
+        """Prefill prompts that have rows, prefill_chunk tokens at most: short prompts together (right-padded,
+        so that causal attention never reaches the padding), a longer one alone, a chunk a round. Sample each
+        finished prompt's first token, and give its rows cache rows. The jobs that ended."""
+        todo = [j for j in self.jobs if j.prefilled < len(self._prompt(j))]
+        if not todo:
+            return []
+        ended = []
+        group = [j for j in todo if j.request.max_tokens == 0]  # nothing to compute
+        for job in group:
+            job.prefilled = len(self._prompt(job))
+            ended += [job] if self._sampled(job, None) else []
+        todo = [j for j in todo if j not in group]
+        if not todo:
+            return ended
+        first = todo[0]
+        if first.prefill is not None or len(self._prompt(first)) > self.prefill_chunk:  # chunks, alone
+            prompt = self._prompt(first)
+            if first.prefill is None:
+                first.prefill = KVCache.for_model(self.model, 1, max_len=len(prompt))
+            chunk = prompt[first.prefilled:first.prefilled + self.prefill_chunk]
+            logits = self.model(self._tensor([chunk]), kv_cache=first.prefill)[0][:, -1]  # (1, vocab)
+            first.prefilled += len(chunk)
+            if first.prefilled < len(prompt):
+                return ended
+            group, cache, lasts = [first], first.prefill, logits
+        else:  # as many short prompts as fit in prefill_chunk tokens, padded to the longest
+            group, longest = [], 0
+            for job in todo:
+                n = len(self._prompt(job))
+                if n > self.prefill_chunk or (len(group) + 1) * max(longest, n) > self.prefill_chunk:
+                    break
+                group.append(job)
+                longest = max(longest, n)
+            prompts = [self._prompt(j) for j in group]
+            cache = KVCache.for_model(self.model, len(group), max_len=longest)
+            logits = self.model(self._tensor([p + [0] * (longest - len(p)) for p in prompts]), kv_cache=cache)[0]
+            lasts = logits[torch.arange(len(group)), torch.tensor([len(p) - 1 for p in prompts])]  # (jobs, vocab)
+        for i, job in enumerate(group):
+            prompt = self._prompt(job)
+            job.prefill, job.prefilled, job.length = None, len(prompt), len(prompt)
+            job.contexts = [list(prompt) for _ in range(job.rows)]
+            job.generator = torch.Generator(device=self.device).manual_seed(job.request.seed)
+            if self._sampled(job, lasts[i:i + 1].expand(job.rows, -1)):
+                ended.append(job)
+                continue
+            for row in range(job.rows):  # the rows of a prompt start alike: one prefill, copied
+                self.cache.set_row(len(self.slots), cache.k[:, i, :, :job.length], cache.v[:, i, :, :job.length])
+                self.slots.append((job, row))
+        return ended
+
+    # ------------------------------------------------------------------------------------------------ decode
+
+    @torch.no_grad()
+    def _decode(self) -> list[Job]:
+        """One token for every row: the batch of cache rows in one forward, and each windowed job (past
+        block_size) recomputing its window as model.generate does. The jobs that ended."""
+        full = [j for j in self.jobs if j.length == self.block_size and not j.windowed]
+        for job in full:
+            job.windowed = True  # no position left in its rows: from now on each step recomputes the window
+        self._unslot(full)
+        logits, where = {}, {}
+        if self.slots:
+            idx = self._tensor([[job.contexts[row][-1]] for job, row in self.slots])  # (B, 1)
+            lengths = [job.length for job, _ in self.slots]
+            self.cache.pos, self.cache.ragged = max(lengths), min(lengths) != max(lengths)
+            out = self.model(idx, kv_cache=self.cache)[0][:, -1]  # (B, vocab)
+            for i, (job, row) in enumerate(self.slots):
+                where.setdefault(job, [0] * job.rows)[row] = i
+            for job, slots in where.items():
+                job.length += 1
+                logits[job] = out[slots] if len(slots) > 1 else out[slots[0]:slots[0] + 1]
+        for job in self.jobs:
+            if job.windowed and not job.done:  # the last block_size tokens from position 0, as model.generate
+                window = self._tensor([c[-self.block_size:] for c in job.contexts])
+                logits[job] = self.model(window)[0][:, -1]
+        return [job for job, job_logits in logits.items() if self._sampled(job, job_logits)]
+
+    # ------------------------------------------------------------------------------------------------ tokens
+
+    def _sampled(self, job: Job, logits: torch.Tensor | None) -> bool:
+        """Sample a token for each row of job from its logits (rows, vocab), send the text that settled; True
+        when the job has ended. None logits: max_tokens is 0."""
         r = job.request
-        if job.stream is None:
-            idx = torch.tensor([r.prompts[job.prompt_index]] * r.n, dtype=torch.long, device=self.device)
-            generator = torch.Generator(device=self.device).manual_seed(r.seed)
-            job.stream = self.model.generate_stream(idx, r.max_tokens, r.temperature, r.top_k, r.top_p, generator)
-        token = next(job.stream, None)  # (n, 1); the first call prefills the prompt; None: max_tokens was 0
-        tokens = token[:, 0].tolist() if token is not None else None
+        tokens, lp = None, None
+        if logits is not None:
+            tokens_t = sample_next(logits, r.temperature, r.top_k, r.top_p, job.generator)  # (rows, 1)
+            tokens = tokens_t[:, 0].tolist()
+            if r.logprobs is not None:
+                lp = self._logprobs(job, logits, tokens_t, r.logprobs)
+        now = time.monotonic()
+        if self.metrics is not None and tokens is not None:
+            if job.last_token:
+                self.metrics.tpot.observe(now - job.last_token)
+            else:
+                self.metrics.ttft.observe(now - job.submitted)
+        job.last_token = now
         for row, text in enumerate(job.texts):
+            if tokens is not None:
+                job.contexts[row].append(tokens[row])
             if job.sent[row] < 0:
                 continue  # ended and reported
             if tokens is not None and not text.done:
                 job.generated[row] += 1
+                if self.metrics is not None:
+                    self.metrics.tokens.inc()
+                before = len(text.ids), len(text.text.rstrip("\ufffd"))
                 text.add(tokens[row])
+                if lp is not None and len(text.ids) > before[0]:
+                    job.logprobs[row].append((*lp[row], before[1]))
             ended = tokens is None or text.done or job.generated[row] == r.max_tokens
             new_text = text.text if ended else text.settled()
             delta, ids = new_text[job.sent[row]:], text.ids[job.sent_ids[row]:]
             if delta or ids or ended:
                 reason = ("stop" if text.done else "length") if ended else None
-                job.emit((job.prompt_index * r.n + row, delta, ids, reason))
+                logprobs = job.logprobs[row][job.sent_ids[row]:] if r.logprobs is not None else None
+                job.emit((job.prompt_index * r.n + row, delta, ids, reason, logprobs))
                 job.sent[row], job.sent_ids[row] = len(new_text), len(text.ids)
             if ended:
                 text.done, job.sent[row] = True, -1  # -1: the finish reason has been sent
-        return all(s < 0 for s in job.sent)
+        return job.done
+
+    def _logprobs(self, job: Job, logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple]:
+        """Per row: (token text, its log-probability, {text: log-probability} of the top alternatives), under the
+        model's own distribution (before temperature and top_p, as OpenAI's and vLLM's)."""
+        logp = logits.float().log_softmax(dim=-1)  # (rows, vocab)
+        chosen = logp.gather(1, tokens)[:, 0].tolist()
+        best = logp.topk(top, dim=-1) if top else None
+        tokenizer = job.texts[0].tokenizer
+        out = []
+        for row, token in enumerate(tokens[:, 0].tolist()):
+            alternatives = {} if best is None else {
+                decode(tokenizer, [i]): v for i, v in zip(best.indices[row].tolist(), best.values[row].tolist())}
+            out.append((decode(tokenizer, [token]), chosen[row], alternatives))
+        return out
+
+    def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)

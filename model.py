@@ -117,10 +117,12 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, input_pos)  # every key so far: (B, n_kv_head, Tk, head_dim)
         mask = None  # SDPA's causal mask, the fast path (flash on a GPU)
-        if self.window is not None or (kv_cache is not None and kv_cache.static):
-            q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)
+        if self.window is not None or (kv_cache is not None and (kv_cache.static or kv_cache.ragged)):
+            q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)  # (T,), ragged (B, T)
             k_pos = q_pos if kv_cache is None else torch.arange(k.size(2), device=x.device)  # a cache's: 0..Tk-1
             mask = self.mask(q_pos, k_pos)
+            if mask.dim() == 3:  # per-row positions: (B, T, Tk) -> (B, 1, T, Tk), the same for every head
+                mask = mask.unsqueeze(1)
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -250,17 +252,23 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                                  f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens")
             input_pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+            if kv_cache is not None and kv_cache.ragged:
+                input_pos = kv_cache.lengths[:B, None] + input_pos - start  # (B, T): each row after its own tokens
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(input_pos)
         if self.config.embed_norm:
             x = self.transformer.ln_emb(x)
         x = self.transformer.drop(x)
-        rope = (self.rope_cos[input_pos], self.rope_sin[input_pos]) if "wpe" not in self.transformer else None
+        # (1 or B, 1, T, head_dim / 2): the same angles for every head
+        rope = (self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)) \
+            if "wpe" not in self.transformer else None
         for block in self.transformer.h:
             x = block(x, rope, kv_cache, input_pos)
         if kv_cache is not None and not kv_cache.static:
             kv_cache.pos += T
+            if kv_cache.lengths is not None:
+                kv_cache.lengths[:B] += T
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
@@ -385,10 +393,15 @@ class GPT(nn.Module):
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions; the caller creates, passes and resets it.
     static=True is the fixed shape of CUDA graphs (the gpt-fast recipe): positions come in as a tensor, attention
-    reads the whole buffer under a mask, and the caller advances `pos`."""
+    reads the whole buffer under a mask, and the caller advances `pos`.
+    rows=True is serve.py's continuous batching: each row is its own sequence, `lengths[b]` positions long; a
+    forward of B rows feeds rows 0..B-1. The caller puts a sequence in a row with set_row, and before a forward sets
+    `pos` to the longest of the rows it feeds and `ragged` to whether they differ: then each row is written at its
+    own positions and attends under a mask (else as one sequence, without: a mask costs a batch-1 step ~20%)."""
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False,
+                 rows: bool = False) -> None:
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         # static: zeros, since masked positions are still multiplied (by 0), and 0 * NaN from empty memory is NaN
         new = torch.zeros if static else torch.empty
@@ -400,22 +413,29 @@ class KVCache:
             dynamo.mark_static_address(self.k)  # lets a CUDA graph update the cache in place
             dynamo.mark_static_address(self.v)
         self.max_len, self.batch_size, self.static = max_len, batch_size, static
-        self.pos = 0  # number of positions filled
+        self.pos = 0  # number of positions filled (rows: of the longest row)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device) if rows else None  # (B,) rows only
+        self.ragged = False  # rows: whether the rows fed differ in length
+        self.zeroed = 0  # rows: positions zeroed in every row, see _zero_to
 
     @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None, static: bool = False,
+                  rows: bool = False) -> KVCache:
         """A cache shaped for `model`, on its device and in its dtype, holding up to block_size positions."""
         c = model.config
         p = model.transformer.wte.weight
-        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, p.device, p.dtype, static)
+        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, p.device, p.dtype, static,
+                   rows)
 
     def reset(self) -> None:
         self.pos = 0  # stale entries past pos are never read (or are masked), so no need to zero them
+        if self.lengths is not None:
+            self.lengths.zero_()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values (B, n_kv_head, T, head_dim) at input_pos (T,); return every key and
-        value to attend to (a static cache: the whole buffer, its positions 0..max_len-1)."""
+        """Store this layer's new keys/values (B, n_kv_head, T, head_dim) at input_pos (T,), or (B, T) for ragged
+        rows; return every key and value to attend to (positions 0..Tk-1; a static cache: the whole buffer)."""
         if self.static:
             self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))  # .to: k is bf16 under autocast
             self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
@@ -424,9 +444,33 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} used, {k.size(2)} more asked. "
                              f"Reset it, or create it with a larger max_len (at most block_size)")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
+        B = k.size(0)  # rows: the first B rows of the cache
+        if self.lengths is not None:
+            self._zero_to(end)
+        if self.ragged:  # input_pos (B, T): each row at its own positions
+            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+            self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # (B, T, n_kv_head, head_dim) at each row's positions
+            self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
+        else:
+            self.k[layer, :B, :, self.pos:end] = k
+            self.v[layer, :B, :, self.pos:end] = v
+        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]  # (B, n_kv_head, end, head_dim)
+
+    def set_row(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """rows: make row b the sequence whose keys and values (n_layer, n_kv_head, T, head_dim) are given."""
+        T = k.size(2)
+        self._zero_to(T)
+        self.k[:, b, :, :T] = k
+        self.v[:, b, :, :T] = v
+        self.lengths[b] = T
+
+    def _zero_to(self, end: int) -> None:
+        # A row shorter than the longest reads keys past its end under a mask, and a masked key is still multiplied
+        # by 0: never-written memory could hold NaN (0 * NaN = NaN). So every row is zeroed once up to the longest.
+        if end > self.zeroed:
+            self.k[:, :, :, self.zeroed:end] = 0
+            self.v[:, :, :, self.zeroed:end] = 0
+            self.zeroed = end
 
 
 # ---------------------------------------------------------------------- layers and helpers

@@ -8,17 +8,13 @@
 
 Endpoints: POST /v1/completions (OpenAI's completions format; `stream` sends server-sent events), GET /v1/models,
 POST /v1/attention (one token's attention weights over the earlier tokens, every layer and head: attention.py's
-maps), GET /health (sequences decoding and waiting), GET / (the playground, playground.html beside this file).
+maps), GET /health (sequences decoding and waiting), GET /metrics (Prometheus), GET / (the playground,
+playground.html beside this file).
 
-Scheduling: one worker thread owns the model (engine.py). Every prompt of a request gets its own
-model.generate_stream (its own KV cache, one row per completion `n`), and the worker advances all of them one token
-per round, in turn. Rows of different requests are not batched together: the KV cache has one position for all its
-rows, so prompts of different lengths cannot share a step, and a row batched with others rounds differently from the
-same row alone (another matmul shape), so greedy tokens could change at near-ties. This way every completion is
-exactly what sample.py gives for its prompt, settings and seed, however many clients there are; the price is that
-throughput does not grow with clients (docs/benchmarks.md). When `max_sequences` rows are decoding, prompts wait in a
-queue of `max_waiting`; beyond that a request is answered 503 at once. A client that disconnects frees its rows at
-once.
+Scheduling (engine.py): one worker thread owns the model and decodes the rows of every request in one batch, a
+token per step; a request joins after its prefill and leaves the step it ends. When `max_sequences` rows are
+decoding, prompts wait in a queue of `max_waiting`; beyond that a request is answered 503 at once. A client that
+disconnects frees its rows at once.
 
 No web page can use the server: it answers only a Host header naming an address it listens on (DNS rebinding),
 reads only JSON bodies sent as application/json (a form or text/plain POST needs no CORS preflight), and sends no
@@ -91,7 +87,8 @@ class ServeConfig:
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores; 0: one per core
     model_name: str | None = None  # the model id /v1/models lists and responses carry; none: the checkpoint's name
     max_tokens: int = 2048  # the largest max_tokens a request may ask for
-    max_sequences: int = 16  # rows decoded at once (a request with n=4 takes 4), in turn, each with its own KV cache
+    max_sequences: int = 16  # rows decoded together (a request with n=4 takes 4): the KV cache has this many rows
+    prefill_chunk: int = 128  # prompt tokens prefilled between two decode steps: how long a long prompt pauses others
     max_waiting: int = 64  # prompts waiting for rows; when the queue is full, new requests get 503 at once
     max_attention_tokens: int = 512  # longest context /v1/attention maps: its memory is n_layer x n_head x T² floats
     drain_seconds: float = 5.0  # after Ctrl-C, how long requests in flight may finish before they are ended
@@ -103,7 +100,7 @@ class ServeConfig:
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
-        for name in ("max_tokens", "max_sequences", "max_waiting", "max_attention_tokens"):
+        for name in ("max_tokens", "max_sequences", "prefill_chunk", "max_waiting", "max_attention_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.drain_seconds < math.inf:
@@ -148,14 +145,16 @@ class Completion:
     include_usage: bool
     echo: bool
     return_token_ids: bool
+    logprobs: int | None  # alternatives per token to return with the chosen token's log-probability; None: none
     dropped: int = 0  # prompt tokens before the last block_size of each prompt, which the model does not see
 
 
 # OpenAI's completions fields that this server cannot honour, with the values that mean "off".
-_UNSUPPORTED = {"suffix": (None, ""), "logprobs": (None,), "best_of": (None, 1), "presence_penalty": (None, 0),
+_UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "presence_penalty": (None, 0),
                 "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default limit (OpenAI's is 5)
 _FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-           "echo", "user", "return_token_ids", "top_k"} | set(_UNSUPPORTED)  # return_token_ids, top_k: vLLM's
+           "echo", "user", "logprobs", "return_token_ids", "top_k"} | set(_UNSUPPORTED)  # the last two: vLLM's
 
 
 def _typed(body: dict, key: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
@@ -224,6 +223,13 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
         raise ApiError(400, f"a stop string may have up to {MAX_STOP_CHARS} characters, got "
                             f"{max(len(s) for s in stop)}", "stop")
 
+    logprobs = _typed(body, "logprobs", (int,), None, "an integer")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}", "logprobs")
+    if logprobs is not None and echo:
+        raise ApiError(400, "logprobs with echo would need the prompt's log-probabilities, which this server does "
+                            "not compute: leave out echo", "logprobs")
+
     prompts, texts = _parse_prompts(body.get("prompt"), model, tokenizer)
     if n < 1 or n * len(prompts) > cfg.max_sequences:
         raise ApiError(400, f"n x the number of prompts must be between 1 and {cfg.max_sequences} (the server's "
@@ -232,7 +238,7 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     return Completion(prompts, texts, max_tokens, temperature, top_k if top_k not in (None, 0, -1) else None,
                       top_p if top_p < 1 else None, n,
                       seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1, tuple(stop), stream,
-                      options.get("include_usage", False), echo, return_token_ids, dropped)
+                      options.get("include_usage", False), echo, return_token_ids, logprobs, dropped)
 
 
 def _parse_prompts(prompt: Any, model: GPT, tokenizer: Tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -325,11 +331,16 @@ class Reply:
             usage["prompt_tokens_dropped"] = self.r.dropped
         return usage
 
-    def choice(self, index: int, text: str, ids: list[int], reason: str | None, first: bool) -> dict:
+    def choice(self, index: int, text: str, ids: list[int], reason: str | None, first: bool,
+               logprobs: list[tuple] | None) -> dict:
         r = self.r
         if first and r.echo:
             text = r.prompt_texts[index // r.n] + text
-        c = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+        if logprobs is not None:  # OpenAI's completions format; text_offset counts from the completion's start
+            tokens, chosen, top, offsets = zip(*logprobs) if logprobs else ((), (), (), ())
+            logprobs = {"tokens": list(tokens), "token_logprobs": list(chosen), "top_logprobs": list(top),
+                        "text_offset": list(offsets)}
+        c = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
         if r.return_token_ids:
             c["token_ids"] = ids
             if first:
@@ -361,20 +372,23 @@ class Reply:
     async def answer(self, request: Request) -> Response:
         """The whole response at once."""
         texts, ids, reasons = [""] * self.choices, [[] for _ in range(self.choices)], [None] * self.choices
+        logprobs = [[] if self.r.logprobs is not None else None for _ in range(self.choices)]
         try:
             async for event in self.events_until_done(0.5):
                 if event is None:
                     if await request.is_disconnected():
                         return Response(status_code=499)  # nobody reads it; the jobs are cancelled below
                     continue
-                i, delta, new_ids, reasons[i] = event
+                i, delta, new_ids, reasons[i], new_logprobs = event
                 texts[i] += delta
                 ids[i] += new_ids
+                if new_logprobs:
+                    logprobs[i] += new_logprobs
         except ApiError as e:
             return _error(e)
         finally:
             self.close()
-        return JSONResponse({**self.head, "choices": [self.choice(i, texts[i], ids[i], reasons[i], True)
+        return JSONResponse({**self.head, "choices": [self.choice(i, texts[i], ids[i], reasons[i], True, logprobs[i])
                                                       for i in range(self.choices)], "usage": self.usage()})
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -392,8 +406,9 @@ class Reply:
                 if event is None:
                     yield ": waiting\n\n"  # an SSE comment: lets a closed connection show itself while queued
                     continue
-                i, delta, new_ids, reason = event
-                chunk = {**self.head, "choices": [self.choice(i, delta, new_ids, reason, i not in started)]}
+                i, delta, new_ids, reason, new_logprobs = event
+                chunk = {**self.head, "choices": [self.choice(i, delta, new_ids, reason, i not in started,
+                                                              new_logprobs)]}
                 started.add(i)
                 if self.r.include_usage:
                     chunk["usage"] = None
@@ -444,6 +459,15 @@ async def page(request: Request) -> Response:
     return HTMLResponse(request.app.state.served.page)
 
 
+async def metrics(request: Request) -> Response:
+    instruments = request.app.state.served.scheduler.metrics
+    if instruments is None:
+        return _error(ApiError(501, "GET /metrics needs prometheus_client: pip install -e '.[serve]'",
+                               kind="server_error"))
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 async def http_error(request: Request, e: HTTPException) -> Response:
     return _error(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
 
@@ -479,7 +503,8 @@ async def _read_json(request: Request) -> Any:
 
 class Guard:
     """The ASGI layer before the routes: refuses a Host header that names no address of this server (a web page
-    reaching it by DNS rebinding), counts the requests in flight, and writes one access line per request."""
+    reaching it by DNS rebinding), counts the requests in flight (and, for /metrics, the answers by status), and
+    writes one access line per request."""
 
     def __init__(self, app: Callable, served: Served) -> None:
         self.app, self.served = app, served
@@ -502,6 +527,8 @@ class Guard:
         finally:
             self.served.in_flight -= 1
             self.served.answered += 1
+            if status and (instruments := self.served.scheduler.metrics) is not None:
+                instruments.requests.labels(str(status)).inc()
             usage = reply.usage() if (reply := scope.get("state", {}).get("reply")) else None
             tokens = f" {usage['prompt_tokens']} + {usage['completion_tokens']} tokens," if usage else ""
             client = scope["client"][0] if scope.get("client") else "-"
@@ -542,15 +569,15 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 ROUTES = [("/", page, ["GET"]), ("/v1/models", models, ["GET"]), ("/health", health, ["GET"]),
-          ("/v1/completions", completions, ["POST"]), ("/v1/chat/completions", chat_completions, ["POST"]),
-          ("/v1/attention", attention, ["POST"])]
+          ("/metrics", metrics, ["GET"]), ("/v1/completions", completions, ["POST"]),
+          ("/v1/chat/completions", chat_completions, ["POST"]), ("/v1/attention", attention, ["POST"])]
 
 
 def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) -> Starlette:
     """The ASGI app serving `model`; its decode worker starts now and stops with the app's lifespan."""
     page_text = read_playground()
-    served = Served(model, tokenizer, cfg, name, Scheduler(model, cfg.max_sequences, cfg.max_waiting), page_text,
-                    int(time.time()))
+    scheduler = Scheduler(model, cfg.max_sequences, cfg.max_waiting, cfg.prefill_chunk)
+    served = Served(model, tokenizer, cfg, name, scheduler, page_text, int(time.time()))
     middleware = [Middleware(Guard, served=served)]
     if cfg.origins:  # CORS for the pages of these origins only; none: browsers keep every other page out
         middleware.append(Middleware(CORSMiddleware, allow_origins=cfg.origins, allow_methods=["GET", "POST"],

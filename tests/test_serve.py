@@ -246,7 +246,9 @@ BAD = [
     (b'{"prompt": "a", "seed": -1}', 400, "seed"),
     (b'{"prompt": "a", "stream_options": {"x": 1}}', 400, "stream_options"),
     (b'{"prompt": "a", "foo": 1}', 400, "foo"),  # a field the API does not have
-    (b'{"prompt": "a", "logprobs": 2}', 400, "logprobs"),  # one it has, that this server cannot honour
+    (b'{"prompt": "a", "logprobs": 21}', 400, "logprobs"),
+    (b'{"prompt": "a", "logprobs": 2, "echo": true}', 400, "logprobs"),  # the prompt's logprobs are not computed
+    (b'{"prompt": "a", "suffix": "b"}', 400, "suffix"),  # a field the API has, that this server cannot honour
     (b'{"prompt": "a", "presence_penalty": 0.5}', 400, "presence_penalty"),
     (b'{"prompt": "\\u00e9t\\u00e9"}', 400, "prompt"),  # not in the char vocabulary
     (b'{"prompt": ""}', 400, "prompt"),  # a char model has no end-of-text to start from
@@ -292,23 +294,22 @@ def test_other_errors_and_the_server_lives_on(char, char_server):
 
 
 class Gate:
-    """Wraps model.generate_stream: counts the tokens the worker takes, and holds it before each while closed."""
+    """Wraps a scheduler's sampling: counts the tokens the worker takes, and holds it before each while closed."""
 
-    def __init__(self, model) -> None:
-        self.model, self.original, self.open, self.tokens = model, model.generate_stream, threading.Event(), 0
+    def __init__(self, scheduler) -> None:
+        self.scheduler, self.original, self.open, self.tokens = scheduler, scheduler._sampled, threading.Event(), 0
         self.open.set()
 
     def __enter__(self) -> "Gate":
-        def gated(*args, **kwargs):
-            for token in self.original(*args, **kwargs):
-                assert self.open.wait(TIMEOUT)
-                self.tokens += 1
-                yield token
-        self.model.generate_stream = gated
+        def gated(job, logits):
+            assert self.open.wait(TIMEOUT)
+            self.tokens += 1
+            return self.original(job, logits)
+        self.scheduler._sampled = gated
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.model.generate_stream  # back to the class's method
+        del self.scheduler._sampled  # back to the class's method
         self.open.set()
 
 
@@ -332,7 +333,7 @@ def open_stream(port: int, **body) -> tuple[http.client.HTTPConnection, http.cli
 
 def test_full_queue_answers_503_at_once_and_a_gone_client_frees_its_rows(char):
     model, tokenizer = char
-    with serving(model, tokenizer, max_sequences=2, max_waiting=1) as (port, _), Gate(model) as gate:
+    with serving(model, tokenizer, max_sequences=2, max_waiting=1) as (port, app), Gate(app.state.scheduler) as gate:
         first, response = open_stream(port, prompt="ab", n=2, max_tokens=2000, temperature=0)
         response.readline()  # the first chunk: the job holds both rows
         gate.open.clear()  # the worker stops before its next token
@@ -356,7 +357,7 @@ def read_all(response: http.client.HTTPResponse) -> list:
 
 def test_a_gone_client_of_a_non_streamed_request_frees_its_rows(char):
     model, tokenizer = char
-    with serving(model, tokenizer) as (port, _), Gate(model) as gate:
+    with serving(model, tokenizer) as (port, app), Gate(app.state.scheduler) as gate:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ab", "max_tokens": 2000}), headers=JSON)
         wait_for(lambda: gate.tokens > 0, "the first token")
@@ -394,7 +395,9 @@ def test_load_test_well_formed_garbage_and_gone_clients(char):
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
 
-    with serving(model, tokenizer, max_sequences=4, max_waiting=16) as (port, _):
+    with serving(model, tokenizer, max_sequences=4, max_waiting=16) as (port, app):
+        scheduler = app.state.scheduler
+        caches = {id(o) for o in gc.get_objects() if type(o) is KVCache}  # the servers' own: a row per sequence
         levels = []
         for round in range(3):
             results: dict = {}
@@ -411,7 +414,8 @@ def test_load_test_well_formed_garbage_and_gone_clients(char):
             assert results["garbage0"] == results["garbage1"] == 400
             wait_for(lambda: health(port)["active_sequences"] == health(port)["waiting_prompts"] == 0, "idle")
             gc.collect()
-            assert not [o for o in gc.get_objects() if type(o) is KVCache], "a KV cache outlived its request"
+            assert {id(o) for o in gc.get_objects() if type(o) is KVCache} <= caches, "a prefill's cache outlived it"
+            assert scheduler.slots == [] and scheduler.jobs == [], "a row outlived its request"
             levels.append(rss_mb())
         assert levels[2] < levels[0] + 20, f"resident memory grows from round to round: {levels} MB"
 
