@@ -143,10 +143,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def lock(path: Path, what: str) -> tuple[int, Path]:
+def lock(path: Path, refusal: str) -> tuple[int, Path]:
     """Hold an exclusive lock on the file `path` (made if missing) for this process, with its pid written inside;
-    SystemExit naming the process that holds it already. The kernel releases it when the process ends, kill -9
-    included; unlock releases it and removes the file."""
+    SystemExit(refusal with {pid} filled in) when another process holds it. The kernel releases it when the process
+    ends, kill -9 included; unlock releases it and removes the file. On a file system without locks (some network
+    mounts) it warns and goes on unlocked."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -154,8 +155,13 @@ def lock(path: Path, what: str) -> tuple[int, Path]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise SystemExit(f"{path.parent} is being {what} by another process (pid {holder}): wait for it to end "
-                             f"or stop it, or use another folder; nothing was changed") from None
+            raise SystemExit(refusal.format(pid=holder)) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            print(f"warning: {path.parent} cannot be locked ({e.strerror}): nothing stops a second process from "
+                  f"writing into it too", file=sys.stderr)
         except BaseException:
             os.close(fd)
             raise

@@ -153,7 +153,7 @@ class Preparation:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # One preparation at a time, from before its look at what a killed one left until its end: another one,
         # paused in its swap, is not a killed run to undo.
-        self._lock = errors.lock(self.out_dir / ".lock", "prepared")
+        self._lock = errors.lock(self.out_dir / ".lock", f"{self.out_dir} is being prepared by another process (pid {{pid}}): wait for it to end or stop it, or use another folder; nothing was changed")
         try:
             for old in self.out_dir.glob(".tmp-prepare-*"):  # left by a killed run
                 pid = old.name.removeprefix(".tmp-prepare-")

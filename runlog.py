@@ -3,8 +3,6 @@ loss plot and the closing summary. Nothing here changes what a run computes."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import importlib.util
 import json
 import math
@@ -38,42 +36,19 @@ class OutDirLock:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir, self.path = out_dir, out_dir / ".lock"
         self.created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # what to remove, deepest first
-        self.fd = -1
 
     def __enter__(self) -> OutDirLock:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-                    os.close(fd)
-                    raise SystemExit(f"{self.out_dir} is in use by another train.py (pid {holder}): wait for it to "
-                                     f"end, or pass another --out_dir") from None
-                except OSError as e:  # a file system without locks (some network mounts): train, but say so
-                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                        raise
-                    print(f"warning: {self.out_dir} cannot be locked ({e.strerror}): nothing stops a second "
-                          f"train.py from writing into it too", file=sys.stderr)
-                try:  # the holder may have removed the file between our open and our lock: lock the new one
-                    if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                        break
-                except FileNotFoundError:
-                    pass
-                os.close(fd)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            self.lock = errors.lock(self.path, f"{self.out_dir} is in use by another train.py (pid {{pid}}): wait "
+                                    f"for it to end, or pass another --out_dir")
         except OSError as e:
             self._remove_empty()
             raise SystemExit(f"out_dir {self.out_dir} is not writable ({e.strerror}): pass another --out_dir") from None
-        self.fd = fd
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)  # while still held: a process waiting on this file sees it gone and retries
-        os.close(self.fd)
+        errors.unlock(self.lock)
         self._remove_empty()
 
     def _remove_empty(self) -> None:
