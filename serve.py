@@ -198,8 +198,6 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     top_p = _number(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise ApiError(400, f"top_p must be in (0, 1], got {top_p}; for greedy decoding set temperature=0", "top_p")
-    if temperature < 1e-30 or top_p < 1e-30:  # greedy in effect; in fp32 logits / 1e-38 overflow to inf (NaN)
-        temperature = 0.0
     top_k = _typed(body, "top_k", (int,), None, "an integer")
     if top_k is not None and top_k < 1 and top_k not in (0, -1):
         raise ApiError(400, f"top_k must be 1 or more (0 or -1: no limit, as in llama.cpp and vLLM), got {top_k}",
