@@ -233,7 +233,7 @@ class Scheduler:
             if first.prefill is None:
                 first.prefill = KVCache.for_model(self.model, 1, max_len=len(prompt))
             chunk = prompt[first.prefilled:first.prefilled + self.prefill_chunk]
-            logits = self.model(self._tensor([chunk]), kv_cache=first.prefill)[0][:, -1]  # (1, vocab)
+            logits = self.model(self._tensor([chunk]), kv_cache=first.prefill, logits_at=-1)[0][:, -1]  # (1, vocab)
             first.prefilled += len(chunk)
             if first.prefilled < len(prompt):
                 return ended
@@ -248,8 +248,9 @@ class Scheduler:
                 longest = max(longest, n)
             prompts = [self._prompt(j) for j in group]
             cache = KVCache.for_model(self.model, len(group), max_len=longest)
-            logits = self.model(self._tensor([p + [0] * (longest - len(p)) for p in prompts]), kv_cache=cache)[0]
-            lasts = logits[torch.arange(len(group)), torch.tensor([len(p) - 1 for p in prompts])]  # (jobs, vocab)
+            ends = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # each prompt's last position
+            lasts = self.model(self._tensor([p + [0] * (longest - len(p)) for p in prompts]), kv_cache=cache,
+                               logits_at=ends)[0][:, 0]  # (jobs, vocab)
         for i, job in enumerate(group):
             prompt = self._prompt(job)
             job.prefill, job.prefilled, job.length = None, len(prompt), len(prompt)
@@ -287,7 +288,7 @@ class Scheduler:
         for job in self.jobs:
             if job.windowed and not job.done:  # the last block_size tokens from position 0, as model.generate
                 window = self._tensor([c[-self.block_size:] for c in job.contexts])
-                logits[job] = self.model(window)[0][:, -1]
+                logits[job] = self.model(window, logits_at=-1)[0][:, -1]
         return [job for job, job_logits in logits.items() if self._sampled(job, job_logits)]
 
     # ------------------------------------------------------------------------------------------------ tokens

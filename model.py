@@ -241,10 +241,12 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                input_pos: torch.Tensor | None = None, logits_at: int | torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids idx (B, T), and the mean cross-entropy (-1 ignored) of targets.
         With a KV cache, idx continues the cached sequence and the cache advances by T; a static cache takes the
-        positions input_pos (T,) instead, and its caller advances it."""
+        positions input_pos (T,) instead, and its caller advances it. logits_at (a position, or one per row (B,)):
+        logits (B, 1, vocab_size) there only, as a prefill needs (the head is a third of a GPT-2 token's work)."""
         B, T = idx.size()
         if input_pos is None:
             start = kv_cache.pos if kv_cache is not None else 0
@@ -269,6 +271,8 @@ class GPT(nn.Module):
             kv_cache.pos += T
             if kv_cache.lengths is not None:
                 kv_cache.lengths[:B] += T
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, n_embd)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
@@ -329,7 +333,7 @@ class GPT(nn.Module):
 
         def feed(tokens: torch.Tensor) -> torch.Tensor:  # (B, T) after the cached ones -> last logits (B, vocab)
             if not cache.static:
-                return self(tokens, kv_cache=cache)[0][:, -1, :]
+                return self(tokens, kv_cache=cache, logits_at=-1)[0][:, -1, :]
             T = tokens.size(1)
             input_pos = torch.arange(cache.pos, cache.pos + T, device=tokens.device)  # (T,)
             logits = (decode_step if T == 1 else self.forward_static)(tokens, input_pos, cache)

@@ -147,6 +147,18 @@ def test_cache_chunked_prefill_uses_bottom_right_mask():
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_logits_at_gives_only_the_positions_asked():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (3, 10))
+    full, _ = model(idx)
+    last, _ = model(idx, logits_at=-1)
+    assert last.shape == (3, 1, 97)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+    ends = torch.tensor([9, 0, 4])  # one per row: a padded batch's prompt ends
+    some, _ = model(idx, kv_cache=KVCache.for_model(model, batch_size=3), logits_at=ends)
+    torch.testing.assert_close(some[:, 0], full[torch.arange(3), ends], atol=1e-5, rtol=1e-5)
+
+
 def test_cache_reset_and_overflow():
     model = tiny_model()
     cache = KVCache.for_model(model, batch_size=1, max_len=8)
