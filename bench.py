@@ -376,6 +376,7 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
     # Prompts are token ids, so the tokenizer only decodes: GPT-2 BPE for BPE-sized vocabularies, else any chars.
     tokenizer = Tokenizer.tiktoken("gpt2") if gpt.vocab_size >= 50257 else \
         Tokenizer.char("".join(chr(0x100 + i) for i in range(gpt.vocab_size)))
+    tokenizer.encode("")  # the BPE files load now: offline, serve.py's one line rather than failed rounds
     counts = [int(c) for c in cfg.serve_clients.split(",")]
     app = create_app(model, tokenizer, ServeConfig(max_sequences=max(counts + [5]), max_waiting=max(counts + [5]),
                                                    max_tokens=max(cfg.decode_tokens, 2000)), cfg.model)

@@ -176,7 +176,7 @@ class Scheduler:
                         future.set_exception(e)
             try:
                 ended = self._prefill() + self._decode()
-            except Exception as e:  # noqa: BLE001 (a failing step fails its requests, not the server)
+            except (Exception, SystemExit) as e:  # noqa: BLE001 (a failing step fails its requests, not the worker)
                 for job in self.jobs:
                     job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
                 ended = self.jobs

@@ -675,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(cfg.dtype, device)
     model, tokenizer, _, source = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device,
                                                      dtype)  # cast, not autocast: see sample.py
+    tokenizer.encode("")  # a BPE's files load now: offline, one line here rather than a failed first request
     name = cfg.model_name or Path(str(source).rstrip("/")).name or str(source)
     try:
         sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)

@@ -231,6 +231,22 @@ def test_logprobs_of_bpe_tokens_with_a_stop_string(bpe):
 # ---------------------------------------------------------------------------------------------------------- metrics
 
 
+def test_a_failing_step_fails_its_requests_and_the_worker_goes_on(char, monkeypatch):
+    """Even a SystemExit (a tokenizer that cannot load its files) ends the requests of that step with an error, not
+    the worker: the next request is answered."""
+    model, tokenizer = char
+    with serving(model, tokenizer) as (port, app):
+        def fail(*args, **kwargs):
+            raise SystemExit("could not load the tokenizer's files")
+
+        monkeypatch.setattr(type(model), "forward", fail)
+        status, answer = request(port, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 3})
+        assert status == 500 and "could not load the tokenizer's files" in json.dumps(answer)
+        monkeypatch.undo()
+        assert complete(port, prompt="ab", max_tokens=3, temperature=0)["choices"][0]["text"] == \
+            greedy(model, tokenizer, "ab", 3)
+
+
 def test_metrics_in_prometheus_text_format(char):
     pytest.importorskip("prometheus_client", reason="prometheus_client is not installed: pip install -e '.[serve]'")
     model, tokenizer = char

@@ -511,6 +511,20 @@ def test_a_port_in_use_exits_with_one_line(char_run):
             serve.main([f"--out_dir={char_run}", f"--port={port}"])
 
 
+def test_a_bpe_that_cannot_load_offline_stops_the_start_in_one_line(char_run, monkeypatch):
+    """tiktoken loads its files at first use: serve.py uses them before it listens, so that offline it says what to
+    do at once rather than failing the first request."""
+    import tiktoken
+
+    model, _, config = load_model(char_run)
+    monkeypatch.setattr(serve, "load_for_inference", lambda *a: (model, Tokenizer.tiktoken("gpt2"), config, char_run))
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
+    monkeypatch.setattr(serve, "create_app", lambda *a: pytest.fail("the server was set up before the BPE loaded"))
+    with pytest.raises(SystemExit, match="could not load the tiktoken encoding 'gpt2'.*TIKTOKEN_CACHE_DIR") as e:
+        serve.main([f"--out_dir={char_run}", "--port=0"])
+    assert "\n" not in str(e.value.code)
+
+
 class Process:
     """python serve.py ARGS in a process of its own, as a user starts it; its stderr lines collected as they come."""
 
