@@ -172,7 +172,7 @@ class Scheduler:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
-                    except Exception as e:  # noqa: BLE001 (handed to the request that asked)
+                    except (Exception, SystemExit) as e:  # noqa: BLE001 (handed to the request that asked)
                         future.set_exception(e)
             try:
                 ended = self._prefill() + self._decode()

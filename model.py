@@ -272,8 +272,10 @@ class GPT(nn.Module):
             if kv_cache.lengths is not None:
                 kv_cache.lengths[:B] += T
         if logits_at is not None:
+            if targets is not None:
+                raise ValueError("logits_at is for inference: a loss needs the logits of every position")
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, n_embd)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T or 1, vocab_size)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits.float() / cap)  # fp32: tanh saturates coarsely in bf16
@@ -333,7 +335,7 @@ class GPT(nn.Module):
 
         def feed(tokens: torch.Tensor) -> torch.Tensor:  # (B, T) after the cached ones -> last logits (B, vocab)
             if not cache.static:
-                return self(tokens, kv_cache=cache, logits_at=-1)[0][:, -1, :]
+                return self(tokens, kv_cache=cache, logits_at=-1 if tokens.size(1) > 1 else None)[0][:, -1, :]
             T = tokens.size(1)
             input_pos = torch.arange(cache.pos, cache.pos + T, device=tokens.device)  # (T,)
             logits = (decode_step if T == 1 else self.forward_static)(tokens, input_pos, cache)

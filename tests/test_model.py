@@ -157,6 +157,8 @@ def test_logits_at_gives_only_the_positions_asked():
     ends = torch.tensor([9, 0, 4])  # one per row: a padded batch's prompt ends
     some, _ = model(idx, kv_cache=KVCache.for_model(model, batch_size=3), logits_at=ends)
     torch.testing.assert_close(some[:, 0], full[torch.arange(3), ends], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="logits_at is for inference"):
+        model(idx, targets=idx, logits_at=-1)
 
 
 def test_cache_reset_and_overflow():
