@@ -407,7 +407,10 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
             finally:
                 done.set()
                 watcher.join()
-            runs = json.loads(out.stdout)  # [(start, first token, end, tokens)] per client
+            runs = json.loads(out.stdout)  # [(start, first token, end, tokens)] per client, or an error's text
+            failed = [r for r in runs if isinstance(r, str) or r[1] is None]
+            if failed:
+                raise SystemExit(f"--what=serve: {len(failed)} of {clients} clients got no tokens, e.g. {failed[0]}")
             while any(app.state.scheduler.load().values()):
                 time.sleep(0.01)
             time.sleep(0.5)  # the worker hands freed memory back once idle (serve.py's malloc_trim)
@@ -500,9 +503,16 @@ def client(i):
     start.wait()
     t0, first, tokens = time.perf_counter(), None, 0
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    for line in conn.getresponse():
+    response = conn.getresponse()
+    if response.status != 200:
+        runs[i] = f"HTTP {response.status}: {response.read().decode(errors='replace')[:300]}"
+        return
+    for line in response:
         if line.startswith(b"data: {"):
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                runs[i] = chunk["error"].get("message", str(chunk))
+                return
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             elif first is None:

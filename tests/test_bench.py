@@ -146,3 +146,15 @@ def test_serve_rows_count_every_client_token(tmp_path, capsys):
     assert [(r["what"], r["clients"], r["tokens"]) for r in rows] == [("serve", 1, 3), ("serve", 3, 9)]
     assert all(r["tokens_per_sec"] > 0 and r["ttft_ms_max"] >= r["ttft_ms"] >= 0 for r in rows)
     assert "ttft_ms" in capsys.readouterr().out
+
+
+def test_serve_rounds_whose_clients_get_no_tokens_stop_in_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("uvicorn", reason="--what=serve needs the serve extra")
+    import engine
+
+    def fail(self):
+        raise RuntimeError("no step today")
+
+    monkeypatch.setattr(engine.Scheduler, "_decode", fail)
+    with pytest.raises(SystemExit, match=r"--what=serve: 1 of 1 clients got no tokens, e\.g\. .*no step today"):
+        bench.main(TINY + ["--what=serve", "--serve_clients=1", f"--out={tmp_path / 'r.jsonl'}"])
