@@ -131,15 +131,26 @@ def group_runs(runs: list[Run], labels: dict[Path, str] | None = None) -> list[G
     for g in groups.values():
         s = g.runs[0].settings
         g.settings = {k: s.get(k) for k in differ} if s is not None else {}
-        shown = ", ".join(f"{k}={_show(v)}" for k, v in g.settings.items())
+        shown = settings_text(g.settings) if len(differ) <= 3 else folders_text([r.path for r in g.runs])
         g.label = (labels or {}).get(g.runs[0].path) or shown or str(g.runs[0].path)
         if s is None:
             g.label += " (no checkpoint yet)"
     return list(groups.values())
 
 
-def _show(v: object) -> str:
-    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+def settings_text(settings: dict) -> str:
+    show = lambda v: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+    return ", ".join(f"{k}={show(v)}" for k, v in settings.items())
+
+
+def folders_text(paths: list[Path]) -> str:
+    """A group's folders in one short name, its label when more than three settings differ: out/a_s{1,2,3}."""
+    names = [str(p) for p in paths]
+    if len(names) == 1:
+        return names[0]
+    head = os.path.commonprefix(names)
+    tail = os.path.commonprefix([n[len(head):][::-1] for n in names])[::-1]
+    return head + "{" + ",".join(n[len(head):len(n) - len(tail)] for n in names) + "}" + tail
 
 
 # ------------------------------------------------------------------------------------------------------ the table
@@ -202,7 +213,10 @@ def markdown(rows: list[dict]) -> str:
                      f"{_cell(r['best_val_loss'], '.4f')} | {_cell(r['final_val_bpb'], '.4f')} | "
                      f"{_cell(r['time_s'], '.1f')} | {_cell(r['tokens_per_sec'], ',.0f')} | "
                      f"{_cell(mfu, '.1f') + ' %' if mfu else '-'} |")
-    return "\n".join(lines)
+    # labels that are folders (more than three settings differ): the settings under the table
+    notes = [f"- {r['label']}: {settings_text(r['settings'])}" for r in rows
+             if r["settings"] and settings_text(r["settings"]) != r["label"]]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 # ----------------------------------------------------------------------------------------------------- the figure
@@ -259,18 +273,20 @@ def plot(groups: list[Group], metric: str, png: Path, smooth: float = 0.95, titl
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey=True)
     axes = axes.ravel()
     curves = [group_curve(g, metric, smooth) for g in groups]
-    for g, points in zip(groups, curves):
+    for i, (g, points) in enumerate(zip(groups, curves)):
         if not points:
             continue
+        # ten colours, then the same ten dashed, dotted...: every group its own look however many there are
+        style = dict(color=f"C{i % 10}", ls=["-", "--", ":", "-."][i // 10 % 4])
         it, t, mean, low, high = map(list, zip(*points))
         xs = x_axes(g, it, t)
         marker = "o" if metric != "train" and len(it) < 30 else None
         for ax, x in zip(axes, xs):
             if x is None:
                 continue
-            (line,) = ax.plot(x, mean, marker=marker, ms=3, lw=1.2, label=g.label if ax is axes[0] else None)
+            ax.plot(x, mean, marker=marker, ms=3, lw=1.2, label=g.label if ax is axes[0] else None, **style)
             if len(g.runs) > 1:
-                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, lw=0)
+                ax.fill_between(x, low, high, color=style["color"], alpha=0.2, lw=0)
     # the top of the y axis: the highest value once a fifth of a run is done (the start, at ~ln(vocab) for every
     # run, would flatten the differences that matter)
     tops = [next(v for it, _, v, _, _ in pts if it >= 0.2 * pts[-1][0]) for pts in curves if pts]

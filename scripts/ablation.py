@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 BASE = "configs/shakespeare_char_cpu.toml"
 RECIPE = "configs/shakespeare_char_cpu_modern.toml"
-OUT = REPO / "out" / "ablation"  # time.json (ms per step of each variant), runs.jsonl (one line per run)
+OUT = REPO / "out" / "ablation"  # time.json (ms per step of each variant), runs/VARIANT_sSEED (the runs)
 TUNED = {"learning_rate": 3e-3}  # the GPT-2 baseline with a tuned AdamW rate: what the switches must beat
 SWITCHES = {  # name: (settings that add it to GPT-2, settings that remove it from the recipe)
     "rope": ({"pos_embedding": "rope"}, {"pos_embedding": "learned"}),

@@ -58,6 +58,20 @@ def test_runs_differing_by_seed_are_one_group(runs: Path) -> None:
     assert [r.path.name for r in compare.find_runs([str(runs)])[0]] == ["a_s1", "a_s2", "b_s1"]
 
 
+def test_runs_that_differ_in_many_settings_are_named_by_their_folders(runs: Path) -> None:
+    """Two configs apart (four settings or more): the legend names the folders, the table lists the settings."""
+    found, _ = compare.find_runs([str(runs / "*")])
+    other = {"learning_rate": 3e-3, "mlp": "relu2", "norm": "rmsnorm", "optimizer": "muon"}
+    for run in found[2:]:
+        run.settings = run.settings | other
+    groups = compare.group_runs(found)
+    assert [g.label for g in groups] == [f"{runs}/a_s{{1,2}}", f"{runs}/b_s1"]
+    table = compare.markdown([compare.summarize(g) for g in groups]).splitlines()
+    assert table[2].startswith(f"| {runs}/a_s{{1,2}} | 2 | ")
+    assert table[-1] == f"- {runs}/b_s1: learning_rate=0.003, mlp=relu2, norm=rmsnorm, optimizer=muon"
+    assert compare.folders_text([Path("out/x_s1_lr3"), Path("out/x_s22_lr3")]) == "out/x_s{1,22}_lr3"
+
+
 def test_flops_axis_is_the_models_flops_per_token_times_tokens(runs: Path) -> None:
     run = compare.read_run(runs / "b_s1")
     config = json.loads((runs / "b_s1" / "latest" / "config.json").read_text())
