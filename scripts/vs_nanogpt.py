@@ -4,9 +4,10 @@
     OMP_NUM_THREADS=1 flock /work/measure.lock python scripts/vs_nanogpt.py --nanogpt=/tmp/nanogpt --rounds=3 \
         [--also=/path/to/another/checkout]   # a third contender: another version of this repository
 
-Each round runs nanoGPT's train.py, then ours, for --iters iterations, then each sample.py for one token, each on a
-pseudo-terminal as a person would. Per process it reports the wall time, the time to the line printed right after the evaluation at iteration 0 (the start of
-the first iteration: imports, data, model, that evaluation), and for sample.py the time to its exit (one token).
+Each round runs nanoGPT's train.py and ours for --iters iterations, then each sample.py for one token, each on a
+pseudo-terminal as a person would; every other round in the other order. Per process it reports the wall time, the
+time to the line printed right after the evaluation at iteration 0 (the start of the first iteration: imports, data,
+model, that evaluation), and for sample.py the time to its exit (one token).
 Ours draws loss.png in a child that outlives it: the next process starts once that child is done.
 """
 
@@ -74,14 +75,14 @@ def main() -> None:
     ours = {"ours": REPO} | ({"also": Path(opts["also"])} if "also" in opts else {})
     results: dict[str, list[dict]] = {f"{who} {what}": [] for what in ("train", "sample") for who in ("nanogpt", *ours)}
     for r in range(rounds):
-        ng_out = f"/tmp/vs_nanogpt/ng_{r}"
-        subprocess.run(["rm", "-rf", ng_out], check=True)
-        results["nanogpt train"].append(timed(
-            [sys.executable, "train.py", *NANOGPT_ARGS, f"--max_iters={iters}", f"--lr_decay_iters={iters}",
-             f"--out_dir={ng_out}"], nanogpt, r"step 0: train loss"))
-        for who, repo in ours.items():
+        def train(who: str, repo: Path) -> None:
             out = f"/tmp/vs_nanogpt/{who}_{r}"
             subprocess.run(["rm", "-rf", out], check=True)
+            if who == "nanogpt":
+                results["nanogpt train"].append(timed(
+                    [sys.executable, "train.py", *NANOGPT_ARGS, f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+                     f"--out_dir={out}"], repo, r"step 0: train loss"))
+                return
             results[f"{who} train"].append(timed(
                 [sys.executable, "train.py", "configs/shakespeare_char_cpu.toml", f"--max_iters={iters}",
                  f"--lr_decay_iters={iters}", f"--out_dir={out}"], repo, r"iter 0: train loss"))
@@ -89,13 +90,20 @@ def main() -> None:
                 if Path(out, "loss.png").exists():
                     break
                 time.sleep(0.1)
-        results["nanogpt sample"].append(timed(
-            [sys.executable, "sample.py", f"--out_dir={ng_out}", "--device=cpu", "--num_samples=1",
-             "--max_new_tokens=1"], nanogpt, None))
-        for who, repo in ours.items():
+
+        def sample(who: str, repo: Path) -> None:
+            cpu = ["--device=cpu"] if who == "nanogpt" else []
             results[f"{who} sample"].append(timed(
-                [sys.executable, "sample.py", f"--out_dir=/tmp/vs_nanogpt/{who}_{r}", "--num_samples=1",
+                [sys.executable, "sample.py", f"--out_dir=/tmp/vs_nanogpt/{who}_{r}", *cpu, "--num_samples=1",
                  "--max_new_tokens=1"], repo, None))
+
+        order = [("nanogpt", nanogpt), *ours.items()]
+        if r % 2:  # every other round the other way round: going first or second is no one's advantage
+            order.reverse()
+        for who, repo in order:
+            train(who, repo)
+        for who, repo in order:
+            sample(who, repo)
         print(json.dumps({k: v[-1] for k, v in results.items()}), flush=True)
     for k, v in results.items():
         walls = [x["wall_s"] for x in v]
