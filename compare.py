@@ -5,7 +5,8 @@
     python compare.py out/a out/b --json=true             # the table as JSON
     python compare.py out/ablation/runs                   # a folder of run folders
 
-Runs that differ only by seed are one line: the mean, with a band from the lowest to the highest seed. Each run's
+Runs that differ only by seed are one line: the mean, with a band from the lowest to the highest seed, named by the
+settings that set it apart (by its folders when more than three do; the table then lists them). Each run's
 settings come from its latest checkpoint's config.json, its curve from metrics.jsonl; a run still training is read
 as far as it got. The figure needs matplotlib (pip install -e '.[plot]'); the table does not.
 """
