@@ -113,6 +113,8 @@ def find_runs(patterns: list[str]) -> tuple[list[Run], list[str]]:
             else:
                 paths_here = [path]
             for p in paths_here:
+                if any(p.resolve() == r.path.resolve() for r in runs):  # named twice: read once
+                    continue
                 run = read_run(p)
                 (runs if isinstance(run, Run) else skipped).append(run)
     return runs, skipped
@@ -146,11 +148,11 @@ def settings_text(settings: dict) -> str:
 
 def folders_text(paths: list[Path]) -> str:
     """A group's folders in one short name, its label when more than three settings differ: out/a_s{1,2,3}."""
-    names = [str(p) for p in paths]
+    names = list(dict.fromkeys(str(p) for p in paths))
     if len(names) == 1:
         return names[0]
-    head = os.path.commonprefix(names)
-    tail = os.path.commonprefix([n[len(head):][::-1] for n in names])[::-1]
+    head = os.path.commonprefix(names).rstrip("0123456789")  # whole numbers in the braces: s{10,20}, not s{1,2}0
+    tail = os.path.commonprefix([n[len(head):][::-1] for n in names])[::-1].lstrip("0123456789")
     return head + "{" + ",".join(n[len(head):len(n) - len(tail)] for n in names) + "}" + tail
 
 

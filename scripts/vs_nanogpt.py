@@ -5,7 +5,7 @@
         [--also=/path/to/another/checkout]   # a third contender: another version of this repository
 
 Each round runs nanoGPT's train.py and ours for --iters iterations, then each sample.py for one token, each on a
-pseudo-terminal as a person would; every other round in the other order. Per process it reports the wall time, the
+pseudo-terminal as a person would; each contender goes first in turn. Per process it reports the wall time, the
 time to the line printed right after the evaluation at iteration 0 (the start of the first iteration: imports, data,
 model, that evaluation), and for sample.py the time to its exit (one token).
 Ours draws loss.png in a child that outlives it: the next process starts once that child is done.
@@ -98,8 +98,7 @@ def main() -> None:
                  "--max_new_tokens=1"], repo, None))
 
         order = [("nanogpt", nanogpt), *ours.items()]
-        if r % 2:  # every other round the other way round: going first or second is no one's advantage
-            order.reverse()
+        order = order[r % len(order):] + order[:r % len(order)]  # each goes first in turn: no one's advantage
         for who, repo in order:
             train(who, repo)
         for who, repo in order:

@@ -70,6 +70,9 @@ def test_runs_that_differ_in_many_settings_are_named_by_their_folders(runs: Path
     assert table[2].startswith(f"| {runs}/a_s{{1,2}} | 2 | ")
     assert table[-1] == f"- {runs}/b_s1: learning_rate=0.003, mlp=relu2, norm=rmsnorm, optimizer=muon"
     assert compare.folders_text([Path("out/x_s1_lr3"), Path("out/x_s22_lr3")]) == "out/x_s{1,22}_lr3"
+    assert compare.folders_text([Path("out/s10"), Path("out/s20")]) == "out/s{10,20}"  # whole numbers
+    twice, _ = compare.find_runs([str(runs / "a_s1"), str(runs / "a_s1"), str(runs / "*")])  # each run read once
+    assert [r.path.name for r in twice] == ["a_s1", "a_s2", "b_s1"]
 
 
 def test_flops_axis_is_the_models_flops_per_token_times_tokens(runs: Path) -> None:
