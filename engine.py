@@ -294,6 +294,16 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------------ tokens
 
     def _sampled(self, job: Job, logits: torch.Tensor | None) -> bool:
+        """_sample_and_send, but a failure of this job's own work (its sampling, logprobs, stop strings, text) ends
+        this job alone with an error event: True, as for a job that has ended; the batch's other jobs go on."""
+        try:
+            return self._sample_and_send(job, logits)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 (handed to the request whose job failed)
+            job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+            job.sent = [-1] * len(job.sent)  # nothing more is sent for it
+            return True
+
+    def _sample_and_send(self, job: Job, logits: torch.Tensor | None) -> bool:
         """Sample a token for each row of job from its logits (rows, vocab), send the text that settled; True
         when the job has ended. None logits: max_tokens is 0."""
         r = job.request

@@ -247,6 +247,63 @@ def test_a_failing_step_fails_its_requests_and_the_worker_goes_on(char, monkeypa
             greedy(model, tokenizer, "ab", 3)
 
 
+@pytest.mark.parametrize("poison", ["sampling", "logprobs"])
+def test_one_failing_job_ends_alone_and_the_others_text_is_unchanged(wide, monkeypatch, poison):
+    """A job whose own sampling (or logprobs: torch's topk past the vocabulary) raises mid-way gets its error; a
+    stream decoding beside it goes on to its end, its text that of its run alone."""
+    import engine
+    model, tokenizer = wide
+    calls = []
+    if poison == "sampling":
+        sample_next = engine.sample_next
+
+        def poisoned(logits, temperature, *args):
+            calls.append(temperature)
+            if temperature == 0.5 and calls.count(0.5) == 3:
+                raise RuntimeError("poisoned sampling")
+            return sample_next(logits, temperature, *args)
+        monkeypatch.setattr(engine, "sample_next", poisoned)
+        body = dict(prompt="ab", max_tokens=20, temperature=0.5, seed=1)
+    else:
+        original = engine.Scheduler._logprobs
+
+        def poisoned(self, job, logits, tokens, top):
+            calls.append(top)
+            return original(self, job, logits, tokens, logits.size(-1) + 1 if len(calls) == 3 else top)
+        monkeypatch.setattr(engine.Scheduler, "_logprobs", poisoned)
+        body = dict(prompt="ab", max_tokens=20, temperature=0, logprobs=2)
+    with serving(model, tokenizer) as (port, app), Trace(model) as trace:
+        conn, response = open_stream(port, prompt="ROMEO:", max_tokens=400, temperature=0)
+        lines = [response.readline()]
+        status, answer = request(port, "POST", "/v1/completions", body)
+        assert health(port)["active_sequences"] == 1, "the stream stopped when the poisoned job failed (or it is too short)"
+        events = [json.loads(line[6:]) if b"[DONE]" not in line else "[DONE]"
+                  for line in [*lines, *response] if line.startswith(b"data: ")]
+        conn.close()
+        scheduler = app.state.scheduler
+        wait_for(lambda: not scheduler.jobs, "the rows to be freed")
+        assert scheduler.slots == []
+    expected = {"sampling": "poisoned sampling", "logprobs": "selected index k out of range"}[poison]
+    assert status == 500 and expected in answer["error"]["message"], answer
+    assert events[-1] == "[DONE]"
+    assert streamed_texts(events, 1) == ([greedy(model, tokenizer, "ROMEO:", 400)], ["length"])
+    assert max(trace.decode_batches()) == 2  # the poisoned job decoded beside the stream
+
+
+def test_logprobs_above_the_vocabulary_are_refused(monkeypatch):
+    """A char model of 10 symbols: logprobs=11 is a 400 naming the vocabulary, logprobs=10 is answered."""
+    symbols = "abcdefghij"
+    model, tokenizer = tiny_model(vocab_size=len(symbols)), Tokenizer.char(symbols)
+    with serving(model, tokenizer) as (port, _):
+        status, answer = request(port, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 3, "logprobs": 11})
+        assert status == 400 and answer["error"]["param"] == "logprobs"
+        assert "vocabulary has 10 tokens" in answer["error"]["message"]
+        status, answer = request(port, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 3, "logprobs": 21})
+        assert status == 400  # and the OpenAI-style cap still holds above it
+        top = complete(port, prompt="ab", max_tokens=3, temperature=0, logprobs=10)["choices"][0]["logprobs"]
+    assert [len(t) for t in top["top_logprobs"]] == [10] * 3
+
+
 def test_metrics_in_prometheus_text_format(char):
     pytest.importorskip("prometheus_client", reason="prometheus_client is not installed: pip install -e '.[serve]'")
     model, tokenizer = char
