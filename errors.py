@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import sys
 import traceback
 from collections.abc import Iterator
@@ -147,10 +148,25 @@ def lock(path: Path, refusal: str) -> tuple[int, Path]:
     """Hold an exclusive lock on the file `path` (made if missing) for this process, with its pid written inside;
     SystemExit(refusal with {pid} filled in) when another process holds it. The kernel releases it when the process
     ends, kill -9 included; unlock releases it and removes the file. On a file system without locks (some network
-    mounts) it warns and goes on unlocked."""
+    mounts) it warns and goes on unlocked. A symbolic link, or a file that holds anything but a pid, is refused and
+    left as it is: the lock never writes into a file that is not its own."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), True
+        except FileExistsError:
+            try:  # a killed holder's file, or someone else's: read before writing, never truncate on open
+                fd, made = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK), False
+            except FileNotFoundError:
+                continue  # its holder removed it meanwhile
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise SystemExit(f"{path} is a symbolic link, where this lock file belongs: remove the link (its "
+                                     f"target is left alone) and run again") from None
+                raise
+        try:
+            if not made and not _own_lock_file(fd):
+                raise SystemExit(f"{path} is not a lock file (it holds something other than a process id): move it "
+                                 f"away and run again; it was left as it is")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
@@ -167,14 +183,23 @@ def lock(path: Path, refusal: str) -> tuple[int, Path]:
             raise
         # A holder that ended between our open and our lock removed the file: then ours is a stale inode, try again.
         try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 break
         except FileNotFoundError:
             pass
         os.close(fd)
-    os.ftruncate(fd, 0)
+    os.ftruncate(fd, 0)  # a file made here or a dead holder's pid: ours to rewrite
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd, path
+
+
+def _own_lock_file(fd: int) -> bool:
+    """Whether an open file is what lock() writes: a regular file holding nothing or one pid."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 32:
+        return False
+    text = os.pread(fd, 32, 0)
+    return text.strip().isdigit() or not text.strip()
 
 
 def unlock(lock: tuple[int, Path]) -> None:

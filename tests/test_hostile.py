@@ -487,6 +487,17 @@ def _pausing(src, dst):
 os.replace = _pausing"""
 
 
+def test_a_preparation_refuses_a_lock_link_and_leaves_its_target(prepared: Path, corpus: Path,
+                                                                  tmp_path: Path) -> None:
+    user = tmp_path / "notes.txt"
+    user.write_bytes(b"my notes\n")
+    (prepared / ".lock").symlink_to(user)
+    before = snapshot(prepared)
+    assert_one_line(run("data/text/prepare.py", "--input", corpus, "--tokenizer=char", "--out_dir", prepared),
+                    rf"^{prepared / '.lock'} is a symbolic link")
+    assert user.read_bytes() == b"my notes\n" and snapshot(prepared) == before
+
+
 @pytest.mark.parametrize("then", ["continued", "killed"])
 def test_two_preparations_into_one_folder(prepared: Path, corpus: Path, tmp_path: Path, then: str) -> None:
     """The second one refuses, naming the first, while the first is paused half-way through its swap (it used to

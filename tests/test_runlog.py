@@ -73,3 +73,29 @@ def test_out_dir_lock_refuses_a_second_holder_and_cleans_up(tmp_path: Path) -> N
     with OutDirLock(tmp_path / "b" / "c"):
         pass
     assert not (tmp_path / "b").exists()  # both folders it made, empty, are gone
+
+
+@pytest.mark.parametrize("kind", ["symlink", "foreign file", "hard link"])
+def test_out_dir_lock_never_writes_into_a_file_it_does_not_own(tmp_path: Path, kind: str) -> None:
+    """A .lock that is a link to a user's file, or a file holding something other than a pid: refused in one line
+    naming it; the user's file byte for byte as it was, the link still there."""
+    user = tmp_path / "notes.txt"
+    user.write_bytes(b"my notes\n" * 3)
+    run = tmp_path / "run"
+    run.mkdir()
+    {"symlink": lambda: (run / ".lock").symlink_to(user), "hard link": lambda: os.link(user, run / ".lock"),
+     "foreign file": lambda: (run / ".lock").write_bytes(user.read_bytes())}[kind]()
+    message = "is a symbolic link" if kind == "symlink" else "is not a lock file"
+    with pytest.raises(SystemExit, match=rf"^{run / '.lock'} {message}"):
+        OutDirLock(run).__enter__()
+    assert user.read_bytes() == b"my notes\n" * 3 and (run / ".lock").read_bytes() == b"my notes\n" * 3
+    assert (run / ".lock").is_symlink() == (kind == "symlink")
+
+
+def test_out_dir_lock_reuses_a_dead_holders_file(tmp_path: Path) -> None:
+    """A killed run's .lock (its pid, or empty) is this lock's own: taken over and removed on exit."""
+    for left in (b"4242\n", b""):
+        (tmp_path / ".lock").write_bytes(left)
+        with OutDirLock(tmp_path):
+            assert (tmp_path / ".lock").read_bytes() == f"{os.getpid()}\n".encode()
+        assert not (tmp_path / ".lock").exists()
