@@ -1,6 +1,6 @@
 """Compare training runs: loss against step, tokens, wall time and training FLOPs in one figure, and a table.
 
-    python compare.py out/abl_*                           # compare.png and a markdown table
+    python compare.py out/abl_*                           # out/compare.png and a markdown table
     python compare.py "out/ablation/runs/*" --metric=bpb  # a quoted glob; --metric=val, bpb or train
     python compare.py out/a out/b --json=true             # the table as JSON
     python compare.py out/ablation/runs                   # a folder of run folders
@@ -8,19 +8,27 @@
 Runs that differ only by seed are one line: the mean, with a band from the lowest to the highest seed, named by the
 settings that set it apart (by its folders when more than three do; the table then lists them). Each run's
 settings come from its latest checkpoint's config.json, its curve from metrics.jsonl; a run still training is read
-as far as it got. The figure needs matplotlib (pip install -e '.[plot]'); the table does not.
+as far as it got; a line of metrics.jsonl that train.py would not write (NaN, Infinity, foreign keys) and a run whose
+config.json cannot be read are named on stderr and left out. The figure needs matplotlib (pip install -e '.[plot]');
+the table does not.
 """
 
 from __future__ import annotations
 
-import glob
-import json
-import math
-import os
-import statistics
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+import errors
+errors.install(__name__)
+
+import glob  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import stat  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from contextlib import suppress  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 IGNORED = ("seed", "out_dir")  # settings that do not make runs different experiments
 METRICS = {"val": ("val_loss", "val loss"), "bpb": ("val_bpb", "val bits per byte"),
@@ -30,7 +38,7 @@ METRICS = {"val": ("val_loss", "val loss"), "bpb": ("val_bpb", "val bits per byt
 @dataclass
 class CompareConfig:
     metric: str = "val"  # what the figure plots: val (val loss), bpb (val bits per byte) or train (train loss, smoothed)
-    out: str = "compare.png"  # the figure's path; empty: no figure
+    out: str = "out/compare.png"  # the figure's file (its suffix picks the format), or a folder for compare.png; empty: none
     json: bool = False  # print the table as JSON instead of markdown
     smooth: float = 0.95  # metric=train: the exponential moving average's decay over log lines (0: none)
 
@@ -65,20 +73,24 @@ class Group:
 
 
 def read_run(path: Path) -> Run | str:
-    """The run in out_dir `path`, or a one-line reason why it is not one."""
+    """The run in out_dir `path`, or a one-line reason why it is not one. Lines of metrics.jsonl that train.py
+    would not write are left out, each named on stderr (a half-written last line of a run still training is not)."""
     metrics = path / "metrics.jsonl"
     if not path.is_dir():
         return f"{path}: {'not a folder' if path.exists() else 'does not exist'}"
     if not metrics.is_file():
         return f"{path}: not a run (no metrics.jsonl; train.py writes one into its out_dir)"
-    rows = []
-    for line in metrics.read_text(errors="replace").splitlines():
-        try:  # a run being written may end in half a line
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("iter"), int):
+    try:
+        text = metrics.read_text(errors="replace")
+    except OSError as e:
+        return errors.message(e) or str(e)
+    rows, lines = [], text.splitlines()
+    for number, line in enumerate(lines, 1):
+        row, why = metrics_row(line)
+        if row is not None:
             rows.append(row)
+        elif line.strip() and not (number == len(lines) and not text.endswith("\n")):  # being written: wait
+            print(f"skipped {metrics} line {number}: {why}", file=sys.stderr)
     if not rows:
         return f"{path}: metrics.jsonl holds no metrics line (yet)"
     settings = tokens_per_iter = flops = None
@@ -88,15 +100,41 @@ def read_run(path: Path) -> Run | str:
         from model import GPT
         import torch
 
-        config = json.loads(latest.read_text())
-        settings = config.get("train")
-        gpt = config_from_hf(config, str(latest), None)
-        if settings is not None:
-            block = min(settings["block_size"], gpt.block_size)
-            tokens_per_iter = settings["batch_size"] * block * settings["gradient_accumulation_steps"]
-            with torch.device("meta"):  # the shape alone: no memory, no initialisation cost
-                flops = GPT(gpt).flops_per_token(block)
+        try:  # a user's file: any shape it has is a reason to leave the run out, not a traceback
+            config = json.loads(latest.read_text(), parse_constant=_no_constant)
+            settings = config.get("train")
+            gpt = config_from_hf(config, str(latest), None)
+            if settings is not None:
+                block = min(settings["block_size"], gpt.block_size)
+                tokens_per_iter = settings["batch_size"] * block * settings["gradient_accumulation_steps"]
+                int(settings["max_iters"]), int(settings["seed"])
+                with torch.device("meta"):  # the shape alone: no memory, no initialisation cost
+                    flops = GPT(gpt).flops_per_token(block)
+        except OSError as e:
+            return errors.message(e) or str(e)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            what = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+            return f"{latest}: not a checkpoint's config.json ({what}): left out"
     return Run(path, rows, settings, tokens_per_iter, flops)
+
+
+def metrics_row(line: str) -> tuple[dict | None, str]:
+    """(a metrics.jsonl line as train.py writes it: an object with an integer iter and numbers or null, all
+    finite, else None; why not)."""
+    try:
+        row = json.loads(line, parse_constant=_no_constant)
+    except ValueError as e:
+        return None, f"not JSON ({e})"
+    if not isinstance(row, dict) or type(row.get("iter")) is not int or type(row.get("elapsed")) not in (int, float):
+        return None, "not a metrics line (an object with an integer iter and the seconds elapsed)"
+    bad = [k for k, v in row.items() if not (v is None or type(v) is int or type(v) is float and math.isfinite(v))]
+    if bad:
+        return None, f"{bad[0]} is {row[bad[0]]!r}, not a finite number or null"
+    return row, ""
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON (train.py writes a non-finite number as null)")
 
 
 def find_runs(patterns: list[str]) -> tuple[list[Run], list[str]]:
@@ -308,10 +346,50 @@ def plot(groups: list[Group], metric: str, png: Path, smooth: float = 0.95, titl
     fig.suptitle(title or f"{METRICS[metric][1]}: mean over seeds, band from the lowest to the highest seed")
     rows = math.ceil(len(groups) / 3)
     fig.tight_layout(rect=(0, min(0.4, 0.035 * rows + 0.01), 1, 1))
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, png, dpi=100)
+    finally:
+        plt.close(fig)
     return None
+
+
+def save_figure(fig: object, path: Path, **options: object) -> None:
+    """fig.savefig into a temporary file beside path, then renamed onto it: a full disk or a kill midway leaves the
+    figure that was there before, whole, and no temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with errors.writing(path), os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode) if path.is_file() else 0o666 & ~_umask())
+            fig.savefig(f, format=path.suffix[1:].lower() or "png", **options)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def figure_path(out: str) -> Path:
+    """Where --out puts the figure: the file it names, or compare.png in the folder it names (an existing one, or a
+    path ending in /). SystemExit for what cannot take a figure."""
+    path = Path(out)
+    if path.is_dir():
+        return path / "compare.png"
+    if out.endswith(("/", os.sep)):
+        return path / "compare.png"
+    if path.exists() and not path.is_file():
+        raise SystemExit(f"--out={out} is not a regular file: name a figure's file (e.g. out/compare.png) or a folder")
+    if not path.suffix:
+        raise SystemExit(f"--out={out} has no suffix to say the figure's format: name a file such as {out}.png, or "
+                         f"a folder (an existing one, or end it with /) to write compare.png into")
+    return path
 
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
@@ -342,10 +420,10 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
         ax2.legend(loc="center right")
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = png_path.with_name(f".{png_path.name}.tmp")  # renamed into place: a reader never sees half a file
-    fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        save_figure(fig, png_path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
@@ -374,17 +452,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(CompareConfig, options, description=__doc__)
     if not paths:
         raise SystemExit("name the runs to compare: python compare.py OUT_DIR [OUT_DIR ...] (or a glob: 'out/abl_*')")
+    png = figure_path(cfg.out) if cfg.out else None  # before the work: a wrong --out is said at once
     runs, skipped = find_runs(paths)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if not runs:
         raise SystemExit(f"no run among {' '.join(paths)}: a run is an out_dir holding train.py's metrics.jsonl")
     rows = [summarize(g) for g in group_runs(runs)]
-    print(json.dumps(rows, indent=1) if cfg.json else markdown(rows))
-    if cfg.out:
-        why_not = plot(group_runs(runs), cfg.metric, Path(cfg.out), cfg.smooth)
-        print(why_not or f"figure: {cfg.out}", file=sys.stderr)
+    write_stdout(json.dumps(rows, indent=1) if cfg.json else markdown(rows))
+    if png is not None:
+        why_not = plot(group_runs(runs), cfg.metric, png, cfg.smooth)
+        print(why_not or f"figure: {png}", file=sys.stderr)
     return rows
+
+
+def write_stdout(text: str) -> None:
+    """print, flushed now, so that a full disk or a closed pipe is reported here as one line (at exit it would be
+    Python's "Exception ignored" and exit status 120)."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        with suppress(OSError, ValueError, AttributeError):  # the flush at exit must not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(e, BrokenPipeError):
+            raise SystemExit(141) from None  # `compare.py ... | head`: the reader left, which is fine
+        e.filename = e.filename or "standard output"
+        raise
 
 
 if __name__ == "__main__":

@@ -7,15 +7,20 @@ Three tiny real training runs (two seeds of one setting, one of another) and han
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import compare
+import errors
 import tokens
 from hf import config_from_hf
 from model import GPT
@@ -129,7 +134,7 @@ def test_folders_that_are_not_runs(runs: Path, tmp_path: Path, capsys: pytest.Ca
     rows = compare.main([*bad, str(runs / "b_s1"), "--out=", "--json=true"])  # a run among them: the table
     out, err = capsys.readouterr()
     assert [r["runs"] for r in rows] == [[str(runs / "b_s1")]] and json.loads(out) == rows
-    assert err.count("skipped ") == 5 and "empty: not a run" in err
+    assert err.count("skipped ") == 5 + 2 and "empty: not a run" in err  # 5 folders, garbage's 2 lines
 
 
 def test_the_table_without_matplotlib(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -170,3 +175,101 @@ def test_train_draws_loss_png_after_it_ends_on_a_terminal(runs: Path, tmp_path: 
         time.sleep(0.1)
     compare.plot_losses(runs / "b_s1" / "metrics.jsonl", tmp_path / "here.png")
     assert png.read_bytes() == (tmp_path / "here.png").read_bytes()  # the same picture as drawn in-process
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def handmade(folder: Path, *lines: str) -> Path:
+    """A run before its first checkpoint: metrics.jsonl alone (no torch is needed to read it)."""
+    folder.mkdir(parents=True)
+    good = [json.dumps({"iter": i, "train_loss": 3.0 - i / 10, "val_loss": 3.1 - i / 10, "train_bpb": None,
+                        "val_bpb": None, "lr": 1e-3, "tokens_per_sec": 100.0, "mfu": None, "elapsed": i * 1.5})
+            for i in range(4)]
+    (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in [*good[:2], *lines, *good[2:]]))
+    return folder
+
+
+def compare_process(*args: object, stdout: object = subprocess.PIPE, cwd: Path = REPO) -> tuple[int, list[str]]:
+    """(exit status, non-empty stderr lines) of `python compare.py args`."""
+    r = subprocess.run([sys.executable, str(REPO / "compare.py"), *map(str, args)], stdout=stdout,
+                       stderr=subprocess.PIPE, text=True, timeout=120, cwd=cwd)
+    return r.returncode, [line for line in r.stderr.splitlines() if line.strip()]
+
+
+def test_lines_train_py_would_not_write_and_a_broken_config_are_named_and_left_out(
+        runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    odd = handmade(tmp_path / "odd", '{"iter": 7, "val_loss": NaN, "elapsed": 1.0}',
+                   '{"iter": 8, "val_loss": Infinity, "elapsed": 1.0}', '{"iter": 9, "val_loss": 1e999, "elapsed": 1}',
+                   '{"iter": 9, "val_loss": "low", "elapsed": 1.0}', '{"step": 9}', "[1, 2]", "\x00\x01")
+    broken = tmp_path / "broken"
+    shutil.copytree(runs / "b_s1", broken, symlinks=True)
+    config = broken / "latest" / "config.json"
+    config.unlink() if config.is_symlink() else None
+    for text in ("{", '{"train": 3}', json.dumps({**json.loads((runs / "b_s1" / "latest" / "config.json")
+                                                              .read_text()), "train": {"seed": 1}})):
+        config.write_text(text)
+        capsys.readouterr()
+        rows = compare.main([str(odd), str(broken), str(runs / "a_s1"), "--out=", "--json=true"])
+        err = capsys.readouterr().err.splitlines()
+        assert [r["runs"] for r in rows] == [[str(odd)], [str(runs / "a_s1")]]
+        assert rows[0]["iters"] == [3] and rows[0]["final_val_loss"]["mean"] == pytest.approx(2.8)
+        assert [line.split(": ")[0] for line in err] == \
+            [f"skipped {odd / 'metrics.jsonl'} line {n}" for n in range(3, 10)] + [f"skipped {config}"]
+        assert "NaN is not JSON" in err[0] and "Infinity is not JSON" in err[1] and "inf, not a finite" in err[2]
+        assert "left out" in err[-1]
+
+
+def test_out_is_a_file_or_a_folder_and_the_default_is_under_out(runs: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("matplotlib")
+    run = handmade(tmp_path / "runs" / "r")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    compare.main([str(run)])  # no --out: out/compare.png, nothing else in the current folder
+    assert [str(p.relative_to(here)) for p in sorted(here.rglob("*"))] == ["out", "out/compare.png"]
+    assert capsys.readouterr().err.strip() == "figure: out/compare.png"
+    (here / "figs").mkdir()
+    for out, written in (("figs", "figs/compare.png"), ("new/", "new/compare.png"), ("c.svg", "c.svg")):
+        compare.main([str(run), f"--out={out}"])
+        assert capsys.readouterr().err.strip() == f"figure: {written}" and (here / written).stat().st_size > 1000
+    assert (here / "c.svg").read_text().lstrip().startswith("<?xml")  # the suffix picks the format
+    with pytest.raises(SystemExit, match="--out=figure has no suffix to say the figure's format"):
+        compare.main([str(run), "--out=figure"])
+    assert sorted(p.name for p in here.iterdir()) == ["c.svg", "figs", "new", "out"]
+
+
+def test_a_full_disk_keeps_the_figure_that_was_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    run = handmade(tmp_path / "r")
+    png = tmp_path / "figs" / "compare.png"
+    compare.main([str(run), f"--out={png}"])
+    before = png.read_bytes()
+
+    def full_disk(self, f, **options) -> None:  # half a PNG, then the disk is full
+        f.write(before[:len(before) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError) as e:
+        compare.main([str(handmade(tmp_path / "r2"))] + [f"--out={png}"])
+    assert errors.message(e.value) == f"{png}: no space left on the device: free some space or write elsewhere, " \
+                                      f"then run again"
+    assert png.read_bytes() == before and os.listdir(png.parent) == ["compare.png"]  # no temporary file left
+
+
+def test_unwritable_figures_and_a_full_stdout_are_one_line(tmp_path: Path) -> None:
+    run = handmade(tmp_path / "r")
+    (tmp_path / "a_file").write_text("x")
+    for out, expected in (("/dev/full", "--out=/dev/full is not a regular file"),
+                          (tmp_path / "a_file" / "c.png", f"{tmp_path / 'a_file'}: already exists, as something other")):
+        status, lines = compare_process(run, f"--out={out}", cwd=tmp_path)
+        assert status == 1 and len(lines) == 1 and re.search(expected, lines[0]), lines
+    with open("/dev/full", "w") as full:
+        status, lines = compare_process(run, "--out=", stdout=full)
+    assert status == 1 and lines == ["standard output: no space left on the device: free some space or write "
+                                     "elsewhere, then run again"]
