@@ -78,6 +78,9 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         raise ValueError(f"{path} is a file: pass the folder that holds config.json and model.safetensors")
     if (path / "config.json").is_file():
         return path.resolve() if path.is_symlink() else path  # out_dir/latest given directly: pin its target
+    if os.path.lexists(path / "config.json"):  # a folder, a link that loops or leads nowhere, a pipe
+        raise ValueError(f"{path / 'config.json'}: {errors.not_a_file(path / 'config.json')}: restore the file, or "
+                         f"pass another checkpoint")
     link = path / which
     if link.is_symlink():
         try:
@@ -87,8 +90,13 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
                              f"{link}) or delete it") from None
         if _is_complete(target):
             return target
-        # Saves never leave a link like this, so someone deleted or moved the folder.
+        # Saves never leave a link like this, so someone deleted or moved the folder, or broke a file in it.
         others = ", ".join(p.name for p in _checkpoints(path)) or "none"
+        wrong = [f"{target / name}: {errors.not_a_file(target / name)}" for name in FILES
+                 if target.is_dir() and errors.not_a_file(target / name)]
+        if wrong and any(os.path.lexists(target / name) for name in FILES):
+            raise ValueError(f"{link} points to {target}, which is not a complete checkpoint: {'; '.join(wrong)}; "
+                             f"complete checkpoints in {path}: {others}: pass one of them directly")
         raise ValueError(f"{link} points to {target}, which is not a complete checkpoint (deleted?); complete "
                          f"checkpoints in {path}: {others}: pass one of them directly")
     if which == "latest" and _checkpoints(path):
@@ -202,6 +210,8 @@ def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
 def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
     """The training state (state.pt) of a checkpoint folder, read with weights_only=True: no code runs on load."""
     path = Path(ckpt_dir) / "state.pt"
+    if os.path.lexists(path) and not path.is_file():
+        raise ValueError(f"{path}: {errors.not_a_file(path)}: restore the file, or resume from another checkpoint")
     if not path.is_file():
         raise ValueError(f"{path} not found: {ckpt_dir} holds weights only, so training cannot resume from it; "
                          f"fine-tune from it with --init_from={ckpt_dir} instead")
@@ -256,6 +266,8 @@ def read_config(folder: Path) -> dict:
 def _read_config(folder: Path, dropout: float | None) -> tuple[dict, GPTConfig]:
     """config.json of a model folder and the GPTConfig it describes; the one place that reads the file."""
     path, weights = folder / "config.json", folder / "model.safetensors"
+    if os.path.lexists(path) and not path.is_file():
+        raise ValueError(f"{path}: {errors.not_a_file(path)}: restore the file, or use another checkpoint")
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -264,6 +276,8 @@ def _read_config(folder: Path, dropout: float | None) -> tuple[dict, GPTConfig]:
         raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; use another checkpoint") from None
     check_config_types(config, path)
     c = config_from_hf(config, str(path), dropout)
+    if os.path.lexists(weights) and not weights.is_file():
+        raise ValueError(f"{weights}: {errors.not_a_file(weights)}: restore the file, or use another checkpoint")
     if not weights.is_file():
         raise ValueError(f"{weights} not found: a model folder holds config.json and model.safetensors "
                          f"(pytorch_model.bin is not read: convert it to safetensors)")
@@ -272,10 +286,33 @@ def _read_config(folder: Path, dropout: float | None) -> tuple[dict, GPTConfig]:
     # RoPE's tables (block_size x head_dim numbers, not in the file) are held to the same bound.
     params = ((c.vocab_size + c.n_layer * c.n_embd) * c.n_embd +
               c.block_size * (c.n_embd if c.pos_embedding == "learned" else c.head_dim))
-    if params > weights.stat().st_size:
-        raise ValueError(f"{path}: its sizes make ~{params:,} weights, more than the {weights.stat().st_size:,} "
-                         f"bytes of {weights}: the config does not belong to these weights")
+    data = _tensor_bytes(weights)
+    if params > data:
+        raise ValueError(f"{path}: its sizes make ~{params:,} weights, more than the {data:,} bytes of tensors in "
+                         f"{weights}: the config does not belong to these weights")
     return config, c
+
+
+def _tensor_bytes(weights: Path) -> int:
+    """The bytes of tensors a safetensors file's header announces, once the file is checked to hold them (an empty
+    or cut file is the weights' fault, not the config's); ValueError naming the file otherwise."""
+    size = weights.stat().st_size
+    damaged = f"{weights} is damaged ({{}}): download or save it again"
+    with open(weights, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte header length, the JSON header, the data
+        if size < 8 or not 2 <= n <= 100_000_000:  # safetensors' own limit on a header: 100 MB
+            raise ValueError(damaged.format("empty" if size == 0 else f"{size:,} bytes, no safetensors header"))
+        if 8 + n > size:
+            raise ValueError(damaged.format(f"cut short: {size:,} bytes, its header alone announces {8 + n:,}"))
+        try:
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            end = int(end)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(damaged.format("its header is not a safetensors header")) from None
+    if 8 + n + end > size:
+        raise ValueError(damaged.format(f"cut short: {size:,} bytes of the {8 + n + end:,} its header announces"))
+    return end
 
 
 _NUMBER, _NONE = (float,), (type(None),)  # a float takes an int too

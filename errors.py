@@ -133,6 +133,26 @@ def fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a regular file one can read, in words to follow "path: "; None when it is one. Asks without
+    opening: opening a FIFO would wait for a writer."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        return "no such file or folder"
+    except OSError as e:
+        return _HINTS.get(e.errno) or e.strerror or str(e)  # ELOOP: a loop of symbolic links
+    if stat.S_ISDIR(mode):
+        return "a folder, where a file belongs"
+    if not stat.S_ISREG(mode):
+        kind = "a pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+            else "a socket" if stat.S_ISSOCK(mode) else "a special file"
+        return f"{kind}, not a regular file: save the data into a file and pass that"
+    return None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process exists (to tell a dead run's temporary files from a live one's)."""
     try:

@@ -187,10 +187,15 @@ def hellaswag_file(local: str | None) -> Path:
 def read_hellaswag(path: Path, limit: int | None = None) -> list[tuple[str, list[str], int]]:
     """(context, 4 endings, label) of each line of a HellaSwag JSONL file; SystemExit naming a malformed line."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(examples) == limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line): a HellaSwag file "
+                                 f"is JSONL, one example a line") from None
             if not line.strip():
                 continue
             try:

@@ -141,8 +141,9 @@ class Preparation:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise ValueError(f"--out_dir {self.out_dir} is a file: pass a folder (new or holding a preparation)")
+        if os.path.lexists(self.out_dir) and not self.out_dir.is_dir():  # a file, or a link that loops or leads nowhere
+            what = "is a file" if self.out_dir.is_file() else f"is {errors.not_a_file(self.out_dir)}"
+            raise ValueError(f"--out_dir {self.out_dir} {what}: pass a folder (new or holding a preparation)")
         self.dir = self.out_dir / f".tmp-prepare-{os.getpid()}"
         self.id = int.from_bytes(os.urandom(8), "little") >> 1 or 1  # a positive int64: 0 means "no id"
         self._made_out_dir = False
@@ -312,8 +313,8 @@ def local_or_download(input_path: str | None, url: str, dest: Path, sha256: str 
     if input_path is None:
         return download(url, dest, sha256)
     path = Path(input_path)
-    if not path.is_file():
-        raise SystemExit(f"--input {path}: no such file (leave --input out to download {url})")
+    if not path.is_file():  # a pipe or /dev/zero too: never opened, a pipe would wait for a writer
+        raise SystemExit(f"--input {path}: {errors.not_a_file(path)} (leave --input out to download {url})")
     if sha256 is not None and file_sha256(path) != sha256:
         print(f"note: {path} is not the canonical file (sha256 differs from {url}); using it anyway")
     return path
@@ -454,8 +455,8 @@ def find_inputs(inputs: list[str | Path]) -> list[Path]:
             if p.suffix not in READERS:
                 raise SystemExit(f"--input {p}: unsupported file type {p.suffix or '(none)'}; expected {', '.join(READERS)}")
             files.append(p)
-        else:
-            raise SystemExit(f"--input {p}: no such file or folder")
+        else:  # a pipe or /dev/zero too: never opened, a pipe would wait for a writer
+            raise SystemExit(f"--input {p}: {errors.not_a_file(p)}")
     return files
 
 

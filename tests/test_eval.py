@@ -262,6 +262,23 @@ def test_a_malformed_hellaswag_line_is_a_one_line_error(char_run: Path, tmp_path
     assert f"{path}:2:" in message and expected in message
 
 
+def test_a_binary_hellaswag_file_names_its_file_and_line(char_run: Path, tmp_path: Path) -> None:
+    path = tmp_path / "hs.jsonl"
+    path.write_bytes((hellaswag_line("Thou", ["a", "b", "c", "d"], 0) + "\n").encode() + b"\x00\xff\xfe\x89PNG\n")
+    message = exit_message(main, [f"--out_dir={char_run}", "--task=hellaswag", f"--input={path}", "--device=cpu"])
+    assert message.startswith(f"{path}:2: not UTF-8 text (byte 2 of the line)")
+
+
+@pytest.mark.parametrize("task", ["text", "hellaswag"])
+def test_a_pipe_or_a_device_as_input_is_named_and_never_read(char_run: Path, tmp_path: Path, task: str) -> None:
+    """A FIFO with no writer would block a reader forever: it is refused without being opened."""
+    fifo = tmp_path / "in.txt"
+    os.mkfifo(fifo)
+    for path, what in ((fifo, "a pipe (FIFO), not a regular file"), ("/dev/zero", "a device, not a regular file")):
+        message = exit_message(main, [f"--out_dir={char_run}", f"--task={task}", f"--input={path}", "--device=cpu"])
+        assert message.startswith(f"--input {path}: {what}"), message
+
+
 def test_errors_exit_non_zero_without_a_traceback(char_run: Path, tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
     result = subprocess.run([sys.executable, str(REPO / "eval.py"), f"--out_dir={char_run}",

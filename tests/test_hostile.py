@@ -182,6 +182,15 @@ def test_out_dir_that_is_a_file(tmp_path: Path, corpus: Path) -> None:
     assert (tmp_path / "f").read_text() == "mine"
 
 
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_out_dir_that_is_a_broken_link(tmp_path: Path, corpus: Path, kind: str) -> None:
+    (tmp_path / "ds").symlink_to("ds" if kind == "loop" else "nowhere")
+    what = "is a loop of symbolic links" if kind == "loop" else "is a symbolic link to nowhere, which does not exist"
+    assert_one_line(run("data/text/prepare.py", "--input", corpus, "--out_dir", tmp_path / "ds"),
+                    rf"^--out_dir {tmp_path / 'ds'} {what}: pass a folder")
+    assert os.readlink(tmp_path / "ds") == ("ds" if kind == "loop" else "nowhere")
+
+
 KILL_WHILE_WRITING = """
 import os, signal, prepare_data
 prepare_data.ShardWriter.write = lambda self, ids: os.kill(os.getpid(), signal.SIGKILL)
@@ -412,6 +421,33 @@ def test_sample_and_attention_refuse_before_working(run_copy: Path, tmp_path: Pa
     assert_one_line(outcome(attention.main, [f"--out_dir={run_copy}", f"--out={tmp_path / 'file' / 'maps'}"], capsys),
                     r"file is a file, where the PNGs need a folder")
     assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", checkpoint.FILES)
+@pytest.mark.parametrize("kind", ["folder", "loop", "fifo"])
+def test_a_checkpoint_file_that_is_not_a_file_is_named(trained: tuple[Path, Path], run_copy: Path, name: str,
+                                                       kind: str, capsys: pytest.CaptureFixture) -> None:
+    """Named with what it is, not taken for a deleted checkpoint, by whichever reads it: sample.py, a resume."""
+    path = (run_copy / "latest").resolve() / name
+    path.unlink()
+    {"folder": path.mkdir, "loop": lambda: path.symlink_to(name), "fifo": lambda: os.mkfifo(path)}[kind]()
+    what = {"folder": "a folder, where a file belongs", "loop": "a loop of symbolic links",
+            "fifo": r"a pipe \(FIFO\), not a regular file"}[kind]
+    before = snapshot(run_copy)
+    argv = [f"--dataset={trained[0]}", f"--out_dir={run_copy}", "--init_from=resume", "--max_iters=4", *TINY]
+    for main, args in ((sample.main, [f"--out_dir={run_copy}", "--max_new_tokens=2"]), (train.main, argv)):
+        line = assert_one_line(outcome(main, args, capsys), rf"{re.escape(str(path))}: {what}")
+        assert "deleted?" not in line
+        assert snapshot(run_copy) == before
+
+
+def test_an_empty_model_safetensors_is_blamed_on_itself(run_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    weights = run_copy / "latest" / "model.safetensors"
+    for data, what in ((b"", r"is damaged \(empty\)"), (weights.read_bytes()[:200], r"is damaged \(cut short")):
+        weights.write_bytes(data)
+        line = assert_one_line(outcome(sample.main, [f"--out_dir={run_copy}", "--max_new_tokens=2"], capsys),
+                               rf"model.safetensors {what}")
+        assert "config.json" not in line
 
 
 def test_a_prompt_outside_a_char_vocabulary(run_copy: Path, capsys: pytest.CaptureFixture) -> None:
