@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -108,9 +109,16 @@ class ServeConfig:
         if self.allow_origins is not None and not all(o.strip() for o in self.allow_origins.split(",")):
             raise ValueError(f"allow_origins must be origins separated by commas, e.g. http://localhost:3000, got "
                              f"{self.allow_origins!r}")
+        for origin in self.origins:  # a browser sends exactly scheme://host[:port]: anything else never matches
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                fixed = origin.rstrip("/").lower()
+                hint = f": did you mean {fixed}?" if _ORIGIN.fullmatch(fixed) else ", e.g. http://localhost:3000"
+                raise ValueError(f"allow_origins: {origin!r} is not an origin, which is scheme://host[:port] in lower "
+                                 f"case with no path and no trailing slash{hint}")
 
     @property
     def origins(self) -> list[str]:
+        """--allow_origins as a list ("*": every page, warned about at start)."""
         return [o.strip() for o in self.allow_origins.split(",")] if self.allow_origins else []
 
 
@@ -152,6 +160,7 @@ class Completion:
 # OpenAI's completions fields that this server cannot honour, with the values that mean "off".
 _UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "presence_penalty": (None, 0),
                 "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")  # a browser's Origin header
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default limit (OpenAI's is 5)
 _FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
            "echo", "user", "logprobs", "return_token_ids", "top_k"} | set(_UNSUPPORTED)  # the last two: vLLM's
@@ -692,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     if not _is_loopback(cfg.host):
         print(f"warning: --host={cfg.host} is not a loopback address: anyone who can reach this machine can use the "
               f"server, which has no authentication", file=sys.stderr)
+    if "*" in cfg.origins:
+        print("warning: --allow_origins=* lets every web page its visitors open call this server and read its "
+              "answers; name the origins that need it instead (e.g. http://localhost:3000)", file=sys.stderr)
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters, {device}, {str(dtype).removeprefix('torch.')}) "
           f"on http://{cfg.host}:{sock.getsockname()[1]}", file=sys.stderr)
     # A backstop after our own deadline (Server.shutdown): uvicorn then cancels what is still running.

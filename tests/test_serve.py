@@ -855,6 +855,32 @@ def test_no_cors_headers_unless_origins_are_allowed(char):
             assert raw_request(port, method, path, headers).getheader("Access-Control-Allow-Origin") is None
 
 
+@pytest.mark.parametrize("origins, hint", [
+    ("http://localhost:3000/", "did you mean http://localhost:3000?"),  # a trailing slash: never sent by a browser
+    ("localhost:3000", "e.g. http://localhost:3000"),  # no scheme
+    ("https://example.com/app", "e.g. http://localhost:3000"),  # a path
+    ("http://good.example, HTTPS://Example.com", "did you mean https://example.com?"),
+    ("file://", "e.g. http://localhost:3000"),  # no host
+])
+def test_origins_that_can_never_match_are_refused(origins, hint):
+    with pytest.raises(SystemExit, match=re.escape(hint)) as e:
+        serve.main([f"--allow_origins={origins}"])
+    assert "\n" not in str(e.value.code) and "is not an origin, which is scheme://host[:port]" in str(e.value.code)
+    for good in ("http://localhost:3000", "https://example.com", "http://[::1]:8080", "http://127.0.0.1", "*"):
+        assert ServeConfig(allow_origins=good).origins == [good]
+
+
+def test_every_origin_is_warned_about(char_run):
+    server = Process(char_run, "--allow_origins=*")
+    try:
+        response = raw_request(server.port, "GET", "/v1/models", {"Origin": "http://any.example"})
+        assert response.getheader("Access-Control-Allow-Origin") == "*"
+    finally:
+        server.close()
+    assert "warning: --allow_origins=* lets every web page its visitors open call this server and read its answers" \
+        in server.text()
+
+
 def test_streams_never_send_part_of_a_stop_string(char, char_server):
     """Streamed deltas add up to the non-streamed text, which ends before the stop string: a delta that had sent
     the stop string's first characters would make the sum longer."""
