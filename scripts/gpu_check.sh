@@ -17,6 +17,29 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 carry=gpu_carry  # prepared Shakespeare (characters), tiktoken's files, pytest-timeout's wheel
 
+# The arguments and settings first, each wrong one in one line, before a second is spent.
+usage="usage: bash scripts/gpu_check.sh [OUT] | --dry-run OUT | --prepare"
+steps=" smoke tests bench_train_gpt2 bench_train_modern bench_decode ddp fp16 resume shakespeare_char shakespeare_char_modern "
+i=0
+for arg in "$@"; do  # --dry-run and --prepare come first; nothing else starts with -
+    i=$((i + 1))
+    if [[ $arg == -* ]] && ! [[ $i -eq 1 && ($arg == --dry-run || $arg == --prepare) ]]; then
+        echo "gpu_check.sh: unknown option $arg; $usage" >&2
+        exit 2
+    fi
+done
+case "${1:-}" in
+    --prepare) [ $# -eq 1 ] || { echo "gpu_check.sh: --prepare takes nothing more; $usage" >&2; exit 2; } ;;
+    --dry-run) [ $# -eq 2 ] || { echo "gpu_check.sh: --dry-run takes one OUT folder; $usage" >&2; exit 2; } ;;
+    *) [ $# -le 1 ] || { echo "gpu_check.sh: one OUT folder at most, got $#; $usage" >&2; exit 2; } ;;
+esac
+[[ ${GPU_CHECK_SECONDS:-480} =~ ^[0-9]+$ ]] ||
+    { echo "gpu_check.sh: GPU_CHECK_SECONDS must be whole seconds, got '$GPU_CHECK_SECONDS'" >&2; exit 2; }
+for name in ${GPU_CHECK_ONLY:-}; do
+    [[ $steps == *" $name "* ]] ||
+        { echo "gpu_check.sh: GPU_CHECK_ONLY names no step '$name'; the steps:${steps% }" >&2; exit 2; }
+done
+
 if [ "${1:-}" = "--prepare" ]; then  # from a local corpus folder and tiktoken cache, as conftest.py finds them
     corpora=${SMALLGPT_DATA_DIR:-../shared/data}
     cache=${TIKTOKEN_CACHE_DIR:-../shared/tiktoken_cache}
@@ -38,10 +61,12 @@ dry=
 if [ "${1:-}" = "--dry-run" ]; then
     dry=1
     shift
-    [ $# -eq 1 ] || { echo "usage: bash scripts/gpu_check.sh --dry-run OUT" >&2; exit 2; }
 fi
 out=${1:-${OUT:-gpu_check_out}}
-mkdir -p "$out" || exit
+probe=
+{ mkdir -p "$out" && probe=$(mktemp "$out/.gpu_check.XXXXXX") && rm -f "$probe"; } 2> /dev/null ||
+    { echo "gpu_check.sh: OUT $out cannot be written into (read-only, a file, or no permission): pass a folder" \
+           "you may write to" >&2; exit 1; }
 out=$(cd "$out" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # logs, checkpoints: never under OUT (8 files come back)
 trap 'rm -rf "$work"' EXIT

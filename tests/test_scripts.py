@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import _data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +57,34 @@ def test_gpu_check_stops_at_a_failed_smoke_step(tmp_path):
     assert proc.returncode == 1
     assert re.fullmatch(r"smoke: exit 1 after \d+ s\n", (tmp_path / "out" / "summary.txt").read_text())
     assert "no torch in this test" in proc.stdout and "smoke failed: stopping" in proc.stdout
+
+
+@pytest.mark.parametrize("args, env, status, line", [
+    (["-x"], {}, 2, "unknown option -x; usage: "),
+    (["--dry-run", "-x"], {}, 2, "unknown option -x; usage: "),
+    (["--dry-run"], {}, 2, "--dry-run takes one OUT folder"),
+    (["--prepare", "more"], {}, 2, "--prepare takes nothing more"),
+    (["a", "b"], {}, 2, "one OUT folder at most, got 2"),
+    (["--dry-run", "{out}"], {"GPU_CHECK_SECONDS": "8m"}, 2, "GPU_CHECK_SECONDS must be whole seconds, got '8m'"),
+    (["--dry-run", "{out}"], {"GPU_CHECK_ONLY": "smoke test"}, 2, "GPU_CHECK_ONLY names no step 'test'"),
+    (["--dry-run", "{file}/out"], {}, 1, "OUT {file}/out cannot be written into"),
+    (["--dry-run", "{read_only}"], {}, 1, "OUT {read_only} cannot be written into"),
+    ([], {"OUT": "{read_only}"}, 1, "OUT {read_only} cannot be written into"),
+])
+def test_gpu_check_refuses_bad_arguments_and_an_unwritable_out_at_once(tmp_path, args, env, status, line):
+    """One line, a non-zero exit, before any step starts (a read-only OUT used to fail the smoke step)."""
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes into any folder whatever its mode: a folder no one may create files in
+        read_only = Path("/proc")
+    (tmp_path / "file").write_text("x")
+    names = {"out": tmp_path / "out", "file": tmp_path / "file", "read_only": read_only}
+    env = os.environ | {"PYTHON": "false"} | {k: v.format(**names) for k, v in env.items()}  # no step may run
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), *(a.format(**names) for a in args)],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == status and proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and line.format(**names) in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ro"]  # no OUT made, no default gpu_check_out
 
 
 def test_report_finds_the_first_evaluation_at_the_target(tmp_path):
