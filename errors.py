@@ -182,6 +182,9 @@ def lock(path: Path, refusal: str) -> tuple[int, Path]:
                 if e.errno == errno.ELOOP:
                     raise SystemExit(f"{path} is a symbolic link, where this lock file belongs: remove the link (its "
                                      f"target is left alone) and run again") from None
+                if e.errno == errno.EISDIR:
+                    raise SystemExit(f"{path} is a folder, where this lock file belongs: move it away and run "
+                                     f"again") from None
                 raise
         try:
             if not made and not _own_lock_file(fd):

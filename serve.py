@@ -231,11 +231,10 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
                             f"{max(len(s) for s in stop)}", "stop")
 
     logprobs = _typed(body, "logprobs", (int,), None, "an integer")
-    most = min(MAX_LOGPROBS, model.config.vocab_size)  # a char model may have fewer tokens than alternatives asked
+    most = min(MAX_LOGPROBS, model.config.vocab_size)  # a char model may have fewer tokens than that
     if logprobs is not None and not 0 <= logprobs <= most:
-        raise ApiError(400, f"logprobs must be between 0 and {most}" + (
-            f" (this model's vocabulary has {most} tokens)" if most < MAX_LOGPROBS else "") + f", got {logprobs}",
-                       "logprobs")
+        why = f" (this model's vocabulary has {most} tokens)" if most < MAX_LOGPROBS else ""
+        raise ApiError(400, f"logprobs must be between 0 and {most}{why}, got {logprobs}", "logprobs")
     if logprobs is not None and echo:
         raise ApiError(400, "logprobs with echo would need the prompt's log-probabilities, which this server does "
                             "not compute: leave out echo", "logprobs")

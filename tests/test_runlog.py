@@ -75,7 +75,7 @@ def test_out_dir_lock_refuses_a_second_holder_and_cleans_up(tmp_path: Path) -> N
     assert not (tmp_path / "b").exists()  # both folders it made, empty, are gone
 
 
-@pytest.mark.parametrize("kind", ["symlink", "foreign file", "hard link"])
+@pytest.mark.parametrize("kind", ["symlink", "foreign file", "hard link", "folder"])
 def test_out_dir_lock_never_writes_into_a_file_it_does_not_own(tmp_path: Path, kind: str) -> None:
     """A .lock that is a link to a user's file, or a file holding something other than a pid: refused in one line
     naming it; the user's file byte for byte as it was, the link still there."""
@@ -84,11 +84,12 @@ def test_out_dir_lock_never_writes_into_a_file_it_does_not_own(tmp_path: Path, k
     run = tmp_path / "run"
     run.mkdir()
     {"symlink": lambda: (run / ".lock").symlink_to(user), "hard link": lambda: os.link(user, run / ".lock"),
-     "foreign file": lambda: (run / ".lock").write_bytes(user.read_bytes())}[kind]()
-    message = "is a symbolic link" if kind == "symlink" else "is not a lock file"
+     "foreign file": lambda: (run / ".lock").write_bytes(user.read_bytes()), "folder": (run / ".lock").mkdir}[kind]()
+    message = {"symlink": "is a symbolic link", "folder": "is a folder"}.get(kind, "is not a lock file")
     with pytest.raises(SystemExit, match=rf"^{run / '.lock'} {message}"):
         OutDirLock(run).__enter__()
-    assert user.read_bytes() == b"my notes\n" * 3 and (run / ".lock").read_bytes() == b"my notes\n" * 3
+    assert user.read_bytes() == b"my notes\n" * 3
+    assert (run / ".lock").is_dir() if kind == "folder" else (run / ".lock").read_bytes() == b"my notes\n" * 3
     assert (run / ".lock").is_symlink() == (kind == "symlink")
 
 
