@@ -15,20 +15,21 @@ the table does not.
 
 from __future__ import annotations
 
-import errors
-errors.install(__name__)
+import glob
+import json
+import math
+import os
+import stat
+import statistics
+import sys
+import tempfile
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import glob  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import stat  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from contextlib import suppress  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
+import errors
+
+errors.install(__name__)  # only the standard library loads at start: torch and matplotlib come when needed
 
 IGNORED = ("seed", "out_dir")  # settings that do not make runs different experiments
 METRICS = {"val": ("val_loss", "val loss"), "bpb": ("val_bpb", "val bits per byte"),
@@ -38,7 +39,7 @@ METRICS = {"val": ("val_loss", "val loss"), "bpb": ("val_bpb", "val bits per byt
 @dataclass
 class CompareConfig:
     metric: str = "val"  # what the figure plots: val (val loss), bpb (val bits per byte) or train (train loss, smoothed)
-    out: str = "out/compare.png"  # the figure's file (its suffix picks the format), or a folder for compare.png; empty: none
+    out: str = "out/compare.png"  # the figure's file (its suffix: the format) or a folder for compare.png; empty: none
     json: bool = False  # print the table as JSON instead of markdown
     smooth: float = 0.95  # metric=train: the exponential moving average's decay over log lines (0: none)
 

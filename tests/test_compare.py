@@ -266,7 +266,7 @@ def test_unwritable_figures_and_a_full_stdout_are_one_line(tmp_path: Path) -> No
     run = handmade(tmp_path / "r")
     (tmp_path / "a_file").write_text("x")
     for out, expected in (("/dev/full", "--out=/dev/full is not a regular file"),
-                          (tmp_path / "a_file" / "c.png", f"{tmp_path / 'a_file'}: already exists, as something other")):
+                          (tmp_path / "a_file" / "c.png", f"{tmp_path / 'a_file'}: already exists, as something")):
         status, lines = compare_process(run, f"--out={out}", cwd=tmp_path)
         assert status == 1 and len(lines) == 1 and re.search(expected, lines[0]), lines
     with open("/dev/full", "w") as full:
