@@ -78,9 +78,7 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         raise ValueError(f"{path} is a file: pass the folder that holds config.json and model.safetensors")
     if (path / "config.json").is_file():
         return path.resolve() if path.is_symlink() else path  # out_dir/latest given directly: pin its target
-    if os.path.lexists(path / "config.json"):  # a folder, a link that loops or leads nowhere, a pipe
-        raise ValueError(f"{path / 'config.json'}: {errors.not_a_file(path / 'config.json')}: restore the file, or "
-                         f"pass another checkpoint")
+    _refuse_non_file(path / "config.json", "restore the file, or pass another checkpoint")
     link = path / which
     if link.is_symlink():
         try:
@@ -210,8 +208,7 @@ def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
 def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
     """The training state (state.pt) of a checkpoint folder, read with weights_only=True: no code runs on load."""
     path = Path(ckpt_dir) / "state.pt"
-    if os.path.lexists(path) and not path.is_file():
-        raise ValueError(f"{path}: {errors.not_a_file(path)}: restore the file, or resume from another checkpoint")
+    _refuse_non_file(path, "restore the file, or resume from another checkpoint")
     if not path.is_file():
         raise ValueError(f"{path} not found: {ckpt_dir} holds weights only, so training cannot resume from it; "
                          f"fine-tune from it with --init_from={ckpt_dir} instead")
@@ -266,8 +263,7 @@ def read_config(folder: Path) -> dict:
 def _read_config(folder: Path, dropout: float | None) -> tuple[dict, GPTConfig]:
     """config.json of a model folder and the GPTConfig it describes; the one place that reads the file."""
     path, weights = folder / "config.json", folder / "model.safetensors"
-    if os.path.lexists(path) and not path.is_file():
-        raise ValueError(f"{path}: {errors.not_a_file(path)}: restore the file, or use another checkpoint")
+    _refuse_non_file(path, "restore the file, or use another checkpoint")
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -276,8 +272,7 @@ def _read_config(folder: Path, dropout: float | None) -> tuple[dict, GPTConfig]:
         raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; use another checkpoint") from None
     check_config_types(config, path)
     c = config_from_hf(config, str(path), dropout)
-    if os.path.lexists(weights) and not weights.is_file():
-        raise ValueError(f"{weights}: {errors.not_a_file(weights)}: restore the file, or use another checkpoint")
+    _refuse_non_file(weights, "restore the file, or use another checkpoint")
     if not weights.is_file():
         raise ValueError(f"{weights} not found: a model folder holds config.json and model.safetensors "
                          f"(pytorch_model.bin is not read: convert it to safetensors)")
@@ -291,6 +286,13 @@ def _read_config(folder: Path, dropout: float | None) -> tuple[dict, GPTConfig]:
         raise ValueError(f"{path}: its sizes make ~{params:,} weights, more than the {data:,} bytes of tensors in "
                          f"{weights}: the config does not belong to these weights")
     return config, c
+
+
+def _refuse_non_file(path: Path, fix: str) -> None:
+    """ValueError naming what stands at path instead of a file (a folder, a looping or dangling link, a pipe); a
+    missing file is left to the caller, which knows what its absence means."""
+    if os.path.lexists(path) and not path.is_file():
+        raise ValueError(f"{path}: {errors.not_a_file(path)}: {fix}")
 
 
 def _tensor_bytes(weights: Path) -> int:
