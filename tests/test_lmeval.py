@@ -3,9 +3,12 @@ the remote tokenizer's endpoints; shapes pinned here as lm-eval 0.4.13 sends and
 `--docs=lm_eval` (its rolling windows, prefix and metrics) against the model computed directly. Where lm-eval is
 installed, it is run against the server on two task files, and its figures compared with eval.py's."""
 
+import hashlib
 import json
 import math
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from test_sample import bpe_run, char_run  # noqa: E402,F401 (fixtures)
 from test_serve import request, serving, stream_events  # noqa: E402
 
 BLOCK = 32  # the tiny models' block_size
+GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"  # tiktoken's source of GPT-2's BPE
 PREFILL_CHUNK = 16  # so that a full-context prompt is prefilled in chunks
 DOCS = ["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings and arrows "
         "of outrageous fortune,\nOr to take arms against a sea of troubles", "ROMEO:\nBut, soft! what light?",
@@ -253,13 +257,54 @@ def test_lm_eval_through_the_server_equals_eval_py_and_the_model(run, served, tm
     assert ppl["byte_perplexity,none"] == pytest.approx(record["byte_perplexity"], rel=1e-4)
     assert ppl["word_perplexity,none"] == pytest.approx(record["word_perplexity"], rel=1e-4)
     correct = 0
-    for sample in sorted(out["samples"]["tiny_mc"], key=lambda s: s["doc_id"]):
+    for sample in out["samples"]["tiny_mc"]:
         doc = MC[sample["doc_id"]]
-        lls = []
-        for choice in doc["choices"]:  # lm-eval's: the context's tokens, then those the choice adds after a space
-            whole = tokenizer.encode(doc["question"] + " " + choice)
-            scored = len(whole) - len(tokenizer.encode(doc["question"]))
-            lls.append(direct_logprobs(model, whole[-BLOCK:])[-scored:].sum().item())  # lm-eval's left truncation
+        lls = choice_loglikelihoods(model, tokenizer, doc, BLOCK)  # the server's prompt: max_length - 1 tokens
         assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(lls, abs=1e-4)
         correct += max(range(len(lls)), key=lls.__getitem__) == doc["label"]
     assert out["results"]["tiny_mc"]["acc,none"] == pytest.approx(correct / len(MC))
+
+
+def choice_loglikelihoods(model, tokenizer, doc: dict, keep: int) -> list[float]:
+    """lm-eval's multiple-choice scores: the tokens a choice adds after the context and a space, given the last
+    `keep` tokens of the two."""
+    lls = []
+    for choice in doc["choices"]:
+        whole = tokenizer.encode(doc["question"] + " " + choice)
+        scored = len(whole) - len(tokenizer.encode(doc["question"]))
+        lls.append(direct_logprobs(model, whole[-keep:])[-scored:].sum().item())
+    return lls
+
+
+def test_lm_eval_through_transformers_equals_eval_py(bpe_run, tmp_path, monkeypatch, capsys):
+    """`--model hf` on a checkpoint folder, given GPT-2's tokenizer files (written here from tiktoken's cache, which
+    holds them under the sha1 of their URLs): its windows are block_size, eval.py's default."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed")
+    pytest.importorskip("accelerate", reason="lm-eval's --model hf needs accelerate")
+    from lm_eval.tasks import TaskManager
+
+    cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    folder = tmp_path / "ckpt"
+    shutil.copytree((bpe_run / "latest").resolve(), folder)
+    for name, url in (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe")):
+        cached = cache / hashlib.sha1(f"{GPT2_FILES}/{url}".encode()).hexdigest()
+        if not cached.is_file():
+            pytest.skip(f"tiktoken's cache has no {url}")
+        shutil.copy(cached, folder / name)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", **dict.fromkeys(
+        ("bos_token", "eos_token", "unk_token"), "<|endoftext|>")}))
+    write_tasks(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu",
+                                  tasks=["tiny_mc", "tiny_ppl"], log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    record = evaluate.main([f"--out_dir={folder}", f"--input={tmp_path / 'docs.jsonl'}", "--docs=lm_eval",
+                            "--json=true", "--device=cpu"])
+    capsys.readouterr()
+    assert out["results"]["tiny_ppl"]["bits_per_byte,none"] == pytest.approx(record["bpb"], abs=1e-4)
+    model, tokenizer, _ = load_model(folder)
+    for sample in out["samples"]["tiny_mc"]:  # --model hf feeds max_length (block_size) tokens, one more
+        lls = choice_loglikelihoods(model, tokenizer, MC[sample["doc_id"]], BLOCK + 1)
+        assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(lls, abs=1e-4)
