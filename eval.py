@@ -9,8 +9,8 @@
 Bits per byte = total nats / ln 2 / UTF-8 bytes of the scored text, so models with different tokenizers compare.
 A long text is scored in windows of block_size tokens that advance by `stride`: each token is scored once, with at
 least block_size - stride + 1 tokens of context (fewer only in the first window). `--docs=lm_eval` scores each
-document alone, as lm-evaluation-harness's rolling perplexity does, to give its numbers. Standard output carries only the
-result; settings and the progress bar go to standard error. docs/eval.md has the conventions and measured figures.
+document alone, as lm-evaluation-harness's rolling perplexity does, to give its numbers. Standard output carries
+only the result; settings and the progress bar go to standard error. docs/eval.md has the conventions and figures.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from test_serve import request, serving, stream_events  # noqa: E402
 BLOCK = 32  # the tiny models' block_size
 GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"  # tiktoken's source of GPT-2's BPE
 PREFILL_CHUNK = 16  # so that a full-context prompt is prefilled in chunks
-DOCS = ["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings and arrows "
-        "of outrageous fortune,\nOr to take arms against a sea of troubles", "ROMEO:\nBut, soft! what light?",
+DOCS = ["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings and "
+        "arrows of outrageous fortune,\nOr to take arms against a sea of troubles", "ROMEO:\nBut, soft! what light?",
         "Now is the winter of our discontent\nMade glorious summer by this sun of York;\nAnd all the clouds that lour'd "
         "upon our house\nIn the deep bosom of the ocean buried.", "A"]
 MC = [{"question": "To be, or not to", "choices": ["be", "go", "sing"], "label": 0},
@@ -113,8 +113,9 @@ def test_echo_with_max_tokens_0_and_streamed(served):
     answer = request(port, "POST", "/v1/completions", {**lm_eval_payload(ids), "max_tokens": 0, "logprobs": 0})[1]
     choice, = answer["choices"]
     assert choice["text"] == DOCS[1] and choice["finish_reason"] == "length"
-    assert len(choice["logprobs"]["tokens"]) == len(ids) and choice["logprobs"]["top_logprobs"][1:] == [{}] * (len(ids) - 1)
-    assert torch.allclose(torch.tensor(choice["logprobs"]["token_logprobs"][1:]), direct_logprobs(model, ids), atol=1e-5)
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and lp["top_logprobs"][1:] == [{}] * (len(ids) - 1)
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), direct_logprobs(model, ids), atol=1e-5)
     body = {**lm_eval_payload(ids), "max_tokens": 4, "logprobs": 2}
     whole = request(port, "POST", "/v1/completions", body)[1]["choices"][0]
     merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -305,6 +306,6 @@ def test_lm_eval_through_transformers_equals_eval_py(bpe_run, tmp_path, monkeypa
     capsys.readouterr()
     assert out["results"]["tiny_ppl"]["bits_per_byte,none"] == pytest.approx(record["bpb"], abs=1e-4)
     model, tokenizer, _ = load_model(folder)
-    for sample in out["samples"]["tiny_mc"]:  # --model hf feeds max_length (block_size) tokens, one more
+    for sample in out["samples"]["tiny_mc"]:  # --model hf keeps max_length + 1 tokens: block_size of input
         lls = choice_loglikelihoods(model, tokenizer, MC[sample["doc_id"]], BLOCK + 1)
         assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(lls, abs=1e-4)
