@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import itertools
 import threading
 import time
 from collections import deque
@@ -20,6 +21,7 @@ from sample import Continuation, decode
 
 if TYPE_CHECKING:
     from serve import Completion
+    from tokens import Tokenizer
 
 try:  # glibc keeps freed heap pages for reuse, so an idle server would hold its busiest moment's memory
     _malloc_trim = ctypes.CDLL(None).malloc_trim
@@ -43,6 +45,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     contexts: list[list[int]] = field(default_factory=list)  # each row's tokens: the prompt's window, then sampled
     logprobs: list[list[tuple]] = field(default_factory=list)  # per row, per id of its text: see _logprobs
+    prompt_logprobs: list[tuple] = field(default_factory=list)  # echo with logprobs: per prompt token, from prefill
     generator: torch.Generator | None = None
     length: int = 0  # positions of each row in the cache (rows of a job advance together)
     prefilled: int = 0  # prompt tokens prefilled so far
@@ -56,6 +59,11 @@ class Job:
     @property
     def rows(self) -> int:
         return self.request.n
+
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the prompt's own log-probabilities are returned, from its prefill."""
+        return self.request.echo and self.request.logprobs is not None
 
     @property
     def done(self) -> bool:
@@ -220,7 +228,7 @@ class Scheduler:
         if not todo:
             return []
         ended = []
-        group = [j for j in todo if j.request.max_tokens == 0]  # nothing to compute
+        group = [j for j in todo if j.request.max_tokens == 0 and not j.scores_prompt]  # nothing to compute
         for job in group:
             job.prefilled = len(self._prompt(job))
             ended += [job] if self._sampled(job, None) else []
@@ -233,14 +241,17 @@ class Scheduler:
             if first.prefill is None:
                 first.prefill = KVCache.for_model(self.model, 1, max_len=len(prompt))
             chunk = prompt[first.prefilled:first.prefilled + self.prefill_chunk]
-            logits = self.model(self._tensor([chunk]), kv_cache=first.prefill, logits_at=-1)[0][:, -1]  # (1, vocab)
+            logits = self.model(self._tensor([chunk]), kv_cache=first.prefill,
+                                logits_at=None if first.scores_prompt else -1)[0]  # (1, len(chunk) or 1, vocab)
+            if first.scores_prompt:
+                self._prompt_logprobs(first, logits[0], first.prefilled)
             first.prefilled += len(chunk)
             if first.prefilled < len(prompt):
                 return ended
-            group, cache, lasts = [first], first.prefill, logits
+            group, cache, lasts = [first], first.prefill, logits[:, -1]
         else:  # as many short prompts as fit in prefill_chunk tokens, padded to the longest
             group, longest = [], 0
-            for job in todo:
+            for job in (j for j in todo if j.scores_prompt == first.scores_prompt):  # all positions' logits, or last
                 n = len(self._prompt(job))
                 if n > self.prefill_chunk or (len(group) + 1) * max(longest, n) > self.prefill_chunk:
                     break
@@ -249,14 +260,20 @@ class Scheduler:
             prompts = [self._prompt(j) for j in group]
             cache = KVCache.for_model(self.model, len(group), max_len=longest)
             ends = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # each prompt's last position
-            lasts = self.model(self._tensor([p + [0] * (longest - len(p)) for p in prompts]), kv_cache=cache,
-                               logits_at=ends)[0][:, 0]  # (jobs, vocab)
+            x = self._tensor([p + [0] * (longest - len(p)) for p in prompts])  # (jobs, longest)
+            if first.scores_prompt:
+                logits = self.model(x, kv_cache=cache)[0]  # (jobs, longest, vocab)
+                for i, job in enumerate(group):
+                    self._prompt_logprobs(job, logits[i, :len(prompts[i])], 0)
+                lasts = logits[torch.arange(len(group), device=self.device), ends]  # (jobs, vocab)
+            else:
+                lasts = self.model(x, kv_cache=cache, logits_at=ends)[0][:, 0]  # (jobs, vocab)
         for i, job in enumerate(group):
             prompt = self._prompt(job)
             job.prefill, job.prefilled, job.length = None, len(prompt), len(prompt)
             job.contexts = [list(prompt) for _ in range(job.rows)]
             job.generator = torch.Generator(device=self.device).manual_seed(job.request.seed)
-            if self._sampled(job, lasts[i:i + 1].expand(job.rows, -1)):
+            if self._sampled(job, lasts[i:i + 1].expand(job.rows, -1) if job.request.max_tokens else None):
                 ended.append(job)
                 continue
             for row in range(job.rows):  # the rows of a prompt start alike: one prefill, copied
@@ -359,5 +376,29 @@ class Scheduler:
             out.append((decode(tokenizer, [token]), chosen[row], alternatives))
         return out
 
+    def _prompt_logprobs(self, job: Job, logits: torch.Tensor, start: int) -> None:
+        """Add to job.prompt_logprobs the entries (as _logprobs's, with the text offset) of the prompt tokens that
+        logits (T, vocab), at prompt positions start.., predict; the first token has none (OpenAI's null)."""
+        prompt, tokenizer, top = self._prompt(job), job.texts[0].tokenizer, job.request.logprobs
+        if start == 0:
+            job.prompt_logprobs = [(decode(tokenizer, prompt[:1]), None, None, 0)]
+        targets = self._tensor([prompt[start + 1:start + 1 + logits.size(0)]])[0]  # the last position's: sampled
+        logp = logits[:len(targets)].float().log_softmax(dim=-1)  # (targets, vocab)
+        chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+        best = logp.topk(top, dim=-1) if top else None
+        offsets = _text_offsets(tokenizer, prompt)
+        for j, token in enumerate(targets.tolist()):
+            alternatives = {} if best is None else {
+                decode(tokenizer, [i]): v for i, v in zip(best.indices[j].tolist(), best.values[j].tolist())}
+            job.prompt_logprobs.append((decode(tokenizer, [token]), chosen[j], alternatives, offsets[start + 1 + j]))
+
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+
+def _text_offsets(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """Where each token's text starts in decode(ids), in characters."""
+    if max(ids) < tokenizer.vocab_size:
+        return tokenizer.offsets(ids)
+    # an id of a padded embedding has no text: U+FFFD, as sample.decode shows it
+    return list(itertools.accumulate((len(decode(tokenizer, [i])) for i in ids[:-1]), initial=0))

@@ -4,11 +4,13 @@
     python eval.py --init_from=gpt2 --input=data/shakespeare_char/input.txt        # text files or a folder
     python eval.py --init_from=gpt2 --task=hellaswag --device=cuda                 # downloads the val set once
     python eval.py --out_dir=out/x --input=notes.txt --json=true                   # one JSON object on stdout
+    python eval.py --out_dir=out/x --input=docs.jsonl --docs=lm_eval               # lm-eval's rolling perplexity
 
 Bits per byte = total nats / ln 2 / UTF-8 bytes of the scored text, so models with different tokenizers compare.
 A long text is scored in windows of block_size tokens that advance by `stride`: each token is scored once, with at
-least block_size - stride + 1 tokens of context (fewer only in the first window). Standard output carries only the
-result; settings and the progress bar go to standard error. docs/eval.md has the conventions and measured figures.
+least block_size - stride + 1 tokens of context (fewer only in the first window). `--docs=lm_eval` scores each
+document alone, as lm-evaluation-harness's rolling perplexity does, to give its numbers. Standard output carries
+only the result; settings and the progress bar go to standard error. docs/eval.md has the conventions and figures.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -58,6 +61,8 @@ class EvalConfig:
     split: str = "val"  # the split of --dataset to score
     text_field: str = "text"  # the field (jsonl) or column (parquet) holding the text of --input
     stride: int | None = None  # tokens each window advances; none: block_size // 2; block_size: no overlap (fastest)
+    docs: str = "joined"  # text: joined (documents joined by end-of-text, one text) or lm_eval (each alone, as lm-eval)
+    max_seq_len: int | None = None  # docs=lm_eval: tokens a window predicts; none: block_size (docs/eval.md, lm-eval)
     batch_size: int = 8  # windows (text) or examples (hellaswag) per forward pass
     limit: int | None = None  # hellaswag: score only the first this many examples (none: all)
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
@@ -68,6 +73,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.task not in ("text", "hellaswag"):
             raise ValueError(f"task must be text or hellaswag, got {self.task!r}")
+        if self.docs not in ("joined", "lm_eval"):
+            raise ValueError(f"docs must be joined or lm_eval, got {self.docs!r}")
+        if self.docs == "lm_eval" and (self.task != "text" or self.input is None or self.stride is not None):
+            raise ValueError("docs=lm_eval scores the documents of --input (a prepared --dataset has no document "
+                             "text), in lm-eval's windows: pass --input=FILE_OR_FOLDER, and --max_seq_len instead "
+                             "of --stride")
+        if self.max_seq_len is not None and self.docs != "lm_eval":
+            raise ValueError("max_seq_len is the window of docs=lm_eval: pass --docs=lm_eval, or --stride instead")
         if self.task == "text" and (self.input is None) == (self.dataset is None):
             raise ValueError("task=text scores one source: pass --input=FILE_OR_FOLDER or --dataset=DIR (not both)")
         if self.task == "hellaswag" and self.dataset is not None:
@@ -76,7 +89,7 @@ class EvalConfig:
             raise ValueError(f"checkpoint must be latest or best, got {self.checkpoint!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        for name in ("stride", "batch_size", "limit"):
+        for name in ("stride", "batch_size", "limit", "max_seq_len"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -111,15 +124,19 @@ def token_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def score_tokens(model: torch.nn.Module, ids: np.ndarray, stride: int, batch_size: int = 8,
-                 autocast: AbstractContextManager = nullcontext()) -> float:
-    """Total nats of ids[1:], each token given the ones before it, through windows(); ids needs 2+ tokens."""
+                 autocast: AbstractContextManager = nullcontext(), window: int | None = None,
+                 progress: bool = True) -> float:
+    """Total nats of ids[1:], each token given the ones before it, through windows() of `window` (none:
+    block_size) targets; ids needs 2+ tokens."""
     device = next(model.parameters()).device
     n = len(ids) - 1
-    plan = windows(n, model.config.block_size, stride)
-    length = min(model.config.block_size, n)
+    window = window or model.config.block_size
+    plan = windows(n, window, stride)
+    length = min(window, n)
     positions = torch.arange(length, device=device)
     total = 0.0
-    with tqdm(total=len(plan), unit="window", mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
+    with tqdm(total=len(plan), unit="window", mininterval=0.1 if sys.stderr.isatty() else 30,
+              disable=not progress) as bar:
         for i in range(0, len(plan), batch_size):
             batch = plan[i:i + batch_size]
             rows = torch.from_numpy(np.stack([ids[s:s + length + 1] for s, _ in batch]).astype(np.int64)).to(device)
@@ -128,6 +145,47 @@ def score_tokens(model: torch.nn.Module, ids: np.ndarray, stride: int, batch_siz
             total += token_nll(model, x, y, autocast).sum().item()
             bar.update(len(batch))
     return total
+
+
+@torch.no_grad()
+def score_documents(model: torch.nn.Module, documents: list[str], tokenizer: Tokenizer, max_seq_len: int,
+                    batch_size: int = 8, autocast: AbstractContextManager = nullcontext()) -> dict[str, float]:
+    """lm-evaluation-harness's rolling perplexity (loglikelihood_rolling): each document alone, its every token
+    scored, the first from tokenizer.prefix_token; windows of max_seq_len targets, the last moved back to end at
+    the document's end (lm_eval.utils.get_rolling_token_windows, context_len 1, made disjoint, is windows() with
+    stride = max_seq_len). Its metrics: word and byte perplexity, bits per byte (words: runs between whitespace)."""
+    nats, tokens = 0.0, 0
+    for i, doc in enumerate(tqdm(documents, unit="doc", mininterval=0.1 if sys.stderr.isatty() else 30)):
+        try:  # as lm-eval's tokenizers: "<|endoftext|>" in a document is the end-of-text token
+            ids = tokenizer.encode(doc, special=True)
+        except ValueError as e:  # a character a char vocabulary lacks
+            raise SystemExit(f"document {i + 1}: {e}") from None
+        if ids:
+            nats += score_tokens(model, np.array([tokenizer.prefix_token] + ids), max_seq_len, batch_size, autocast,
+                                 max_seq_len, progress=False)
+            tokens += len(ids)
+    nbytes = sum(len(doc.encode("utf-8")) for doc in documents)
+    words = sum(len(re.split(r"\s+", doc)) for doc in documents)
+    return {"nats": nats, "tokens": tokens, "bytes": nbytes, "words": words,
+            "word_perplexity": math.exp(min(nats / words, 700.0)),
+            "byte_perplexity": math.exp(min(nats / max(nbytes, 1), 700.0)),
+            "bpb": nats / math.log(2) / max(nbytes, 1)}
+
+
+def text_documents(inputs: list[str], text_field: str) -> list[str]:
+    """The documents of --input as data/text/prepare.py reads them: a .txt file, a JSONL line, a parquet row."""
+    docs: list[str] = []
+    try:
+        for text, new_doc, _ in iter_files(find_inputs(inputs), {}, text_field):
+            if new_doc or not docs:
+                docs.append(text)
+            else:
+                docs[-1] += text  # a long document comes in pieces
+    except ValueError as e:  # not UTF-8, a bad JSONL line: tokens.py names the file and the fix
+        raise SystemExit(str(e)) from None
+    if not docs:
+        raise SystemExit(f"--input {' '.join(inputs)} holds no documents: pass a file with text")
+    return docs
 
 
 def text_tokens(inputs: list[str], tokenizer: Tokenizer, text_field: str) -> np.ndarray:
@@ -273,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
     block_size = model.config.block_size
     record = dict.fromkeys(("model", "task", "data", "tokens", "bytes", "loss", "ppl", "bpb", "acc", "acc_norm",
                             "examples", "stride", "seconds"))
+    if cfg.docs == "lm_eval":
+        record |= dict.fromkeys(("docs", "documents", "words", "word_perplexity", "byte_perplexity", "max_seq_len"))
     record |= {"model": str(source), "task": cfg.task}
     t0 = time.perf_counter()
 
@@ -286,6 +346,21 @@ def main(argv: list[str] | None = None) -> dict:
         record |= score_hellaswag(model, tokenizer, examples, cfg.batch_size, autocast)
         summary = (f"{source} on HellaSwag ({path.name}): {len(examples):,} examples, acc_norm "
                    f"{record['acc_norm']:.4f}, acc {record['acc']:.4f}")
+    elif cfg.docs == "lm_eval":
+        max_seq_len = cfg.max_seq_len or block_size
+        if max_seq_len > block_size:
+            raise SystemExit(f"max_seq_len={max_seq_len} is longer than the model's block_size {block_size}: pass "
+                             f"--max_seq_len={block_size} or less")
+        documents = text_documents([cfg.input], cfg.text_field)
+        scores = score_documents(model, documents, tokenizer, max_seq_len, cfg.batch_size, autocast)
+        loss = scores["nats"] / max(scores["tokens"], 1)
+        record |= {k: scores[k] for k in ("tokens", "bytes", "words", "word_perplexity", "byte_perplexity", "bpb")}
+        record |= {"data": cfg.input, "docs": "lm_eval", "documents": len(documents), "loss": loss,
+                   "ppl": math.exp(min(loss, 700.0)), "max_seq_len": max_seq_len}
+        summary = (f"{source} on {cfg.input}, {len(documents):,} documents scored alone (lm-eval's rolling "
+                   f"windows of {max_seq_len}): {scores['tokens']:,} tokens, {scores['bytes']:,} bytes: "
+                   f"{record['bpb']:.4f} bits/byte, byte perplexity {record['byte_perplexity']:.4f}, word perplexity "
+                   f"{record['word_perplexity']:.2f}")
     else:
         if cfg.dataset is not None:
             data_dir = resolve_dataset(cfg.dataset)

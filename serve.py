@@ -8,8 +8,8 @@
 
 Endpoints: POST /v1/completions (OpenAI's completions format; `stream` sends server-sent events), GET /v1/models,
 POST /v1/attention (one token's attention weights over the earlier tokens, every layer and head: attention.py's
-maps), GET /health (sequences decoding and waiting), GET /metrics (Prometheus), GET / (the playground,
-playground.html beside this file).
+maps), GET /tokenizer_info, POST /tokenize and POST /detokenize (vLLM's, for lm-eval: docs/eval.md), GET /health
+(sequences decoding and waiting), GET /metrics (Prometheus), GET / (the playground, playground.html beside this file).
 
 Scheduling (engine.py): one worker thread owns the model and decodes the rows of every request in one batch, a
 token per step; a request joins after its prefill and leaves the step it ends. When `max_sequences` rows are
@@ -235,15 +235,17 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     if logprobs is not None and not 0 <= logprobs <= most:
         why = f" (this model's vocabulary has {most} tokens)" if most < MAX_LOGPROBS else ""
         raise ApiError(400, f"logprobs must be between 0 and {most}{why}, got {logprobs}", "logprobs")
-    if logprobs is not None and echo:
-        raise ApiError(400, "logprobs with echo would need the prompt's log-probabilities, which this server does "
-                            "not compute: leave out echo", "logprobs")
 
     prompts, texts = _parse_prompts(body.get("prompt"), model, tokenizer)
+    block_size = model.config.block_size
+    if logprobs is not None and echo and max(len(p) for p in prompts) > block_size:
+        raise ApiError(400, f"a prompt of {max(len(p) for p in prompts)} tokens is longer than this model's context "
+                            f"(block_size {block_size}), so echo cannot score all its tokens: send at most "
+                            f"{block_size} (lm_eval: max_length={block_size + 1} in --model_args)", "prompt")
     if n < 1 or n * len(prompts) > cfg.max_sequences:
         raise ApiError(400, f"n x the number of prompts must be between 1 and {cfg.max_sequences} (the server's "
                             f"max_sequences), got {n} x {len(prompts)}", "n")
-    dropped = sum(max(0, len(p) - model.config.block_size) for p in prompts)
+    dropped = sum(max(0, len(p) - block_size) for p in prompts)
     return Completion(prompts, texts, max_tokens, temperature, top_k if top_k not in (None, 0, -1) else None,
                       top_p if top_p < 1 else None, n,
                       seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1, tuple(stop), stream,
@@ -345,6 +347,10 @@ class Reply:
         r = self.r
         if first and r.echo:
             text = r.prompt_texts[index // r.n] + text
+        if logprobs is not None and r.echo:  # the prompt's tokens first; text_offset counts from the prompt's start
+            shift = len(r.prompt_texts[index // r.n])
+            logprobs = (self.jobs[index // r.n].prompt_logprobs if first else []) + [
+                (*entry[:3], entry[3] + shift) for entry in logprobs]
         if logprobs is not None:  # OpenAI's completions format; text_offset counts from the completion's start
             tokens, chosen, top, offsets = zip(*logprobs) if logprobs else ((), (), (), ())
             logprobs = {"tokens": list(tokens), "token_logprobs": list(chosen), "top_logprobs": list(top),
@@ -458,6 +464,52 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
                                                      "owned_by": "smallgpt",
                                                      "context_length": served.model.config.block_size}]})
+
+
+async def tokenizer_info(request: Request) -> Response:
+    """vLLM's shape, which lm-eval's tokenizer_backend=remote reads: its prefix token is bos_token's (else
+    eos_token's) id. A char model has no end-of-text: bos_token is what stands in for it (Tokenizer.prefix_token)."""
+    served: Served = request.app.state.served
+    tokenizer, eot = served.tokenizer, served.tokenizer.eot_token
+    prefix = decode(tokenizer, [tokenizer.prefix_token])
+    return JSONResponse({"tokenizer_class": "smallgpt-" + tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                         "model_max_length": served.model.config.block_size, "bos_token": prefix,
+                         "bos_token_id": tokenizer.prefix_token, "eos_token": None if eot is None else prefix,
+                         "eos_token_id": eot, "pad_token": None})
+
+
+async def tokenize(request: Request) -> Response:
+    """{"prompt": TEXT} -> {"tokens": ids, "count": n, "max_model_len": block_size}; "<|endoftext|>" in TEXT is the
+    end-of-text token, as vLLM's and Hugging Face's tokenizers read it (POST /v1/completions reads it as text)."""
+    served: Served = request.app.state.served
+    try:
+        body = await _read_json(request)
+        if not isinstance(body, dict) or set(body) - {"prompt", "add_special_tokens", "model"} or \
+                not isinstance(body.get("prompt"), str):
+            raise ApiError(400, "send {\"prompt\": TEXT} (and optionally \"add_special_tokens\", which adds none "
+                                "here: this model has no start token)", "prompt")
+        _typed(body, "add_special_tokens", (bool,), False, "true or false")
+        try:
+            ids = served.tokenizer.encode(body["prompt"], special=True)
+        except ValueError as e:
+            raise ApiError(400, f"the prompt cannot be encoded: {e}", "prompt") from None
+    except ApiError as e:
+        return _error(e)
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": served.model.config.block_size})
+
+
+async def detokenize(request: Request) -> Response:
+    """{"tokens": ids} -> {"prompt": TEXT}."""
+    served: Served = request.app.state.served
+    vocab_size = served.model.config.vocab_size
+    try:
+        body = await _read_json(request)
+        ids = body.get("tokens") if isinstance(body, dict) and not set(body) - {"tokens", "model"} else None
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab_size for t in ids):
+            raise ApiError(400, f"send {{\"tokens\": [ids]}}, ids between 0 and {vocab_size - 1}", "tokens")
+    except ApiError as e:
+        return _error(e)
+    return JSONResponse({"prompt": decode(served.tokenizer, ids)})
 
 
 async def health(request: Request) -> Response:
@@ -579,7 +631,9 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 
 ROUTES = [("/", page, ["GET"]), ("/v1/models", models, ["GET"]), ("/health", health, ["GET"]),
           ("/metrics", metrics, ["GET"]), ("/v1/completions", completions, ["POST"]),
-          ("/v1/chat/completions", chat_completions, ["POST"]), ("/v1/attention", attention, ["POST"])]
+          ("/v1/chat/completions", chat_completions, ["POST"]), ("/v1/attention", attention, ["POST"]),
+          ("/tokenizer_info", tokenizer_info, ["GET"]), ("/tokenize", tokenize, ["POST"]),
+          ("/detokenize", detokenize, ["POST"])]
 
 
 def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig, name: str) -> Starlette:

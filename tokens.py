@@ -121,7 +121,11 @@ class Tokenizer:
             return {"kind": "char", "chars": self.chars}
         return {"kind": "tiktoken", "encoding": self.encoding}
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """special: "<|endoftext|>" in text is the end-of-text token, as Hugging Face's and vLLM's tokenizers read it
+        (lm-eval's tokenizers); otherwise plain text (see the class docstring)."""
+        if special and self.kind == "tiktoken":
+            return self._enc.encode(text, allowed_special="all")
         return self._encode_array(text).tolist()
 
     def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
@@ -141,6 +145,21 @@ class Tokenizer:
         if self.kind == "char":
             return "".join([self.chars[i] for i in ids])
         return self._enc.decode(ids)
+
+    @property
+    def prefix_token(self) -> int:
+        """The token a document's first token is predicted from (lm-eval's prefix): end-of-text; a char vocabulary,
+        which has none, uses its newline (what its documents and paragraphs follow), else its first symbol."""
+        if self.eot_token is not None:
+            return self.eot_token
+        return self.chars.index("\n") if "\n" in self.chars else 0
+
+    def offsets(self, ids: list[int]) -> list[int]:
+        """Where each token's text starts in decode(ids), in characters (a token that starts inside a character:
+        that character's offset)."""
+        if self.kind == "char":
+            return list(range(len(ids)))
+        return self._enc.decode_with_offsets(ids)[1]
 
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes of text each token id stands for (0 for special tokens such as end-of-text), (vocab_size,):

@@ -247,7 +247,7 @@ BAD = [
     (b'{"prompt": "a", "stream_options": {"x": 1}}', 400, "stream_options"),
     (b'{"prompt": "a", "foo": 1}', 400, "foo"),  # a field the API does not have
     (b'{"prompt": "a", "logprobs": 21}', 400, "logprobs"),
-    (b'{"prompt": "a", "logprobs": 2, "echo": true}', 400, "logprobs"),  # the prompt's logprobs are not computed
+    (b'{"prompt": "' + b"a" * 33 + b'", "logprobs": 1, "echo": true}', 400, "prompt"),  # past block_size: unscored
     (b'{"prompt": "a", "suffix": "b"}', 400, "suffix"),  # a field the API has, that this server cannot honour
     (b'{"prompt": "a", "presence_penalty": 0.5}', 400, "presence_penalty"),
     (b'{"prompt": "\\u00e9t\\u00e9"}', 400, "prompt"),  # not in the char vocabulary
