@@ -84,6 +84,9 @@ def test_every_number_is_refused_in_one_line_or_accepted_in_range(script, parse_
     assert fields, f"{script}: {cls.__name__} has no number settings?"
     problems = []
     for f in fields:
+        lo, hi = config.value_range(f)
+        if f.default is not None and not lo <= f.default <= hi:
+            problems.append(f"{script} --{f.name}: its default {f.default} is outside its range, {lo} to {hi}")
         for probe in PROBES:
             arg = f"--{f.name}={probe}"
             try:
@@ -92,7 +95,7 @@ def test_every_number_is_refused_in_one_line_or_accepted_in_range(script, parse_
                 if not (isinstance(e.code, str) and e.code and "\n" not in e.code and f.name in e.code):
                     problems.append(f"{script} {arg}: exit {e.code!r}, not one line naming {f.name}")
             except Parsed as p:
-                value, (lo, hi) = getattr(p.args[0], f.name), config.value_range(f)
+                value = getattr(p.args[0], f.name)
                 if probe not in ACCEPTABLE or not lo <= value <= hi:
                     problems.append(f"{script} {arg}: accepted as {value!r} (its range: {lo} to {hi})")
     assert not problems, "\n".join(problems)
