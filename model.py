@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from muon import Muon
 
+
 def bounded(default: Any, lo: float, hi: float) -> Any:
     """A config field whose number must lie in [lo, hi] (None aside): GPTConfig checks it, as config.py's parser."""
     return field(default=default, metadata={"range": (lo, hi)})
