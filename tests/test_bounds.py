@@ -191,7 +191,7 @@ def test_accepted_zeros_sample(char_run, capsys):
 
     threads = torch.get_num_threads()  # --threads=0 takes every core, for the rest of this process
     try:
-            assert sample.main([f"--out_dir={char_run}", "--device=cpu", "--start=ab", "--num_samples=2", "--seed=0",
+        assert sample.main([f"--out_dir={char_run}", "--device=cpu", "--start=ab", "--num_samples=2", "--seed=0",
                             "--threads=0", "--max_new_tokens=0", "--temperature=0", "--stream=false"]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -210,14 +210,14 @@ def test_accepted_zeros_train(tmp_path, monkeypatch):
     tokens.write_tokens(data / "val.bin", ids[3000:], tokens.token_dtype(tokenizer.vocab_size))
     prepare_data.write_meta(data, prepare_data.dataset_meta(tokenizer, 3000, len(ids) - 3000, source="test",
                                                             sha256=None, prepare="tests/test_bounds.py"))
-    zeros = ["--seed=0", "--threads=1", "--warmup_iters=0", "--dropout=0", "--weight_decay=0", "--grad_clip=0",
+    zeros = ["--seed=0", "--warmup_iters=0", "--dropout=0", "--weight_decay=0", "--grad_clip=0",
              "--min_lr=0", "--beta1=0", "--beta2=0", "--muon_momentum=0", "--muon_momentum_warmup=0",
              "--muon_weight_decay=0", "--lr_decay_iters=0", "--rope_theta=0"]  # rope_theta: unused by learned
     tiny = [f"--dataset={data}", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8",
-            "--batch_size=2", "--gradient_accumulation_steps=1", "--eval_iters=1", "--compile=false"]
+            "--batch_size=2", "--gradient_accumulation_steps=1", "--eval_iters=1", "--compile=false", "--threads=1"]
     result = train.main([*tiny, f"--out_dir={tmp_path / 'out'}", "--optimizer=muon", "--max_iters=2", *zeros])
     assert result["iter_num"] == 2 and np.isfinite(result["val_loss"])
-    result = train.main([*tiny, f"--out_dir={tmp_path / 'none'}", "--threads=1", "--max_iters=0"])
+    result = train.main([*tiny, f"--out_dir={tmp_path / 'none'}", "--max_iters=0"])
     assert result["iter_num"] == 0 and np.isfinite(result["val_loss"])  # evaluates the initial model
 
 
@@ -230,7 +230,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("script, arg, use", [
     ("train", "--n_embd=99999999999999999999", "1 to 65536"),  # hung in n_head's divisor suggestion
-    ("sample", "--threads=1000000", f"0 to {config.MAX_THREADS}"),  # segfaulted, after starving the machine of processes
+    ("sample", "--threads=1000000", f"0 to {config.MAX_THREADS}"),  # segfaulted, after starving the machine
     ("sample", "--max_new_tokens=100000000000000000000", "0 to 2**31 - 1"),  # ran silently until killed
     ("sample", "--seed=100000000000000000000000", "0 to 2**63 - 1"),  # torch's "Overflow when unpacking long long"
 ])
@@ -245,4 +245,5 @@ def test_in_a_fresh_interpreter_one_line_and_a_non_zero_exit(char_run, tmp_path)
     folder = absurd_copy(char_run, tmp_path / "absurd", "n_embd", 10**12 + 1)  # sample.py hung before its size guard
     result = run_script("sample.py", f"--init_from={folder}", "--device=cpu")
     assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines()[-1] == f"{folder / 'config.json'}: n_embd must be from 1 to 65536, got {10**12 + 1}"
+    assert result.stderr.splitlines()[-1] == \
+        f"{folder / 'config.json'}: n_embd must be from 1 to 65536, got {10**12 + 1}"
