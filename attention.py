@@ -34,7 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import load_for_inference
-from model import GPT, CausalSelfAttention
+from model import GPT, CausalSelfAttention, bounded
 from config import format_config, parse_config, read_prompt, resolve_device, set_threads
 from tokens import Tokenizer
 
@@ -54,12 +54,12 @@ class AttentionConfig:
     init_from: str = "resume"  # "resume" (the checkpoint in out_dir), a model folder, or gpt2 / gpt2-medium / ...
     checkpoint: str = "latest"  # which checkpoint of out_dir to load: latest or best
     text: str = "The animal didn't cross the street because it was too tired"  # FILE:path reads a file, - stdin
-    layer: int = 0  # layer drawn at full size (negative counts from the last layer)
-    head: int = 0  # head drawn at full size (negative counts from the last head)
-    token: int = -1  # query token of the terminal report, by position (negative counts from the end: -1 is the last)
+    layer: int = bounded(0, -2**24, 2**24)  # layer drawn at full size (negative counts from the last layer)
+    head: int = bounded(0, -2**24, 2**24)  # head drawn at full size (negative counts from the last head)
+    token: int = bounded(-1, -2**24, 2**24)  # query token of the terminal report, by position (negative counts from the end: -1 is the last)
     top: int = 5  # how many of the most attended tokens to list per layer and head
     out: str | None = None  # prefix P of the PNGs it writes, P_grid.png and P_L{layer}_H{head}.png; a folder (existing or ending in /): FOLDER/attention_grid.png, ...; none: out_dir/attention
-    dpi: int = 100  # pixels per inch of the PNGs
+    dpi: int = bounded(100, 10, 1000)  # pixels per inch of the PNGs
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto: one forward pass over a short text is quick anywhere
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
 
@@ -70,8 +70,6 @@ class AttentionConfig:
             raise ValueError("--text is empty: pass the text whose attention to show, e.g. --text=\"To be, or not\"")
         if self.top < 1:
             raise ValueError(f"--top must be at least 1, got {self.top}")
-        if not 10 <= self.dpi <= 1000:
-            raise ValueError(f"--dpi must be between 10 and 1000, got {self.dpi}")
         if self.out is None:
             self.out = str(Path(self.out_dir) / "attention")
         folder = Path(self.out) if self.out.endswith(("/", os.sep)) else Path(self.out).parent

@@ -106,7 +106,10 @@ def model_config(cfg: BenchConfig) -> tuple[GPTConfig, int]:
         return gpt, cfg.batch_size or 8
     if not cfg.model.endswith(".toml"):
         raise SystemExit(f"--model={cfg.model}: give one of {', '.join(SIZES)} or a training config .toml")
-    train = load_toml(cfg.model)
+    from train import TrainConfig  # read as train.py reads it: types and ranges checked, each mistake one line
+
+    settings = parse_config(TrainConfig, [cfg.model])
+    train = {key: getattr(settings, key) for key in load_toml(cfg.model)}  # the file's own settings
     vocab = cfg.vocab_size or _dataset_vocab(train.get("dataset")) or GPTConfig.vocab_size
     gpt = GPTConfig(vocab_size=vocab, **{k: train[k] for k in MODEL_FIELDS if k in train})  # every switch
     return gpt, cfg.batch_size or train.get("batch_size", 8)

@@ -17,8 +17,11 @@ Each script (train.py, sample.py, bench.py, attention.py) defines one dataclass;
     python train.py configs/shakespeare_char.toml --max_iters=2_000 --compile=false
 
 Fields may be int, float, str, bool or `X | None` of those (`none` or `null` sets None). Booleans take
-true/false/1/0/yes/no; floats must be finite. A mistake (unknown key, wrong type, nan or inf, missing file) exits with
-one line that names the key and the fix; a ValueError from the dataclass's __post_init__ does the same.
+true/false/1/0/yes/no; floats must be finite. Every number has a range (value_range): its field's metadata "range"
+(model.bounded makes such a field), else SHARED_RANGES's for a setting several scripts share, else NUMBER_RANGE;
+--help shows each one but NUMBER_RANGE. A mistake (unknown key, wrong type, nan or inf, a number out of its range,
+missing file) exits with one line that names the key and the fix; a ValueError from the dataclass's __post_init__
+does the same.
 """
 
 import dataclasses
@@ -44,6 +47,14 @@ T = TypeVar("T")
 
 _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+# Every number a user sets is bounded, so that a mistyped one ends in one line at once, not in a hang, a crash or a
+# silent run of years.
+NUMBER_RANGE = (0, 2**31 - 1)  # counts, sizes, rates, seconds: none needs more, and torch indexes most with int32
+MAX_THREADS = max(1024, 4 * (os.cpu_count() or 1))  # a million threads crash torch after starving the machine
+SHARED_RANGES = {"seed": (0, 2**63 - 1),  # 64 bits, as torch, numpy and serve.py's requests take
+                 "threads": (0, MAX_THREADS), "peak_flops": (0, 1e18)}  # FLOP/s: an H100's is 989e12
 
 
 def _unwrap(field_type: Any) -> tuple[type, bool]:
@@ -110,6 +121,29 @@ def parse_value(field_type: Any, text: str, key: str) -> Any:
     if base is float and not math.isfinite(value):  # float() also takes nan, inf and 1e999
         raise SystemExit(f"--{key} expects a finite number, got {text!r}")
     return value
+
+
+def value_range(f: dataclasses.Field) -> tuple[float, float]:
+    """The inclusive (lo, hi) of a number setting: the field's own, else a shared setting's, else NUMBER_RANGE."""
+    return f.metadata.get("range") or SHARED_RANGES.get(f.name) or NUMBER_RANGE
+
+
+def show_range(lo: float, hi: float) -> str:
+    """`lo to hi`, with powers of two (and one less) above a million written as such: 2**31 - 1, not 2147483647."""
+    def show(x: float) -> str:
+        if isinstance(x, float):
+            return f"{x:g}".replace("e+0", "e").replace("e+", "e")  # 1e9, not 1e+09
+        for k in range(20, 64):
+            if abs(x) in (2**k, 2**k - 1):
+                return f"{'-' * (x < 0)}2**{k}{' - 1' * (abs(x) == 2**k - 1)}"
+        return str(x)
+    return f"{show(lo)} to {show(hi)}"
+
+
+def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
+    lo, hi = value_range(f)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not lo <= value <= hi:
+        raise SystemExit(f"{where} is out of range: use a number from {show_range(lo, hi)}")
 
 
 def _check_toml_value(field_type: Any, value: Any, where: str) -> Any:
@@ -195,15 +229,18 @@ def _show(value: Any) -> str:
 
 def help_text(cls: type, description: str = "") -> str:
     """The --help screen: the description, a usage line, and `--name=<default>  type  help` per field."""
-    helps, rows = field_help(cls), []
+    helps, rows, own = field_help(cls), [], {f.name: f for f in dataclasses.fields(cls)}
     for name, (tp, default) in _settings(cls).items():
         shown = "<required>" if default is dataclasses.MISSING else _show(default)
         base, optional = _unwrap(tp)
-        rows.append((f"--{name}={shown}", base.__name__ + (" | None" if optional else ""), helps.get(name, "")))
+        bounds = value_range(own[name]) if base in (int, float) else NUMBER_RANGE
+        note = f" ({show_range(*bounds)})" if bounds != NUMBER_RANGE else ""
+        rows.append((f"--{name}={shown}", base.__name__ + (" | None" if optional else ""), helps.get(name, "") + note))
     w0, w1 = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
     prog = os.path.basename(sys.argv[0]) or "script.py"
     lines = [description.strip(), ""] if description.strip() else []
-    lines += [f"usage: python {prog} [CONFIG.toml] [--key=value ...]", ""]
+    lines += [f"usage: python {prog} [CONFIG.toml] [--key=value ...]",
+              f"(a number is from {show_range(*NUMBER_RANGE)} where no other range is shown)", ""]
     lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
     return "\n".join(lines)
 
@@ -217,13 +254,19 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
         print(help_text(cls, description))
         raise SystemExit(0)
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}  # key -> how the error names the value that was kept
     if path is not None:
         for key, value in load_toml(path).items():
             _check_key(key, settings, f" in {path}")
             values[key] = _check_toml_value(settings[key][0], value, f"{path}: {key}")
+            where[key] = f"{path}: {key} = {value}"
     for key, text in overrides.items():
         _check_key(key, settings, "")
         values[key] = parse_value(settings[key][0], text, key)
+        where[key] = f"--{key}={text}"
+    for f in dataclasses.fields(cls):  # the final values, before __post_init__ loops or allocates by one of them
+        if f.name in values:
+            _check_range(f, values[f.name], where[f.name])
     for name, (_, default) in settings.items():
         if name not in values and default is dataclasses.MISSING:
             raise SystemExit(f"missing required setting '{name}': pass --{name}=VALUE or set it in the config file")
@@ -302,8 +345,9 @@ def set_threads(threads: int | None) -> int:
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
         threads = int(env) if env.isdigit() and int(env) > 0 else max(1, cores - round(busy_cores()))
-    if threads < 0:
-        raise SystemExit(f"--threads={threads}: use a positive number, or 0 for one per core")
+    if not 0 <= threads <= MAX_THREADS:  # $OMP_NUM_THREADS or a checkpoint's count, which no parser has checked
+        raise SystemExit(f"threads={threads} is out of range: use 0 (one per core) to {MAX_THREADS} (--threads, "
+                         f"$OMP_NUM_THREADS)")
     torch.set_num_threads(threads or cores)
     return torch.get_num_threads()
 

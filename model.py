@@ -13,7 +13,8 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,36 +23,43 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from muon import Muon
 
+
+def bounded(default: Any, lo: float, hi: float) -> Any:
+    """A config field whose number must lie in [lo, hi] (None aside): GPTConfig checks it, as config.py's parser."""
+    return field(default=default, metadata={"range": (lo, hi)})
+
+
 # the values of the str switches: GPTConfig checks them, tests walk them
 CHOICES = {"pos_embedding": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2")}
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest context the model sees
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention (query) heads per block
-    n_embd: int = 768  # width of the residual stream
-    dropout: float = 0.0  # dropout probability on attention weights and residual branches (0 for pretraining)
+    block_size: int = bounded(1024, 1, 2**24)  # longest context the model sees
+    vocab_size: int = bounded(50304, 1, 2**24)  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = bounded(12, 1, 4096)  # transformer blocks
+    n_head: int = bounded(12, 1, 2**16)  # attention (query) heads per block
+    n_embd: int = bounded(768, 1, 2**16)  # width of the residual stream
+    dropout: float = bounded(0.0, 0.0, 1.0)  # dropout probability on attention weights and residual branches (0 for pretraining)
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2; False is a little faster
     # switches: the defaults are GPT-2
     pos_embedding: str = "learned"  # learned (GPT-2's wpe) or rope (rotary embeddings on q and k, no wpe)
-    rope_theta: float = 10000.0  # RoPE base: the longest wavelength is about 2π·rope_theta positions
+    rope_theta: float = bounded(10000.0, 0.0, 1e9)  # RoPE base: the longest wavelength is about 2π·rope_theta positions
     norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (F.rms_norm without a learned weight, as nanochat)
     embed_norm: bool = False  # normalise the token embeddings before the first block (nanochat, modded-nanogpt)
     qk_norm: bool = False  # RMS-normalise q and k per head before attention (weightless, so before or after RoPE alike)
     mlp: str = "gelu"  # gelu (GPT-2's tanh approximation) or relu2 (ReLU squared)
-    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head
+    n_kv_head: int | None = bounded(None, 1, 2**16)  # key/value heads (grouped-query attention); None: n_head
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix (GPT-2); False: its own weight
-    logit_softcap: float | None = None  # cap * tanh(logits / cap) on the output logits; None: no cap
+    logit_softcap: float | None = bounded(None, 0.0, 1e6)  # cap * tanh(logits / cap) on the output logits; None: no cap
     zero_init: bool = False  # output projections (and an untied head) start at zero instead of GPT-2's N(0, 0.02)
-    window: int | None = None  # sliding-window attention: each token sees itself and the window - 1 before; None: all
+    window: int | None = bounded(None, 1, 2**24)  # sliding-window attention: each token sees itself and the window - 1 before; None: all
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
+        for f in fields(self):  # sizes from a config.json too: bounded before a loop or an allocation uses them
+            value, (lo, hi) = getattr(self, f.name), f.metadata.get("range", (None, None))
+            if lo is not None and value is not None and not lo <= value <= hi:
+                raise ValueError(f"{f.name} must be from {lo} to {hi}, got {value}")
         if self.n_embd % self.n_head != 0:
             near = min((d for d in range(1, self.n_embd + 1) if self.n_embd % d == 0),
                        key=lambda d: abs(d - self.n_head))

@@ -52,7 +52,7 @@ from attention import attention_maps
 from checkpoint import load_for_inference
 from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype, set_threads
 from engine import Job, Scheduler
-from model import GPT
+from model import GPT, bounded
 from sample import Continuation, decode
 from tokens import Tokenizer
 
@@ -81,7 +81,7 @@ class ServeConfig:
     init_from: str | None = None  # gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder; none: out_dir
     checkpoint: str = "latest"  # which checkpoint of out_dir: latest or best
     host: str = "127.0.0.1"  # address to listen on; 0.0.0.0 opens the server to the network (it has no authentication)
-    port: int = 8000  # TCP port
+    port: int = bounded(8000, 0, 65535)  # TCP port
     allow_origins: str | None = None  # web origins whose pages may call the API (CORS), comma-separated; none: no page
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
     dtype: str = "auto"  # float32, bfloat16 or float16 (the weights are cast); auto: bfloat16 on CUDA, else float32

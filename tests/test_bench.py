@@ -96,6 +96,19 @@ def test_bench_rejects_bad_settings(arg, words, tmp_path):
     assert words in str(e.value.code) and "\n" not in str(e.value.code)
 
 
+@pytest.mark.parametrize("line, words", [
+    ("n_embd = 1000000000001", "n_embd = 1000000000001 is out of range: use a number from 1 to 65536"),
+    ("batch_size = 1000000000000000000", "batch_size = 1000000000000000000 is out of range"),
+    ('n_embd = "wide"', "n_embd expects an integer, got 'wide'"),
+])
+def test_a_training_config_is_read_as_train_py_reads_it(line, words, tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text(f"n_layer = 1\n{line}\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(TINY + [f"--model={toml}", f"--out={tmp_path / 'r.jsonl'}"])
+    assert str(e.value.code).startswith(f"{toml}: {words}") and "\n" not in str(e.value.code)
+
+
 def test_baselines_of_a_model_without_biases_exit_with_one_line(tmp_path):
     toml = tmp_path / "nobias.toml"
     toml.write_text("n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 8\nbias = false\n")

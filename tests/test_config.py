@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from conftest import exit_message
 
 @dataclass
 class Cfg:
-    learning_rate: float = 6e-4  # peak learning rate, reached after warmup_iters
+    learning_rate: float = field(default=6e-4, metadata={"range": (-1, 1)})  # peak learning rate, reached after warmup_iters
     max_iters: int = 5000  # number of optimizer steps
     compile: bool = True  # wrap the model in torch.compile
     dataset: str = "shakespeare#char"  # corpus name (a '#' inside a string is not the comment)
@@ -29,8 +29,8 @@ class Cfg:
 
     def __post_init__(self) -> None:
         note: int = 0  # a local in a method, not a field
-        if self.max_iters < 0:
-            raise ValueError(f"max_iters must be >= 0, got {self.max_iters}")
+        if self.max_iters < 1:
+            raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
 
 
 config_error = functools.partial(exit_message, parse_config, Cfg)  # config_error(argv): parse_config's one line
@@ -164,8 +164,8 @@ def test_malformed_command_lines(argv, expected):
 
 
 def test_post_init_value_error_becomes_one_line_exit(tmp_path):
-    assert config_error(["--max_iters=-1"]) == "max_iters must be >= 0, got -1"
-    # validation sees the final value: a bad TOML value fixed on the command line passes
+    assert config_error(["--max_iters=0"]) == "max_iters must be >= 1, got 0"
+    # validation, the ranges' too, sees the final value: a bad TOML value fixed on the command line passes
     assert parse_config(Cfg, [write(tmp_path, "max_iters = -5\n"), "--max_iters=5"]).max_iters == 5
 
 
@@ -178,10 +178,13 @@ def test_help_lists_every_field_with_its_comment(capsys, flag):
     assert out.startswith("Train a small GPT.")
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
     assert lines["--learning_rate=0.0006"].split(None, 2)[1:] == ["float",
-                                                                  "peak learning rate, reached after warmup_iters"]
+                                                                  "peak learning rate, reached after warmup_iters (-1 to 1)"]
     assert lines["--compile=true"].split(None, 2)[1:] == ["bool", "wrap the model in torch.compile"]
     assert lines["--dataset=shakespeare#char"].endswith("corpus name (a '#' inside a string is not the comment)")
-    assert lines["--seed=none"].split(None, 1)[1] == "int | None  random seed; none picks one from the clock"
+    assert lines["--seed=none"].split(None, 1)[1] == ("int | None  random seed; none picks one from the clock "
+                                                      "(0 to 2**63 - 1)")  # a seed's range in every script
+    assert lines["--max_iters=5000"].endswith("number of optimizer steps")  # the default range, stated once above:
+    assert "(a number is from 0 to 2**31 - 1 where no other range is shown)" in out
     assert lines["--dropout=0.0"].split() == ["--dropout=0.0", "float"]  # no comment, no help
     assert len(lines) == len(dataclasses.fields(Cfg))
 
@@ -293,8 +296,9 @@ def test_threads_setting(monkeypatch):
         assert set_threads(None) == 2
         assert set_threads(1) == 1
         assert set_threads(0) == 4  # one per core, whatever the load
-        with pytest.raises(SystemExit, match="--threads=-1"):
-            set_threads(-1)
+        for threads in (-1, config.MAX_THREADS + 1):  # $OMP_NUM_THREADS or a checkpoint's, which no parser saw
+            with pytest.raises(SystemExit, match=f"threads={threads} is out of range: use 0"):
+                set_threads(threads)
         monkeypatch.undo()
         assert 0 <= config.busy_cores() <= (os.cpu_count() or 1) + 0.5  # measured from /proc/stat here
     finally:

@@ -379,8 +379,9 @@ def test_disk_full_inside_torch_save(run_copy: Path, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("key, own_key, value, pattern", [  # key: GPT-2's; own_key: the "smallgpt" entry's
     ("n_embd", None, "16", r"config.json: n_embd='16' is not of type int"),
-    ("n_positions", None, 10 ** 12, r"config.json: its sizes make ~.* weights, more than the .* bytes of .*model"),
-    (None, "block_size", 10 ** 12, r"config.json: its sizes make ~.* weights, more than the .* bytes of .*model"),
+    ("n_positions", None, 2 ** 24, r"config.json: its sizes make ~.* weights, more than the .* bytes of .*model"),
+    (None, "block_size", 2 ** 24, r"config.json: its sizes make ~.* weights, more than the .* bytes of .*model"),
+    ("n_positions", None, 10 ** 12, r"config.json: block_size must be from 1 to 16777216, got 1000000000000"),
     ("n_layer", "n_layer", True, r"config.json: n_layer=True is not of type int"),
     ("n_head", "n_head", 3, r"config.json: n_embd \(16\) must be divisible by n_head \(3\)"),
     (None, "bias", "yes", r"config.json: smallgpt.bias='yes' is not of type bool"),

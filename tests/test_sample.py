@@ -292,11 +292,11 @@ def test_padded_vocabulary_ids_decode_as_replacement_characters():
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--temperature=-1"], "temperature must be >= 0"),
+    (["--temperature=-1"], "--temperature=-1 is out of range: use a number from 0"),
     (["--top_k=0"], "top_k must be >= 1"),
     (["--top_p=0"], "top_p must be in"),
     (["--top_p=1.5"], "top_p must be in"),
-    (["--max_new_tokens=-1"], "max_new_tokens must be >= 0"),
+    (["--max_new_tokens=-1"], "--max_new_tokens=-1 is out of range: use a number from 0"),
     (["--num_samples=0"], "num_samples must be >= 1"),
     (["--checkpoint=oldest"], "latest or best"),
     (["--dtype=int8"], "dtype must be"),

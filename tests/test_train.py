@@ -578,11 +578,12 @@ def strict_json(line: str) -> dict:
 
 
 def test_a_diverged_run_stops_and_names_the_last_finite_checkpoint(char_data: Path, tmp_path: Path) -> None:
-    """--learning_rate=1e30: the first update is finite (weights ~1e30), every later loss NaN. The evaluation at 40
-    sees val loss nan: nothing is saved, `latest` and `best` stay on iteration 20, and metrics.jsonl stays JSON."""
+    """--learning_rate=2e9 (near the top of its range): the first update is finite (weights ~1e9), every later loss
+    NaN. The evaluation at 40 sees val loss nan: nothing is saved, `latest` and `best` stay on iteration 20, and
+    metrics.jsonl stays JSON."""
     run(char_data, tmp_path, "--max_iters=20")
     message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=40",
-                                  "--init_from=resume", "--learning_rate=1e30", "--max_skipped_steps=100"])
+                                  "--init_from=resume", "--learning_rate=2e9", "--max_skipped_steps=100"])
     assert message.startswith("iteration 40: val loss nan, the run diverged") and "\n" not in message
     assert f"The last finite checkpoint: {tmp_path / 'ckpt_000020'}" in message and "good" not in message
     assert [p.name for p in tmp_path.glob("ckpt_*")] == ["ckpt_000020"]
