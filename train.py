@@ -35,7 +35,8 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from itertools import count, islice
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -157,9 +158,9 @@ class TrainConfig(GPTConfig):
 
 # ------------------------------------------------------------------------------------------------------------- main
 # main() runs: setup, load_data, build_model, build_optimizer, then train: the loop, whose every iteration is one
-# train_step, with evaluate, record and save below it. A resumed run reads its checkpoint in load_resumed and sets the
-# rest of its state back (optimizer, scaler, counters, RNG) in restore(). Run-keeping (the lock, signals, metrics.jsonl,
-# progress lines, the summary) is runlog.py's.
+# train_step on batches from train_batches, with evaluate, record and save below it; finish ends the run. A resumed
+# run reads its checkpoint in load_resumed and sets the rest of its state back (optimizer, scaler, counters, RNG) in
+# restore(). Run-keeping (the lock, signals, metrics.jsonl, progress lines, the summary) is runlog.py's.
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -181,13 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: torch.optim.Optimizer,
           scaler: torch.amp.GradScaler, progress: Progress, argv: list[str]) -> dict:
-    """Evaluate the starting point, then train_step until max_iters, evaluating and saving every eval_interval; stop
-    cleanly on a signal, on a diverged run (never saving it), or out of memory."""
+    """Evaluate the starting point, then train_step until max_iters, evaluating and saving every eval_interval and at
+    max_iters; stop cleanly on a signal, on a diverged run (never saving it), or out of memory."""
     block_size = raw_model.config.block_size
     model = torch.compile(raw_model) if run.compile else raw_model
     train_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None) if run.ddp else model
     get_batch = {split: batch_sampler(files, block_size, cfg.batch_size, run.device)
                  for split, files in data.splits.items()}
+    batches = train_batches(get_batch["train"], cfg.seed, progress.iter_num, run.micro_steps)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     byte_lengths = token_byte_lengths(data.tokenizer, run)
     trackers = Trackers(cfg.log_to, run.out_dir, config_to_dict(cfg)) if cfg.log_to and run.writes else None
@@ -196,32 +198,28 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
     peak_flops = cfg.peak_flops or device_peak_flops(run.device)
     if run.master and run.device.type == "cpu":
         warn_if_slow(raw_model, tokens_per_iter, 2 * cfg.eval_iters * cfg.batch_size * block_size)
-    start_iter, last_saved = progress.iter_num, progress.iter_num if run.resuming else None
-    losses, interrupted, skipped, bar = None, False, 0, None  # skipped: updates skipped in a row (non-finite)
-    stop = StopSignal(verbose=run.master)
-    with stop:
+    losses, stopped_by, skipped, bar = None, 0, 0, None  # skipped: updates skipped in a row (non-finite)
+    with StopSignal(verbose=run.master) as stop:
         try:
             if cfg.eval_only or not run.resuming:  # the starting point: the untrained (or pretrained) model's loss
                 losses = evaluate(cfg, run, model, get_batch, byte_lengths, stop)
-                interrupted = losses is None
-                if losses is not None:
+                if losses is None:
+                    stopped_by = stop.signum
+                else:
                     if run.master:
                         print(f"iter {progress.iter_num}: {loss_text(losses)}")
                     record(metrics, progress, **losses, lr=learning_rate(progress.iter_num, cfg))
                 if cfg.eval_only:
-                    if interrupted:
-                        raise SystemExit(128 + stop.signum)
+                    if stopped_by:
+                        raise SystemExit(128 + stopped_by)
                     return {"iter_num": progress.iter_num, **losses}
 
             bar = ProgressBar(cfg.max_iters, progress.iter_num, tokens_per_iter, enabled=run.master)
-            rng, dropout_seed = step_rngs(cfg.seed, progress.iter_num, run.rank)  # this rank's first micro-step
-            batch = (*get_batch["train"](rng), dropout_seed)
-            while progress.iter_num < cfg.max_iters and not interrupted:
+            while progress.iter_num < cfg.max_iters and not stopped_by:
                 t0 = time.perf_counter()
                 lr = learning_rate(progress.iter_num, cfg)
-                loss, norm, stopping, updated, batch = train_step(cfg, run, train_model, optimizer, scaler, params,
-                                                                  get_batch["train"], batch, progress.iter_num, lr,
-                                                                  stop)
+                loss, norm, updated, stopping = train_step(cfg, run, train_model, optimizer, scaler, params, batches,
+                                                           progress.iter_num, lr, stop)
                 skipped = 0 if updated else skipped + 1
                 if skipped:
                     bar.write(f"iter {progress.iter_num + 1}: loss {loss}, gradient norm {norm}: update skipped "
@@ -244,19 +242,17 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
                 # never evaluate (nor choose `best`) here.
                 if progress.iter_num % cfg.eval_interval == 0 or progress.iter_num == cfg.max_iters:
                     losses = evaluate(cfg, run, model, get_batch, byte_lengths, stop)
-                    if losses is None:  # stopped during it: save below, without a val loss
-                        interrupted = True
-                        break
-                    record(metrics, progress, **losses, lr=lr)
-                    check_finite(raw_model, losses["val_loss"], progress.iter_num, run.out_dir)  # every rank stops
-                    if run.master:
-                        folder, best = save(cfg, data, raw_model, optimizer, scaler, progress, losses["val_loss"])
-                        bar.write(f"iter {progress.iter_num}: {loss_text(losses)}; saved {folder}"
-                                  f"{' (best)' if best else ''}")
-                    last_saved = progress.iter_num
+                    if losses is None:  # stopped during it: finish() saves, without a val loss
+                        stopping = True
+                    else:
+                        record(metrics, progress, **losses, lr=lr)
+                        check_finite(raw_model, losses["val_loss"], progress.iter_num, run.out_dir)  # every rank stops
+                        if run.master:
+                            folder, best = save(cfg, data, raw_model, optimizer, scaler, progress, losses["val_loss"])
+                            bar.write(f"iter {progress.iter_num}: {loss_text(losses)}; saved {folder}"
+                                      f"{' (best)' if best else ''}")
                 if stopping:
-                    interrupted = True
-                    break
+                    stopped_by = stop.signum or signal.SIGTERM  # a rank that got no signal stops because another did
         except torch.OutOfMemoryError:
             raise SystemExit(out_of_memory(cfg, run, block_size)) from None
         finally:
@@ -264,52 +260,55 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
                 bar.close()
             if metrics is not None:
                 metrics.close()
+        return finish(cfg, run, data, raw_model, optimizer, scaler, progress, losses and losses["val_loss"],
+                      stopped_by, argv)
 
-        untrained = interrupted and progress.iter_num == start_iter  # stopped in the first evaluation: nothing new
-        if run.master and last_saved != progress.iter_num and not untrained:  # interrupted, or max_iters=0
-            print(f"saved {save(cfg, data, raw_model, optimizer, scaler, progress, None)[0]}")
-        if metrics is not None and metrics.path.exists() and metrics.path.stat().st_size:
-            plot_losses(metrics.path, run.out_dir / "loss.png")
-        if run.ddp:
-            dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has written
-    if interrupted:
-        raise SystemExit(stopped(stop.signum or signal.SIGTERM, run.master, untrained, progress.iter_num, argv))
-    if run.master and progress.iter_num > start_iter:
-        print(summary(run.out_dir, progress.iter_num - start_iter, time.perf_counter() - progress.t_start,
+
+def finish(cfg: TrainConfig, run: Run, data: Data, model: GPT, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler, progress: Progress, val_loss: float | None, stopped_by: int,
+           argv: list[str]) -> dict:
+    """The end of a run, after the loop's last evaluation: save the iteration if that evaluation did not (a stop
+    between evaluations, or max_iters=0), draw loss.png, then exit with 128 + stopped_by (the signal that stopped the
+    run; 0: none) or print the summary and return the final iteration and losses."""
+    untrained = bool(stopped_by) and progress.iter_num == progress.start_iter  # stopped in the first evaluation: nothing new
+    if run.master and progress.saved_iter != progress.iter_num and not untrained:
+        print(f"saved {save(cfg, data, model, optimizer, scaler, progress, None)[0]}")
+    metrics = run.out_dir / "metrics.jsonl"
+    if run.writes and metrics.exists() and metrics.stat().st_size:
+        plot_losses(metrics, run.out_dir / "loss.png")
+    if run.ddp:
+        dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has written
+    if stopped_by:
+        raise SystemExit(stopped(stopped_by, run.master, untrained, progress.iter_num, argv))
+    if run.master and progress.iter_num > progress.start_iter:
+        print(summary(run.out_dir, progress.iter_num - progress.start_iter, time.perf_counter() - progress.t_start,
                       progress.best_val_loss))
-    return {"iter_num": progress.iter_num, "val_loss": losses and losses["val_loss"],
-            "best_val_loss": progress.best_val_loss}
+    return {"iter_num": progress.iter_num, "val_loss": val_loss, "best_val_loss": progress.best_val_loss}
 
 
 # ---------------------------------------------------------------------------------------------- one training step
 
 
 def train_step(cfg: TrainConfig, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter], get_batch: Callable, batch: tuple,
-               iter_num: int, lr: float, stop: StopSignal) -> tuple[float, float, bool, bool, tuple]:
-    """One optimizer step over gradient_accumulation_steps micro-batches (this process's share of them), starting
-    from the prefetched `batch` (x, y, dropout seed). Returns the mean loss, the gradient norm, whether any rank was
-    asked to stop, whether the update was applied (a non-finite loss or gradient skips it on every rank), and the
-    next iteration's first batch. lr: learning_rate(iter_num, cfg), which the loop also logs."""
+               scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter],
+               batches: Iterator[tuple[torch.Tensor, torch.Tensor, int]], iter_num: int, lr: float,
+               stop: StopSignal) -> tuple[float, float, bool, bool]:
+    """One optimizer step over this process's share of the gradient_accumulation_steps micro-batches, taken from
+    `batches`. Returns the mean loss, the gradient norm, whether the update was applied (a non-finite loss or
+    gradient skips it on every rank) and whether any rank was asked to stop. lr: learning_rate(iter_num, cfg), which
+    the loop also logs."""
     for group in optimizer.param_groups:  # each group's peak rate, scaled by the schedule
         group["lr"] = group["base_lr"] * lr / cfg.learning_rate
         if group.get("muon"):
             group["momentum"] = muon_momentum(iter_num, cfg)
-    micro_steps = range(run.rank, cfg.gradient_accumulation_steps, run.world_size)  # rank r: r, r + W, r + 2W, ...
-    x, y, dropout_seed = batch
     loss_sum = torch.zeros((), device=run.device)
-    for i, m in enumerate(micro_steps):
-        last = i == run.local_accum - 1
+    for i, (x, y, dropout_seed) in enumerate(islice(batches, run.local_accum)):
         seed_dropout(dropout_seed, run.device)
         # DDP averages gradients over ranks when the last micro-step's backward runs; the others only accumulate
         # locally (no_sync), so each optimizer step costs one all-reduce.
-        with model.no_sync() if run.ddp and not last else nullcontext():
+        with model.no_sync() if run.ddp and i < run.local_accum - 1 else nullcontext():
             with run.autocast:
                 _, loss = model(x, y)
-            # Fetch the next batch while the device works: the next micro-step, or the next iteration.
-            rng, dropout_seed = (step_rngs(cfg.seed, iter_num, micro_steps[i + 1]) if not last
-                                 else step_rngs(cfg.seed, iter_num + 1, micro_steps[0]))
-            x, y = get_batch(rng)
             loss_sum += loss.detach()
             # Each rank sums local_accum losses and DDP averages over world_size ranks, so dividing by local_accum
             # here gives the mean over all accum micro-steps, whatever world_size is.
@@ -339,7 +338,7 @@ def train_step(cfg: TrainConfig, run: Run, model: torch.nn.Module, optimizer: to
         scaler.step(optimizer)  # optimizer.step() unless float16
     scaler.update()  # (float16) after a skip: resets the scaler's per-step state and lowers the scale
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value, stop_value > 0, updated, (x, y, dropout_seed)
+    return loss_value, norm_value, updated, stop_value > 0
 
 
 # ------------------------------------------------------------------------------------------ evaluation and saving
@@ -431,6 +430,7 @@ def save(cfg: TrainConfig, data: Data, model: GPT, optimizer: torch.optim.Optimi
     extra = {"tokenizer": data.meta["tokenizer"], "train": config_to_dict(cfg), "val_loss": val_loss}
     folder = save_checkpoint(Path(cfg.out_dir), model, extra, train_state, iter_num=progress.iter_num,
                              is_best=is_best)
+    progress.saved_iter = progress.iter_num
     return folder, is_best
 
 
@@ -493,6 +493,11 @@ class Run:
     def master(self) -> bool:
         return self.rank == 0  # only rank 0 prints, logs and writes files
 
+    @property
+    def micro_steps(self) -> range:
+        """This process's micro-steps of each iteration, numbered over all processes: r, r + W, r + 2W, ..."""
+        return range(self.rank, self.local_accum * self.world_size, self.world_size)
+
 
 @dataclass
 class Data:
@@ -505,11 +510,16 @@ class Data:
 
 @dataclass
 class Progress:
-    """The counters a checkpoint saves and restore() sets back."""
+    """The counters a checkpoint saves and restore() sets back, then this process's own."""
     iter_num: int = 0
     best_val_loss: float = math.inf
     elapsed_before: float = 0.0  # seconds trained before this process started (by the run it resumes)
     t_start: float = field(default_factory=time.perf_counter)
+    start_iter: int = field(init=False)  # iter_num when this process started
+    saved_iter: int | None = field(default=None, init=False)  # the iteration this process last saved, if any
+
+    def __post_init__(self) -> None:
+        self.start_iter = self.iter_num
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
@@ -753,6 +763,22 @@ def batch_sampler(files: list[np.memmap], block_size: int, batch_size: int,
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
 
     return get_batch
+
+
+def train_batches(get_batch: Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]], seed: int,
+                  iter_num: int, micro_steps: range) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """This process's training micro-batches from iteration iter_num on, as (x, y, dropout seed), each drawn from
+    step_rngs(seed, iteration, micro-step): so a resumed run continues exactly where the saved one was. One batch
+    ahead: the next one is read and (on CUDA) on its way to the device while the model works on this one."""
+    def fetch(it: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        rng, dropout_seed = step_rngs(seed, it, micro_step)
+        return (*get_batch(rng), dropout_seed)
+
+    steps = ((it, m) for it in count(iter_num) for m in micro_steps)
+    ahead = fetch(*next(steps))
+    for step in steps:
+        batch, ahead = ahead, fetch(*step)
+        yield batch
 
 
 def seed_dropout(seed: int, device: torch.device) -> None:
