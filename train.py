@@ -52,8 +52,8 @@ from checkpoint import (HUB_MODELS, check_tokenizer_matches, check_train_state, 
 from config import (autocast_context, config_to_dict, enable_tf32, format_config, parse_config, resolve_device,
                     resolve_dtype, set_threads)
 from model import GPT, GPTConfig, device_peak_flops, padded_vocab_size
-from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, plot_losses, resume_command, summary,
-                    warn_if_slow)
+from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, diverged, out_of_memory, plot_losses, stopped,
+                    summary, warn_if_slow)
 from trackers import Trackers, check_log_to
 from tokens import Tokenizer, load_meta, load_split, resolve_dataset
 
@@ -254,7 +254,8 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
                 if stopping:
                     stopped_by = stop.signum or signal.SIGTERM  # a rank that got no signal stops because another did
         except torch.OutOfMemoryError:
-            raise SystemExit(out_of_memory(cfg, run, block_size)) from None
+            raise SystemExit(out_of_memory(run.device, cfg.batch_size, block_size,
+                                           cfg.gradient_accumulation_steps)) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -441,33 +442,6 @@ def check_finite(model: GPT, val_loss: float | None, iter_num: int, out_dir: Pat
         raise SystemExit(diverged(f"iteration {iter_num}: val loss {val_loss}, the run diverged", out_dir))
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise SystemExit(diverged(f"iteration {iter_num}: the weights are not finite, the run diverged", out_dir))
-
-
-def diverged(what: str, out_dir: Path) -> str:
-    """The one line that stops a diverged run, naming the checkpoint to go back to (all saved ones are finite)."""
-    fixes = "a lower --learning_rate, a --grad_clip, or --dtype=bfloat16/float32 if this ran in float16"
-    if not has_checkpoint(out_dir):
-        return f"{what}: stopping; no checkpoint was saved. Start again with {fixes}"
-    return (f"{what}: stopping without saving. The last finite checkpoint: {find_checkpoint(out_dir)}. Resume it "
-            f"with --init_from=resume and {fixes}")
-
-
-def stopped(signum: int, master: bool, untrained: bool, iter_num: int, argv: list[str]) -> int:
-    """Say how the run stopped (on rank 0) and return its exit status; signum: the signal (a rank that got none stops
-    because another did: SIGTERM)."""
-    name = signal.Signals(signum).name
-    if master:
-        print(f"stopped by {name} before the first iteration; nothing was saved" if untrained else
-              f"stopped by {name} at iteration {iter_num}; continue with:\n  {resume_command(argv)}")
-    return 128 + signum
-
-
-def out_of_memory(cfg: TrainConfig, run: Run, block_size: int) -> str:
-    return (f"out of memory on {run.device} with batch_size={cfg.batch_size}, block_size={block_size}: lower "
-            f"--batch_size and raise --gradient_accumulation_steps to keep the tokens per step (e.g. "
-            f"--batch_size={max(1, cfg.batch_size // 2)} "
-            f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps * 2}), or train a smaller model. "
-            f"Nothing was saved by this run after its last checkpoint")
 
 
 # ------------------------------------------------------------------------------------------ setup and resume
