@@ -23,6 +23,7 @@ from checkpoint import find_checkpoint, has_checkpoint
 from trackers import Trackers
 
 PLAIN_LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (a log file: no bar)
+EVAL_BAR_DELAY = 3.0  # seconds an evaluation runs before its progress bar appears (on a terminal)
 CPU_STEP_OVERHEAD = 2.0  # a CPU training step takes up to ~this times its FLOPs at a bare matmul's rate (the quick
 # start's: 1.6x, 4 GFLOP in 35 ms against 180 GFLOP/s, one thread)
 METRICS_KEYS = {"iter", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr", "tokens_per_sec", "mfu",
@@ -208,6 +209,18 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def eval_bar(total: int, enabled: bool) -> tqdm:
+    """An evaluation's bar of `total` batches: on a terminal, once it has run EVAL_BAR_DELAY seconds."""
+    return tqdm(total=total, desc="evaluating", unit="batch", leave=False, delay=EVAL_BAR_DELAY,
+                disable=not enabled or not sys.stderr.isatty())
+
+
+def loss_text(losses: dict[str, float | None]) -> str:
+    """An evaluation's progress line: train and val loss, and val bits per byte when known."""
+    bpb = "" if losses["val_bpb"] is None else f" (val bpb {losses['val_bpb']:.4f})"
+    return f"train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}{bpb}"
 
 
 def format_duration(seconds: float) -> str:
