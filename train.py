@@ -52,7 +52,7 @@ from model import GPT, GPTConfig, device_peak_flops, padded_vocab_size
 from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, diverged, eval_bar, loss_text, out_of_memory,
                     plot_losses, stopped, summary, warn_if_slow)
 from trackers import Trackers, check_log_to
-from tokens import Dataset, Tokenizer, load_dataset
+from tokens import Dataset, load_dataset
 
 @dataclass
 class TrainConfig(GPTConfig):
