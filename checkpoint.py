@@ -114,6 +114,17 @@ def has_checkpoint(out_dir: Path) -> bool:
     return any((out_dir / name).is_symlink() for name in LINKS) or bool(_checkpoints(out_dir))
 
 
+def check_out_dir(out_dir: Path, resuming: bool, fresh_run_writes: bool) -> None:
+    """SystemExit unless train.py can start in out_dir: a run resumes from a checkpoint there, and a fresh one (its
+    writer: rank 0) would overwrite none."""
+    if fresh_run_writes and not resuming and has_checkpoint(out_dir):
+        raise SystemExit(f"{out_dir} already holds a checkpoint: continue that run with --init_from=resume, or "
+                         f"start a new one with another --out_dir (nothing was overwritten)")
+    if resuming and not has_checkpoint(out_dir):
+        raise SystemExit(f"init_from=resume but {out_dir} holds no checkpoint: check --out_dir, or start with "
+                         f"--init_from=scratch")
+
+
 def load_model(name_or_path: str | Path, which: str = "latest", device: str = "cpu",
                dropout: float | None = None) -> tuple[GPT, Tokenizer, dict]:
     """A model in eval mode on `device`, its tokenizer, and its config.json as a dict.
@@ -146,6 +157,23 @@ def load_for_inference(out_dir: str, init_from: str | None, which: str, device: 
     except ValueError as e:
         raise SystemExit(str(e)) from None
     return model.to(device=device, dtype=dtype), tokenizer, config, source
+
+
+def load_for_training(source: str | Path, meta: dict, meta_path: Path, dropout: float,
+                      resume: bool) -> tuple[GPT, dict, dict | None, Path]:
+    """What train.py starts from: source's model (an out_dir's latest checkpoint, a ckpt_* or Hugging Face folder, a
+    hub name), its config.json, its state.pt when resuming (checked), and the folder they all come from; checked to
+    fit the dataset's meta.json. SystemExit with the reason when it cannot be loaded."""
+    try:
+        folder = model_folder(source)  # resolved once: the model and the state come from the same folder
+        model, _, config = load_model(folder, dropout=dropout)
+        check_tokenizer_matches(config, meta, meta_path)
+        state = load_state(folder) if resume else None
+        if resume:
+            check_train_state(state, folder / "state.pt")
+    except ValueError as e:  # the messages name the file and the fix
+        raise SystemExit(str(e) if resume else f"init_from={source}: {e}") from None
+    return model, config, state, folder
 
 
 def from_pretrained(name_or_path: str | Path, which: str = "latest", dropout: float | None = None) -> GPT:
@@ -229,7 +257,7 @@ def load_state(ckpt_dir: Path, device: str = "cpu") -> dict:
 
 
 def check_train_state(state: object, path: Path) -> None:
-    """Refuse a state.pt that is a valid torch file but not what train.py's save() writes, naming what is wrong,
+    """Refuse a state.pt that is a valid torch file but not what train_state() writes, naming what is wrong,
     before a KeyError or TypeError halfway through a resume."""
     if not isinstance(state, dict):
         wrong = f"it holds a {type(state).__name__}, not a dict"
@@ -253,6 +281,32 @@ def check_train_state(state: object, path: Path) -> None:
     if wrong is not None:
         raise ValueError(f"{path} is refused: it is not a training state written by train.py ({wrong}); resume "
                          f"from another checkpoint")
+
+
+def train_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+                **counters: float) -> dict:
+    """state.pt: the optimizer's and the gradient scaler's states, the RNGs, the thread count (CPU sums, so the
+    weights, depend on it) and train.py's counters (iter_num, best_val_loss, elapsed)."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {"optimizer": optimizer.state_dict(), "rng": rng, "scaler": scaler.state_dict(),
+            "threads": torch.get_num_threads(), **counters}
+
+
+def restore_train_state(state: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                        device: torch.device) -> None:
+    """Set the optimizer, the gradient scaler and the RNGs back to a state.pt (checked by check_train_state)."""
+    # load_state_dict also restores the saved hyperparameters; this run's settings win (lr is set every step).
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    # Nothing draws from these generators (data and dropout are seeded per micro-step), but a change that does will
+    # then resume exactly too.
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
 
 
 def read_config(folder: Path) -> dict:

@@ -1,5 +1,6 @@
 """Run-keeping for train.py: the out_dir lock, stop signals, metrics.jsonl, progress lines, the slow-run warning, the
-loss plot and the closing summary. Nothing here changes what a run computes."""
+loss plot, the closing summary and the lines that end a stopped, diverged or out-of-memory run. Nothing here changes
+what a run computes."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import torch
 from tqdm import tqdm
 
 import errors
-from checkpoint import find_checkpoint
+from checkpoint import find_checkpoint, has_checkpoint
 from trackers import Trackers
 
 PLAIN_LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (a log file: no bar)
+EVAL_BAR_DELAY = 3.0  # seconds an evaluation runs before its progress bar appears (on a terminal)
 CPU_STEP_OVERHEAD = 2.0  # a CPU training step takes up to ~this times its FLOPs at a bare matmul's rate (the quick
 # start's: 1.6x, 4 GFLOP in 35 ms against 180 GFLOP/s, one thread)
 METRICS_KEYS = {"iter", "train_loss", "val_loss", "train_bpb", "val_bpb", "lr", "tokens_per_sec", "mfu",
@@ -209,6 +211,18 @@ class ProgressBar:
         self.bar.close()
 
 
+def eval_bar(total: int, enabled: bool) -> tqdm:
+    """An evaluation's bar of `total` batches: on a terminal, once it has run EVAL_BAR_DELAY seconds."""
+    return tqdm(total=total, desc="evaluating", unit="batch", leave=False, delay=EVAL_BAR_DELAY,
+                disable=not enabled or not sys.stderr.isatty())
+
+
+def loss_text(losses: dict[str, float | None]) -> str:
+    """An evaluation's progress line: train and val loss, and val bits per byte when known."""
+    bpb = "" if losses["val_bpb"] is None else f" (val bpb {losses['val_bpb']:.4f})"
+    return f"train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}{bpb}"
+
+
 def format_duration(seconds: float) -> str:
     """1h 02m, 3m 05s, 42.0 s."""
     if seconds < 60:
@@ -272,3 +286,30 @@ def summary(out_dir: Path, iters: int, seconds: float, best_val_loss: float) -> 
     choice = " --checkpoint=best" if best and best != latest else ""
     return (f"done: {iters} iterations in {format_duration(seconds)}; {where}\n"
             f"sample from it:  python sample.py --out_dir={shlex.quote(str(out_dir))}{choice}")
+
+
+def stopped(signum: int, master: bool, untrained: bool, iter_num: int, argv: list[str]) -> int:
+    """Say how the run stopped (on rank 0) and return its exit status; signum: the signal (a rank that got none stops
+    because another did: SIGTERM)."""
+    name = signal.Signals(signum).name
+    if master:
+        print(f"stopped by {name} before the first iteration; nothing was saved" if untrained else
+              f"stopped by {name} at iteration {iter_num}; continue with:\n  {resume_command(argv)}")
+    return 128 + signum
+
+
+def diverged(what: str, out_dir: Path) -> str:
+    """The one line that stops a diverged run, naming the checkpoint to go back to (all saved ones are finite)."""
+    fixes = "a lower --learning_rate, a --grad_clip, or --dtype=bfloat16/float32 if this ran in float16"
+    if not has_checkpoint(out_dir):
+        return f"{what}: stopping; no checkpoint was saved. Start again with {fixes}"
+    return (f"{what}: stopping without saving. The last finite checkpoint: {find_checkpoint(out_dir)}. Resume it "
+            f"with --init_from=resume and {fixes}")
+
+
+def out_of_memory(device: torch.device, batch_size: int, block_size: int, accum: int) -> str:
+    """The one line that ends a run out of memory: the settings that keep the tokens per step in less memory."""
+    return (f"out of memory on {device} with batch_size={batch_size}, block_size={block_size}: lower --batch_size "
+            f"and raise --gradient_accumulation_steps to keep the tokens per step (e.g. "
+            f"--batch_size={max(1, batch_size // 2)} --gradient_accumulation_steps={accum * 2}), or train a smaller "
+            f"model. Nothing was saved by this run after its last checkpoint")

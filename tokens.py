@@ -2,6 +2,7 @@
 
     tok = Tokenizer.from_meta(load_meta("data/shakespeare_char")["tokenizer"])
     train_files = load_split(Path("data/shakespeare_char"), "train")      # memory-mapped, headers checked
+    data = load_dataset("shakespeare_char")    # meta.json, tokenizer and both splits, checked to fit each other
 
 Writing datasets (the shard writer, the tokenize-and-shard pipeline, downloads) is prepare_data.py's, which only
 data/*/prepare.py import. See docs/data.md for every corpus.
@@ -18,6 +19,7 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -386,3 +388,55 @@ def load_meta(dataset_dir: Path) -> dict:
             f"{path} has no 'tokenizer' entry (a nanoGPT meta.pkl-era folder?): re-run {_prepare_hint(Path(dataset_dir))}"
         )
     return meta
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset, as train.py trains on it: its folder, meta.json, tokenizer, and the token files of each
+    split."""
+    dir: Path
+    meta: dict
+    tokenizer: Tokenizer
+    splits: dict[str, list[np.memmap]]
+
+    def byte_lengths(self, verbose: bool) -> np.ndarray | None:
+        """UTF-8 bytes of each token id, for bits per byte (nats / ln 2 / bytes of the targets: comparable across
+        tokenizers); None, said when verbose, when the BPE's files cannot be loaded (offline)."""
+        try:
+            return self.tokenizer.token_byte_lengths()
+        except SystemExit as e:
+            if verbose:
+                print(f"no bits per byte in this run: {e}")
+            return None
+
+    def check_fits(self, vocab_size: int, block_size: int) -> None:
+        """SystemExit unless a model of this vocab_size and block_size can train on it."""
+        if vocab_size < self.tokenizer.vocab_size:
+            raise SystemExit(f"{self.dir / 'meta.json'} has {self.tokenizer.vocab_size} tokens but the model only "
+                             f"{vocab_size}: the dataset does not fit this model")
+        for split, files in self.splits.items():
+            if max(len(f) for f in files) <= block_size:
+                raise SystemExit(f"the {split} split of {self.dir} has no file longer than block_size={block_size} "
+                                 f"tokens: lower --block_size or prepare more data")
+
+
+def load_dataset(name: str) -> Dataset:
+    """The `dataset` setting's meta.json, tokenizer and train and val token files, checked to fit each other;
+    SystemExit naming the file and the prepare.py command to run when they do not."""
+    data_dir = resolve_dataset(name)
+    try:
+        meta = load_meta(data_dir)
+        try:
+            tokenizer = Tokenizer.from_meta(meta["tokenizer"])
+        except ValueError as e:
+            raise ValueError(f"{data_dir / 'meta.json'}: bad \"tokenizer\" entry: {e}") from None
+        splits = {split: load_split(data_dir, split) for split in ("train", "val")}
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for files in splits.values():  # a token id past the vocabulary would index outside the embedding table
+        for f in files:
+            if len(f) and int(f.max()) >= tokenizer.vocab_size:
+                raise SystemExit(f"{f.filename}: token id {int(f.max())} >= the vocabulary size "
+                                 f"{tokenizer.vocab_size} of {data_dir / 'meta.json'}: the file does not belong to "
+                                 f"this dataset; prepare it again")
+    return Dataset(data_dir, meta, tokenizer, splits)

@@ -14,10 +14,9 @@ evaluation) and loss.png (when matplotlib is installed). A resumed run takes the
 optimizer's state from the checkpoint and every other setting (max_iters, betas, weight_decay, ...) from its own
 command line; when the checkpoint is already at max_iters it says so and exits.
 
-Reproducibility. Every random choice a training step makes (which windows of the corpus it reads, which dropout
-masks it draws) comes from generators seeded by (seed, iteration, micro-step) alone. So the global batch of a step is
-the same whatever the number of processes, and a resumed run sees exactly the data and the masks that the
-uninterrupted run would have: 40 iterations plus a resume to 80 ends with the same weights as 80 straight.
+Reproducibility: the data windows and dropout masks of a step come from (seed, iteration, micro-step) alone, so a
+step's global batch is the same whatever the number of processes, and 40 iterations plus a resume to 80 end with the
+same weights as 80 straight.
 
 One train.py at a time writes an out_dir: a second is refused, naming the first's pid. What a run survives (Ctrl-C,
 SIGTERM, kill -9, NaNs, divergence, out of memory) is README's "What survives what"; tests/test_train.py injects each.
@@ -35,7 +34,8 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from itertools import count, islice
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -44,20 +44,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-from checkpoint import (HUB_MODELS, check_tokenizer_matches, check_train_state, find_checkpoint, has_checkpoint,
-                        load_model, load_state, save_checkpoint)
+from checkpoint import HUB_MODELS, check_out_dir, load_for_training, restore_train_state, save_checkpoint, train_state
 from config import (autocast_context, config_to_dict, enable_tf32, format_config, parse_config, resolve_device,
                     resolve_dtype, set_threads)
 from model import GPT, GPTConfig, device_peak_flops, padded_vocab_size
-from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, plot_losses, resume_command, summary,
-                    warn_if_slow)
+from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, diverged, eval_bar, loss_text, out_of_memory,
+                    plot_losses, stopped, summary, warn_if_slow)
 from trackers import Trackers, check_log_to
-from tokens import Tokenizer, load_meta, load_split, resolve_dataset
-
-EVAL_BAR_DELAY = 3.0  # seconds an evaluation runs before its progress bar appears (on a terminal)
-
+from tokens import Dataset, load_dataset
 
 @dataclass
 class TrainConfig(GPTConfig):
@@ -156,10 +151,10 @@ class TrainConfig(GPTConfig):
 
 
 # ------------------------------------------------------------------------------------------------------------- main
-# main() runs: setup, load_data, build_model, build_optimizer, then train: the loop, whose every iteration is one
-# train_step, with evaluate, record and save below it. A resumed run reads its checkpoint in load_resumed and sets the
-# rest of its state back (optimizer, scaler, counters, RNG) in restore(). Run-keeping (the lock, signals, metrics.jsonl,
-# progress lines, the summary) is runlog.py's.
+# main() runs: setup, load_dataset (tokens.py), build_model, build_optimizer, then train: the loop, whose every
+# iteration is one train_step on train_batches, with evaluate, record and save below it; finish ends the run. A
+# resumed run reads its checkpoint in load_resumed; build_optimizer sets the rest of its state back. Run-keeping (the
+# lock, signals, metrics.jsonl, progress lines, the summary) is runlog.py's.
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -170,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     with OutDirLock(Path(cfg.out_dir)) if writes else nullcontext():  # one run per out_dir
         run = setup(cfg, writes)
         try:
-            data = load_data(cfg, run)
+            data = load_dataset(cfg.dataset)
             model, state = build_model(cfg, run, data)
             optimizer, scaler, progress = build_optimizer(cfg, run, model, state)
             return train(cfg, run, data, model, optimizer, scaler, progress, argv)
@@ -179,49 +174,48 @@ def main(argv: list[str] | None = None) -> dict:
                 dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: torch.optim.Optimizer,
+def train(cfg: TrainConfig, run: Run, data: Dataset, raw_model: GPT, optimizer: torch.optim.Optimizer,
           scaler: torch.amp.GradScaler, progress: Progress, argv: list[str]) -> dict:
-    """Evaluate the starting point, then train_step until max_iters, evaluating and saving every eval_interval; stop
-    cleanly on a signal, on a diverged run (never saving it), or out of memory."""
+    """Evaluate the starting point, then train_step until max_iters, evaluating and saving every eval_interval and at
+    max_iters; stop cleanly on a signal, on a diverged run (never saving it), or out of memory."""
     block_size = raw_model.config.block_size
     model = torch.compile(raw_model) if run.compile else raw_model
     train_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None) if run.ddp else model
     get_batch = {split: batch_sampler(files, block_size, cfg.batch_size, run.device)
                  for split, files in data.splits.items()}
+    micro_steps = range(run.rank, cfg.gradient_accumulation_steps, run.world_size)  # rank r: r, r + W, r + 2W, ...
+    batches = train_batches(get_batch["train"], cfg.seed, progress.iter_num, micro_steps)
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    byte_lengths = token_byte_lengths(data.tokenizer, run)
+    lengths = data.byte_lengths(verbose=run.master)  # for bits per byte; None without the BPE's files
+    byte_lengths = None if lengths is None else torch.from_numpy(lengths).to(run.device)
     trackers = Trackers(cfg.log_to, run.out_dir, config_to_dict(cfg)) if cfg.log_to and run.writes else None
     metrics = Metrics(run.out_dir / "metrics.jsonl", run.resuming, progress.iter_num, trackers) if run.writes else None
     tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
     peak_flops = cfg.peak_flops or device_peak_flops(run.device)
     if run.master and run.device.type == "cpu":
         warn_if_slow(raw_model, tokens_per_iter, 2 * cfg.eval_iters * cfg.batch_size * block_size)
-    start_iter, last_saved = progress.iter_num, progress.iter_num if run.resuming else None
-    losses, interrupted, skipped, bar = None, False, 0, None  # skipped: updates skipped in a row (non-finite)
-    stop = StopSignal(verbose=run.master)
-    with stop:
+    losses, stopped_by, skipped, bar = None, 0, 0, None  # skipped: updates skipped in a row (non-finite)
+    with StopSignal(verbose=run.master) as stop:
         try:
             if cfg.eval_only or not run.resuming:  # the starting point: the untrained (or pretrained) model's loss
                 losses = evaluate(cfg, run, model, get_batch, byte_lengths, stop)
-                interrupted = losses is None
-                if losses is not None:
+                if losses is None:
+                    stopped_by = stop.signum
+                else:
                     if run.master:
                         print(f"iter {progress.iter_num}: {loss_text(losses)}")
                     record(metrics, progress, **losses, lr=learning_rate(progress.iter_num, cfg))
                 if cfg.eval_only:
-                    if interrupted:
-                        raise SystemExit(128 + stop.signum)
+                    if stopped_by:
+                        raise SystemExit(128 + stopped_by)
                     return {"iter_num": progress.iter_num, **losses}
 
             bar = ProgressBar(cfg.max_iters, progress.iter_num, tokens_per_iter, enabled=run.master)
-            rng, dropout_seed = step_rngs(cfg.seed, progress.iter_num, run.rank)  # this rank's first micro-step
-            batch = (*get_batch["train"](rng), dropout_seed)
-            while progress.iter_num < cfg.max_iters and not interrupted:
+            while progress.iter_num < cfg.max_iters and not stopped_by:
                 t0 = time.perf_counter()
                 lr = learning_rate(progress.iter_num, cfg)
-                loss, norm, stopping, updated, batch = train_step(cfg, run, train_model, optimizer, scaler, params,
-                                                                  get_batch["train"], batch, progress.iter_num, lr,
-                                                                  stop)
+                loss, norm, updated, stopping = train_step(cfg, run, train_model, optimizer, scaler, params, batches,
+                                                           progress.iter_num, lr, stop)
                 skipped = 0 if updated else skipped + 1
                 if skipped:
                     bar.write(f"iter {progress.iter_num + 1}: loss {loss}, gradient norm {norm}: update skipped "
@@ -244,72 +238,74 @@ def train(cfg: TrainConfig, run: Run, data: Data, raw_model: GPT, optimizer: tor
                 # never evaluate (nor choose `best`) here.
                 if progress.iter_num % cfg.eval_interval == 0 or progress.iter_num == cfg.max_iters:
                     losses = evaluate(cfg, run, model, get_batch, byte_lengths, stop)
-                    if losses is None:  # stopped during it: save below, without a val loss
-                        interrupted = True
-                        break
-                    record(metrics, progress, **losses, lr=lr)
-                    check_finite(raw_model, losses["val_loss"], progress.iter_num, run.out_dir)  # every rank stops
-                    if run.master:
-                        folder, best = save(cfg, data, raw_model, optimizer, scaler, progress, losses["val_loss"])
-                        bar.write(f"iter {progress.iter_num}: {loss_text(losses)}; saved {folder}"
-                                  f"{' (best)' if best else ''}")
-                    last_saved = progress.iter_num
+                    if losses is None:  # stopped during it: finish() saves, without a val loss
+                        stopping = True
+                    else:
+                        record(metrics, progress, **losses, lr=lr)
+                        check_finite(raw_model, losses["val_loss"], progress.iter_num, run.out_dir)  # every rank stops
+                        if run.master:
+                            folder, best = save(cfg, data, raw_model, optimizer, scaler, progress, losses["val_loss"])
+                            bar.write(f"iter {progress.iter_num}: {loss_text(losses)}; saved {folder}"
+                                      f"{' (best)' if best else ''}")
                 if stopping:
-                    interrupted = True
-                    break
+                    stopped_by = stop.signum or signal.SIGTERM  # a rank that got no signal stops because another did
         except torch.OutOfMemoryError:
-            raise SystemExit(out_of_memory(cfg, run, block_size)) from None
+            raise SystemExit(out_of_memory(run.device, cfg.batch_size, block_size,
+                                           cfg.gradient_accumulation_steps)) from None
         finally:
             if bar is not None:
                 bar.close()
             if metrics is not None:
                 metrics.close()
+        return finish(cfg, run, data, raw_model, optimizer, scaler, progress, losses and losses["val_loss"],
+                      stopped_by, argv)
 
-        untrained = interrupted and progress.iter_num == start_iter  # stopped in the first evaluation: nothing new
-        if run.master and last_saved != progress.iter_num and not untrained:  # interrupted, or max_iters=0
-            print(f"saved {save(cfg, data, raw_model, optimizer, scaler, progress, None)[0]}")
-        if metrics is not None and metrics.path.exists() and metrics.path.stat().st_size:
-            plot_losses(metrics.path, run.out_dir / "loss.png")
-        if run.ddp:
-            dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has written
-    if interrupted:
-        raise SystemExit(stopped(stop.signum or signal.SIGTERM, run.master, untrained, progress.iter_num, argv))
-    if run.master and progress.iter_num > start_iter:
-        print(summary(run.out_dir, progress.iter_num - start_iter, time.perf_counter() - progress.t_start,
+
+def finish(cfg: TrainConfig, run: Run, data: Dataset, model: GPT, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler, progress: Progress, val_loss: float | None, stopped_by: int,
+           argv: list[str]) -> dict:
+    """The end of a run, after the loop's last evaluation: save the iteration if that evaluation did not (a stop
+    between evaluations, or max_iters=0), draw loss.png, then exit with 128 + stopped_by (the signal that stopped the
+    run; 0: none) or print the summary and return the final iteration and losses."""
+    untrained = bool(stopped_by) and progress.iter_num == progress.start_iter  # stopped in the first evaluation
+    if run.master and progress.saved_iter != progress.iter_num and not untrained:
+        print(f"saved {save(cfg, data, model, optimizer, scaler, progress, None)[0]}")
+    metrics = run.out_dir / "metrics.jsonl"
+    if run.writes and metrics.exists() and metrics.stat().st_size:
+        plot_losses(metrics, run.out_dir / "loss.png")
+    if run.ddp:
+        dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has written
+    if stopped_by:
+        raise SystemExit(stopped(stopped_by, run.master, untrained, progress.iter_num, argv))
+    if run.master and progress.iter_num > progress.start_iter:
+        print(summary(run.out_dir, progress.iter_num - progress.start_iter, time.perf_counter() - progress.t_start,
                       progress.best_val_loss))
-    return {"iter_num": progress.iter_num, "val_loss": losses and losses["val_loss"],
-            "best_val_loss": progress.best_val_loss}
+    return {"iter_num": progress.iter_num, "val_loss": val_loss, "best_val_loss": progress.best_val_loss}
 
 
-# ---------------------------------------------------------------------------------------------- one training step
+# ------------------------------------------------------------------------ one training step: batches and schedule
 
 
 def train_step(cfg: TrainConfig, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter], get_batch: Callable, batch: tuple,
-               iter_num: int, lr: float, stop: StopSignal) -> tuple[float, float, bool, bool, tuple]:
-    """One optimizer step over gradient_accumulation_steps micro-batches (this process's share of them), starting
-    from the prefetched `batch` (x, y, dropout seed). Returns the mean loss, the gradient norm, whether any rank was
-    asked to stop, whether the update was applied (a non-finite loss or gradient skips it on every rank), and the
-    next iteration's first batch. lr: learning_rate(iter_num, cfg), which the loop also logs."""
+               scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter],
+               batches: Iterator[tuple[torch.Tensor, torch.Tensor, int]], iter_num: int, lr: float,
+               stop: StopSignal) -> tuple[float, float, bool, bool]:
+    """One optimizer step over this process's share of the gradient_accumulation_steps micro-batches, taken from
+    `batches`. Returns the mean loss, the gradient norm, whether the update was applied (a non-finite loss or
+    gradient skips it on every rank) and whether any rank was asked to stop. lr: learning_rate(iter_num, cfg), which
+    the loop also logs."""
     for group in optimizer.param_groups:  # each group's peak rate, scaled by the schedule
         group["lr"] = group["base_lr"] * lr / cfg.learning_rate
         if group.get("muon"):
             group["momentum"] = muon_momentum(iter_num, cfg)
-    micro_steps = range(run.rank, cfg.gradient_accumulation_steps, run.world_size)  # rank r: r, r + W, r + 2W, ...
-    x, y, dropout_seed = batch
     loss_sum = torch.zeros((), device=run.device)
-    for i, m in enumerate(micro_steps):
-        last = i == run.local_accum - 1
+    for i, (x, y, dropout_seed) in enumerate(islice(batches, run.local_accum)):
         seed_dropout(dropout_seed, run.device)
         # DDP averages gradients over ranks when the last micro-step's backward runs; the others only accumulate
         # locally (no_sync), so each optimizer step costs one all-reduce.
-        with model.no_sync() if run.ddp and not last else nullcontext():
+        with model.no_sync() if run.ddp and i < run.local_accum - 1 else nullcontext():
             with run.autocast:
                 _, loss = model(x, y)
-            # Fetch the next batch while the device works: the next micro-step, or the next iteration.
-            rng, dropout_seed = (step_rngs(cfg.seed, iter_num, micro_steps[i + 1]) if not last
-                                 else step_rngs(cfg.seed, iter_num + 1, micro_steps[0]))
-            x, y = get_batch(rng)
             loss_sum += loss.detach()
             # Each rank sums local_accum losses and DDP averages over world_size ranks, so dividing by local_accum
             # here gives the mean over all accum micro-steps, whatever world_size is.
@@ -339,7 +335,82 @@ def train_step(cfg: TrainConfig, run: Run, model: torch.nn.Module, optimizer: to
         scaler.step(optimizer)  # optimizer.step() unless float16
     scaler.update()  # (float16) after a skip: resets the scaler's per-step state and lowers the scale
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value, stop_value > 0, updated, (x, y, dropout_seed)
+    return loss_value, norm_value, updated, stop_value > 0
+
+
+def batch_sampler(files: list[np.memmap], block_size: int, batch_size: int,
+                  device: torch.device) -> Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]]:
+    """get_batch(rng) for one split: batch_size windows of block_size + 1 tokens as inputs x (B, T) and targets
+    y (B, T), starting anywhere in any file (shard) alike: a shard is picked in proportion to its length, and no
+    window crosses into the next. Where each file's starts begin is worked out once, here."""
+    starts_per_file = [max(len(f) - block_size, 0) for f in files]  # a window needs block_size + 1 tokens
+    first = np.cumsum([0, *starts_per_file])  # file i holds the starts first[i] .. first[i + 1] - 1
+
+    def get_batch(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = rng.integers(0, first[-1], size=batch_size)
+        which = np.searchsorted(first, starts, side="right") - 1  # the file each start falls in
+        offsets = starts - first[which]
+        windows = np.stack([files[f][o:o + block_size + 1] for f, o in zip(which, offsets)]).astype(np.int64)
+        w = torch.from_numpy(windows)  # (B, T + 1)
+        if device.type == "cuda":  # pinned memory lets the copy run while the GPU works on the previous micro-step
+            w = w.pin_memory().to(device, non_blocking=True)
+        else:
+            w = w.to(device)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
+
+    return get_batch
+
+
+def train_batches(get_batch: Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]], seed: int,
+                  iter_num: int, micro_steps: range) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """This process's training micro-batches from iteration iter_num on, as (x, y, dropout seed), one ahead: the
+    next is read and (on CUDA) on its way to the device while the model works on this one.
+
+    A micro-step's windows and dropout masks come from (seed, iteration, micro-step) alone, the micro-step counted
+    over all processes: so the global batch is the same whatever the number of processes, and a resumed run reads
+    what the uninterrupted one would. SeedSequence hashes the tuple (no two share a stream, as a formula such as
+    seed * P + iter * Q + micro could); its leading 0 tags training, evaluation's batches use 1 and 2."""
+    def fetch(it: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        data_seq, dropout_seq = np.random.SeedSequence([seed, 0, it, micro_step]).spawn(2)
+        return (*get_batch(np.random.default_rng(data_seq)), int(dropout_seq.generate_state(1, np.uint64)[0]))
+
+    steps = ((it, m) for it in count(iter_num) for m in micro_steps)
+    ahead = fetch(*next(steps))
+    for step in steps:
+        batch, ahead = ahead, fetch(*step)
+        yield batch
+
+
+def seed_dropout(seed: int, device: torch.device) -> None:
+    """Seed the generator the dropout masks come from (the CPU's, or the current accelerator's)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # this process's GPU only: manual_seed_all would touch every visible GPU
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+
+
+def learning_rate(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_iters, then to min_lr at lr_decay_iters, then min_lr. cosine: nanoGPT's decay.
+    wsd (warmup-stable-decay, as nanochat and modded-nanogpt): constant, then linear over the last cooldown_frac."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = max(cfg.warmup_iters, cfg.lr_decay_iters * (1 - cfg.cooldown_frac))
+        progress = max(0.0, (it - cooldown_start) / (cfg.lr_decay_iters - cooldown_start))  # 0 -> 1
+        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
+    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def muon_momentum(it: int, cfg: TrainConfig) -> float:
+    """Muon's momentum: 0.85 rising linearly to muon_momentum over muon_momentum_warmup iterations (modded-nanogpt)."""
+    frac = min(1.0, it / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup else 1.0
+    return 0.85 + frac * (cfg.muon_momentum - 0.85)
 
 
 # ------------------------------------------------------------------------------------------ evaluation and saving
@@ -348,18 +419,13 @@ def train_step(cfg: TrainConfig, run: Run, model: torch.nn.Module, optimizer: to
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, run: Run, model: torch.nn.Module, get_batch: dict[str, Callable],
              byte_lengths: torch.Tensor | None, stop: StopSignal) -> dict[str, float | None] | None:
-    """Mean loss over eval_iters batches per split ({split}_loss), and its bits per byte ({split}_bpb; None without
-    the BPE's files): the same batches at every evaluation, shared out over ranks.
-
-    None when a stop request came during it: a single process stops between two batches, and that checkpoint then
-    has no val loss (under torchrun every rank finishes, so that their all-reduces stay matched). On a terminal a
-    bar appears after EVAL_BAR_DELAY seconds.
-    """
+    """Mean loss over eval_iters batches per split ({split}_loss) and its bits per byte ({split}_bpb; None without
+    the BPE's files): the same batches every time, shared out over ranks. None when a stop request came during it: a
+    single process stops between two batches (under torchrun every rank finishes: their all-reduces stay matched)."""
     model.eval()
     losses = {}
     signalled_before = stop.signum  # a stop requested during the step that evaluates: evaluate, then stop
-    shown = tqdm(total=2 * len(range(run.rank, cfg.eval_iters, run.world_size)), desc="evaluating", unit="batch",
-                 leave=False, delay=EVAL_BAR_DELAY, disable=not run.master or not sys.stderr.isatty())
+    shown = eval_bar(2 * len(range(run.rank, cfg.eval_iters, run.world_size)), enabled=run.master)
     for tag, split in ((1, "train"), (2, "val")):
         total = torch.zeros((), device=run.device)
         nbytes = torch.zeros((), dtype=torch.int64, device=run.device)  # UTF-8 bytes of the targets
@@ -388,32 +454,15 @@ def evaluate(cfg: TrainConfig, run: Run, model: torch.nn.Module, get_batch: dict
     return losses
 
 
-def token_byte_lengths(tokenizer: Tokenizer, run: Run) -> torch.Tensor | None:
-    """UTF-8 bytes of each token id, for bits per byte (nats / ln 2 / bytes of the targets: comparable across
-    tokenizers); None when the BPE's files cannot be loaded (offline): prepared ids still train, without bpb."""
-    try:
-        return torch.from_numpy(tokenizer.token_byte_lengths()).to(run.device)
-    except SystemExit as e:
-        if run.master:
-            print(f"no bits per byte in this run: {e}")
-        return None
-
-
-def loss_text(losses: dict[str, float | None]) -> str:
-    bpb = "" if losses["val_bpb"] is None else f" (val bpb {losses['val_bpb']:.4f})"
-    return f"train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}{bpb}"
-
-
 def record(metrics: Metrics | None, progress: Progress, **values: float | None) -> None:
-    """One line of metrics.jsonl (rank 0 of a training run; metrics is None elsewhere), null where a key does not
-    apply."""
+    """One metrics.jsonl line, null where a key does not apply (rank 0 of a training run; metrics is None elsewhere)."""
     if metrics is not None:
         row = {"iter": progress.iter_num, "train_loss": None, "val_loss": None, "train_bpb": None, "val_bpb": None,
                "lr": None, "tokens_per_sec": None, "mfu": None, "elapsed": round(progress.elapsed(), 3)}
         metrics.write(row | values)
 
 
-def save(cfg: TrainConfig, data: Data, model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def save(cfg: TrainConfig, data: Dataset, model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
          progress: Progress, val_loss: float | None) -> tuple[Path, bool]:
     """Write ckpt_{iter_num}: weights, config (model, tokenizer, training settings) and the training state.
     Returns the folder and whether val_loss is the best so far (then `best` points to it)."""
@@ -421,16 +470,11 @@ def save(cfg: TrainConfig, data: Data, model: GPT, optimizer: torch.optim.Optimi
     is_best = val_loss is not None and val_loss < progress.best_val_loss
     if is_best:
         progress.best_val_loss = val_loss
-    device = next(model.parameters()).device
-    train_state = {
-        "optimizer": optimizer.state_dict(), "iter_num": progress.iter_num, "best_val_loss": progress.best_val_loss,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        "scaler": scaler.state_dict(), "elapsed": progress.elapsed(), "threads": torch.get_num_threads(),
-    }
+    state = train_state(optimizer, scaler, next(model.parameters()).device, iter_num=progress.iter_num,
+                        best_val_loss=progress.best_val_loss, elapsed=progress.elapsed())
     extra = {"tokenizer": data.meta["tokenizer"], "train": config_to_dict(cfg), "val_loss": val_loss}
-    folder = save_checkpoint(Path(cfg.out_dir), model, extra, train_state, iter_num=progress.iter_num,
-                             is_best=is_best)
+    folder = save_checkpoint(Path(cfg.out_dir), model, extra, state, iter_num=progress.iter_num, is_best=is_best)
+    progress.saved_iter = progress.iter_num
     return folder, is_best
 
 
@@ -441,33 +485,6 @@ def check_finite(model: GPT, val_loss: float | None, iter_num: int, out_dir: Pat
         raise SystemExit(diverged(f"iteration {iter_num}: val loss {val_loss}, the run diverged", out_dir))
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise SystemExit(diverged(f"iteration {iter_num}: the weights are not finite, the run diverged", out_dir))
-
-
-def diverged(what: str, out_dir: Path) -> str:
-    """The one line that stops a diverged run, naming the checkpoint to go back to (all saved ones are finite)."""
-    fixes = "a lower --learning_rate, a --grad_clip, or --dtype=bfloat16/float32 if this ran in float16"
-    if not has_checkpoint(out_dir):
-        return f"{what}: stopping; no checkpoint was saved. Start again with {fixes}"
-    return (f"{what}: stopping without saving. The last finite checkpoint: {find_checkpoint(out_dir)}. Resume it "
-            f"with --init_from=resume and {fixes}")
-
-
-def stopped(signum: int, master: bool, untrained: bool, iter_num: int, argv: list[str]) -> int:
-    """Say how the run stopped (on rank 0) and return its exit status; signum: the signal (a rank that got none stops
-    because another did: SIGTERM)."""
-    name = signal.Signals(signum).name
-    if master:
-        print(f"stopped by {name} before the first iteration; nothing was saved" if untrained else
-              f"stopped by {name} at iteration {iter_num}; continue with:\n  {resume_command(argv)}")
-    return 128 + signum
-
-
-def out_of_memory(cfg: TrainConfig, run: Run, block_size: int) -> str:
-    return (f"out of memory on {run.device} with batch_size={cfg.batch_size}, block_size={block_size}: lower "
-            f"--batch_size and raise --gradient_accumulation_steps to keep the tokens per step (e.g. "
-            f"--batch_size={max(1, cfg.batch_size // 2)} "
-            f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps * 2}), or train a smaller model. "
-            f"Nothing was saved by this run after its last checkpoint")
 
 
 # ------------------------------------------------------------------------------------------ setup and resume
@@ -495,21 +512,17 @@ class Run:
 
 
 @dataclass
-class Data:
-    """The prepared dataset: its folder, meta.json, tokenizer, and the token files of each split."""
-    dir: Path
-    meta: dict
-    tokenizer: Tokenizer
-    splits: dict[str, list[np.memmap]]
-
-
-@dataclass
 class Progress:
-    """The counters a checkpoint saves and restore() sets back."""
+    """The counters a checkpoint saves (and a resumed run starts from), then this process's own."""
     iter_num: int = 0
     best_val_loss: float = math.inf
     elapsed_before: float = 0.0  # seconds trained before this process started (by the run it resumes)
     t_start: float = field(default_factory=time.perf_counter)
+    start_iter: int = field(init=False)  # iter_num when this process started
+    saved_iter: int | None = field(default=None, init=False)  # the iteration this process last saved, if any
+
+    def __post_init__(self) -> None:
+        self.start_iter = self.iter_num
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
@@ -539,14 +552,8 @@ def setup(cfg: TrainConfig, writes: bool) -> Run:
     if dtype == torch.float16 and device.type == "cpu":
         raise SystemExit("dtype=float16 needs a GPU: use --dtype=bfloat16 or --dtype=float32 on the CPU")
 
-    out_dir = Path(cfg.out_dir)
-    resuming = cfg.init_from == "resume"
-    if writes and not resuming and has_checkpoint(out_dir):
-        raise SystemExit(f"{out_dir} already holds a checkpoint: continue that run with --init_from=resume, or "
-                         f"start a new one with another --out_dir (nothing was overwritten)")
-    if resuming and not has_checkpoint(out_dir):
-        raise SystemExit(f"init_from=resume but {out_dir} holds no checkpoint: check --out_dir, or start with "
-                         f"--init_from=scratch")
+    out_dir, resuming = Path(cfg.out_dir), cfg.init_from == "resume"
+    check_out_dir(out_dir, resuming, fresh_run_writes=writes)
 
     if ddp:  # from here on, main's `finally` leaves the process group
         backend = cfg.backend if cfg.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
@@ -562,28 +569,7 @@ def setup(cfg: TrainConfig, writes: bool) -> Run:
                out_dir=out_dir, resuming=resuming, writes=writes)
 
 
-def load_data(cfg: TrainConfig, run: Run) -> Data:
-    """The dataset's meta.json, tokenizer and token files, checked to fit each other."""
-    data_dir = resolve_dataset(cfg.dataset)
-    try:
-        meta = load_meta(data_dir)
-        try:
-            tokenizer = Tokenizer.from_meta(meta["tokenizer"])
-        except ValueError as e:
-            raise ValueError(f"{data_dir / 'meta.json'}: bad \"tokenizer\" entry: {e}") from None
-        splits = {split: load_split(data_dir, split) for split in ("train", "val")}
-    except ValueError as e:  # tokens.py's messages name the file and the prepare.py command to run
-        raise SystemExit(str(e)) from None
-    for split, files in splits.items():  # a token id past the vocabulary would index outside the embedding table
-        for f in files:
-            if len(f) and int(f.max()) >= tokenizer.vocab_size:
-                raise SystemExit(f"{f.filename}: token id {int(f.max())} >= the vocabulary size "
-                                 f"{tokenizer.vocab_size} of {data_dir / 'meta.json'}: the file does not belong to "
-                                 f"this dataset; prepare it again")
-    return Data(data_dir, meta, tokenizer, splits)
-
-
-def build_model(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict | None]:
+def build_model(cfg: TrainConfig, run: Run, data: Dataset) -> tuple[GPT, dict | None]:
     """The model on its device, in training mode: out_dir's checkpoint (resume), a new one (scratch), or a
     pretrained one (fine-tune); and the training state a resumed run continues from."""
     state = None
@@ -597,11 +583,7 @@ def build_model(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict | Non
     else:  # fine-tune: GPT-2 from the hub, a Hugging Face folder, or another run's out_dir or checkpoint
         if run.ddp and not run.master:
             dist.barrier()  # let rank 0 download a hub model into the cache first, rather than all ranks at once
-        try:
-            model, _, ckpt_config = load_model(cfg.init_from, dropout=cfg.dropout)
-            check_tokenizer_matches(ckpt_config, data.meta, data.dir / "meta.json")
-        except ValueError as e:
-            raise SystemExit(f"init_from={cfg.init_from}: {e}") from None
+        model = load_for_training(cfg.init_from, data.meta, data.dir / "meta.json", cfg.dropout, resume=False)[0]
         if run.ddp and run.master:
             dist.barrier()
         if cfg.block_size > model.config.block_size:
@@ -610,13 +592,7 @@ def build_model(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict | Non
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
     block_size = model.config.block_size
-    if model.config.vocab_size < data.tokenizer.vocab_size:
-        raise SystemExit(f"{data.dir / 'meta.json'} has {data.tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size}: the dataset does not fit this model")
-    for split, files in data.splits.items():
-        if max(len(f) for f in files) <= block_size:
-            raise SystemExit(f"the {split} split of {data.dir} has no file longer than block_size={block_size} "
-                             f"tokens: lower --block_size or prepare more data")
+    data.check_fits(model.config.vocab_size, block_size)
     if run.master:
         tokens = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
         print(f"{model.num_params() / 1e6:.2f}M parameters; {tokens:,} tokens per iteration ({run.world_size} "
@@ -633,21 +609,17 @@ def build_optimizer(cfg: TrainConfig, run: Run, model: GPT,
                                            run.device.type, cfg.optimizer, cfg.muon_lr, cfg.muon_momentum,
                                            cfg.muon_weight_decay)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)  # float16 underflows without it
-    progress = Progress() if state is None else restore(cfg, run, state, optimizer, scaler)
-    return optimizer, scaler, progress
+    if state is None:
+        return optimizer, scaler, Progress()
+    restore_train_state(state, optimizer, scaler, run.device)
+    return optimizer, scaler, Progress(state["iter_num"], state["best_val_loss"], state.get("elapsed", 0.0))
 
 
-def load_resumed(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict]:
+def load_resumed(cfg: TrainConfig, run: Run, data: Dataset) -> tuple[GPT, dict]:
     """The model and the training state (state.pt) of out_dir's latest checkpoint, checked against this run's
     dataset and settings; exits when it is already at max_iters."""
-    try:
-        folder = find_checkpoint(run.out_dir)  # resolved once: the model and the state come from the same folder
-        model, _, config = load_model(folder, dropout=cfg.dropout)
-        check_tokenizer_matches(config, data.meta, data.dir / "meta.json")
-        state = load_state(folder)
-        check_train_state(state, folder / "state.pt")
-    except ValueError as e:  # checkpoint.py's messages name the file and the fix
-        raise SystemExit(str(e)) from None
+    model, config, state, folder = load_for_training(run.out_dir, data.meta, data.dir / "meta.json", cfg.dropout,
+                                                     resume=True)
     if state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
         if run.master:
             print(f"already at iteration {state['iter_num']} >= max_iters={cfg.max_iters}: nothing to train; "
@@ -670,98 +642,6 @@ def load_resumed(cfg: TrainConfig, run: Run, data: Data) -> tuple[GPT, dict]:
         if changed:
             print(f"settings changed since that checkpoint: {', '.join(changed)}")
     return model, state
-
-
-def restore(cfg: TrainConfig, run: Run, state: dict, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler) -> Progress:
-    """Set the optimizer, the gradient scaler, the counters and the RNGs back to a checkpoint's state.pt."""
-    # load_state_dict also restores the saved hyperparameters; this run's settings win (lr is set every step).
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
-    for group, own in zip(optimizer.param_groups, settings):
-        group.update(own)
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    # Nothing draws from these generators (data and dropout are seeded per micro-step), but a change that does will
-    # then resume exactly too.
-    torch.set_rng_state(state["rng"]["torch"])
-    if run.device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
-    return Progress(state["iter_num"], state["best_val_loss"], state.get("elapsed", 0.0))
-
-
-# ---------------------------------------------------------------------------------------------------------- helpers
-
-
-def learning_rate(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_iters, then to min_lr at lr_decay_iters, then min_lr. cosine: nanoGPT's decay.
-    wsd (warmup-stable-decay, as nanochat and modded-nanogpt): constant, then linear over the last cooldown_frac."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        cooldown_start = max(cfg.warmup_iters, cfg.lr_decay_iters * (1 - cfg.cooldown_frac))
-        progress = max(0.0, (it - cooldown_start) / (cfg.lr_decay_iters - cooldown_start))  # 0 -> 1
-        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
-    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def muon_momentum(it: int, cfg: TrainConfig) -> float:
-    """Muon's momentum: 0.85 rising linearly to muon_momentum over muon_momentum_warmup iterations (modded-nanogpt)."""
-    frac = min(1.0, it / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup else 1.0
-    return 0.85 + frac * (cfg.muon_momentum - 0.85)
-
-
-def step_rngs(seed: int, iter_num: int, micro_step: int) -> tuple[np.random.Generator, int]:
-    """The data generator and the dropout seed of one micro-step, derived from (seed, iter_num, micro_step) alone.
-
-    micro_step counts over all processes (0 .. gradient_accumulation_steps - 1), so whichever rank runs micro-step m
-    of iteration i reads the same windows and draws the same dropout masks. numpy's SeedSequence hashes the tuple,
-    so no two tuples share a stream (a formula such as seed * P + iter * Q + micro would collide for large micro).
-    The leading 0 tags training; evaluation batches use 1 (train split) and 2 (val split).
-    """
-    data_seq, dropout_seq = np.random.SeedSequence([seed, 0, iter_num, micro_step]).spawn(2)
-    return np.random.default_rng(data_seq), int(dropout_seq.generate_state(1, np.uint64)[0])
-
-
-def batch_sampler(files: list[np.memmap], block_size: int, batch_size: int,
-                  device: torch.device) -> Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]]:
-    """get_batch(rng) for one split: batch_size random windows of block_size + 1 consecutive tokens, as inputs
-    x (B, T) and targets y (B, T).
-
-    Start positions are uniform over every position of every file (shard), so a shard is picked in proportion to
-    its length and a window never crosses from one shard into the next. Where each file's starts begin is worked
-    out here, once, not at every micro-step.
-    """
-    starts_per_file = [max(len(f) - block_size, 0) for f in files]  # a window needs block_size + 1 tokens
-    first = np.cumsum([0, *starts_per_file])  # file i holds the starts first[i] .. first[i + 1] - 1
-
-    def get_batch(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = rng.integers(0, first[-1], size=batch_size)
-        which = np.searchsorted(first, starts, side="right") - 1  # the file each start falls in
-        offsets = starts - first[which]
-        windows = np.stack([files[f][o:o + block_size + 1] for f, o in zip(which, offsets)]).astype(np.int64)
-        w = torch.from_numpy(windows)  # (B, T + 1)
-        if device.type == "cuda":  # pinned memory lets the copy run while the GPU works on the previous micro-step
-            w = w.pin_memory().to(device, non_blocking=True)
-        else:
-            w = w.to(device)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
-
-    return get_batch
-
-
-def seed_dropout(seed: int, device: torch.device) -> None:
-    """Seed the generator the dropout masks come from (the CPU's, or the current accelerator's)."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)  # this process's GPU only: manual_seed_all would touch every visible GPU
-    elif device.type == "mps":
-        torch.mps.manual_seed(seed)
 
 
 if __name__ == "__main__":

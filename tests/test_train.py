@@ -414,6 +414,32 @@ def test_muon_momentum_warms_up() -> None:
     assert muon_momentum(0, TrainConfig(muon_momentum=0.9, muon_momentum_warmup=0)) == 0.9
 
 
+def test_train_batches_resume_and_split_over_ranks_as_one_stream() -> None:
+    """train_batches from iteration 3 yields what the stream from 0 yields there (a resumed run reads what the
+    uninterrupted one would), two ranks' micro-steps together are one process's, and each batch is read one ahead."""
+    get_batch = train.batch_sampler([np.arange(1000) % 50], block_size=8, batch_size=2, device=torch.device("cpu"))
+    reads = []
+
+    def counted(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        reads.append(rng)
+        return get_batch(rng)
+
+    def same(a: tuple, b: tuple) -> bool:  # x, y and the dropout seed
+        return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+
+    def take(iter_num: int, micro_steps: range, n: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        batches = train.train_batches(counted, 7, iter_num, micro_steps)
+        return [next(batches) for _ in range(n)]
+
+    straight = take(0, range(4), 5 * 4)  # 5 iterations of 4 micro-steps
+    assert len(reads) == 5 * 4 + 1  # the next batch is already read when one is handed out
+    resumed = take(3, range(4), 2 * 4)
+    ranks = [take(0, range(rank, 4, 2), 5 * 2) for rank in (0, 1)]
+    assert all(same(a, b) for a, b in zip(straight[3 * 4:], resumed))
+    assert all(same(straight[4 * i + m], ranks[m % 2][2 * i + m // 2]) for i in range(5) for m in range(4))
+    assert not same(straight[0], straight[1]) and straight[0][2] != straight[4][2]  # every micro-step draws anew
+
+
 def test_resume_with_another_optimizer_is_one_line(recipe_reference: Path, char_data: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in recipe_reference.rglob("*")}
     message = exit_message(main, [f"--dataset={char_data}", f"--out_dir={recipe_reference}", *TINY, *RECIPE,
