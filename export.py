@@ -43,7 +43,7 @@ class ExportConfig:
     init_from: str | None = None  # a Hugging Face GPT-2 folder or gpt2, gpt2-medium, ... instead; none/resume: out_dir
     checkpoint: str = "latest"  # which checkpoint of out_dir: latest or best (lowest validation loss)
     format: str = "hf"  # hf: config.json, model.safetensors and tokenizer files; gguf: one file for llama.cpp
-    output: str | None = None  # hf: a new folder (none: add the tokenizer files to the checkpoint's own); gguf: the file
+    output: str | None = None  # hf: a new folder (none: add the tokenizer files to the checkpoint's); gguf: the file
     gguf_type: str = "f16"  # the GGUF's matrices: f32, f16 or q8_0 (norms, biases and positions stay f32)
 
     def __post_init__(self) -> None:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if cfg.format == "gguf":
-        write_gguf(model, tokenizer, output, cfg.gguf_type, name=folder.name)
+        write_gguf(model, tokenizer, output, cfg.gguf_type, name=Path(source).resolve().name)  # the run's, not ckpt_*
         print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {cfg.gguf_type}) from {folder}",
               file=sys.stderr)
         return output
