@@ -136,7 +136,8 @@ def _empty_dir(path: Path) -> bool:
 # ------------------------------------------------------------------------------------------------------------ GGUF
 
 # The GPTConfig values llama.cpp's gpt2 architecture computes exactly (as hf.FORMATS, a field not named: GPT-2's
-# default only). Without biases, the zero biases llama.cpp requires are written; an untied head is its own tensor.
+# default only). Without biases, the zero biases llama.cpp requires are written; an untied head is its own tensor
+# (output.weight; llama.cpp reuses token_embd where there is none).
 GGUF_GPT2: dict[str, Implemented] = {
     **dict.fromkeys(SIZES, _any), "dropout": _any, "zero_init": _any, "rope_theta": _any, "bias": _any,
     "tie_embeddings": _any, "n_kv_head": lambda c: c.kv_heads == c.n_head}
@@ -162,16 +163,15 @@ def gguf_refusal(config: GPTConfig, tokenizer: Tokenizer) -> str | None:
 
 
 def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """The weights under llama.cpp's names and layout, float32: matrices (out, in) as ggml reads them; the output head
-    always written (a tied one as a copy of token_embd, as llama.cpp's converter does); zero biases where there are
-    none."""
+    """The weights under llama.cpp's names and layout, float32: matrices (out, in) as ggml reads them; zero biases
+    where there are none; no output head when it is tied (hf_state_dict leaves it out: llama.cpp reuses token_embd)."""
     weights = hf_state_dict(model)
-    if "lm_head.weight" not in weights:
-        weights["lm_head.weight"] = weights["wte.weight"]
     names = {theirs.format(i=i): ours.format(i=i) for ours, theirs in GGUF_NAMES.items()
              for i in range(model.config.n_layer)}  # gguf name -> ours, without .weight/.bias
     out = {}
     for gguf_name, ours in names.items():
+        if f"{ours}.weight" not in weights:  # a tied head
+            continue
         w = weights[f"{ours}.weight"].float()
         if ours.startswith("h.") and w.dim() == 2:  # our Linear stores (in, out): GPT-2's Conv1D layout
             w = w.t()

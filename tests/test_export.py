@@ -154,7 +154,7 @@ def gpt2_holding(tensors: dict[str, torch.Tensor], block_size: int, n_head: int)
     n_layer = 1 + max(int(name.split(".")[1]) for name in tensors if name.startswith("blk."))
     vocab_size, n_embd = tensors["token_embd.weight"].shape
     config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                       tie_embeddings=False)
+                       tie_embeddings="output.weight" not in tensors)  # as llama.cpp: token_embd where none
     model = GPT(config).eval()
     weights = {}
     for ours, theirs in export.GGUF_NAMES.items():
@@ -212,10 +212,11 @@ def test_gguf_reads_back_with_llama_cpps_names_types_and_tokenizer(gguf_type, gg
     assert len(meta["tokenizer.ggml.merges"]) == 50000 and meta["tokenizer.ggml.merges"][0] == "Ġ t"
     assert meta["tokenizer.ggml.bos_token_id"] == meta["tokenizer.ggml.eos_token_id"] == 50256
     expected = {"blk.0.attn_qkv.weight": [c.n_embd, 3 * c.n_embd], "blk.0.ffn_down.weight": [4 * c.n_embd, c.n_embd],
-                "token_embd.weight": [c.n_embd, c.vocab_size], "output.weight": [c.n_embd, c.vocab_size],
+                "token_embd.weight": [c.n_embd, c.vocab_size],
                 "position_embd.weight": [c.n_embd, c.block_size], "blk.1.attn_norm.bias": [c.n_embd]}
     found = {t.name: t for t in reader.tensors}
-    assert len(found) == 5 + 12 * c.n_layer  # embeddings, positions, head, final norm and its bias; 12 per block
+    assert len(found) == 4 + 12 * c.n_layer  # embeddings, positions, final norm and its bias; 12 per block
+    assert "output.weight" not in found  # a tied head: llama.cpp reuses token_embd
     matrix = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
     for name, shape in expected.items():  # ggml's shapes list the fastest-moving axis first
