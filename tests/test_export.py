@@ -235,7 +235,9 @@ def test_transformers_gguf_loader_gives_our_logits(gguf_type, gguf_files):
     model, paths, _ = gguf_files
     path = paths[gguf_type]
     idx = torch.randint(0, 50257, (2, TINY["block_size"]), generator=torch.Generator().manual_seed(0))
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    # transformers reads gpt2.context_length as n_ctx and leaves n_positions at GPT-2's 1024: say it
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                               n_positions=model.config.block_size).eval()
     with torch.no_grad():
         expected, got = model(idx)[0], theirs(idx).logits
     assert_close_logits(got, expected, gguf_type)
