@@ -169,7 +169,7 @@ def gpt2_holding(tensors: dict[str, torch.Tensor], block_size: int, n_head: int)
 
 # (largest, mean) |logit| error allowed. The test model's logits span +-5 (std 0.9) and its attention is sharp, which
 # amplifies rounding: measured 1.8e-2 / 9e-4 at f16 and 0.6 / 2.1e-2 at q8_0 (8-bit blocks of 32 values).
-BOUNDS = {"f32": (1e-4, 1e-5), "f16": (5e-2, 3e-3), "q8_0": (1.0, 5e-2)}
+BOUNDS = {"f32": (1e-4, 1e-5), "f16": (1e-1, 5e-3), "q8_0": (1.0, 5e-2)}
 
 
 def assert_close_logits(got: torch.Tensor, expected: torch.Tensor, gguf_type: str) -> None:
