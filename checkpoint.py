@@ -12,6 +12,7 @@ nanochat-like model with transformers.NanoChatForCausalLM: see hf.hf_format):
       ckpt_000080/            one complete checkpoint, named by iteration
         model.safetensors     hf.hf_state_dict(): Hugging Face's layout (GPT-2 or NanoChat), a tied head left out
         config.json           hf.hf_config() + "tokenizer" + "train" + "iter_num" + "val_loss" + ...
+        vocab.json, ...       hf.tokenizer_files(): what AutoTokenizer reads (older folders lack them: export.py)
         state.pt              optimizer, iteration, RNG states...: plain tensors/containers, read with weights_only=True
       latest -> ckpt_000080   symlinks, each replaced in one atomic step
       best -> ckpt_000060
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -48,7 +50,7 @@ import safetensors.torch
 import torch
 
 import errors
-from hf import config_from_hf, hf_config, hf_state_dict, load_hf_state_dict
+from hf import config_from_hf, hf_config, hf_state_dict, load_hf_state_dict, tokenizer_files
 from model import GPT, GPTConfig
 from tokens import Tokenizer
 
@@ -500,12 +502,14 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
     assert isinstance(model, GPT), f"pass the unwrapped GPT (ddp_model.module, compiled._orig_mod), not {type(model)}"
     if "tokenizer" not in extra_config:  # loading would fall back to GPT-2 BPE and misread a char model's ids
         raise ValueError("extra_config needs \"tokenizer\": tokenizer.to_meta(), so that the checkpoint decodes")
-    hf = hf_config(model.config, eot_token=Tokenizer.from_meta(extra_config["tokenizer"]).eot_token)
+    tokenizer = Tokenizer.from_meta(extra_config["tokenizer"])
+    hf = hf_config(model.config, eot_token=tokenizer.eot_token)
     clash = hf.keys() & extra_config.keys()
     assert not clash, f"extra_config must not override the model's config.json keys {sorted(clash)}"
     _check_plain(state, "state")
     config_text = json.dumps(hf | extra_config | {"iter_num": iter_num}, indent=2)  # TypeError now, not later
     weights = hf_state_dict(model)
+    extra_files = _tokenizer_files(tokenizer, model.config.block_size, out_dir)
 
     out_dir, name = Path(out_dir), f"ckpt_{iter_num:06d}"
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"
@@ -518,8 +522,10 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
         (tmp / "config.json").write_text(config_text)
         with open(tmp / "state.pt", "wb") as f, _write_error_as_os_error(tmp / "state.pt"):
             torch.save(state, f)
+        for file, text in extra_files.items():
+            (tmp / file).write_text(text, encoding="utf-8")
         mode = (tmp / "config.json").stat().st_mode & 0o777  # open()'s, under the umask; safetensors writes 0600
-        for file in FILES:
+        for file in (*FILES, *extra_files):
             os.chmod(tmp / file, mode)
             errors.fsync(tmp / file)
         errors.fsync(tmp)  # the folder's entries too, or a power cut could leave it empty under its final name
@@ -537,6 +543,22 @@ def save_checkpoint(out_dir: Path, model: GPT, extra_config: dict, state: dict, 
         raise
     _retain(out_dir)
     return out_dir / name
+
+
+def _tokenizer_files(tokenizer: Tokenizer, block_size: int, out_dir: Path) -> dict[str, str]:
+    """hf.tokenizer_files, or none, said once, where they cannot be made (an encoding GPT2Tokenizer cannot
+    reproduce; BPE files that offline tiktoken cannot load): a checkpoint loads without them."""
+    try:
+        return tokenizer_files(tokenizer, block_size)
+    except (ValueError, SystemExit) as e:
+        _warn_once(f"warning: checkpoints in {out_dir} get no tokenizer files for transformers ({e}); add them "
+                   f"later with python export.py --out_dir={out_dir} --format=hf")
+        return {}
+
+
+@functools.cache
+def _warn_once(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 @contextmanager
@@ -577,7 +599,7 @@ def _install(tmp: Path, final: Path) -> None:
     # killed before its link moved). A folder cannot be renamed over another, and moving the old one aside first
     # would leave `latest` dangling for a moment. So its files are replaced one by one, each atomically: both copies
     # hold the same iteration, so whatever mix a crash leaves is a complete, loadable checkpoint.
-    for file in FILES:
+    for file in os.listdir(tmp):
         os.replace(tmp / file, final / file)
     errors.fsync(final)
     _remove(tmp)

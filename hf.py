@@ -1,20 +1,24 @@
 """Hugging Face formats: which transformers architecture a model is exactly, its config.json, its weight names.
 
-    from hf import config_from_hf, hf_config, hf_format, hf_state_dict, load_hf_state_dict
+    from hf import config_from_hf, hf_config, hf_format, hf_state_dict, load_hf_state_dict, tokenizer_files
     hf_format(model.config)                     # "gpt2", "nanochat", or "smallgpt" (no transformers class)
     weights, config = hf_state_dict(model), hf_config(model.config, eot_token=50256)
+    tokenizer_files(tokenizer, block_size=1024)  # {"vocab.json": ..., "merges.txt": ..., "tokenizer_config.json": ...}
 
 checkpoint.py reads and writes the files; the README ("The modern recipe") says which model loads where.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from dataclasses import asdict, fields
 
 import torch
 
 from model import GPT, GPTConfig
+from tokens import Tokenizer
 
 SIZES = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 
@@ -40,11 +44,13 @@ FORMATS: dict[str, dict[str, Implemented]] = {
 def hf_format(config: GPTConfig) -> str:
     """The transformers architecture `config` is exactly: one whose table implements every field's value, else
     "smallgpt", which transformers refuses rather than loads with other maths."""
-    for name, implemented in FORMATS.items():
-        if all(_implements(implemented.get(f.name, (f.default,)), getattr(config, f.name), config)
-               for f in fields(config)):
-            return name
-    return "smallgpt"
+    return next((name for name, table in FORMATS.items() if not unimplemented(config, table)), "smallgpt")
+
+
+def unimplemented(config: GPTConfig, table: dict[str, Implemented]) -> list[str]:
+    """The fields of config, as name=value, whose value a format's table (as FORMATS' are) does not implement."""
+    return [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config)
+            if not _implements(table.get(f.name, (f.default,)), getattr(config, f.name), config)]
 
 
 def _implements(allowed: Implemented, value: object, config: GPTConfig) -> bool:
@@ -214,3 +220,81 @@ def _from_nanochat(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
         if all(t is not None for t in parts):
             out[f"h.{i}.attn.c_attn.weight"] = torch.cat([t.t() for t in parts], dim=1)
     return out
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer files
+
+
+def tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, str]:
+    """The files that make AutoTokenizer.from_pretrained(folder) give our ids, name -> text. A BPE encoding with
+    GPT-2's pre-tokenizer: vocab.json and merges.txt (for "gpt2", byte for byte the encoder.json and vocab.bpe that
+    tiktoken and Hugging Face's gpt2 read) and tokenizer_config.json. A char vocabulary: tokenizer.json, a BPE without
+    merges (one token per character, no normalizer, no pre-tokenizer), and tokenizer_config.json.
+
+    model_max_length is block_size. A padded model vocabulary (50304 for GPT-2's 50257) stays in config.json's
+    vocab_size: the tokenizer lists only the ids that have text. "<|endoftext|>" written in a text stays text
+    (split_special_tokens), as in tokens.py; the end-of-text id is bos, eos and unk. A char vocabulary has none."""
+    config = {"model_max_length": block_size, "clean_up_tokenization_spaces": False}
+    if tokenizer.kind == "char":
+        model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                 "vocab": {c: i for i, c in enumerate(tokenizer.chars)}, "merges": []}
+        spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                "pre_tokenizer": None, "post_processor": None, "decoder": {"type": "Fuse"}, "model": model}
+        return {"tokenizer.json": json.dumps(spec, ensure_ascii=False),
+                "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"} | config, indent=2)}
+    vocab, merges = _bpe_files(tokenizer.encoding)
+    eot = tokenizer.tiktoken_encoding.decode([tokenizer.eot_token])
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
+              "add_bos_token": False, "add_prefix_space": False, "split_special_tokens": True, "errors": "replace"
+              } | config
+    return {"vocab.json": vocab, "merges.txt": merges, "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+@functools.cache  # ~1 s of Python per encoding: once per process, not at every checkpoint
+def _bpe_files(encoding: str) -> tuple[str, str]:
+    """vocab.json and merges.txt of a tiktoken encoding, rebuilt from its ranks: a token's merge is the pair that
+    byte-pair encoding its bytes with the lower ranks ends on; tokens and merges spelled in GPT-2's byte alphabet."""
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer pattern (gpt2, r50k, p50k)
+
+    enc = Tokenizer.tiktoken(encoding).tiktoken_encoding
+    if enc._pat_str != r50k_pat_str:
+        raise ValueError(f"tiktoken encoding {encoding!r} does not split text as GPT-2 does, so Hugging Face's "
+                         f"GPT2Tokenizer cannot reproduce it: only GPT-2-pattern encodings (gpt2, r50k_base, "
+                         f"p50k_base) and char vocabularies get tokenizer files")
+    ranks = enc._mergeable_ranks
+    alphabet = _byte_alphabet()
+
+    def spell(b: bytes) -> str:
+        return "".join(alphabet[x] for x in b)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            a, b = _last_merge(token, rank, ranks)
+            merges.append(f"{spell(a)} {spell(b)}")
+    vocab = {spell(token): rank for token, rank in ranks.items()} | enc._special_tokens
+    vocab_json = json.dumps(dict(sorted(vocab.items(), key=lambda item: item[1])))  # ensure_ascii, as encoder.json
+    return vocab_json, "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
+def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two tokens whose merge makes `token`. When only one split has both halves ranked below it, that is the
+    one (most tokens); else byte-pair encode the token's bytes with the merges ranked below it."""
+    splits = [i for i in range(1, len(token)) if ranks.get(token[:i], rank) < rank > ranks.get(token[i:], rank)]
+    if len(splits) == 1:
+        return token[:splits[0]], token[splits[0]:]
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, i = min((ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1))
+        assert best < rank, f"{token!r} cannot be built from tokens ranked below {rank}"
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (openai/gpt-2 encoder.py's bytes_to_unicode): printable Latin-1
+    bytes stand for themselves, the others for chr(256 + n) in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(others)}

@@ -91,6 +91,12 @@ class Tokenizer:
                 ) from None
         return self._loaded
 
+    @property
+    def tiktoken_encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding behind a BPE tokenizer (its ranks and pattern: hf.py writes them as files)."""
+        assert self.kind == "tiktoken", "a char tokenizer has no tiktoken encoding"
+        return self._enc
+
     @classmethod
     def char(cls, chars: str) -> Tokenizer:
         """Character-level tokenizer: token i is chars[i]."""

@@ -56,7 +56,8 @@ def test_round_trip(tmp_path: Path) -> None:
     rng = torch.get_rng_state()  # what save() stores
     folder = save(tmp_path, model, 80, is_best=True, val_loss=1.5)
     assert folder == tmp_path / "ckpt_000080"
-    assert entries(folder) == {"model.safetensors", "config.json", "state.pt"}
+    assert entries(folder) == {"model.safetensors", "config.json", "state.pt",
+                               "tokenizer.json", "tokenizer_config.json"}
     assert os.readlink(tmp_path / "latest") == "ckpt_000080" and os.readlink(tmp_path / "best") == "ckpt_000080"
 
     for where in (tmp_path, tmp_path / "latest", folder):
