@@ -23,6 +23,7 @@ import errors
 
 errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -118,11 +119,12 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.unsqueeze(0)  # (1, T)
     maps: list[torch.Tensor] = []
 
-    def capture(module: CausalSelfAttention, args: tuple) -> None:
-        maps.append(explicit_attention(module, args[0], args[1])[0])  # blocks run in order: maps[i] is layer i
+    def capture(module: CausalSelfAttention, args: tuple, kwargs: dict) -> None:
+        call = inspect.signature(module.forward).bind(*args, **kwargs).arguments  # by name: an argument added
+        maps.append(explicit_attention(module, call["x"], call.get("rope"))[0])  # moves none; maps[i] is layer i
 
     was_training = model.training
-    handles = [block.attn.register_forward_pre_hook(capture) for block in model.transformer.h]
+    handles = [block.attn.register_forward_pre_hook(capture, with_kwargs=True) for block in model.transformer.h]
     try:
         model.eval()
         model(idx)

@@ -55,7 +55,7 @@ def test_decode_rows_say_whether_a_cuda_graph_ran(tmp_path, monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.setitem(sample._compiled, "default",
-                        torch.compile(GPT.forward_static, backend="aot_eager", dynamic=False))
+                        torch.compile(sample.forward_static, backend="aot_eager", dynamic=False))
     try:
         rows = bench.main(TINY + ["--what=decode", "--compile=both", "--decode_batch=1",
                                   f"--out={tmp_path / 'r.jsonl'}"])

@@ -20,6 +20,7 @@ from checkpoint import from_pretrained, load_model, save_checkpoint
 from hf import hf_config, hf_format, hf_state_dict
 from model import GPT, GPTConfig, KVCache, apply_rope, attend, causal_mask, rms_norm
 from muon import Muon
+from sample import StaticKVCache, static_step
 from test_model import generate_uncached
 from tokens import Tokenizer
 
@@ -80,17 +81,13 @@ def test_test_models_are_not_trivial(name):
 # ---------------------------------------------------------------------------- KV cache vs recompute
 
 
-def run_cached(model: GPT, idx: torch.Tensor, cuts: list[int], static: bool) -> tuple[torch.Tensor, KVCache]:
+def run_cached(model: GPT, idx: torch.Tensor, cuts: list[int], static: bool,
+               cache: KVCache | StaticKVCache | None = None) -> tuple[torch.Tensor, KVCache | StaticKVCache]:
     """Logits of idx fed through one cache in the pieces idx[:, cuts[i]:cuts[i+1]]."""
-    cache = KVCache.for_model(model, idx.size(0), static=static)
-    pieces = []
-    for a, b in zip(cuts, cuts[1:]):
-        if static:  # the caller passes the positions and advances the cache (as sample.py's compiled decode)
-            pieces.append(model.forward_static(idx[:, a:b], torch.arange(a, b), cache))
-            cache.pos = b
-        else:
-            pieces.append(model(idx[:, a:b], kv_cache=cache)[0])
-    return torch.cat(pieces, dim=1), cache
+    if cache is None:
+        cache = StaticKVCache(model, idx.size(0)) if static else KVCache.for_model(model, idx.size(0))
+    step = static_step(model, cache) if static else lambda t: model(t, kv_cache=cache)[0]
+    return torch.cat([step(idx[:, a:b]) for a, b in zip(cuts, cuts[1:])], dim=1), cache
 
 
 CUTS = {
@@ -121,8 +118,7 @@ def test_static_cache_reused_dirty_equals_a_fresh_one(name):
         _, cache = run_cached(model, tokens(2, 32, seed=1), [0, 32], static=True)
         cache.reset()
         idx = tokens(2, 10)
-        logits = torch.cat([model.forward_static(idx[:, :6], torch.arange(6), cache),
-                            model.forward_static(idx[:, 6:], torch.arange(6, 10), cache)], dim=1)
+        logits, _ = run_cached(model, idx, [0, 6, 10], static=True, cache=cache)
         torch.testing.assert_close(logits, model(idx)[0], atol=1e-5, rtol=1e-5)
 
 
@@ -135,7 +131,8 @@ def test_generate_past_block_size_equals_uncached(name, static, sampling):
     idx = tokens(2, 5)
     new = 40  # past block_size (32): the window is recomputed from position 0, as the uncached loop does
     expected = generate_uncached(model, idx, new, generator=torch.Generator().manual_seed(7), **sampling)
-    extra = dict(decode_step=model.forward_static, cache=KVCache.for_model(model, 2, static=True)) if static else {}
+    cache = StaticKVCache(model, 2)
+    extra = dict(step=static_step(model, cache), cache=cache) if static else {}
     for _ in range(2):  # the second run reuses the (static) cache that the first left full
         stream = model.generate_stream(idx, new, generator=torch.Generator().manual_seed(7), **sampling, **extra)
         assert torch.equal(torch.cat([idx, *stream], dim=1), expected)
@@ -162,8 +159,8 @@ def test_explicit_attention_reproduces_the_module(name):
     model = switch_model(name)
     idx = tokens(2, 24)
     seen = []  # (module, input, rope, output) of each attention module in the model's ordinary forward
-    handles = [b.attn.register_forward_hook(lambda m, args, out: seen.append((m, args[0], args[1], out)))
-               for b in model.transformer.h]
+    handles = [b.attn.register_forward_hook(lambda m, args, kwargs, out: seen.append((m, args[0], kwargs["rope"], out)),
+                                            with_kwargs=True) for b in model.transformer.h]
     with torch.no_grad():
         model(idx)
     for h in handles:
@@ -301,6 +298,19 @@ def test_rope_scores_depend_only_on_distance():
     assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
 
 
+class Shifted:
+    """The smallest cache of model.py's protocol: keys kept nowhere, the tokens placed at positions shift.."""
+
+    def __init__(self, shift: int) -> None:
+        self.shift = shift
+
+    def begin(self, T: int, window: int | None) -> tuple[torch.Tensor, None, int]:
+        return torch.arange(self.shift, self.shift + T), None, self.shift + T
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
+
+
 @pytest.mark.parametrize("name", ["rope", "all", "gpt2"])
 def test_rope_model_is_translation_invariant(name):
     """Without learned positions, the same tokens at positions 7.. give the logits they give at 0.."""
@@ -308,7 +318,7 @@ def test_rope_model_is_translation_invariant(name):
     idx = tokens(2, 20)
     with torch.no_grad():
         at_zero = model(idx)[0]
-        shifted = model(idx, input_pos=torch.arange(7, 27))[0]
+        shifted = model(idx, kv_cache=Shifted(7))[0]
     if name == "gpt2":  # learned positions: the test can tell
         assert not torch.allclose(shifted, at_zero, atol=1e-3)
     else:
