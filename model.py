@@ -222,11 +222,12 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the embedding lookups (a tied wte counts: it is the head's matmul)."""
+        """Parameter count; by default without the embedding lookups: every nn.Embedding but a tied wte (the head's
+        matmul), so that a new table is counted right by itself."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
-            n -= 0 if self.config.tie_embeddings else self.transformer.wte.weight.numel()
+            n -= sum(m.weight.numel() for m in self.modules()
+                     if isinstance(m, nn.Embedding) and m.weight is not self.lm_head.weight)
         return n
 
     def crop_block_size(self, block_size: int) -> None:
@@ -511,18 +512,6 @@ def padded_vocab_size(vocab_size: int, char: bool) -> int:
     """The model's vocabulary for a tokenizer's: BPE rounds up to a multiple of 64 (GPT-2's 50257 to 50304: faster
     matmuls, as nanoGPT; the extra logits learn to be never predicted), a char vocabulary stays exact."""
     return vocab_size if char else -(-vocab_size // 64) * 64
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 tensor-core peak FLOP/s of known GPUs (NVIDIA's data sheets, SXM parts); None when unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-                       ("L40S", 362e12), ("4090", 165e12), ("A10G", 70e12), ("3090", 71e12)):
-        if key in name:
-            return flops
-    return None
 
 
 # ---------------------------------------------------------------------- sampling (GPT.generate, sample.py, serve.py)

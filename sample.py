@@ -133,7 +133,12 @@ def static_step(model: GPT, cache: StaticKVCache,
     """generate_stream's step on a static cache: one-token steps through decode (compiled_decode_step's), a
     prefill through the eager forward_static."""
     eager = functools.partial(forward_static, model)
-    return lambda idx: cache.step(decode if decode is not None and idx.size(1) == 1 else eager, idx)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        if model.config.rolling:  # RoPE tables grown out here: inside, the graph would be captured again
+            model.rope_at(idx[:, :0], cache.pos + idx.size(1))
+        return cache.step(decode if decode is not None and idx.size(1) == 1 else eager, idx)
+    return step
 
 
 _compiled: dict[str, Callable] = {}  # torch.compile'd forward_static, one per compile mode
@@ -202,7 +207,7 @@ def compiled_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
     caches = _static_caches.setdefault(model, {})
     if key not in caches:
         caches[key] = StaticKVCache(model, idx.size(0))
-    if model.config.rolling:  # RoPE tables for every position now: grown inside, the graph would be captured again
+    if model.config.rolling:  # RoPE tables for every position at once: each growth captures the graph again
         model.rope_at(idx[:, :0], idx.size(1) + max_new_tokens)
     return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator,
                                  step=static_step(model, caches[key], compiled_decode_step(model)), cache=caches[key])

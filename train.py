@@ -48,9 +48,9 @@ from tqdm import tqdm
 
 from checkpoint import (HUB_MODELS, check_tokenizer_matches, check_train_state, find_checkpoint, has_checkpoint,
                         load_model, load_state, save_checkpoint)
-from config import (autocast_context, config_to_dict, enable_tf32, format_config, parse_config, resolve_device,
-                    resolve_dtype, set_threads)
-from model import GPT, GPTConfig, device_peak_flops, padded_vocab_size
+from config import (autocast_context, config_to_dict, device_peak_flops, enable_tf32, format_config, parse_config,
+                    resolve_device, resolve_dtype, set_threads)
+from model import GPT, GPTConfig, padded_vocab_size
 from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, plot_losses, resume_command, summary,
                     warn_if_slow)
 from trackers import Trackers, check_log_to

@@ -661,3 +661,67 @@ def test_q_and_k_reach_attention_in_vs_dtype(fp32_norm, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         q, k, v = model.transformer.h[0].attn.qkv(x, (cos, sin))
     assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- past block_size: the rolling cache
+
+
+def whole_sequence_twin(model: GPT, block_size: int) -> GPT:
+    """The same weights with a block_size that holds the whole sequence: no crop, the model's own maths."""
+    twin = GPT(GPTConfig(**{**model.config.__dict__, "block_size": block_size})).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("name", ["rope", "all"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_a_window_model_generates_past_block_size_with_its_own_maths(name, static):
+    """Past block_size a RoPE window model's cache rolls (Mistral's rolling buffer): 8x block_size greedy tokens
+    equal those of the same weights uncropped, from a short prompt and from one longer than the block."""
+    model = switch_model(name, window=6, block_size=16)
+    twin = whole_sequence_twin(model, 200)
+    for prompt_len in (5, 40):
+        idx = tokens(2, prompt_len, seed=prompt_len)
+        expected = generate_uncached(twin, idx, 128, temperature=0)
+        cache = StaticKVCache(model, 2)
+        extra = dict(step=static_step(model, cache), cache=cache) if static else {}
+        got = torch.cat([idx, *model.generate_stream(idx, 128, temperature=0, **extra)], dim=1)
+        assert torch.equal(got, expected), (prompt_len, (got != expected).nonzero()[:1])
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_rolling_cache_logits_equal_the_whole_sequence(static):
+    """Logits through a cache of block_size slots, fed one token at a time and in chunks that each leave every query
+    its window, equal a forward of the whole 90 tokens by the uncropped twin."""
+    model = switch_model("all", window=6, block_size=16)
+    idx = tokens(2, 90)
+    cache = StaticKVCache(model, 2) if static else KVCache.for_model(model, 2)
+    assert cache.max_len == 16
+    with torch.no_grad():
+        cached, _ = run_cached(model, idx, [0, 16, 27, 28, 29, 40, 51, *range(52, 91)], static, cache)
+        full = whole_sequence_twin(model, 90)(idx)[0]
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_refuses_what_it_cannot_hold():
+    """A full-attention model cannot roll, and a chunk must leave each of its queries its window in the slots."""
+    with torch.no_grad():
+        full = switch_model("rope")
+        cache = KVCache.for_model(full, 1)
+        full(tokens(1, 32), kv_cache=cache)
+        with pytest.raises(ValueError, match="holds 32 positions"):
+            full(tokens(1, 1), kv_cache=cache)
+        windowed = switch_model("rope", window=6, block_size=16)
+        cache = KVCache.for_model(windowed, 1)
+        windowed(tokens(1, 16), kv_cache=cache)
+        windowed(tokens(1, 11), kv_cache=cache)  # 16 - 6 + 1: the first query still finds its 5 keys before
+        with pytest.raises(ValueError, match="window - 1 below max_len"):
+            windowed(tokens(1, 12), kv_cache=cache)
+
+
+@each_switch
+def test_blocks_use_the_projects_linear(name):
+    """Linear stores W as (in, out) (OpenAI's layout; docs/structure.md says why): an nn.Linear in a block would
+    load GPT-2's and exported weights transposed."""
+    model = switch_model(name)
+    assert not [n for n, m in model.transformer.h.named_modules() if isinstance(m, torch.nn.Linear)]
