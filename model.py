@@ -315,7 +315,7 @@ class GPT(nn.Module):
             cache = KVCache.for_model(self, idx.size(0), need)
         elif cache.batch_size != idx.size(0) or cache.max_len < need:
             raise ValueError(f"the cache passed in must hold batch {idx.size(0)} and {need} positions: create it "
-                             f"for this model and batch size")
+                             f"with KVCache.for_model(model, batch_size)")
         step = step or (lambda t: self(t, kv_cache=cache, logits_at=-1 if t.size(1) > 1 else None)[0])
         return self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, step, cache)
 

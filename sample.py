@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                          "instead, e.g. --stop='\\n\\n'")
 
     prompt_ids = encode_prompt(tokenizer, prompt)
-    if len(prompt_ids) > model.config.block_size:
+    if len(prompt_ids) > model.config.block_size and not model.config.rolling:  # a window model reads it all
         print(f"the prompt has {len(prompt_ids)} tokens, more than block_size {model.config.block_size}: the model "
               f"sees only its last {model.config.block_size}", file=sys.stderr)
     if cfg.compile:
