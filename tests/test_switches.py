@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
-from attention import attention_maps, explicit_attention
+from attention import attention_maps, explicit_attention, qkv_arguments
 from conftest import TINY, TINY_CHARS
 from checkpoint import from_pretrained, load_model, save_checkpoint
 from hf import hf_config, hf_format, hf_state_dict
@@ -159,19 +159,19 @@ def test_explicit_attention_reproduces_the_module(name):
     model = switch_model(name)
     idx = tokens(2, 24)
     seen = []  # (module, input, rope, output) of each attention module in the model's ordinary forward
-    handles = [b.attn.register_forward_hook(lambda m, args, kwargs, out: seen.append((m, args[0], kwargs["rope"], out)),
-                                            with_kwargs=True) for b in model.transformer.h]
+    handles = [b.attn.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        (m, qkv_arguments(m, args, kwargs), out)), with_kwargs=True) for b in model.transformer.h]
     with torch.no_grad():
         model(idx)
     for h in handles:
         h.remove()
     maps = attention_maps(model, idx)
     assert len(seen) == TINY["n_layer"]
-    assert (seen[0][2] is not None) == (model.config.pos_embedding == "rope")
+    assert (seen[0][1]["rope"] is not None) == (model.config.pos_embedding == "rope")
     with torch.no_grad():
-        for layer, (attn, x, rope, expected) in enumerate(seen):
-            weights, heads = explicit_attention(attn, x, rope)  # (B, n_head, T, T), (B, n_head, T, head_dim)
-            torch.testing.assert_close(attn.c_proj(heads.transpose(1, 2).reshape(x.shape)), expected,
+        for layer, (attn, qkv_args, expected) in enumerate(seen):
+            weights, heads = explicit_attention(attn, **qkv_args)  # (B, n_head, T, T), (B, n_head, T, head_dim)
+            torch.testing.assert_close(attn.c_proj(heads.transpose(1, 2).reshape(expected.shape)), expected,
                                        atol=1e-5, rtol=1e-5)
             assert torch.equal(maps[layer], weights)  # attention_maps returns exactly these weights
     # the maps differ between layers: a bug returning one layer's map for all would show here
@@ -725,3 +725,20 @@ def test_blocks_use_the_projects_linear(name):
     load GPT-2's and exported weights transposed."""
     model = switch_model(name)
     assert not [n for n, m in model.transformer.h.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_attention_maps_read_the_modules_arguments_by_name():
+    """A module whose forward gains an argument before the others (as value embeddings added one) still gets its
+    maps: the hook binds the call to the signature instead of counting positions."""
+    from model import CausalSelfAttention
+
+    class Extra(CausalSelfAttention):
+        def forward(self, x, extra=None, rope=None, mask=None, kv_cache=None):
+            return super().forward(x, rope=rope, mask=mask, kv_cache=kv_cache)
+
+    model = switch_model("rope")
+    idx = tokens(2, 12)
+    expected = attention_maps(model, idx)
+    for block in model.transformer.h:
+        block.attn.__class__ = Extra
+    torch.testing.assert_close(attention_maps(model, idx), expected, atol=0, rtol=0)
