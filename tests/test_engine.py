@@ -319,3 +319,23 @@ def test_many_requests_with_disconnects_leave_no_row_and_flat_memory(char):
             levels.append(rss_mb())
     print(f"RSS after each third of {total} requests: {levels} MB")
     assert levels[2] < levels[0] + 20, f"resident memory grows: {levels} MB"
+
+
+def test_a_window_models_rows_roll_on_in_the_batch():
+    """Past block_size a RoPE window model's rows stay in the batch (each rolls in its own slots): every text is
+    model.generate's (which rolls too), a row joining mid-way decodes beside one already past the block, and no step
+    recomputes a block. A prompt longer than the block is read whole."""
+    model, tokenizer = tiny_model(vocab_size=len(CHARS), pos_embedding="rope", window=20, block_size=32), \
+        Tokenizer.char(CHARS)
+    long_prompt = "But soft, what light through yonder window breaks? It is the east"  # 65 > 32 tokens
+    with serving(model, tokenizer) as (port, app), Trace(model) as trace:
+        conn, response = open_stream(port, prompt="ROMEO:", max_tokens=150, temperature=0)
+        lines = [response.readline() for _ in range(60)]  # the long one is past its block
+        short = complete(port, prompt=long_prompt, max_tokens=20, temperature=0)["choices"][0]["text"]
+        texts, _ = streamed_texts([json.loads(line[6:]) if b"[DONE]" not in line else "[DONE]"
+                                   for line in [*lines, *response] if line.startswith(b"data: ")], 1)
+        conn.close()
+    assert texts == [greedy(model, tokenizer, "ROMEO:", 150)]
+    assert short == greedy(model, tokenizer, long_prompt, 20)
+    assert 2 in trace.decode_batches()  # the short one decoded beside the long one, past its block
+    assert (1, 32) not in trace.shapes  # no step recomputed a block (a full-attention row's steps past block_size)
