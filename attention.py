@@ -23,6 +23,7 @@ import errors
 
 errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -82,11 +83,12 @@ class AttentionConfig:
 # The explicit attention path
 
 
-def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor,
-                       rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       **qkv_args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention probabilities (B, n_head, T, T) and per-head outputs (B, n_head, T, head_dim) of one attention module.
 
-    x (B, T, n_embd) is the module's input and rope its rotation tables. q, k, v come from the module's own qkv()
+    x (B, T, n_embd) is the module's input, rope its rotation tables, qkv_args any further inputs of its qkv() (see
+    qkv_arguments). q, k, v come from the module's own qkv()
     (c_attn, then QK-norm and RoPE as switched); with grouped-query attention each key/value head serves
     n_head / n_kv_head query heads. Scores the module's mask hides are -inf before the softmax, so a token's
     weights on later tokens (and, with a window, on those too far back) are exactly 0. q, k and v are cast to fp32
@@ -94,7 +96,7 @@ def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor,
     weights), and so are the returned weights and heads.
     """
     T = x.size(1)
-    q, k, v = (t.float() for t in attn.qkv(x, rope))
+    q, k, v = (t.float() for t in attn.qkv(x, rope, **qkv_args))
     group = attn.n_head // attn.n_kv_head
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_head, T, head_dim)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)  # (B, n_head, T, T): row = query, column = key
@@ -102,6 +104,13 @@ def explicit_attention(attn: CausalSelfAttention, x: torch.Tensor,
     visible = attn.mask(pos, pos)  # (T, T): the model's own mask (causal, and its window if set)
     weights = F.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # (B, n_head, T, T)
     return weights, weights @ v  # (B, n_head, T, T), (B, n_head, T, head_dim)
+
+
+def qkv_arguments(attn: CausalSelfAttention, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call of attn (a forward hook's args and kwargs) that its qkv() takes, by name: an argument
+    added to the module (value embeddings, say) reaches explicit_attention without an edit here."""
+    call = inspect.signature(attn.forward).bind(*args, **kwargs).arguments
+    return {name: value for name, value in call.items() if name in inspect.signature(attn.qkv).parameters}
 
 
 @torch.no_grad()
@@ -116,11 +125,11 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.unsqueeze(0)  # (1, T)
     maps: list[torch.Tensor] = []
 
-    def capture(module: CausalSelfAttention, args: tuple) -> None:
-        maps.append(explicit_attention(module, args[0], args[1])[0])  # blocks run in order: maps[i] is layer i
+    def capture(module: CausalSelfAttention, args: tuple, kwargs: dict) -> None:
+        maps.append(explicit_attention(module, **qkv_arguments(module, args, kwargs))[0])  # maps[i]: layer i
 
     was_training = model.training
-    handles = [block.attn.register_forward_pre_hook(capture) for block in model.transformer.h]
+    handles = [block.attn.register_forward_pre_hook(capture, with_kwargs=True) for block in model.transformer.h]
     try:
         model.eval()
         model(idx)

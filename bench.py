@@ -6,6 +6,7 @@
     python bench.py --what=decode --baselines=true           # also nanoGPT's loop and transformers' generate
     python bench.py --what=train --profile=true              # where a training step spends its time
     python bench.py --what=serve --serve_clients=1,4,16      # serve.py: concurrent streaming clients (pip .[serve])
+    python bench.py --what=long --long_window=16             # generation at 1x, 4x, 16x block_size: rolling vs crop
 
 Every figure is the median of --repeats timed runs after --warmup untimed steps (which also absorb compilation).
 A decode run is one call that prefills the prompt and then makes --decode_tokens one-token steps: its tokens/s and
@@ -39,10 +40,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import (autocast_context, enable_tf32, format_config, load_toml, parse_config, resolve_device, resolve_dtype,
-                    set_threads, synchronize)
+from config import (autocast_context, device_peak_flops, enable_tf32, format_config, load_toml, parse_config,
+                    resolve_device, resolve_dtype, set_threads, synchronize)
 from hf import hf_state_dict
-from model import GPT, MODEL_FIELDS, GPTConfig, device_peak_flops, padded_vocab_size, sample_next
+from model import GPT, MODEL_FIELDS, GPTConfig, padded_vocab_size, sample_next
 from sample import compiled_generate, cuda_graphs_recorded
 from tokens import load_meta, resolve_dataset
 
@@ -52,7 +53,7 @@ BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT
 @dataclass
 class BenchConfig:
     model: str = "auto"  # tiny, gpt2[-medium|-large|-xl] or a training config .toml; auto: gpt2 on CUDA, else the quick start's config
-    what: str = "train,decode"  # comma-separated: train, decode, serve
+    what: str = "train,decode"  # comma-separated: train, decode, serve, long (generation far past block_size)
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto picks cuda when present
     dtype: str = "auto"  # float32, bfloat16 or float16; auto: bfloat16 on CUDA, float32 elsewhere
     compile: str = "false"  # torch.compile: false, true, or both (each measured separately)
@@ -74,11 +75,12 @@ class BenchConfig:
     seed: int = 1337  # weights and tokens are random, from this seed
     optimizer: str = "auto"  # train: adamw or muon; auto: the training config's, else adamw
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
+    long_window: int | None = None  # long: the RoPE window model's window; none: block_size / 4
 
     def __post_init__(self) -> None:
-        unknown = set(self.what.split(",")) - {"train", "decode", "serve"}
+        unknown = set(self.what.split(",")) - {"train", "decode", "serve", "long"}
         if unknown:
-            raise ValueError(f"--what takes train, decode and/or serve, got {sorted(unknown)}")
+            raise ValueError(f"--what takes train, decode, serve and/or long, got {sorted(unknown)}")
         if self.compile not in ("false", "true", "both"):
             raise ValueError(f"--compile takes false, true or both, got {self.compile!r}")
         if self.optimizer not in ("auto", "adamw", "muon"):
@@ -352,9 +354,60 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "serve" in cfg.what:
         for row in bench_serve(cfg, gpt, device, dtype):
             emit(row)
+    if "long" in cfg.what:
+        for row in bench_long(cfg, gpt, device, dtype):
+            emit(row)
     if results:
         print_table(results)
     return results
+
+
+LONG = (1, 4, 16)  # --what=long: generation speed measured as the sequence reaches these multiples of block_size
+
+
+def bench_long(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtype) -> list[dict]:
+    """Batch-1 greedy generation to 16x block_size, timed token by token: a RoPE window model (its cache rolls on),
+    the full-attention model as configured (model.generate: the cache, then nanoGPT's crop), and nanoGPT's own loop
+    (every token recomputes the cropped context). ms_per_token at Nx: the median of the block_size / 4 tokens before
+    the sequence is N x block_size long; ratio: that over the median at 1x."""
+    B = cfg.block_size or gpt.block_size
+    if cfg.prompt_len > B // 2:
+        raise SystemExit(f"--what=long: --prompt_len={cfg.prompt_len} must be at most block_size / 2 ({B // 2})")
+    window = cfg.long_window or max(1, B // 4)
+    full = GPTConfig(**{**gpt.__dict__, "block_size": B})
+    models = {"window (rolling cache)": GPTConfig(**{**full.__dict__, "pos_embedding": "rope", "window": window}),
+              "full (cache, then crop)": full, "full (nanoGPT loop)": full}
+    results = []
+    for method, config in models.items():
+        torch.manual_seed(cfg.seed)
+        model = GPT(config).to(device=device, dtype=dtype).eval()
+        prompt = torch.randint(0, config.vocab_size, (1, cfg.prompt_len), device=device)
+        n = LONG[-1] * B - cfg.prompt_len
+        stream = _nanogpt_stream(model, prompt, n) if "nanoGPT" in method else \
+            model.generate_stream(prompt, n, temperature=0)
+        announce(f"long, {method}: {cfg.prompt_len} + {n} tokens, block_size {B}")
+        stamps = [time.perf_counter()]
+        with torch.no_grad():
+            for _ in tqdm(stream, total=n, desc="tokens", leave=False, disable=not sys.stderr.isatty()):
+                synchronize(device)
+                stamps.append(time.perf_counter())
+        per_token = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first stamp after the prefill
+        at = {x: 1000 * statistics.median(per_token[x * B - B // 4 - cfg.prompt_len:x * B - cfg.prompt_len - 1])
+              for x in LONG}
+        for x in LONG:
+            results.append({"what": "long", "method": method, "window": window if "window" in method else None,
+                            "batch_size": 1, "at": f"{x}x", "ms_per_token": round(at[x], 3),
+                            "tokens_per_sec": round(1000 / at[x], 1), "ratio": round(at[x] / at[1], 2)})
+    return results
+
+
+def _nanogpt_stream(model: GPT, idx: torch.Tensor, n: int):
+    """nanoGPT's generate as a stream: every new token recomputes the whole (cropped) context."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        next_token = sample_next(logits[:, -1, :], temperature=0)
+        idx = torch.cat([idx, next_token], dim=1)
+        yield next_token
 
 
 def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtype) -> list[dict]:
@@ -544,9 +597,9 @@ def _device_name(device: str) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    columns = ["what", "method", "compile", "batch_size", "clients", "tokens_per_sec", "client_tokens_per_sec",
+    columns = ["what", "method", "compile", "at", "batch_size", "clients", "tokens_per_sec", "client_tokens_per_sec",
                "ttft_ms", "ttft_ms_p95", "ttft_ms_max", "latency_ms", "latency_ms_p95", "step_ms", "pause_ms",
-               "prefill_ms", "ms_per_step", "ms_per_token", "mfu", "peak_memory_mb", "rss_mb"]
+               "prefill_ms", "ms_per_step", "ms_per_token", "ratio", "mfu", "peak_memory_mb", "rss_mb"]
     columns = [c for c in columns if c == "what" or any(r.get(c) is not None for r in results)]
     rows = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]

@@ -402,3 +402,15 @@ def read_prompt(text: str, option: str = "--start") -> str:
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"{option}=FILE:{path} cannot be read as UTF-8 text ({e})") from None
     return text
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 tensor-core peak FLOP/s of known GPUs (NVIDIA's data sheets, SXM parts); None when unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+                       ("L40S", 362e12), ("4090", 165e12), ("A10G", 70e12), ("3090", 71e12)):
+        if key in name:
+            return flops
+    return None

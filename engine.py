@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model import GPT, KVCache, sample_next
+from model import GPT, KVCache, causal_mask, sample_next, slot_positions
 from sample import Continuation, decode
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class Job:
     length: int = 0  # positions of each row in the cache (rows of a job advance together)
     prefilled: int = 0  # prompt tokens prefilled so far
     prefill: KVCache | None = None  # a long prompt's cache while it is prefilled in chunks
-    windowed: bool = False  # past block_size: each step recomputes the last window, outside the batch
+    windowed: bool = False  # past block_size (full attention): each step recomputes the last block, outside the batch
     last_token: float = 0.0
 
     def __post_init__(self) -> None:
@@ -74,6 +74,68 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop has closed: the server is shutting down
             self.cancelled = True
+
+
+class RowCache:
+    """The server's KV cache: row b is its own sequence, lengths[b] positions long, and a forward of B rows feeds
+    rows 0..B-1 (B = len(lengths)). Follows model.py's KVCache protocol and rolls as it does (position p in slot
+    p % max_len), so a window model's row stays in the batch past block_size. Rows of one length are fed as one
+    sequence, without a mask (a mask costs a batch-1 step ~20%); rows of different lengths each at their own
+    positions, under a mask."""
+
+    def __init__(self, model: GPT, rows: int) -> None:
+        c, p = model.config, model.transformer.wte.weight
+        self.max_len = max(c.block_size, c.window) if c.rolling else c.block_size
+        self.k = torch.empty(c.n_layer, rows, c.kv_heads, self.max_len, c.head_dim, device=p.device, dtype=p.dtype)
+        self.v = torch.empty_like(self.k)  # (L, rows, n_kv_head, max_len, head_dim): untouched until rows use it
+        self.lengths: list[int] = []  # positions of each row in use
+        self.zeroed = 0  # slots zeroed in every row, see _zero_to
+        self.q_pos, self.width = torch.zeros(0), 0  # this forward's positions, and the slots attended to
+
+    def set_row(self, b: int, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        """Make row b (at most one past the last) the sequence of `length` positions whose slots k and v
+        (n_layer, n_kv_head, slots, head_dim) hold."""
+        T = k.size(2)
+        self._zero_to(T)
+        self.k[:, b, :, :T], self.v[:, b, :, :T] = k, v
+        self.lengths[b:b + 1] = [length]
+
+    def begin(self, T: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        starts, size, device = self.lengths, self.max_len, self.k.device
+        end = max(starts) + T
+        if end > size and (window is None or window > size - T + 1):
+            raise ValueError(f"a row of the KV cache holds {size} positions: {end} asked")
+        self.lengths = [n + T for n in starts]
+        self.width = min(end, size)
+        self._zero_to(self.width)  # before any key is written there: zeroing later would erase keys
+        if min(starts) == max(starts) and end <= size:  # one sequence's positions
+            self.q_pos = torch.arange(end - T, end, device=device)
+            mask = None if window is None and T == 1 else causal_mask(self.q_pos, torch.arange(end, device=device),
+                                                                      window)
+            return self.q_pos, mask, end
+        start = torch.tensor(starts, device=device)[:, None]  # (B, 1)
+        self.q_pos = start + torch.arange(T, device=device)  # (B, T): each row after its own tokens
+        k_pos = slot_positions(start + T, size, device)[:, :self.width]  # (B, width)
+        return self.q_pos, causal_mask(self.q_pos, k_pos, window).unsqueeze(1), end  # mask (B, 1, T, width)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = k.size(0), k.size(2)
+        if self.q_pos.dim() == 1:
+            self.k[layer, :B, :, self.width - T:self.width] = k
+            self.v[layer, :B, :, self.width - T:self.width] = v
+        else:  # each row at its own slots
+            rows, slots = torch.arange(B, device=k.device)[:, None], self.q_pos % self.max_len  # (B, 1), (B, T)
+            self.k[layer][rows, :, slots] = k.transpose(1, 2)  # (B, T, n_kv_head, head_dim)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        return self.k[layer, :B, :, :self.width], self.v[layer, :B, :, :self.width]
+
+    def _zero_to(self, end: int) -> None:
+        # A row shorter than the longest reads keys past its end under a mask, and a masked key is still multiplied
+        # by 0: never-written memory could hold NaN (0 * NaN = NaN). So every row is zeroed once up to the longest.
+        if end > self.zeroed:
+            self.k[:, :, :, self.zeroed:end] = 0
+            self.v[:, :, :, self.zeroed:end] = 0
+            self.zeroed = end
 
 
 class Metrics:
@@ -107,7 +169,7 @@ class Scheduler:
         self.max_sequences, self.max_waiting, self.prefill_chunk = max_sequences, max_waiting, prefill_chunk
         self.device = model.transformer.wte.weight.device
         self.block_size = model.config.block_size
-        self.cache = KVCache.for_model(model, max_sequences, rows=True)  # untouched memory until rows use it
+        self.cache = RowCache(model, max_sequences)
         self.slots: list[tuple[Job, int]] = []  # cache row i holds (job, row of the job)
         self.jobs: list[Job] = []  # jobs holding rows: prefilling, decoding, or windowed
         self.waiting: deque[Job] = deque()
@@ -210,12 +272,14 @@ class Scheduler:
         for i, s in enumerate(keep):
             old = kept[id(s)]
             if old != i:
-                n = s[0].length
-                self.cache.set_row(i, self.cache.k[:, old, :, :n], self.cache.v[:, old, :, :n])
+                n = min(s[0].length, self.cache.max_len)
+                self.cache.set_row(i, self.cache.k[:, old, :, :n], self.cache.v[:, old, :, :n], s[0].length)
         self.slots = keep
+        del self.cache.lengths[len(keep):]
 
     def _prompt(self, job: Job) -> list[int]:
-        return job.request.prompts[job.prompt_index][-self.block_size:]  # as model.generate: the last window
+        prompt = job.request.prompts[job.prompt_index]  # as model.generate: a window model's whole, else the last block
+        return prompt if self.model.config.rolling else prompt[-self.block_size:]
 
     # ------------------------------------------------------------------------------------------------ prefill
 
@@ -236,11 +300,14 @@ class Scheduler:
         if not todo:
             return ended
         first = todo[0]
-        if first.prefill is not None or len(self._prompt(first)) > self.prefill_chunk:  # chunks, alone
-            prompt = self._prompt(first)
+        size = self.cache.max_len
+        if first.prefill is not None or len(self._prompt(first)) > min(self.prefill_chunk, size):  # chunks, alone
+            prompt, n = self._prompt(first), self.prefill_chunk
             if first.prefill is None:
-                first.prefill = KVCache.for_model(self.model, 1, max_len=len(prompt))
-            chunk = prompt[first.prefilled:first.prefilled + self.prefill_chunk]
+                first.prefill = KVCache.for_model(self.model, 1, max_len=min(len(prompt), size))
+            if min(first.prefilled + n, len(prompt)) > size:  # rolling on: every query of the chunk keeps its window
+                n = min(n, size - self.model.config.window + 1)
+            chunk = prompt[first.prefilled:first.prefilled + n]
             logits = self.model(self._tensor([chunk]), kv_cache=first.prefill,
                                 logits_at=None if first.scores_prompt else -1)[0]  # (1, len(chunk) or 1, vocab)
             if first.scores_prompt:
@@ -253,7 +320,7 @@ class Scheduler:
             group, longest = [], 0
             for job in (j for j in todo if j.scores_prompt == first.scores_prompt):  # all positions' logits, or last
                 n = len(self._prompt(job))
-                if n > self.prefill_chunk or (len(group) + 1) * max(longest, n) > self.prefill_chunk:
+                if n > min(self.prefill_chunk, size) or (len(group) + 1) * max(longest, n) > self.prefill_chunk:
                     break
                 group.append(job)
                 longest = max(longest, n)
@@ -276,8 +343,9 @@ class Scheduler:
             if self._sampled(job, lasts[i:i + 1].expand(job.rows, -1) if job.request.max_tokens else None):
                 ended.append(job)
                 continue
+            n = min(job.length, size)
             for row in range(job.rows):  # the rows of a prompt start alike: one prefill, copied
-                self.cache.set_row(len(self.slots), cache.k[:, i, :, :job.length], cache.v[:, i, :, :job.length])
+                self.cache.set_row(len(self.slots), cache.k[:, i, :, :n], cache.v[:, i, :, :n], job.length)
                 self.slots.append((job, row))
         return ended
 
@@ -285,17 +353,16 @@ class Scheduler:
 
     @torch.no_grad()
     def _decode(self) -> list[Job]:
-        """One token for every row: the batch of cache rows in one forward, and each windowed job (past
-        block_size) recomputing its window as model.generate does. The jobs that ended."""
-        full = [j for j in self.jobs if j.length == self.block_size and not j.windowed]
+        """One token for every row: the batch of cache rows in one forward (a window model's rows roll on past
+        block_size), and each windowed job recomputing its last block as model.generate does. The jobs that ended."""
+        full = [j for j in self.jobs if j.length == self.block_size and not j.windowed
+                and not self.model.config.rolling]
         for job in full:
             job.windowed = True  # no position left in its rows: from now on each step recomputes the window
         self._unslot(full)
         logits, where = {}, {}
         if self.slots:
             idx = self._tensor([[job.contexts[row][-1]] for job, row in self.slots])  # (B, 1)
-            lengths = [job.length for job, _ in self.slots]
-            self.cache.pos, self.cache.ragged = max(lengths), min(lengths) != max(lengths)
             out = self.model(idx, kv_cache=self.cache)[0][:, -1]  # (B, vocab)
             for i, (job, row) in enumerate(self.slots):
                 where.setdefault(job, [0] * job.rows)[row] = i

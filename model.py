@@ -88,6 +88,12 @@ class GPTConfig:
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
 
+    @property
+    def rolling(self) -> bool:
+        """Whether generation goes past block_size on a rolling cache: the maths needs neither learned positions
+        (wpe ends at block_size) nor keys older than the window."""
+        return self.window is not None and self.pos_embedding == "rope"
+
 
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # set by a config; vocab: the data's
 
@@ -119,18 +125,11 @@ class CausalSelfAttention(nn.Module):
         return q.to(v.dtype), k.to(v.dtype), v  # CUDA autocast runs rms_norm in fp32 (torch >= 2.12): flash needs bf16
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.qkv(x, rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v, input_pos)  # every key so far: (B, n_kv_head, Tk, head_dim)
-        mask = None  # SDPA's causal mask, the fast path (flash on a GPU)
-        if self.window is not None or (kv_cache is not None and (kv_cache.static or kv_cache.ragged)):
-            q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)  # (T,), ragged (B, T)
-            k_pos = q_pos if kv_cache is None else torch.arange(k.size(2), device=x.device)  # a cache's: 0..Tk-1
-            mask = self.mask(q_pos, k_pos)
-            if mask.dim() == 3:  # per-row positions: (B, T, Tk) -> (B, 1, T, Tk), the same for every head
-                mask = mask.unsqueeze(1)
+            k, v = kv_cache.update(self.layer, k, v)  # every key to attend to: (B, n_kv_head, Tk, head_dim)
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_embd): heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -150,12 +149,11 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = N
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
            dropout_p: float = 0.0) -> torch.Tensor:
-    """The model's one SDPA call: q (B, n_head, Tq, hd), k and v (B, n_kv_head, Tk, hd); mask (Tq, Tk) from
-    causal_mask. Without one: causal, the Tq queries being the last Tq of the Tk positions."""
+    """The model's one SDPA call: q (B, n_head, Tq, hd), k and v (B, n_kv_head, Tk, hd); mask (Tq, Tk) or
+    (B, 1, Tq, Tk) from causal_mask. Without one: causal, the Tq queries being the last Tq of the Tk positions."""
     Tq, Tk = q.size(2), k.size(2)
     if mask is None and Tq not in (1, Tk):  # SDPA's is_causal aligns top-left: wrong for a chunk after a cache
-        pos = torch.arange(Tk, device=q.device)
-        mask = causal_mask(pos[Tk - Tq:], pos)
+        mask = causal_mask(torch.arange(Tk - Tq, Tk, device=q.device), torch.arange(Tk, device=q.device))
     flash = (mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
              and flash_supported(q.device.index, q.size(-1)))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else nullcontext():  # fail loudly, not slowly
@@ -186,8 +184,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, input_pos)  # pre-norm: the residual stream is never normed
+                mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope=rope, mask=mask, kv_cache=kv_cache)  # pre-norm: the stream is never normed
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -232,11 +230,12 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the embedding lookups (a tied wte counts: it is the head's matmul)."""
+        """Parameter count; by default without the embedding lookups: every nn.Embedding but a tied wte (the head's
+        matmul), so that a new table is counted right by itself."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
-            n -= 0 if self.config.tie_embeddings else self.transformer.wte.weight.numel()
+            n -= sum(m.weight.numel() for m in self.modules()
+                     if isinstance(m, nn.Embedding) and m.weight is not self.lm_head.weight)
         return n
 
     def crop_block_size(self, block_size: int) -> None:
@@ -245,40 +244,32 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
-        else:
-            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None, logits_at: int | torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                logits_at: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids idx (B, T), and the mean cross-entropy (-1 ignored) of targets.
-        With a KV cache, idx continues the cached sequence and the cache advances by T; a static cache takes the
-        positions input_pos (T,) instead, and its caller advances it. logits_at (a position, or one per row (B,)):
-        logits (B, 1, vocab_size) there only, as a prefill needs (the head is a third of a GPT-2 token's work)."""
+        With a KV cache, idx continues the cached sequence at the positions the cache gives. logits_at (a position,
+        or one per row (B,)): logits (B, 1, vocab_size) there only, as a prefill needs (the head is a third of a
+        GPT-2 token's work)."""
         B, T = idx.size()
-        if input_pos is None:
-            start = kv_cache.pos if kv_cache is not None else 0
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
-                                 f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens")
-            input_pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-            if kv_cache is not None and kv_cache.ragged:
-                input_pos = kv_cache.lengths[:B, None] + input_pos - start  # (B, T): each row after its own tokens
+        if kv_cache is None:
+            pos = torch.arange(T, device=idx.device)  # (T,)
+            mask = None if self.config.window is None else causal_mask(pos, pos, self.config.window)
+            end = T
+        else:  # positions (T,), or per row (B, T), and one mask for every layer
+            pos, mask, end = kv_cache.begin(T, self.config.window)
+        if end > self.config.block_size and not self.config.rolling:
+            raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}; crop the "
+                             f"input to the last {self.config.block_size} tokens (only RoPE window models go past it)")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(input_pos)
+            x = x + self.transformer.wpe(pos)
         if self.config.embed_norm:
             x = self.transformer.ln_emb(x)
         x = self.transformer.drop(x)
-        # (1 or B, 1, T, head_dim / 2): the same angles for every head
-        rope = (self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)) \
-            if "wpe" not in self.transformer else None
+        rope = self.rope_at(pos, end) if "wpe" not in self.transformer else None
         for block in self.transformer.h:
-            x = block(x, rope, kv_cache, input_pos)
-        if kv_cache is not None and not kv_cache.static:
-            kv_cache.pos += T
-            if kv_cache.lengths is not None:
-                kv_cache.lengths[:B] += T
+            x = block(x, rope, mask, kv_cache)
         if logits_at is not None:
             if targets is not None:
                 raise ValueError("logits_at is for inference: a loss needs the logits of every position")
@@ -292,9 +283,14 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def forward_static(self, idx: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits only, for a static cache: the function sample.py compiles into a CUDA graph."""
-        return self(idx, kv_cache=cache, input_pos=input_pos)[0]
+    def rope_at(self, pos: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (1 or B, 1, T, head_dim / 2) of positions pos (all below end), the same for every head; the
+        tables double when end passes them (a window model generates past block_size)."""
+        if end > self.rope_cos.size(0):
+            cos, sin = rope_tables(self.config, max(end, 2 * self.rope_cos.size(0)))
+            self.register_buffer("rope_cos", cos.to(self.rope_cos), persistent=False)
+            self.register_buffer("rope_sin", sin.to(self.rope_sin), persistent=False)
+        return self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3)
 
     # ------------------------------------------------------------------ generation
 
@@ -302,68 +298,67 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue each row of idx (B, T) by max_new_tokens tokens: (B, T + max_new_tokens). temperature=0 is
-        greedy; top_k and top_p (nucleus) narrow the choice. Past block_size the context is the last block_size
-        tokens from position 0, recomputed each step, exactly as nanoGPT (a cache cannot shift positions)."""
+        greedy; top_k and top_p (nucleus) narrow the choice. Past block_size a RoPE window model's cache rolls on
+        (Mistral's rolling buffer: the model's own maths, at constant cost); any other model sees the last
+        block_size tokens from position 0, recomputed each step, exactly as nanoGPT."""
         new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
         return torch.cat([idx, *new], dim=1)
 
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
                         generator: torch.Generator | None = None,
-                        decode_step: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] | None = None,
+                        step: Callable[[torch.Tensor], torch.Tensor] | None = None,
                         cache: KVCache | None = None) -> Iterator[torch.Tensor]:
         """generate(), yielding each new token (B, 1) as it is sampled; arguments are checked at the call.
-        decode_step (sample.py's --compile) runs the one-token steps on a static cache; a cache passed in is reset
-        and reused (a static one keeps its addresses, sparing a new CUDA graph)."""
+        A cache passed in is reset and reused; step (sample.py's --compile) feeds it tokens (B, T) and returns
+        their logits (B, T, vocab_size) in place of the model's forward."""
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (batch, length) with length >= 1, got shape {tuple(idx.shape)}")
-        static = decode_step is not None
+        c = self.config
+        need = max(c.block_size, c.window) if c.rolling else c.block_size  # a rolling cache: window keys at least
         if cache is None:
-            cache = KVCache.for_model(self, idx.size(0), static=static)
-        elif (cache.static != static or cache.max_len < self.config.block_size
-              or cache.batch_size != idx.size(0)):
-            raise ValueError(f"the cache passed in must be a {'static ' * static}KVCache for batch {idx.size(0)} "
-                             f"holding block_size={self.config.block_size} positions: create it with "
-                             f"KVCache.for_model(model, batch_size{', static=True' * static})")
-        return self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, decode_step, cache)
+            cache = KVCache.for_model(self, idx.size(0), need)
+        elif cache.batch_size != idx.size(0) or cache.max_len < need:
+            raise ValueError(f"the cache passed in must hold batch {idx.size(0)} and {need} positions: create it "
+                             f"with KVCache.for_model(model, batch_size)")
+        step = step or (lambda t: self(t, kv_cache=cache, logits_at=-1 if t.size(1) > 1 else None)[0])
+        return self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, step, cache)
 
     @torch.no_grad()
     def _decode(self, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
                 top_p: float | None, generator: torch.Generator | None,
-                decode_step: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] | None,
-                cache: KVCache) -> Iterator[torch.Tensor]:
-        """The loop of generate_stream: prefill, then one token a step, recomputing the window past block_size."""
+                step: Callable[[torch.Tensor], torch.Tensor], cache: KVCache) -> Iterator[torch.Tensor]:
+        """The loop of generate_stream: prefill, then one token a step, rolling on or recomputing past block_size."""
         if max_new_tokens == 0:
             return
-        block_size = self.config.block_size
+        block_size, rolling = self.config.block_size, self.config.rolling
         cache.reset()
-
-        def feed(tokens: torch.Tensor) -> torch.Tensor:  # (B, T) after the cached ones -> last logits (B, vocab)
-            if not cache.static:
-                return self(tokens, kv_cache=cache, logits_at=-1 if tokens.size(1) > 1 else None)[0][:, -1, :]
-            T = tokens.size(1)
-            input_pos = torch.arange(cache.pos, cache.pos + T, device=tokens.device)  # (T,)
-            logits = (decode_step if T == 1 else self.forward_static)(tokens, input_pos, cache)
-            cache.pos += T
-            return logits[:, -1, :]
-
-        logits = feed(idx[:, -block_size:])  # prefill
+        logits = self._prefill(idx if rolling else idx[:, -block_size:], cache, step)
         tokens = [idx]
-        for step in range(max_new_tokens):
+        for i in range(max_new_tokens):
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             yield next_token
-            if step == max_new_tokens - 1:
+            if i == max_new_tokens - 1:
                 break
-            tokens.append(next_token)
-            if cache.pos < block_size:
-                logits = feed(next_token)
-            else:  # context full: recompute the window of the last block_size tokens from position 0
-                tokens = [torch.cat(tokens, dim=1)[:, -block_size:]]  # only the window is ever needed again
-                cache.reset()
-                logits = feed(tokens[0])
+            if rolling or cache.pos < block_size:
+                logits = step(next_token)[:, -1]
+                tokens += [] if rolling else [next_token]  # a rolling cache never looks back
+                continue
+            tokens = [torch.cat([*tokens, next_token], dim=1)[:, -block_size:]]  # only the window is needed again
+            cache.reset()  # context full: recompute the last block_size tokens from position 0 (nanoGPT's crop)
+            logits = self._prefill(tokens[0], cache, step)
+
+    def _prefill(self, idx: torch.Tensor, cache: KVCache, step: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Feed idx (B, T) to the empty cache; the last logits (B, vocab). Past max_len in chunks that leave every
+        query its window in a rolling cache."""
+        start, n = 0, cache.max_len
+        while start < idx.size(1):
+            logits = step(idx[:, start:start + n])[:, -1]
+            start, n = start + n, cache.max_len - (self.config.window or 0) + 1
+        return logits
 
     # ------------------------------------------------------------------ optimizer and FLOPs
 
@@ -405,86 +400,54 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions; the caller creates, passes and resets it.
-    static=True is the fixed shape of CUDA graphs (the gpt-fast recipe): positions come in as a tensor, attention
-    reads the whole buffer under a mask, and the caller advances `pos`.
-    rows=True is serve.py's continuous batching: each row is its own sequence, `lengths[b]` positions long; a
-    forward of B rows feeds rows 0..B-1. The caller puts a sequence in a row with set_row, and before a forward sets
-    `pos` to the longest of the rows it feeds and `ragged` to whether they differ: then each row is written at its
-    own positions and attends under a mask (else as one sequence, without: a mask costs a batch-1 step ~20%)."""
+    """Keys and values of every layer in max_len slots; the caller creates, passes in and resets it (nanochat).
+    Position p lives in slot p % max_len: past max_len the oldest keys are overwritten (Mistral's rolling buffer),
+    which only a window model can afford. The protocol the attention uses (engine.py's and sample.py's caches
+    follow it too): begin(T, window), once per forward, gives the new tokens' positions, the mask over the keys
+    that update() will return (None: SDPA's causal path) and a bound on the positions; update(layer, k, v) stores a
+    layer's new keys and values and returns those to attend to."""
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False,
-                 rows: bool = False) -> None:
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        # static: zeros, since masked positions are still multiplied (by 0), and 0 * NaN from empty memory is NaN
-        new = torch.zeros if static else torch.empty
-        self.k = new(shape, device=device, dtype=dtype)  # (L, B, n_kv_head, max_len, head_dim)
-        self.v = new(shape, device=device, dtype=dtype)  # (L, B, n_kv_head, max_len, head_dim)
-        if static:
-            import torch._dynamo as dynamo  # here, not at the top: it adds ~1.4 s to every script's start-up
-
-            dynamo.mark_static_address(self.k)  # lets a CUDA graph update the cache in place
-            dynamo.mark_static_address(self.v)
-        self.max_len, self.batch_size, self.static = max_len, batch_size, static
-        self.pos = 0  # number of positions filled (rows: of the longest row)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device) if rows else None  # (B,) rows only
-        self.ragged = False  # rows: whether the rows fed differ in length
-        self.zeroed = 0  # rows: positions zeroed in every row, see _zero_to
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.k = torch.empty(n_layer, batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)  # (L, B, n_kv_head, max_len, head_dim)
+        self.batch_size, self.max_len, self.pos = batch_size, max_len, 0  # pos: positions given so far
 
     @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None, static: bool = False,
-                  rows: bool = False) -> KVCache:
-        """A cache shaped for `model`, on its device and in its dtype, holding up to block_size positions."""
-        c = model.config
-        p = model.transformer.wte.weight
-        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, p.device, p.dtype, static,
-                   rows)
+    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None) -> KVCache:
+        c, p = model.config, model.transformer.wte.weight
+        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, p.device, p.dtype)
 
     def reset(self) -> None:
-        self.pos = 0  # stale entries past pos are never read (or are masked), so no need to zero them
-        if self.lengths is not None:
-            self.lengths.zero_()
+        self.pos = 0  # stale entries are never read again
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-               input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values (B, n_kv_head, T, head_dim) at input_pos (T,), or (B, T) for ragged
-        rows; return every key and value to attend to (positions 0..Tk-1; a static cache: the whole buffer)."""
-        if self.static:
-            self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))  # .to: k is bf16 under autocast
-            self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
-            return self.k[layer], self.v[layer]
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} used, {k.size(2)} more asked. "
-                             f"Reset it, or create it with a larger max_len (at most block_size)")
-        B = k.size(0)  # rows: the first B rows of the cache
-        if self.lengths is not None:
-            self._zero_to(end)
-        if self.ragged:  # input_pos (B, T): each row at its own positions
-            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
-            self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # (B, T, n_kv_head, head_dim) at each row's positions
-            self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
-        else:
-            self.k[layer, :B, :, self.pos:end] = k
-            self.v[layer, :B, :, self.pos:end] = v
-        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]  # (B, n_kv_head, end, head_dim)
+    def begin(self, T: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        start, end, size = self.pos, self.pos + T, self.max_len
+        if end > size and (window is None or window > size - T + 1):  # a query would lose keys it sees
+            raise ValueError(f"KV cache holds {size} positions; {start} used, {T} more asked. Reset it, or create it "
+                             f"with a larger max_len (only a window model rolls on, {T} tokens at most window - 1 "
+                             f"below max_len)")
+        self.pos, q_pos = end, torch.arange(start, end, device=self.k.device)
+        if window is None and (start == 0 or T == 1):
+            return q_pos, None, end
+        k_pos = slot_positions(end, size, self.k.device) if end > size else torch.arange(end, device=self.k.device)
+        return q_pos, causal_mask(q_pos, k_pos, window), end
 
-    def set_row(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """rows: make row b the sequence whose keys and values (n_layer, n_kv_head, T, head_dim) are given."""
-        T = k.size(2)
-        self._zero_to(T)
-        self.k[:, b, :, :T] = k
-        self.v[:, b, :, :T] = v
-        self.lengths[b] = T
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end, T = self.pos, k.size(2)
+        if end <= self.max_len:
+            self.k[layer, :, :, end - T:end], self.v[layer, :, :, end - T:end] = k, v
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
+        slots = torch.arange(end - T, end, device=k.device) % self.max_len
+        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype)), self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]  # (B, n_kv_head, max_len, head_dim), in slot order
 
-    def _zero_to(self, end: int) -> None:
-        # A row shorter than the longest reads keys past its end under a mask, and a masked key is still multiplied
-        # by 0: never-written memory could hold NaN (0 * NaN = NaN). So every row is zeroed once up to the longest.
-        if end > self.zeroed:
-            self.k[:, :, :, self.zeroed:end] = 0
-            self.v[:, :, :, self.zeroed:end] = 0
-            self.zeroed = end
+
+def slot_positions(end: int | torch.Tensor, size: int, device: torch.device | str) -> torch.Tensor:
+    """The position each of a rolling cache's `size` slots holds once positions 0..end-1 are written (p in slot
+    p % size); a slot not yet written gets a future position, which the causal mask hides."""
+    slot = torch.arange(size, device=device)
+    return slot + size * torch.div(end - 1 - slot, size, rounding_mode="floor").clamp(min=0)  # (size,), or (B, size)
 
 
 # ---------------------------------------------------------------------- layers and helpers
@@ -518,10 +481,10 @@ def make_norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
 
 
-def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (block_size, head_dim / 2) of the rotation angles position * theta^(-2i / head_dim)."""
+def rope_tables(config: GPTConfig, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (n or block_size, head_dim / 2) of the rotation angles position * theta^(-2i / head_dim)."""
     inv_freq = config.rope_theta ** -(torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)
+    angles = torch.outer(torch.arange(n or config.block_size, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -557,18 +520,6 @@ def padded_vocab_size(vocab_size: int, char: bool) -> int:
     """The model's vocabulary for a tokenizer's: BPE rounds up to a multiple of 64 (GPT-2's 50257 to 50304: faster
     matmuls, as nanoGPT; the extra logits learn to be never predicted), a char vocabulary stays exact."""
     return vocab_size if char else -(-vocab_size // 64) * 64
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 tensor-core peak FLOP/s of known GPUs (NVIDIA's data sheets, SXM parts); None when unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-                       ("L40S", 362e12), ("4090", 165e12), ("A10G", 70e12), ("3090", 71e12)):
-        if key in name:
-            return flops
-    return None
 
 
 # ---------------------------------------------------------------------- sampling (GPT.generate, sample.py, serve.py)

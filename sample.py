@@ -33,7 +33,7 @@ from tqdm import tqdm
 from checkpoint import load_for_inference
 from config import (DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, set_threads,
                     synchronize)
-from model import GPT, KVCache, check_sampling
+from model import GPT, causal_mask, check_sampling, slot_positions
 from tokens import Tokenizer
 
 SEPARATOR = "---------------"  # printed after every sample, as nanoGPT's sample.py does
@@ -82,13 +82,72 @@ class SampleConfig:
 
 # ---------------------------------------------------------------------------------------------------------- decoding
 
-_compiled: dict[str, Callable] = {}  # torch.compile'd GPT.forward_static, one per compile mode
-# model -> {(batch size, device, dtype): KVCache}: a model moved or cast since its first use gets new caches
-_static_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, KVCache]] = weakref.WeakKeyDictionary()
+class StaticKVCache:
+    """The compiled decode step's cache (gpt-fast's recipe): fixed shapes and addresses, read whole under a mask, so
+    that a CUDA graph recorded once replays at every position. Follows model.py's KVCache protocol and rolls as it
+    does (position p in slot p % max_len); the positions come in as a tensor, set by step()."""
+
+    def __init__(self, model: GPT, batch_size: int) -> None:
+        import torch._dynamo as dynamo  # here, not at the top: it adds ~1.4 s to every script's start-up
+
+        c, p = model.config, model.transformer.wte.weight
+        self.max_len = max(c.block_size, c.window) if c.rolling else c.block_size
+        # zeros: masked keys are still multiplied (by 0), and 0 * NaN from never-written memory is NaN
+        self.k = torch.zeros(c.n_layer, batch_size, c.kv_heads, self.max_len, c.head_dim, device=p.device,
+                             dtype=p.dtype)  # (L, B, n_kv_head, max_len, head_dim)
+        self.v = torch.zeros_like(self.k)
+        dynamo.mark_static_address(self.k)  # lets a CUDA graph update the cache in place
+        dynamo.mark_static_address(self.v)
+        self.batch_size, self.pos = batch_size, 0
+        self.input_pos = torch.zeros(0, dtype=torch.long, device=p.device)  # (T,): this forward's positions
+
+    def reset(self) -> None:
+        self.pos = 0  # stale keys stay, hidden by the mask
+
+    def step(self, forward: Callable[[torch.Tensor, StaticKVCache], torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        """forward(idx, self)'s logits (B, T, vocab_size), idx (B, T) at the next T positions. The positions are
+        set here, outside the compiled function, which would otherwise specialise on the int `pos`."""
+        self.input_pos = torch.arange(self.pos, self.pos + idx.size(1), device=idx.device)  # (T,)
+        self.pos += idx.size(1)
+        return forward(idx, self)
+
+    def begin(self, T: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        k_pos = slot_positions(self.input_pos[-1] + 1, self.max_len, self.k.device)  # a tensor: one graph for all
+        return self.input_pos, causal_mask(self.input_pos, k_pos, window), self.max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = self.input_pos % self.max_len
+        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))  # .to: k is bf16 under autocast
+        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
 
 
-def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]:
-    """model.forward_static under torch.compile, bound to model.
+def forward_static(model: GPT, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """Logits (B, T, vocab_size) of idx at cache.input_pos: the function compiled into the decode step."""
+    return model(idx, kv_cache=cache)[0]
+
+
+def static_step(model: GPT, cache: StaticKVCache,
+                decode: Callable[[torch.Tensor, StaticKVCache], torch.Tensor] | None = None,
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """generate_stream's step on a static cache: one-token steps through decode (compiled_decode_step's), a
+    prefill through the eager forward_static."""
+    eager = functools.partial(forward_static, model)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        if model.config.rolling:  # RoPE tables grown out here: inside, the graph would be captured again
+            model.rope_at(idx[:, :0], cache.pos + idx.size(1))
+        return cache.step(decode if decode is not None and idx.size(1) == 1 else eager, idx)
+    return step
+
+
+_compiled: dict[str, Callable] = {}  # torch.compile'd forward_static, one per compile mode
+# model -> {(batch size, device, dtype): StaticKVCache}: a model moved or cast since its first use gets new caches
+_static_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, StaticKVCache]] = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, StaticKVCache], torch.Tensor]:
+    """forward_static under torch.compile, bound to model.
 
     There is one torch.compile'd function per mode, shared by every model: dynamo captures it on its first call and
     captures it again when its guards fail (another model shape, device, dtype or batch size).
@@ -98,7 +157,7 @@ def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, KV
     """
     mode = "reduce-overhead" if model.transformer.wte.weight.is_cuda else "default"
     if mode not in _compiled:  # dynamic=False: a new batch size gets its own fixed-shape graph, not a dynamic one
-        _compiled[mode] = torch.compile(GPT.forward_static, mode=mode, dynamic=False)
+        _compiled[mode] = torch.compile(forward_static, mode=mode, dynamic=False)
     return functools.partial(_compiled[mode], model)
 
 
@@ -147,9 +206,11 @@ def compiled_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
     key = (idx.size(0), weight.device, weight.dtype)
     caches = _static_caches.setdefault(model, {})
     if key not in caches:
-        caches[key] = KVCache.for_model(model, idx.size(0), static=True)
+        caches[key] = StaticKVCache(model, idx.size(0))
+    if model.config.rolling:  # RoPE tables for every position at once: each growth captures the graph again
+        model.rope_at(idx[:, :0], idx.size(1) + max_new_tokens)
     return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator,
-                                 decode_step=compiled_decode_step(model), cache=caches[key])
+                                 step=static_step(model, caches[key], compiled_decode_step(model)), cache=caches[key])
 
 
 def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
@@ -349,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                          "instead, e.g. --stop='\\n\\n'")
 
     prompt_ids = encode_prompt(tokenizer, prompt)
-    if len(prompt_ids) > model.config.block_size:
+    if len(prompt_ids) > model.config.block_size and not model.config.rolling:  # a window model reads it all
         print(f"the prompt has {len(prompt_ids)} tokens, more than block_size {model.config.block_size}: the model "
               f"sees only its last {model.config.block_size}", file=sys.stderr)
     if cfg.compile:

@@ -245,7 +245,7 @@ def parse_completion(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConf
     if n < 1 or n * len(prompts) > cfg.max_sequences:
         raise ApiError(400, f"n x the number of prompts must be between 1 and {cfg.max_sequences} (the server's "
                             f"max_sequences), got {n} x {len(prompts)}", "n")
-    dropped = sum(max(0, len(p) - block_size) for p in prompts)
+    dropped = 0 if model.config.rolling else sum(max(0, len(p) - block_size) for p in prompts)
     return Completion(prompts, texts, max_tokens, temperature, top_k if top_k not in (None, 0, -1) else None,
                       top_p if top_p < 1 else None, n,
                       seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1, tuple(stop), stream,

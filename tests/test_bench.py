@@ -55,7 +55,7 @@ def test_decode_rows_say_whether_a_cuda_graph_ran(tmp_path, monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.setitem(sample._compiled, "default",
-                        torch.compile(GPT.forward_static, backend="aot_eager", dynamic=False))
+                        torch.compile(sample.forward_static, backend="aot_eager", dynamic=False))
     try:
         rows = bench.main(TINY + ["--what=decode", "--compile=both", "--decode_batch=1",
                                   f"--out={tmp_path / 'r.jsonl'}"])
@@ -85,7 +85,7 @@ def test_bench_measures_the_vocabulary_train_builds(tmp_path, kind, vocab, model
 
 
 @pytest.mark.parametrize("arg, words", [
-    ("--what=fly", "--what takes train, decode and/or serve, got ['fly']"),
+    ("--what=fly", "--what takes train, decode, serve and/or long, got ['fly']"),
     ("--compile=maybe", "--compile takes false, true or both, got 'maybe'"),
     ("--repeats=0", "--repeats, --decode_tokens and --prompt_len must be at least 1"),
     ("--model=gpt5", "--model=gpt5: give one of tiny, gpt2"),
@@ -171,3 +171,12 @@ def test_serve_rounds_whose_clients_get_no_tokens_stop_in_one_line(tmp_path, mon
     monkeypatch.setattr(engine.Scheduler, "_decode", fail)
     with pytest.raises(SystemExit, match=r"--what=serve: 1 of 1 clients got no tokens, e\.g\. .*no step today"):
         bench.main(TINY + ["--what=serve", "--serve_clients=1", f"--out={tmp_path / 'r.jsonl'}"])
+
+
+def test_long_generation_rows(tmp_path):
+    """--what=long: three methods at 1x, 4x and 16x block_size, each ratio against its own 1x."""
+    rows = bench.main(TINY + ["--what=long", "--long_window=8", f"--out={tmp_path / 'r.jsonl'}"])
+    assert [(r["method"], r["at"]) for r in rows] == [
+        (m, x) for m in ("window (rolling cache)", "full (cache, then crop)", "full (nanoGPT loop)")
+        for x in ("1x", "4x", "16x")]
+    assert all(r["ratio"] > 0 and r["tokens_per_sec"] > 0 for r in rows) and rows[0]["window"] == 8

@@ -16,6 +16,7 @@ import torch
 
 from conftest import tiny_model
 from model import KVCache
+from engine import RowCache
 from sample import decode
 
 pytest.importorskip("starlette", reason="serve.py's extra is not installed: pip install -e '.[serve]'")
@@ -39,13 +40,13 @@ def test_a_rows_logits_in_a_batch_equal_its_logits_alone(switches):
     logits equal a forward of its whole sequence alone, in fp32, within 1e-4."""
     torch.manual_seed(0)
     model = tiny_model(**switches | {"vocab_size": 97})
-    cache = KVCache.for_model(model, 4, rows=True)
+    cache = RowCache(model, 4)
     seqs = [torch.randint(0, 97, (n,)).tolist() for n in (3, 9, 1, 20)]  # then (3, 20, 1) and (3, 20, 1, 5)
 
     def put(b: int, seq: list[int]) -> None:  # a prefill alone, as engine.py's, into row b
         alone = KVCache.for_model(model, 1, max_len=len(seq))
         model(torch.tensor([seq]), kv_cache=alone)
-        cache.set_row(b, alone.k[:, 0], alone.v[:, 0])
+        cache.set_row(b, alone.k[:, 0], alone.v[:, 0], len(seq))
 
     with torch.no_grad():
         for b, seq in enumerate(seqs):
@@ -53,12 +54,12 @@ def test_a_rows_logits_in_a_batch_equal_its_logits_alone(switches):
         for step in range(6):
             if step == 2:  # row 1 leaves: the last row moves into its place
                 n = len(seqs[3])
-                cache.set_row(1, cache.k[:, 3, :, :n], cache.v[:, 3, :, :n])
+                cache.set_row(1, cache.k[:, 3, :, :n], cache.v[:, 3, :, :n], n)
+                del cache.lengths[3:]
                 seqs = [seqs[0], seqs[3], seqs[2]]
             if step == 4:  # a new row joins
                 seqs.append(torch.randint(0, 97, (5,)).tolist())
                 put(3, seqs[3])
-            cache.pos, cache.ragged = max(len(s) for s in seqs), len({len(s) for s in seqs}) > 1
             new = torch.randint(0, 97, (len(seqs), 1))
             logits = model(new, kv_cache=cache)[0][:, -1]  # (B, vocab)
             for b, seq in enumerate(seqs):
@@ -67,13 +68,13 @@ def test_a_rows_logits_in_a_batch_equal_its_logits_alone(switches):
                 assert (logits[b] - alone).abs().max() < 1e-4, (step, b)
         for b in range(2):  # rows of one length: one sequence's path, no mask
             put(b, seqs[0])
-        cache.pos, cache.ragged = len(seqs[0]), False
+        del cache.lengths[2:]
         new = torch.randint(0, 97, (2, 1))
         logits = model(new, kv_cache=cache)[0][:, -1]
         for b in range(2):
             alone = model(torch.tensor([seqs[0] + [new[b, 0].item()]]))[0][0, -1]
             assert (logits[b] - alone).abs().max() < 1e-4, b
-        assert cache.lengths[:2].tolist() == [len(seqs[0]) + 1] * 2
+        assert cache.lengths == [len(seqs[0]) + 1] * 2 and cache.q_pos.dim() == 1  # no mask
 
 
 class Trace:
@@ -376,3 +377,23 @@ def test_many_requests_with_disconnects_leave_no_row_and_flat_memory(char):
             levels.append(rss_mb())
     print(f"RSS after each third of {total} requests: {levels} MB")
     assert levels[2] < levels[0] + 20, f"resident memory grows: {levels} MB"
+
+
+def test_a_window_models_rows_roll_on_in_the_batch():
+    """Past block_size a RoPE window model's rows stay in the batch (each rolls in its own slots): every text is
+    model.generate's (which rolls too), a row joining mid-way decodes beside one already past the block, and no step
+    recomputes a block. A prompt longer than the block is read whole."""
+    model, tokenizer = tiny_model(vocab_size=len(CHARS), pos_embedding="rope", window=20, block_size=32), \
+        Tokenizer.char(CHARS)
+    long_prompt = "But soft, what light through yonder window breaks? It is the east"  # 65 > 32 tokens
+    with serving(model, tokenizer) as (port, app), Trace(model) as trace:
+        conn, response = open_stream(port, prompt="ROMEO:", max_tokens=150, temperature=0)
+        lines = [response.readline() for _ in range(60)]  # the long one is past its block
+        short = complete(port, prompt=long_prompt, max_tokens=20, temperature=0)["choices"][0]["text"]
+        texts, _ = streamed_texts([json.loads(line[6:]) if b"[DONE]" not in line else "[DONE]"
+                                   for line in [*lines, *response] if line.startswith(b"data: ")], 1)
+        conn.close()
+    assert texts == [greedy(model, tokenizer, "ROMEO:", 150)]
+    assert short == greedy(model, tokenizer, long_prompt, 20)
+    assert 2 in trace.decode_batches()  # the short one decoded beside the long one, past its block
+    assert (1, 32) not in trace.shapes  # no step recomputed a block (a full-attention row's steps past block_size)

@@ -369,14 +369,14 @@ def test_sampling_from_a_hugging_face_gpt2_folder_matches_transformers(tmp_path,
 
 
 def test_static_cache_path_gives_generate_tokens():
-    """The fixed-shape path (a static KVCache + forward_static) in eager mode, past block_size, cache reused."""
+    """The fixed-shape path (a StaticKVCache + forward_static) in eager mode, past block_size, cache reused."""
     model = tiny_model(vocab_size=len(CHARS))
     idx = torch.randint(0, len(CHARS), (3, 5))
-    cache = sample.KVCache.for_model(model, 3, static=True)
+    cache = sample.StaticKVCache(model, 3)
     for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=10), dict(temperature=0.9, top_p=0.8)):
         expected = model.generate(idx, 50, generator=torch.Generator().manual_seed(1), **kwargs)
         new = model.generate_stream(idx, 50, generator=torch.Generator().manual_seed(1),
-                                    decode_step=model.forward_static, cache=cache, **kwargs)
+                                    step=sample.static_step(model, cache), cache=cache, **kwargs)
         assert torch.equal(torch.cat([idx, *new], dim=1), expected)
 
 
@@ -390,7 +390,7 @@ def compile_with_aot_eager(monkeypatch) -> list:
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
-    monkeypatch.setitem(sample._compiled, "default", torch.compile(GPT.forward_static, backend=counting_backend))
+    monkeypatch.setitem(sample._compiled, "default", torch.compile(sample.forward_static, backend=counting_backend))
     return graphs
 
 
@@ -452,8 +452,8 @@ def test_compiled_generate_after_the_model_is_cast_to_bfloat16(monkeypatch):
         model.to(torch.bfloat16)
         out = compiled_generate(model, idx, 8, temperature=0)
         # the same fixed-shape decoding, uncompiled, on a new bf16 cache: bf16 rounds like it, not like generate()
-        eager = model.generate_stream(idx, 8, temperature=0, decode_step=model.forward_static,
-                                      cache=sample.KVCache.for_model(model, 2, static=True))
+        cache = sample.StaticKVCache(model, 2)
+        eager = model.generate_stream(idx, 8, temperature=0, step=sample.static_step(model, cache), cache=cache)
         assert torch.equal(out, torch.cat([idx, *eager], dim=1))
         assert len(graphs) == 2
     finally:

@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
-from attention import attention_maps, explicit_attention
+from attention import attention_maps, explicit_attention, qkv_arguments
 from conftest import TINY, TINY_CHARS
 from checkpoint import from_pretrained, load_model, save_checkpoint
 from hf import hf_config, hf_format, hf_state_dict
 from model import GPT, GPTConfig, KVCache, apply_rope, attend, causal_mask, rms_norm
 from muon import Muon
+from sample import StaticKVCache, static_step
 from test_model import generate_uncached
 from tokens import Tokenizer
 
@@ -80,17 +81,13 @@ def test_test_models_are_not_trivial(name):
 # ---------------------------------------------------------------------------- KV cache vs recompute
 
 
-def run_cached(model: GPT, idx: torch.Tensor, cuts: list[int], static: bool) -> tuple[torch.Tensor, KVCache]:
+def run_cached(model: GPT, idx: torch.Tensor, cuts: list[int], static: bool,
+               cache: KVCache | StaticKVCache | None = None) -> tuple[torch.Tensor, KVCache | StaticKVCache]:
     """Logits of idx fed through one cache in the pieces idx[:, cuts[i]:cuts[i+1]]."""
-    cache = KVCache.for_model(model, idx.size(0), static=static)
-    pieces = []
-    for a, b in zip(cuts, cuts[1:]):
-        if static:  # the caller passes the positions and advances the cache (as sample.py's compiled decode)
-            pieces.append(model.forward_static(idx[:, a:b], torch.arange(a, b), cache))
-            cache.pos = b
-        else:
-            pieces.append(model(idx[:, a:b], kv_cache=cache)[0])
-    return torch.cat(pieces, dim=1), cache
+    if cache is None:
+        cache = StaticKVCache(model, idx.size(0)) if static else KVCache.for_model(model, idx.size(0))
+    step = static_step(model, cache) if static else lambda t: model(t, kv_cache=cache)[0]
+    return torch.cat([step(idx[:, a:b]) for a, b in zip(cuts, cuts[1:])], dim=1), cache
 
 
 CUTS = {
@@ -121,8 +118,7 @@ def test_static_cache_reused_dirty_equals_a_fresh_one(name):
         _, cache = run_cached(model, tokens(2, 32, seed=1), [0, 32], static=True)
         cache.reset()
         idx = tokens(2, 10)
-        logits = torch.cat([model.forward_static(idx[:, :6], torch.arange(6), cache),
-                            model.forward_static(idx[:, 6:], torch.arange(6, 10), cache)], dim=1)
+        logits, _ = run_cached(model, idx, [0, 6, 10], static=True, cache=cache)
         torch.testing.assert_close(logits, model(idx)[0], atol=1e-5, rtol=1e-5)
 
 
@@ -135,7 +131,8 @@ def test_generate_past_block_size_equals_uncached(name, static, sampling):
     idx = tokens(2, 5)
     new = 40  # past block_size (32): the window is recomputed from position 0, as the uncached loop does
     expected = generate_uncached(model, idx, new, generator=torch.Generator().manual_seed(7), **sampling)
-    extra = dict(decode_step=model.forward_static, cache=KVCache.for_model(model, 2, static=True)) if static else {}
+    cache = StaticKVCache(model, 2)
+    extra = dict(step=static_step(model, cache), cache=cache) if static else {}
     for _ in range(2):  # the second run reuses the (static) cache that the first left full
         stream = model.generate_stream(idx, new, generator=torch.Generator().manual_seed(7), **sampling, **extra)
         assert torch.equal(torch.cat([idx, *stream], dim=1), expected)
@@ -162,19 +159,19 @@ def test_explicit_attention_reproduces_the_module(name):
     model = switch_model(name)
     idx = tokens(2, 24)
     seen = []  # (module, input, rope, output) of each attention module in the model's ordinary forward
-    handles = [b.attn.register_forward_hook(lambda m, args, out: seen.append((m, args[0], args[1], out)))
-               for b in model.transformer.h]
+    handles = [b.attn.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        (m, qkv_arguments(m, args, kwargs), out)), with_kwargs=True) for b in model.transformer.h]
     with torch.no_grad():
         model(idx)
     for h in handles:
         h.remove()
     maps = attention_maps(model, idx)
     assert len(seen) == TINY["n_layer"]
-    assert (seen[0][2] is not None) == (model.config.pos_embedding == "rope")
+    assert (seen[0][1]["rope"] is not None) == (model.config.pos_embedding == "rope")
     with torch.no_grad():
-        for layer, (attn, x, rope, expected) in enumerate(seen):
-            weights, heads = explicit_attention(attn, x, rope)  # (B, n_head, T, T), (B, n_head, T, head_dim)
-            torch.testing.assert_close(attn.c_proj(heads.transpose(1, 2).reshape(x.shape)), expected,
+        for layer, (attn, qkv_args, expected) in enumerate(seen):
+            weights, heads = explicit_attention(attn, **qkv_args)  # (B, n_head, T, T), (B, n_head, T, head_dim)
+            torch.testing.assert_close(attn.c_proj(heads.transpose(1, 2).reshape(expected.shape)), expected,
                                        atol=1e-5, rtol=1e-5)
             assert torch.equal(maps[layer], weights)  # attention_maps returns exactly these weights
     # the maps differ between layers: a bug returning one layer's map for all would show here
@@ -301,6 +298,19 @@ def test_rope_scores_depend_only_on_distance():
     assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
 
 
+class Shifted:
+    """The smallest cache of model.py's protocol: keys kept nowhere, the tokens placed at positions shift.."""
+
+    def __init__(self, shift: int) -> None:
+        self.shift = shift
+
+    def begin(self, T: int, window: int | None) -> tuple[torch.Tensor, None, int]:
+        return torch.arange(self.shift, self.shift + T), None, self.shift + T
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
+
+
 @pytest.mark.parametrize("name", ["rope", "all", "gpt2"])
 def test_rope_model_is_translation_invariant(name):
     """Without learned positions, the same tokens at positions 7.. give the logits they give at 0.."""
@@ -308,7 +318,7 @@ def test_rope_model_is_translation_invariant(name):
     idx = tokens(2, 20)
     with torch.no_grad():
         at_zero = model(idx)[0]
-        shifted = model(idx, input_pos=torch.arange(7, 27))[0]
+        shifted = model(idx, kv_cache=Shifted(7))[0]
     if name == "gpt2":  # learned positions: the test can tell
         assert not torch.allclose(shifted, at_zero, atol=1e-3)
     else:
@@ -651,3 +661,84 @@ def test_q_and_k_reach_attention_in_vs_dtype(fp32_norm, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         q, k, v = model.transformer.h[0].attn.qkv(x, (cos, sin))
     assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- past block_size: the rolling cache
+
+
+def whole_sequence_twin(model: GPT, block_size: int) -> GPT:
+    """The same weights with a block_size that holds the whole sequence: no crop, the model's own maths."""
+    twin = GPT(GPTConfig(**{**model.config.__dict__, "block_size": block_size})).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("name", ["rope", "all"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_a_window_model_generates_past_block_size_with_its_own_maths(name, static):
+    """Past block_size a RoPE window model's cache rolls (Mistral's rolling buffer): 8x block_size greedy tokens
+    equal those of the same weights uncropped, from a short prompt and from one longer than the block."""
+    model = switch_model(name, window=12, block_size=16)  # reaches 2 x 11 back: a crop would change the maths
+    twin = whole_sequence_twin(model, 200)
+    for prompt_len in (5, 40):
+        idx = tokens(2, prompt_len, seed=prompt_len)
+        expected = generate_uncached(twin, idx, 128, temperature=0)
+        cache = StaticKVCache(model, 2)
+        extra = dict(step=static_step(model, cache), cache=cache) if static else {}
+        got = torch.cat([idx, *model.generate_stream(idx, 128, temperature=0, **extra)], dim=1)
+        assert torch.equal(got, expected), (prompt_len, (got != expected).nonzero()[:1])
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_rolling_cache_logits_equal_the_whole_sequence(static):
+    """Logits through a cache of block_size slots, fed one token at a time and in chunks that each leave every query
+    its window, equal a forward of the whole 90 tokens by the uncropped twin."""
+    model = switch_model("all", window=12, block_size=16)
+    idx = tokens(2, 90)
+    cache = StaticKVCache(model, 2) if static else KVCache.for_model(model, 2)
+    assert cache.max_len == 16
+    with torch.no_grad():
+        cached, _ = run_cached(model, idx, [0, 16, 21, 22, 23, 28, *range(29, 91)], static, cache)
+        full = whole_sequence_twin(model, 90)(idx)[0]
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_refuses_what_it_cannot_hold():
+    """A full-attention model cannot roll, and a chunk must leave each of its queries its window in the slots."""
+    with torch.no_grad():
+        full = switch_model("rope")
+        cache = KVCache.for_model(full, 1)
+        full(tokens(1, 32), kv_cache=cache)
+        with pytest.raises(ValueError, match="holds 32 positions"):
+            full(tokens(1, 1), kv_cache=cache)
+        windowed = switch_model("rope", window=6, block_size=16)
+        cache = KVCache.for_model(windowed, 1)
+        windowed(tokens(1, 16), kv_cache=cache)
+        windowed(tokens(1, 11), kv_cache=cache)  # 16 - 6 + 1: the first query still finds its 5 keys before
+        with pytest.raises(ValueError, match="window - 1 below max_len"):
+            windowed(tokens(1, 12), kv_cache=cache)
+
+
+@each_switch
+def test_blocks_use_the_projects_linear(name):
+    """Linear stores W as (in, out) (OpenAI's layout; docs/structure.md says why): an nn.Linear in a block would
+    load GPT-2's and exported weights transposed."""
+    model = switch_model(name)
+    assert not [n for n, m in model.transformer.h.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_attention_maps_read_the_modules_arguments_by_name():
+    """A module whose forward gains an argument before the others (as value embeddings added one) still gets its
+    maps: the hook binds the call to the signature instead of counting positions."""
+    from model import CausalSelfAttention
+
+    class Extra(CausalSelfAttention):
+        def forward(self, x, extra=None, rope=None, mask=None, kv_cache=None):
+            return super().forward(x, rope=rope, mask=mask, kv_cache=kv_cache)
+
+    model = switch_model("rope")
+    idx = tokens(2, 12)
+    expected = attention_maps(model, idx)
+    for block in model.transformer.h:
+        block.attn.__class__ = Extra
+    torch.testing.assert_close(attention_maps(model, idx), expected, atol=0, rtol=0)
