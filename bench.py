@@ -307,8 +307,8 @@ def bench_decode_quantized(cfg: BenchConfig, gpt: GPTConfig, batch: int, device:
         gb_per_s = weight_bytes(models[v]) * n / dt / 1e9  # n steps (the prefill counted as one) in dt
         rows.append({"what": "decode", "method": "kv-cache", "quantize": v, "batch_size": batch,
                      "prompt_len": cfg.prompt_len, "new_tokens": n, "tokens_per_sec": round(batch * n / dt, 1),
-                     "ms_per_token": round(1000 * dt / n, 2), "weights_gb": round(weight_bytes(models[v]) / 1e9, 3),
-                     "weights_gb_per_s": round(gb_per_s, 1), "of_copy": round(gb_per_s / copy_gb_per_s, 2)})
+                     "ms_per_token": round(1000 * dt / n, 2), "weights_mb": round(weight_bytes(models[v]) / 1e6, 2),
+                     "weights_gb_per_s": float(f"{gb_per_s:.3g}"), "of_copy": float(f"{gb_per_s / copy_gb_per_s:.2g}")})
     return rows
 
 
