@@ -16,8 +16,8 @@ import model as model_module
 
 QUANTIZE = ("none", "int8")  # the values of --quantize
 
-# Rows (tokens) up to which a matmul goes through torch's int8 kernel: it rereads the weight for every 4 rows and
-# converts it each time, so past a decode batch a dequantized float matmul is faster (prefill, eval).
+# Rows (tokens) up to which a matmul goes through torch's int8 kernel: it rereads and converts the weight for every
+# 4 rows, so past a decode batch a bf16 matmul of the converted weight is faster (prefill, eval).
 KERNEL_ROWS = 16
 
 
@@ -25,8 +25,10 @@ class Int8Linear(nn.Module):
     """y = x W^T + b with W (out, in) stored as int8 and `scale` (out,) per output channel: W ≈ weight * scale.
 
     Up to KERNEL_ROWS rows run torch's _weight_int8pack_mm (the CPU kernel gpt-fast uses), whose vectorised path
-    takes bf16 only: x is rounded to bf16 for it and the output comes back in x's dtype. More rows dequantize W to
-    x's dtype and use the ordinary matmul."""
+    takes bf16 only (its fp32 one is scalar, ~10x slower); more rows multiply by W converted to bf16 (exact: int8
+    fits bf16's mantissa) and scale after. Both paths thus take x rounded to bf16, sum in fp32 and round the sum to
+    bf16 once, so a row gets the same numbers alone or in a batch, in decoding and in eval.py; y comes back in
+    x's dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -47,12 +49,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        # copy=True: a fresh, aligned buffer, since the kernel reads x with aligned vector loads
+        x2 = x2.to(torch.bfloat16, copy=True)
         if x2.size(0) <= KERNEL_ROWS:
-            # copy=True: a fresh, aligned buffer, since the kernel reads x with aligned vector loads
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16, copy=True), self.weight, self.scale)
-            y = y.to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale).to(x.dtype)
         else:
-            y = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+            y = (F.linear(x2, self.weight.to(torch.bfloat16)).float() * self.scale.float()).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)

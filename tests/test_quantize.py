@@ -69,11 +69,10 @@ def test_int8_linear_is_its_dequantized_matrix(rows):
     x = torch.randn(rows, 64)
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (rows, 48)
-    if rows <= KERNEL_ROWS:  # the kernel takes x in bf16 and gives bf16: the reference rounds x alike
-        ref = F.linear(x.bfloat16().float(), layer.dequantized(), b)
-        assert torch.allclose(y, ref, atol=ref.abs().max().item() * 2**-7)
-    else:
-        assert torch.allclose(y, F.linear(x, layer.dequantized(), b), atol=1e-5)
+    # both paths take x in bf16 and round the sum to bf16 once: the reference rounds x alike, and allows that
+    ref = F.linear(x.bfloat16().float(), layer.dequantized(), b)
+    assert torch.allclose(y, ref, atol=ref.abs().max().item() * 2**-8)
+    assert not torch.allclose(y, F.linear(x, w, b), atol=ref.abs().max().item() * 2**-8)  # W was rounded
     assert torch.allclose(layer(x.view(1, rows, 64)), y.view(1, rows, 48))  # any leading shape
 
 
@@ -110,12 +109,10 @@ def test_quantized_model_is_its_float_twin(layout, switches):
     m = tiny_model(**switches)
     q = int8(m)
     twin = float_twin(m, q)
-    idx = torch.randint(0, TINY["vocab_size"], (2, 20))  # 40 rows: the dequantized path, exact up to fp32 sums
+    idx = torch.randint(0, TINY["vocab_size"], (2, 20))
     with torch.no_grad():
-        assert torch.allclose(q(idx)[0], twin(idx)[0], atol=1e-4)
-        one = idx[:1, :8]  # 8 rows: the int8 kernel (bf16 activations)
-        assert torch.allclose(q(one)[0], twin(one)[0], atol=3e-2)
-        assert not torch.allclose(m(idx)[0], twin(idx)[0], atol=1e-6)  # the twin really is the quantized model
+        for x in (idx, idx[:1, :8]):  # 40 rows: the bf16 matmul; 8: the int8 kernel (both bf16 activations)
+            assert torch.allclose(q(x)[0], twin(x)[0], atol=1e-2)  # logits ~0.6: bf16 rounding of ~0.002
 
 
 def test_kv_cache_decoding_is_the_recomputed_decoding():
@@ -207,7 +204,8 @@ def test_eval_int8_scores_the_quantized_model(char_run, tmp_path, monkeypatch):
     monkeypatch.setattr(eval_py, "load_for_inference", load_twin)
     twin = eval_py.main(common)
     assert q["tokens"] == fp32["tokens"] == twin["tokens"]
-    assert q["loss"] == pytest.approx(twin["loss"], rel=1e-6) and q["bpb"] == pytest.approx(twin["bpb"], rel=1e-6)
+    assert q["loss"] == pytest.approx(twin["loss"], rel=1e-4)  # not exact: the int8 layers round x to bf16
+    assert q["bpb"] == pytest.approx(q["loss"] / fp32["loss"] * fp32["bpb"], rel=1e-9)
     assert q["loss"] != fp32["loss"] and q["loss"] == pytest.approx(fp32["loss"], rel=0.05)
     with pytest.raises(SystemExit, match="no int4"):
         eval_py.main(common + ["--quantize=int4"])
