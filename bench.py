@@ -287,7 +287,7 @@ def bench_decode_quantized(cfg: BenchConfig, gpt: GPTConfig, batch: int, device:
     torch.manual_seed(cfg.seed)
     base = GPT(gpt).to(device=device, dtype=dtype).eval()
     prompt = torch.randint(0, gpt.vocab_size, (batch, cfg.prompt_len), device=device)
-    models = {v: base if v == "none" else quantize_model(copy.deepcopy(base), v, torch.device(device)) for v in variants}
+    models = {v: quantize_model(copy.deepcopy(base), v, torch.device(device)) for v in variants}
     n = cfg.decode_tokens
     announce(f"decode, kv-cache, {' and '.join(variants)} weights in alternate rounds: batch {batch}: "
              f"{cfg.warmup} + {cfg.repeats} runs of {cfg.prompt_len} + {n} tokens each")
@@ -322,7 +322,7 @@ def weight_bytes(model: GPT) -> int:
 
 
 def copy_bandwidth(device: str, mb: int = 512) -> float:
-    """GB/s that a copy of a large tensor moves (bytes read + bytes written), best of 5: the memory's practical limit."""
+    """GB/s that a copy of a large tensor moves (bytes read + written), best of 5: the memory's practical limit."""
     src = torch.ones(mb * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     best = math.inf
@@ -616,7 +616,8 @@ def _device_name(device: str) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    columns = ["what", "method", "compile", "quantize", "batch_size", "clients", "tokens_per_sec", "client_tokens_per_sec",
+    columns = ["what", "method", "compile", "quantize", "batch_size", "clients", "tokens_per_sec",
+               "client_tokens_per_sec",
                "ttft_ms", "ttft_ms_p95", "ttft_ms_max", "latency_ms", "latency_ms_p95", "step_ms", "pause_ms",
                "prefill_ms", "ms_per_step", "ms_per_token", "weights_gb_per_s", "of_copy", "gb_per_s", "mfu",
                "peak_memory_mb", "rss_mb"]

@@ -19,6 +19,7 @@ QUANTIZE = ("none", "int8")  # the values of --quantize
 # Rows (tokens) up to which a matmul goes through torch's int8 kernel: it rereads and converts the weight for every
 # 4 rows, so past a decode batch a bf16 matmul of the converted weight is faster (prefill, eval).
 KERNEL_ROWS = 16
+CHUNK = 2**20  # weights converted to bf16 at a time past KERNEL_ROWS: 2 MB, about a core's L2 cache
 
 
 class Int8Linear(nn.Module):
@@ -53,8 +54,10 @@ class Int8Linear(nn.Module):
         x2 = x2.to(torch.bfloat16, copy=True)
         if x2.size(0) <= KERNEL_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale).to(x.dtype)
-        else:
-            y = (F.linear(x2, self.weight.to(torch.bfloat16)).float() * self.scale.float()).to(x.dtype)
+        else:  # a slice of W at a time, converted while it sits in the cache, rather than all of W through memory
+            rows = max(1, CHUNK // self.in_features)
+            y = torch.cat([F.linear(x2, w.to(torch.bfloat16)) for w in self.weight.split(rows)], dim=-1)
+            y = (y.float() * self.scale.float()).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)

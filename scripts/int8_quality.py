@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,7 +39,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     fp32, _, _, _ = load_for_inference(args.out_dir, None, "latest", cpu)
     int8, _, _, _ = load_for_inference(args.out_dir, None, "latest", cpu, quantize="int8")
-    val = load_split(resolve_dataset(args.dataset), "val")
+    val = np.concatenate(load_split(resolve_dataset(args.dataset), "val"))
     starts = torch.linspace(0, len(val) - 8, args.prompts).long().tolist()
     prompts = torch.stack([torch.from_numpy(val[s:s + 8].astype("int64")) for s in starts])  # (prompts, 8)
     with torch.no_grad():

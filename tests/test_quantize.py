@@ -76,6 +76,14 @@ def test_int8_linear_is_its_dequantized_matrix(rows):
     assert torch.allclose(layer(x.view(1, rows, 64)), y.view(1, rows, 48))  # any leading shape
 
 
+def test_many_rows_give_the_same_numbers_in_slices_of_w(monkeypatch):
+    layer = Int8Linear(torch.randn(48, 64), torch.randn(48))
+    x = torch.randn(40, 64)
+    whole = layer(x)
+    monkeypatch.setattr(quantize, "CHUNK", 5 * 64)  # 5 rows of W at a time: 10 slices, the last of 3
+    assert torch.equal(layer(x), whole)
+
+
 def test_bfloat16_activations_stay_bfloat16():
     layer = Int8Linear(torch.randn(32, 32), None)
     for rows in (1, KERNEL_ROWS + 5):
