@@ -17,8 +17,8 @@ import model as model_module
 QUANTIZE = ("none", "int8")  # the values of --quantize
 
 # Rows (tokens) up to which a matmul goes through torch's int8 kernel: it rereads and converts the weight for every
-# 4 rows, so past a decode batch a bf16 matmul of the converted weight is faster (prefill, eval).
-KERNEL_ROWS = 16
+# 4 rows, and measured here many times slower at 16 rows than at 4, where a bf16 matmul of the converted weight is not.
+KERNEL_ROWS = 4
 CHUNK = 2**20  # weights converted to bf16 at a time past KERNEL_ROWS: 2 MB, about a core's L2 cache
 
 

@@ -119,7 +119,7 @@ def test_quantized_model_is_its_float_twin(layout, switches):
     twin = float_twin(m, q)
     idx = torch.randint(0, TINY["vocab_size"], (2, 20))
     with torch.no_grad():
-        for x in (idx, idx[:1, :8]):  # 40 rows: the bf16 matmul; 8: the int8 kernel (both bf16 activations)
+        for x in (idx, idx[:1, :KERNEL_ROWS]):  # 40 rows: the bf16 matmul; 4: the int8 kernel (both bf16 x)
             assert torch.allclose(q(x)[0], twin(x)[0], atol=1e-2)  # logits ~0.6: bf16 rounding of ~0.002
 
 
