@@ -287,7 +287,12 @@ def bench_decode_quantized(cfg: BenchConfig, gpt: GPTConfig, batch: int, device:
     torch.manual_seed(cfg.seed)
     base = GPT(gpt).to(device=device, dtype=dtype).eval()
     prompt = torch.randint(0, gpt.vocab_size, (batch, cfg.prompt_len), device=device)
-    models = {v: quantize_model(copy.deepcopy(base), v, torch.device(device)) for v in variants}
+    models, quantize_s = {}, {}
+    for v in variants:
+        models[v] = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        quantize_model(models[v], v, torch.device(device))
+        quantize_s[v] = time.perf_counter() - t0
     n = cfg.decode_tokens
     announce(f"decode, kv-cache, {' and '.join(variants)} weights in alternate rounds: batch {batch}: "
              f"{cfg.warmup} + {cfg.repeats} runs of {cfg.prompt_len} + {n} tokens each")
@@ -308,7 +313,8 @@ def bench_decode_quantized(cfg: BenchConfig, gpt: GPTConfig, batch: int, device:
         rows.append({"what": "decode", "method": "kv-cache", "quantize": v, "batch_size": batch,
                      "prompt_len": cfg.prompt_len, "new_tokens": n, "tokens_per_sec": round(batch * n / dt, 1),
                      "ms_per_token": round(1000 * dt / n, 2), "weights_mb": round(weight_bytes(models[v]) / 1e6, 2),
-                     "weights_gb_per_s": float(f"{gb_per_s:.3g}"), "of_copy": float(f"{gb_per_s / copy_gb_per_s:.2g}")})
+                     "weights_gb_per_s": float(f"{gb_per_s:.3g}"), "of_copy": float(f"{gb_per_s / copy_gb_per_s:.2g}"),
+                     "quantize_s": round(quantize_s[v], 2)})
     return rows
 
 
@@ -619,7 +625,7 @@ def print_table(results: list[dict]) -> None:
     columns = ["what", "method", "compile", "quantize", "batch_size", "clients", "tokens_per_sec",
                "client_tokens_per_sec",
                "ttft_ms", "ttft_ms_p95", "ttft_ms_max", "latency_ms", "latency_ms_p95", "step_ms", "pause_ms",
-               "prefill_ms", "ms_per_step", "ms_per_token", "weights_gb_per_s", "of_copy", "gb_per_s", "mfu",
+               "prefill_ms", "ms_per_step", "ms_per_token", "weights_gb_per_s", "of_copy", "gb_per_s", "quantize_s", "mfu",
                "peak_memory_mb", "rss_mb"]
     columns = [c for c in columns if c == "what" or any(r.get(c) is not None for r in results)]
     rows = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in results]
