@@ -3,7 +3,7 @@ with one scale per output channel, quantized at load from the fp32 or bf16 weigh
 
     python sample.py --out_dir=out/shakespeare_char_cpu --quantize=int8
 
-A batch-1 decode step reads every weight once, so a quarter of the bytes is most of the time (issue 31, gpt-fast).
+A batch-1 decode step on a CPU waits on reading every weight once: int8 reads a quarter of the bytes (issue 31).
 """
 
 from __future__ import annotations

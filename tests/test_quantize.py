@@ -3,7 +3,6 @@ the quantized model against a float twin holding the dequantized weights, and --
 eval.py, serve.py and bench.py on tiny fp32 models; the default (none) leaves the model untouched."""
 
 import copy
-import json
 import math
 
 import pytest
