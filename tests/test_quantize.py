@@ -272,3 +272,19 @@ def test_weight_bytes_count_the_head_once():
                  if not n.endswith("weight") or "ln" in n) + sum(b.numel() * 2 for b in q.buffers())
     assert bench.weight_bytes(q) == ints + others
     assert math.isclose(bench.weight_bytes(q) / bench.weight_bytes(m), 0.25, abs_tol=0.05)
+
+
+def test_serve_main_passes_quantize_to_the_loader(char_run, monkeypatch):
+    pytest.importorskip("uvicorn")
+    import serve
+
+    asked = []
+
+    def loader(*args, **kwargs):
+        asked.append(args[5:] + tuple(kwargs.values()))
+        raise SystemExit("stopped before listening")
+
+    monkeypatch.setattr(serve, "load_for_inference", loader)
+    with pytest.raises(SystemExit, match="stopped before"):
+        serve.main([f"--out_dir={char_run}", "--device=cpu", "--quantize=int8"])
+    assert asked == [("int8",)]
