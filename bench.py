@@ -7,6 +7,7 @@
     python bench.py --what=train --profile=true              # where a training step spends its time
     python bench.py --what=serve --serve_clients=1,4,16      # serve.py: concurrent streaming clients (pip .[serve])
     python bench.py --what=long --long_window=16             # generation at 1x, 4x, 16x block_size: rolling vs crop
+    python bench.py --model=gpt2 --what=decode --decode_batch=1,16 --quantize=both   # int8 weights beside float
 
 Every figure is the median of --repeats timed runs after --warmup untimed steps (which also absorb compilation).
 A decode run is one call that prefills the prompt and then makes --decode_tokens one-token steps: its tokens/s and
@@ -22,8 +23,10 @@ import errors
 
 errors.install(__name__)  # before the other imports: a Ctrl-C while torch loads is one line too
 
+import copy
 import datetime
 import json
+import math
 import platform
 import re
 import resource
@@ -44,6 +47,7 @@ from config import (autocast_context, device_peak_flops, enable_tf32, format_con
                     resolve_device, resolve_dtype, set_threads, synchronize)
 from hf import hf_state_dict
 from model import GPT, MODEL_FIELDS, GPTConfig, padded_vocab_size, sample_next
+from quantize import Int8Linear, check_quantize, is_linear, quantize_model
 from sample import compiled_generate, cuda_graphs_recorded
 from tokens import load_meta, resolve_dataset
 
@@ -76,6 +80,7 @@ class BenchConfig:
     optimizer: str = "auto"  # train: adamw or muon; auto: the training config's, else adamw
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
     long_window: int | None = None  # long: the RoPE window model's window; none: block_size / 4
+    quantize: str = "none"  # decode, serve: none, int8 (quantize.py), or both (float and int8 in alternate rounds)
 
     def __post_init__(self) -> None:
         unknown = set(self.what.split(",")) - {"train", "decode", "serve", "long"}
@@ -85,6 +90,10 @@ class BenchConfig:
             raise ValueError(f"--compile takes false, true or both, got {self.compile!r}")
         if self.optimizer not in ("auto", "adamw", "muon"):
             raise ValueError(f"--optimizer takes auto, adamw or muon, got {self.optimizer!r}")
+        if self.quantize != "both":
+            check_quantize(self.quantize)
+        if self.quantize != "none" and self.compile != "false":
+            raise ValueError("--quantize times the eager decode step: drop --compile (or pass --compile=false)")
         if min(self.train_steps, self.repeats, self.decode_tokens, self.prompt_len) < 1:
             raise ValueError("--train_steps, --repeats, --decode_tokens and --prompt_len must be at least 1")
 
@@ -274,6 +283,69 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
             "warmup_s": round(warmup_s, 2), "cuda_graphs": captured}
 
 
+def bench_decode_quantized(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtype: torch.dtype,
+                           variants: list[str], copy_gb_per_s: float) -> list[dict]:
+    """Decode speed (as bench_decode, eager, through the KV cache) of the same random weights as each variant of
+    quantize.py's --quantize, timed in alternate rounds (the order flips every round) so that a machine whose load
+    drifts weighs on each alike. weights_gb_per_s: the bytes a step reads (weight_bytes) times steps per second;
+    of_copy: that over the machine's copy bandwidth (read + write of a large tensor, copy_bandwidth)."""
+    torch.manual_seed(cfg.seed)
+    base = GPT(gpt).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(0, gpt.vocab_size, (batch, cfg.prompt_len), device=device)
+    models, quantize_s = {}, {}
+    for v in variants:
+        models[v] = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        quantize_model(models[v], v, torch.device(device))
+        quantize_s[v] = time.perf_counter() - t0
+    n = cfg.decode_tokens
+    announce(f"decode, kv-cache, {' and '.join(variants)} weights in alternate rounds: batch {batch}: "
+             f"{cfg.warmup} + {cfg.repeats} runs of {cfg.prompt_len} + {n} tokens each")
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with torch.no_grad():
+        for r in range(cfg.warmup + cfg.repeats):
+            for v in variants if r % 2 == 0 else variants[::-1]:
+                synchronize(device)
+                t0 = time.perf_counter()
+                models[v].generate(prompt, n, temperature=0)
+                synchronize(device)
+                if r >= cfg.warmup:
+                    times[v].append(time.perf_counter() - t0)
+    rows = []
+    for v in variants:
+        dt = statistics.median(times[v])
+        gb_per_s = weight_bytes(models[v]) * n / dt / 1e9  # n steps (the prefill counted as one) in dt
+        rows.append({"what": "decode", "method": "kv-cache", "quantize": v, "batch_size": batch,
+                     "prompt_len": cfg.prompt_len, "new_tokens": n, "tokens_per_sec": round(batch * n / dt, 1),
+                     "ms_per_token": round(1000 * dt / n, 2), "weights_mb": round(weight_bytes(models[v]) / 1e6, 2),
+                     "weights_gb_per_s": float(f"{gb_per_s:.3g}"), "of_copy": float(f"{gb_per_s / copy_gb_per_s:.2g}"),
+                     "quantize_s": round(quantize_s[v], 2)})
+    return rows
+
+
+def weight_bytes(model: GPT) -> int:
+    """Bytes a decode step reads: every parameter and buffer but the embedding tables, which it reads a row of per
+    token (a tied wte is read whole as the float head's matrix, so it counts when the head is float)."""
+    heads = {id(m.weight) for m in model.modules() if is_linear(m) or isinstance(m, Int8Linear)}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - heads
+    read = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in tables}
+    return sum(t.numel() * t.element_size() for t in read.values())
+
+
+def copy_bandwidth(device: str, mb: int = 512) -> float:
+    """GB/s that a copy of a large tensor moves (bytes read + written), best of 5: the memory's practical limit."""
+    src = torch.ones(mb * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(6):  # the first touches the pages
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
 def _cached_decoder(model: GPT, prompt: torch.Tensor, n: int, compiled: bool) -> Callable[[], torch.Tensor]:
     """Prefill plus one-token steps through the KV cache: model.generate's loop, greedy."""
     if not compiled:
@@ -345,15 +417,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for compiled in compile_modes:
         if "train" in cfg.what:
             emit({"compile": compiled, **bench_train(cfg, gpt, batch_size, device, dtype, compiled)})
-        if "decode" in cfg.what:
+        if "decode" in cfg.what and cfg.quantize != "none":
+            variants = ["none", "int8"] if cfg.quantize == "both" else [cfg.quantize]
+            copy_gb_per_s = copy_bandwidth(device)
+            emit({"what": "copy", "gb_per_s": round(copy_gb_per_s, 1)})
+            for batch in (int(b) for b in cfg.decode_batch.split(",")):
+                for row in bench_decode_quantized(cfg, gpt, batch, device, dtype, variants, copy_gb_per_s):
+                    emit({"compile": False, **row})
+        elif "decode" in cfg.what:
             for batch in (int(b) for b in cfg.decode_batch.split(",")):
                 emit({"compile": compiled, **bench_decode(cfg, gpt, batch, device, dtype, compiled, "kv-cache")})
     if cfg.baselines and "decode" in cfg.what:
         for method in ("recompute (nanoGPT)", "transformers"):
             emit({"compile": False, **bench_decode(cfg, gpt, 1, device, dtype, False, method)})
     if "serve" in cfg.what:
-        for row in bench_serve(cfg, gpt, device, dtype):
-            emit(row)
+        for quantize in ["none", "int8"] if cfg.quantize == "both" else [cfg.quantize]:
+            for row in bench_serve(cfg, gpt, device, dtype, quantize):
+                emit(row if cfg.quantize == "none" else {**row, "quantize": quantize})
     if "long" in cfg.what:
         for row in bench_long(cfg, gpt, device, dtype):
             emit(row)
@@ -410,7 +490,8 @@ def _nanogpt_stream(model: GPT, idx: torch.Tensor, n: int):
         yield next_token
 
 
-def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtype) -> list[dict]:
+def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtype,
+                quantize: str = "none") -> list[dict]:
     """serve.py in this process on 127.0.0.1, and for each --serve_clients count that many streaming clients at once,
     each a different random prompt_len-token prompt and decode_tokens greedy tokens.
 
@@ -428,7 +509,7 @@ def bench_serve(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtyp
     from tokens import Tokenizer
 
     torch.manual_seed(cfg.seed)
-    model = GPT(gpt).to(device=device, dtype=dtype).eval()
+    model = quantize_model(GPT(gpt).to(device=device, dtype=dtype).eval(), quantize, torch.device(device))
     # Prompts are token ids, so the tokenizer only decodes: GPT-2 BPE for BPE-sized vocabularies, else any chars.
     tokenizer = Tokenizer.tiktoken("gpt2") if gpt.vocab_size >= 50257 else \
         Tokenizer.char("".join(chr(0x100 + i) for i in range(gpt.vocab_size)))
@@ -597,9 +678,10 @@ def _device_name(device: str) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    columns = ["what", "method", "compile", "at", "batch_size", "clients", "tokens_per_sec", "client_tokens_per_sec",
-               "ttft_ms", "ttft_ms_p95", "ttft_ms_max", "latency_ms", "latency_ms_p95", "step_ms", "pause_ms",
-               "prefill_ms", "ms_per_step", "ms_per_token", "ratio", "mfu", "peak_memory_mb", "rss_mb"]
+    columns = ["what", "method", "compile", "quantize", "at", "batch_size", "clients", "tokens_per_sec",
+               "client_tokens_per_sec", "ttft_ms", "ttft_ms_p95", "ttft_ms_max", "latency_ms", "latency_ms_p95",
+               "step_ms", "pause_ms", "prefill_ms", "ms_per_step", "ms_per_token", "ratio", "weights_gb_per_s",
+               "of_copy", "gb_per_s", "quantize_s", "mfu", "peak_memory_mb", "rss_mb"]
     columns = [c for c in columns if c == "what" or any(r.get(c) is not None for r in results)]
     rows = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]

@@ -52,6 +52,7 @@ import torch
 import errors
 from hf import config_from_hf, hf_config, hf_state_dict, load_hf_state_dict, tokenizer_files
 from model import GPT, GPTConfig
+from quantize import quantize_model
 from tokens import Tokenizer
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2s, openai-community/* on the hub
@@ -149,16 +150,19 @@ def load_model(name_or_path: str | Path, which: str = "latest", device: str = "c
 
 
 def load_for_inference(out_dir: str, init_from: str | None, which: str, device: torch.device,
-                       dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, dict, str]:
+                       dtype: torch.dtype | None = None,
+                       quantize: str = "none") -> tuple[GPT, Tokenizer, dict, str]:
     """What sample.py, serve.py, eval.py and attention.py load: init_from's model (None or "resume", as in nanoGPT:
-    out_dir's `which` checkpoint) in eval mode on device, cast to dtype when given; with its tokenizer, config.json
-    and the source's name. SystemExit with the reason when it cannot be loaded."""
+    out_dir's `which` checkpoint) in eval mode on device, cast to dtype when given and quantized as quantize.py's
+    quantize_model says; with its tokenizer, config.json and the source's name. SystemExit with the reason when it
+    cannot be loaded."""
     source = out_dir if init_from in (None, "resume") else init_from
     try:
         model, tokenizer, config = load_model(source, which, device="cpu")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    return model.to(device=device, dtype=dtype), tokenizer, config, source
+    model = quantize_model(model.to(device=device, dtype=dtype), quantize, device)
+    return model, tokenizer, config, source
 
 
 def load_for_training(source: str | Path, meta: dict, meta_path: Path, dropout: float,

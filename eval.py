@@ -40,6 +40,7 @@ from checkpoint import check_tokenizer_matches, load_for_inference
 from config import (DTYPES, autocast_context, format_config, parse_config, resolve_device, resolve_dtype,
                     set_threads)
 from prepare_data import find_inputs, iter_files, local_or_download  # eval.py reads raw text, as the preparers do
+from quantize import check_quantize
 from tokens import Tokenizer, load_meta, load_split, resolve_dataset
 
 # rowanz/hellaswag publishes no checksum: the file is pinned by its commit and checked against the git blob id
@@ -68,6 +69,7 @@ class EvalConfig:
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
     dtype: str = "auto"  # autocast dtype: float32, bfloat16 or float16; auto: bfloat16 on CUDA, else float32
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
+    quantize: str = "none"  # none, or int8: weights stored as int8, one scale per output channel (CPU; quantize.py)
     json: bool = False  # print the result as one JSON object instead of the summary line
 
     def __post_init__(self) -> None:
@@ -89,6 +91,7 @@ class EvalConfig:
             raise ValueError(f"checkpoint must be latest or best, got {self.checkpoint!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        check_quantize(self.quantize)
         for name in ("stride", "batch_size", "limit", "max_seq_len"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -327,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     if dtype == torch.float16 and device.type == "cpu":
         raise SystemExit("dtype=float16 needs a GPU: use --dtype=bfloat16 or --dtype=float32 on the CPU")
     autocast = autocast_context(device, dtype)
-    model, tokenizer, config, source = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device)
+    model, tokenizer, config, source = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device,
+                                                          quantize=cfg.quantize)
     block_size = model.config.block_size
     record = dict.fromkeys(("model", "task", "data", "tokens", "bytes", "loss", "ppl", "bpb", "acc", "acc_norm",
                             "examples", "stride", "seconds"))

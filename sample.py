@@ -34,6 +34,7 @@ from checkpoint import load_for_inference
 from config import (DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, set_threads,
                     synchronize)
 from model import GPT, causal_mask, check_sampling, slot_positions
+from quantize import check_quantize
 from tokens import Tokenizer
 
 SEPARATOR = "---------------"  # printed after every sample, as nanoGPT's sample.py does
@@ -54,6 +55,7 @@ class SampleConfig:
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
     dtype: str = "auto"  # float32, bfloat16 or float16 (the weights are cast); auto: bfloat16 on CUDA, else float32
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
+    quantize: str = "none"  # none, or int8: weights stored as int8, one scale per output channel (CPU; quantize.py)
     compile: bool = False  # fixed-shape KV cache and torch.compile'd decode step (CUDA graphs on a GPU)
     stop: str | None = None  # end each sample at the end-of-text token ("eot") or before this string (\n = newline)
     out_file: str | None = None  # also write the samples to this file
@@ -69,6 +71,9 @@ class SampleConfig:
             raise ValueError(f"checkpoint must be latest or best, got {self.checkpoint!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        check_quantize(self.quantize)
+        if self.quantize != "none" and self.compile:
+            raise ValueError("compile and quantize=int8 do not combine: drop --compile (int8 runs the eager step)")
         if self.stop == "":
             raise ValueError("stop must not be empty: pass none, eot, or the string to stop before")
         out = Path(self.out_file) if self.out_file is not None else None
@@ -404,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = read_prompt(cfg.start)  # before loading: a closed standard input fails at once
     # Cast the weights rather than autocast: decoding reads every weight once per token, so half-size weights
     # halve the memory traffic, where autocast would read fp32 weights and cast them again at every step.
-    model, tokenizer, _, _ = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device, dtype)
+    model, tokenizer, _, _ = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device, dtype,
+                                               cfg.quantize)
     if cfg.stop == "eot" and tokenizer.eot_token is None:
         raise SystemExit("--stop=eot: this model's char tokenizer has no end-of-text token; stop at a string "
                          "instead, e.g. --stop='\\n\\n'")

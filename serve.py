@@ -53,6 +53,7 @@ from checkpoint import load_for_inference
 from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype, set_threads
 from engine import Job, Scheduler
 from model import GPT, bounded
+from quantize import check_quantize
 from sample import Continuation, decode
 from tokens import Tokenizer
 
@@ -86,6 +87,7 @@ class ServeConfig:
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
     dtype: str = "auto"  # float32, bfloat16 or float16 (the weights are cast); auto: bfloat16 on CUDA, else float32
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores; 0: one per core
+    quantize: str = "none"  # none, or int8: weights stored as int8, one scale per output channel (CPU; quantize.py)
     model_name: str | None = None  # the model id /v1/models lists and responses carry; none: the checkpoint's name
     max_tokens: int = 2048  # the largest max_tokens a request may ask for
     max_sequences: int = 16  # rows decoded together (a request with n=4 takes 4): the KV cache has this many rows
@@ -99,6 +101,7 @@ class ServeConfig:
             raise ValueError(f"checkpoint must be latest or best, got {self.checkpoint!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        check_quantize(self.quantize)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
         for name in ("max_tokens", "max_sequences", "prefill_chunk", "max_waiting", "max_attention_tokens"):
@@ -740,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model, tokenizer, _, source = load_for_inference(cfg.out_dir, cfg.init_from, cfg.checkpoint, device,
-                                                     dtype)  # cast, not autocast: see sample.py
+                                                     dtype, cfg.quantize)  # cast, not autocast: see sample.py
     tokenizer.encode("")  # a BPE's files load now: offline, one line here rather than a failed first request
     name = cfg.model_name or Path(str(source).rstrip("/")).name or str(source)
     try:
@@ -757,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     if "*" in cfg.origins:
         print("warning: --allow_origins=* lets every web page its visitors open call this server and read its "
               "answers; name the origins that need it instead (e.g. http://localhost:3000)", file=sys.stderr)
-    print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters, {device}, {str(dtype).removeprefix('torch.')}) "
+    print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters, {device}, {str(dtype).removeprefix('torch.')}"
+          f"{', int8 weights' * (cfg.quantize == 'int8')}) "
           f"on http://{cfg.host}:{sock.getsockname()[1]}", file=sys.stderr)
     # A backstop after our own deadline (Server.shutdown): uvicorn then cancels what is still running.
     server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=cfg.drain_seconds + 5),
