@@ -73,7 +73,7 @@ class BenchConfig:
     out: str = "out/bench_results.jsonl"  # results are appended here, one JSON object per measurement
     seed: int = 1337  # weights and tokens are random, from this seed
     optimizer: str = "auto"  # train: adamw or muon; auto: the training config's, else adamw
-    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (docs/training.md: Threads); 0: one per core
 
     def __post_init__(self) -> None:
         unknown = set(self.what.split(",")) - {"train", "decode", "serve"}

@@ -4,7 +4,7 @@
     hf_format(model.config)                     # "gpt2", "nanochat", or "smallgpt" (no transformers class)
     weights, config = hf_state_dict(model), hf_config(model.config, eot_token=50256)
 
-checkpoint.py reads and writes the files; the README ("The modern recipe") says which model loads where.
+checkpoint.py reads and writes the files; docs/training.md ("The modern recipe") says which model loads where.
 """
 
 from __future__ import annotations
