@@ -795,13 +795,15 @@ def test_a_later_sigterm_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_kill_9_three_times_then_resume_matches_the_uninterrupted_run(reference: Path, char_data: Path,
                                                                       tmp_path: Path,
                                                                       children: list[subprocess.Popen]) -> None:
-    """SIGKILL at random-ish moments (mid-step, mid-save), resuming each time from whatever was left."""
+    """SIGKILL at random-ish moments (mid-step, mid-save), resuming each time from whatever was left. Each run holds
+    15 iterations after its own first save (its 69th forward pass), so that a slow test process never finds it done:
+    the kill lands anywhere in between, and the runs resume from 20, 40 and 60."""
     rng = random.Random(0)
     resumed_from = []
     for attempt in range(3):
         extra = ["--init_from=resume"] if attempt else []
         start = iteration(tmp_path) if attempt else 0
-        proc = slow_process(children, char_data, tmp_path, *extra, delay=0.005)
+        proc = slow_process(children, char_data, tmp_path, *extra, delay=0.005, hold_at=69, hold_for=0)
         # Wait until this run has saved a checkpoint of its own, then kill it a little later.
         wait_for(lambda: saved_past(tmp_path, start), proc)
         time.sleep(rng.uniform(0.0, 0.15))
@@ -809,7 +811,7 @@ def test_kill_9_three_times_then_resume_matches_the_uninterrupted_run(reference:
         proc.communicate()
         assert proc.returncode == -signal.SIGKILL
         resumed_from.append(iteration(tmp_path))
-    assert resumed_from == sorted(resumed_from) and resumed_from[-1] < ITERS
+    assert resumed_from == [20, 40, 60]
     run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
     assert_same_weights(weights(tmp_path), weights(reference))
 
