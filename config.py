@@ -262,8 +262,16 @@ def _fit_commands(lines: list[str], width: int) -> list[str]:
         if comments:
             out += textwrap.wrap(" ".join(comments), width, initial_indent=indent + "# ",
                                  subsequent_indent=indent + "# ", break_long_words=False, break_on_hyphens=False)
-        parts = textwrap.wrap(command, width - 2, initial_indent=indent, subsequent_indent=indent + "    ",
-                              break_long_words=False, break_on_hyphens=False)
+        if not command:
+            continue
+        words = re.findall(r"""(?:[^\s"']+|"[^"]*"|'[^']*')+""", command)
+        if re.sub(r"\s", "", "".join(words)) != re.sub(r"\s", "", command):  # an unmatched quote: left whole
+            words = [command]
+        parts = [indent]  # broken between shell words only, never inside quotes: the command stays the same
+        for word in words:
+            if len(parts[-1]) + len(word) + 1 > width - 2 and parts[-1].strip():
+                parts.append(indent + "    ")
+            parts[-1] += word if not parts[-1].strip() else " " + word
         out += [part + " \\" for part in parts[:-1]] + parts[-1:]
     return out
 

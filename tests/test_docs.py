@@ -63,6 +63,8 @@ def test_fit_text_keeps_what_fits_and_breaks_what_does_not() -> None:
     assert all(len(line) <= 60 for line in broken) and all(line.endswith(" \\") for line in broken[:-1])
     assert " ".join(line.rstrip("\\ ").strip() for line in broken) == long_command.strip()  # the same command
     assert fit_text("fits\n  as it is   # kept", 80) == "fits\n  as it is   # kept"
+    quoted = fit_text('    python attention.py --init_from=gpt2 --text="The animal did not cross the street"', 60)
+    assert quoted.splitlines()[1] == '        --text="The animal did not cross the street"'  # never inside quotes
 
 
 def test_readme_first_screen_maps_every_doc() -> None:
