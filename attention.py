@@ -62,7 +62,7 @@ class AttentionConfig:
     out: str | None = None  # prefix P of the PNGs it writes, P_grid.png and P_L{layer}_H{head}.png; a folder (existing or ending in /): FOLDER/attention_grid.png, ...; none: out_dir/attention
     dpi: int = bounded(100, 10, 1000)  # pixels per inch of the PNGs
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, auto: one forward pass over a short text is quick anywhere
-    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (docs/training.md: Threads); 0: one per core
 
     def __post_init__(self) -> None:
         if self.checkpoint not in ("latest", "best"):

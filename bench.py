@@ -78,7 +78,7 @@ class BenchConfig:
     out: str = "out/bench_results.jsonl"  # results are appended here, one JSON object per measurement
     seed: int = 1337  # weights and tokens are random, from this seed
     optimizer: str = "auto"  # train: adamw or muon; auto: the training config's, else adamw
-    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (docs/training.md: Threads); 0: one per core
     long_window: int | None = None  # long: the RoPE window model's window; none: block_size / 4
     quantize: str = "none"  # decode, serve: none, int8 (quantize.py), or both (float and int8 in alternate rounds)
 

@@ -28,8 +28,10 @@ import dataclasses
 import difflib
 import inspect
 import io
+import itertools
 import math
 import os
+import re
 import sys
 import textwrap
 import time
@@ -227,8 +229,12 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+HELP_WIDTH = 100  # columns of every --help screen (an 80-column terminal wraps a few lines; 120 wraps most)
+
+
 def help_text(cls: type, description: str = "") -> str:
-    """The --help screen: the description, a usage line, and `--name=<default>  type  help` per field."""
+    """The --help screen: the description, a usage line, and `--name=<default>  type  help` per field, each help
+    wrapped beside its column; all within HELP_WIDTH."""
     helps, rows, own = field_help(cls), [], {f.name: f for f in dataclasses.fields(cls)}
     for name, (tp, default) in _settings(cls).items():
         shown = "<required>" if default is dataclasses.MISSING else _show(default)
@@ -236,13 +242,75 @@ def help_text(cls: type, description: str = "") -> str:
         bounds = value_range(own[name]) if base in (int, float) else NUMBER_RANGE
         note = f" ({show_range(*bounds)})" if bounds != NUMBER_RANGE else ""
         rows.append((f"--{name}={shown}", base.__name__ + (" | None" if optional else ""), helps.get(name, "") + note))
-    w0, w1 = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    # A long default (a path, a prompt) gets a line of its own rather than pushing every help to the right.
+    w0 = max((len(a) for a, _, _ in rows if len(a) <= HELP_WIDTH // 3), default=0)
+    w1 = max((len(b) for _, b, _ in rows), default=0)
+    indent = " " * (2 + w0 + 2 + w1 + 2)
     prog = os.path.basename(sys.argv[0]) or "script.py"
-    lines = [description.strip(), ""] if description.strip() else []
+    lines = [fit_text(description.strip()), ""] if description.strip() else []
     lines += [f"usage: python {prog} [CONFIG.toml] [--key=value ...]",
               f"(a number is from {show_range(*NUMBER_RANGE)} where no other range is shown)", ""]
-    lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+    for a, b, c in rows:
+        if len(a) > w0:
+            lines.append(f"  {a}")
+            a = ""
+        first = f"  {a:<{w0}}  {b:<{w1}}  "
+        wrapped = textwrap.wrap(c, HELP_WIDTH - len(indent), break_long_words=False, break_on_hyphens=False)
+        lines.append((first + (wrapped[0] if wrapped else "")).rstrip())
+        lines += [indent + more for more in wrapped[1:]]
     return "\n".join(lines)
+
+
+def fit_text(text: str, width: int = HELP_WIDTH) -> str:
+    """A docstring laid out within `width` columns. A paragraph of prose with an over-long line is refilled. In an
+    indented block (commands) with an over-long line, each `# comment` goes on a line of its own above its command
+    (a comment-only line indented further continues the one before) and a command still too long is broken with
+    shell continuations. Whatever fits is left as written."""
+    out: list[str] = []
+    for indented, group in itertools.groupby(text.splitlines(), key=lambda line: line[:1].isspace()):
+        lines = list(group)
+        if all(len(line) <= width for line in lines):
+            out += lines
+        elif indented:
+            out += _fit_commands(lines, width)
+        else:  # prose; blank lines (which are not indented) keep the paragraphs apart
+            for blank, paragraph in itertools.groupby(lines, key=lambda line: not line.strip()):
+                paragraph = list(paragraph)
+                out += paragraph if blank else textwrap.wrap(" ".join(paragraph), width, break_long_words=False,
+                                                             break_on_hyphens=False)
+    return "\n".join(out)
+
+
+def _fit_commands(lines: list[str], width: int) -> list[str]:
+    entries: list[tuple[str, str, list[str]]] = []  # (indent, command, its comments)
+    for line in lines:
+        indent, body = line[:len(line) - len(line.lstrip())], line.strip()
+        if body.startswith("#"):
+            if entries and len(indent) > len(entries[-1][0]):  # aligned under the comment before: its continuation
+                entries[-1][2].append(body.lstrip("# "))
+            else:
+                entries.append((indent, "", [body.lstrip("# ")]))
+        elif match := re.fullmatch(r"(.*?\S)\s{2,}#\s*(.*)", body):
+            entries.append((indent, match[1], [match[2]]))
+        else:
+            entries.append((indent, body, []))
+    out = []
+    for indent, command, comments in entries:
+        if comments:
+            out += textwrap.wrap(" ".join(comments), width, initial_indent=indent + "# ",
+                                 subsequent_indent=indent + "# ", break_long_words=False, break_on_hyphens=False)
+        if not command:
+            continue
+        words = re.findall(r"""(?:[^\s"']+|"[^"]*"|'[^']*')+""", command)
+        if re.sub(r"\s", "", "".join(words)) != re.sub(r"\s", "", command):  # an unmatched quote: left whole
+            words = [command]
+        parts = [indent]  # broken between shell words only, never inside quotes: the command stays the same
+        for word in words:
+            if len(parts[-1]) + len(word) + 1 > width - 2 and parts[-1].strip():
+                parts.append(indent + "    ")
+            parts[-1] += word if not parts[-1].strip() else " " + word
+        out += [part + " \\" for part in parts[:-1]] + parts[-1:]
+    return out
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:

@@ -1,5 +1,5 @@
 """The decode worker of serve.py: one thread owns the model and decodes every request's rows together, one token per
-step for all of them (continuous batching; README, Serving, says what can differ from sample.py)."""
+step for all of them (continuous batching; docs/serving.md says what can differ from sample.py)."""
 
 from __future__ import annotations
 

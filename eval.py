@@ -68,7 +68,7 @@ class EvalConfig:
     limit: int | None = None  # hellaswag: score only the first this many examples (none: all)
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
     dtype: str = "auto"  # autocast dtype: float32, bfloat16 or float16; auto: bfloat16 on CUDA, else float32
-    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (docs/training.md: Threads); 0: one per core
     quantize: str = "none"  # none, or int8: weights stored as int8, one scale per output channel (CPU; quantize.py)
     json: bool = False  # print the result as one JSON object instead of the summary line
 

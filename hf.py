@@ -5,7 +5,7 @@
     weights, config = hf_state_dict(model), hf_config(model.config, eot_token=50256)
     tokenizer_files(tokenizer, block_size=1024)  # {"vocab.json": ..., "merges.txt": ..., "tokenizer_config.json": ...}
 
-checkpoint.py reads and writes the files; the README ("The modern recipe") says which model loads where.
+checkpoint.py reads and writes the files; docs/training.md ("The modern recipe") says which model loads where.
 """
 
 from __future__ import annotations

@@ -238,7 +238,16 @@ class Preparation:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """For the prepare scripts: --help keeps the docstring's layout and shows every default."""
+    """For the prepare scripts: --help lays the docstring out as every script's (config.fit_text) and shows every
+    default, within 100 columns (config.HELP_WIDTH)."""
+
+    def __init__(self, prog: str, **kwargs: object) -> None:
+        super().__init__(prog, width=100, **kwargs)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        from config import fit_text  # only for --help: config imports torch, which preparing data never needs
+
+        return "".join(indent + line for line in fit_text(text, width).splitlines(keepends=True))
 
 
 MAX_SHARD_SIZE = 1 << 30  # tokens; a shard's buffer is reserved whole (4 GiB of uint32)

@@ -54,7 +54,7 @@ class SampleConfig:
     seed: int = 1337  # seed of the sampling generator: the same seed gives the same text on one device and dtype
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
     dtype: str = "auto"  # float32, bfloat16 or float16 (the weights are cast); auto: bfloat16 on CUDA, else float32
-    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (docs/training.md: Threads); 0: one per core
     quantize: str = "none"  # none, or int8: weights stored as int8, one scale per output channel (CPU; quantize.py)
     compile: bool = False  # fixed-shape KV cache and torch.compile'd decode step (CUDA graphs on a GPU)
     stop: str | None = None  # end each sample at the end-of-text token ("eot") or before this string (\n = newline)

@@ -659,9 +659,8 @@ def read_playground() -> str:
     try:
         return PLAYGROUND.read_text(encoding="utf-8")
     except OSError as e:
-        raise SystemExit(f"{PLAYGROUND}: {e.strerror}: serve.py serves the playground page from beside it; restore "
-                         f"it (git checkout playground.html), or run serve.py from the checkout (a non-editable "
-                         f"pip install leaves the page out)") from None
+        raise SystemExit(f"{PLAYGROUND}: {e.strerror}: serve.py serves the playground page from beside it, in "
+                         f"the clone it runs from: restore it there (git checkout playground.html)") from None
 
 
 def _parse_attention(body: Any, model: GPT, tokenizer: Tokenizer, cfg: ServeConfig) -> tuple[list[int], int, int]:

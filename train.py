@@ -19,7 +19,8 @@ step's global batch is the same whatever the number of processes, and 40 iterati
 same weights as 80 straight.
 
 One train.py at a time writes an out_dir: a second is refused, naming the first's pid. What a run survives (Ctrl-C,
-SIGTERM, kill -9, NaNs, divergence, out of memory) is README's "What survives what"; tests/test_train.py injects each.
+SIGTERM, kill -9, NaNs, divergence, out of memory) is docs/training.md's "What survives what"; tests/test_train.py
+injects each.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class TrainConfig(GPTConfig):
     device: str = "auto"  # cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # bfloat16, float16 (with a gradient scaler) or float32; auto: bfloat16 where CUDA has it, else float32
     compile: bool | None = None  # torch.compile the model; none: on for CUDA, off elsewhere
-    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (README: Threads); 0: one per core
+    threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (docs/training.md: Threads); 0: one per core
     backend: str = "auto"  # torch.distributed backend under torchrun: nccl or gloo; auto: nccl on CUDA, gloo on CPU
     seed: int = 1337  # seeds the initial weights, the data windows and the dropout masks
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; none: looked up (H100, A100...), else no MFU

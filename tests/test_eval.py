@@ -305,7 +305,7 @@ def test_json_record_has_every_field(char_run: Path, tmp_path: Path, capsys: pyt
 def test_json_is_alone_on_stdout_and_threads_are_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture) -> None:
     """The cached HellaSwag file's "using ... (already downloaded)" went to stdout before the JSON; and eval.py took
-    every core whatever --threads said (README: Threads)."""
+    every core whatever --threads said (docs/training.md: Threads)."""
     import eval as eval_script
 
     cache = tmp_path / "cache"

@@ -670,7 +670,7 @@ def test_playground_in_headless_chromium(any_char):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
     executable = _browser()
     if executable is None:
-        pytest.skip("no Chromium found: apt-get install chromium (see README, Serving)")
+        pytest.skip("no Chromium found: apt-get install chromium (see docs/serving.md)")
     model, tokenizer = any_char
     prompt, max_tokens = "ROMEO:", 10
     text = greedy(model, tokenizer, prompt, max_tokens)

@@ -5,7 +5,8 @@ every fault the loop must survive (signals, kill -9, NaN, out of memory).
 
 All runs are tiny (2 layers, 32 wide, 16-token windows, fp32 on the CPU) on a synthetic character corpus made here,
 so nothing depends on a download. Faults come from monkeypatching GPT.forward in-process, or from signals sent to a
-subprocess whose every forward pass sleeps a little (so that the signal lands mid-run; the sleep changes no number).
+subprocess (in a session of its own, signalled by pid) that holds at a known step until it has handled them: the
+tests wait for events, never for a time, so a loaded machine only makes them slower.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +52,44 @@ RECIPE = ["--pos_embedding=rope", "--norm=rmsnorm", "--embed_norm=true", "--qk_n
           "--bias=false", "--tie_embeddings=false", "--logit_softcap=15", "--zero_init=true", "--n_kv_head=1",
           "--optimizer=muon", "--muon_lr=0.02", "--muon_momentum_warmup=10", "--lr_schedule=wsd", "--cooldown_frac=0.4"]
 
-# Runs train.main in a fresh interpreter whose training forward passes each sleep DELAY seconds.
+# Runs train.main in a fresh interpreter whose training forward passes each sleep DELAY seconds. With HOLD_AT set,
+# the HOLD_AT-th training forward pass (counted in this process) says "holding" on stderr and waits there until this
+# process has handled HOLD_FOR stop signals: a test signals it at a known step however slow the machine is, and a
+# signal it sends next still finds it running. HOLD_FOR=0 holds until the process is killed. HOLD_RANK: under torchrun,
+# the one rank that holds. DUPLICATE_S: StopSignal's window for a repeated SIGTERM.
 SLOW_TRAIN = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 if "PID_DIR" in os.environ:  # under torchrun: lets a test signal one rank
     with open(os.path.join(os.environ["PID_DIR"], "pid" + os.environ["RANK"]), "w") as f:
         f.write(str(os.getpid()))
-import model
+import model, runlog
+handled, calls = [], [0]
+handle = runlog.StopSignal._handle
+def counting_handle(self, signum, frame):
+    handled.append(signum)
+    handle(self, signum, frame)
+runlog.StopSignal._handle = counting_handle
+runlog.StopSignal.DUPLICATE_S = float(os.environ.get("DUPLICATE_S", runlog.StopSignal.DUPLICATE_S))
+hold_at, hold_for = int(os.environ.get("HOLD_AT", 0)), int(os.environ.get("HOLD_FOR", 1))
+if os.environ.get("HOLD_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+    hold_at = 0
 forward = model.GPT.forward
 def slow_forward(self, *args, **kwargs):
     if self.training:
+        calls[0] += 1
+        if calls[0] == hold_at:
+            os.write(2, b"holding\\n")
+            while not hold_for or len(handled) < hold_for:
+                time.sleep(0.01)  # a stop handler runs between two of these
         time.sleep({delay})
     return forward(self, *args, **kwargs)
 model.GPT.forward = slow_forward
 import train
 train.main(sys.argv[1:])
 """
+HOLD_AT_21 = 41  # the first training forward pass of iteration 21 in one process (2 micro-steps an iteration)
+WAIT_S = 900.0  # a guard against a hang, never a measure: the tests wait for events, however loaded the machine
 
 
 def synthetic_text(n_chars: int, seed: int) -> str:
@@ -138,21 +161,58 @@ def reference(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out_dir
 
 
-def slow_process(data: Path, out_dir: Path, *extra: str, delay: float = 0.01) -> subprocess.Popen:
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen]]:
+    """The processes a test starts: each in a session of its own, so that a signal for a process group (a terminal's
+    Ctrl-C, a launcher stopping its workers) never crosses between them and pytest, and signalled by pid only; any
+    still running when the test ends, failed or not, is killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def slow_process(children: list[subprocess.Popen], data: Path, out_dir: Path, *extra: str, delay: float = 0.0,
+                 hold_at: int = 0, hold_for: int = 1) -> subprocess.Popen:
     code = SLOW_TRAIN.format(repo=str(REPO), delay=delay)
     argv = [f"--dataset={data}", f"--out_dir={out_dir}", *TINY, f"--max_iters={ITERS}", *extra]
-    return subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HOLD_AT": str(hold_at),
+                        "HOLD_FOR": str(hold_for)}
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    children.append(proc)
+    return proc
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def read_until(proc: subprocess.Popen, text: str) -> str:
+    """Read proc's stderr up to the line holding text; what was read. Fails (never hangs) if proc ends first."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    proc.wait()
+    raise AssertionError(f"the run ended (rc {proc.returncode}) before printing {text!r}: {''.join(seen)[-2000:]}")
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (rc {proc.returncode}) before the condition held: "
                                  f"{proc.stderr.read()[-2000:]}")
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"nothing happened in {timeout} s: a hang?"
         time.sleep(0.005)
+
+
+def saved_past(out_dir: Path, start: int) -> bool:
+    """Whether out_dir's `latest` checkpoint is past iteration start (read while the run may be swapping it)."""
+    try:
+        return iteration(out_dir) > start
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------- configuration
@@ -301,7 +361,8 @@ def test_resume_with_nothing_left_to_train_says_so(char_data: Path, tmp_path: Pa
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # no new checkpoint, metrics untouched
 
 
-def test_two_processes_equal_one_and_stop_together(reference: Path, char_data: Path, tmp_path: Path) -> None:
+def test_two_processes_equal_one_and_stop_together(reference: Path, char_data: Path, tmp_path: Path,
+                                                   children: list[subprocess.Popen]) -> None:
     """torchrun --nproc_per_node=2 (gloo, CPU) vs one process with gradient_accumulation_steps=2: the same global
     batch and dropout masks, so the same weights up to float summation order. One launch checks two things: the
     checkpoint at iteration 20 against a one-process run, then a SIGTERM to rank 1 alone, which both ranks must
@@ -311,20 +372,23 @@ def test_two_processes_equal_one_and_stop_together(reference: Path, char_data: P
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = tmp_path / "slow_train.py"  # torchrun runs a file, not -c
-    script.write_text(SLOW_TRAIN.format(repo=str(REPO), delay=0.01))
+    script.write_text(SLOW_TRAIN.format(repo=str(REPO), delay=0.0))
     out_dir = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            str(script), f"--dataset={char_data}", f"--out_dir={out_dir}", *TINY, f"--max_iters={ITERS}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1", "PID_DIR": str(tmp_path)})
-    wait_for(lambda: (out_dir / "latest").is_symlink(), proc, timeout=120)
-    time.sleep(0.05)
+    # Rank 1 holds in iteration 21 (one micro-step a rank) until its SIGTERM; rank 0 waits for it in the all-reduce.
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PID_DIR": str(tmp_path), "HOLD_AT": "21",
+                        "HOLD_RANK": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    children.append(proc)
+    read_until(proc, "holding")
+    wait_for(lambda: (out_dir / "latest").is_symlink(), proc)  # rank 0 saved iteration 20
     os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=WAIT_S)
     assert "2 process(es) x 1 micro-steps" in out, err[-3000:]
-    stopped_at = iteration(out_dir)
-    assert 20 < stopped_at < ITERS, err[-3000:]
-    assert f"stopped by SIGTERM at iteration {stopped_at}" in out
+    assert iteration(out_dir) == 21, err[-3000:]  # both ranks stopped after the step rank 1 was signalled in
+    assert "stopped by SIGTERM at iteration 21" in out
 
     one = weights(tmp_path / "one")
     two = load_file(out_dir / "best" / "model.safetensors")  # iteration 20: the best val loss, so still kept
@@ -531,8 +595,10 @@ def sigint_at_forward(monkeypatch: pytest.MonkeyPatch, n: int, training: bool) -
     def patched(self, *args, **kwargs):
         if self.training == training:
             calls[0] += 1
-            if calls[0] == n:
-                os.kill(os.getpid(), signal.SIGINT)
+            if calls[0] == n:  # the handler, called as the signal would call it: no real signal ever reaches pytest
+                handler = signal.getsignal(signal.SIGINT)
+                assert isinstance(getattr(handler, "__self__", None), runlog.StopSignal), "no stop handler installed"
+                handler(signal.SIGINT, None)
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(model_module.GPT, "forward", patched)
@@ -628,11 +694,12 @@ def test_nonfinite_weights_are_never_saved(reference: Path) -> None:
         train.check_finite(model, 1.0, 3, reference)
 
 
-def test_a_second_run_into_one_out_dir_is_refused(char_data: Path, tmp_path: Path) -> None:
+def test_a_second_run_into_one_out_dir_is_refused(char_data: Path, tmp_path: Path,
+                                                   children: list[subprocess.Popen]) -> None:
     """Another process holds out_dir's lock: a fresh run and a resume into it are refused in one line naming its
     pid, and leave its files alone; once it is killed with -9, the kernel has released the lock."""
-    first = slow_process(char_data, tmp_path, delay=0.05)
-    wait_for(lambda: (tmp_path / "latest").is_symlink(), first)
+    first = slow_process(children, char_data, tmp_path, hold_at=HOLD_AT_21, hold_for=0)  # holds until killed
+    read_until(first, "holding")  # iteration 20 is saved
     argv = [f"--dataset={char_data}", f"--out_dir={tmp_path}", *TINY, f"--max_iters={ITERS}"]
     for extra in ([], ["--init_from=resume"]):
         assert exit_message(main, [*argv, *extra]) == (f"{tmp_path} is in use by another train.py (pid "
@@ -669,21 +736,20 @@ def test_out_of_memory_says_what_to_change_and_saves_nothing(char_data: Path, tm
 
 
 def test_sigint_saves_then_resume_matches_the_uninterrupted_run(reference: Path, char_data: Path, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture) -> None:
-    proc = slow_process(char_data, tmp_path)
-    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)  # the first evaluation (iteration 20) is saved
-    time.sleep(0.05)
+                                                                capsys: pytest.CaptureFixture,
+                                                                children: list[subprocess.Popen]) -> None:
+    proc = slow_process(children, char_data, tmp_path, hold_at=HOLD_AT_21)
+    read_until(proc, "holding")  # in iteration 21, iteration 20 saved
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
-    stopped_at = iteration(tmp_path)
-    assert 20 < stopped_at < ITERS
-    assert f"stopped by SIGINT at iteration {stopped_at}" in out and "--init_from=resume" in out
+    assert iteration(tmp_path) == 21
+    assert "stopped by SIGINT at iteration 21" in out and "--init_from=resume" in out
     assert "finishing this step" in err
 
     capsys.readouterr()
     run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
-    assert f"resuming from iteration {stopped_at}" in capsys.readouterr().out
+    assert "resuming from iteration 21" in capsys.readouterr().out
     assert_same_weights(weights(tmp_path), weights(reference))
 
 
@@ -703,31 +769,32 @@ def test_stop_at_an_evaluation_iteration_evaluates_first(reference: Path, char_d
     assert_same_weights(weights(tmp_path), weights(reference))
 
 
-def test_sigterm_delivered_twice_at_once_still_saves(char_data: Path, tmp_path: Path) -> None:
+def test_sigterm_delivered_twice_at_once_still_saves(char_data: Path, tmp_path: Path,
+                                                      children: list[subprocess.Popen],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Under SLURM a preempted worker gets SIGTERM from SLURM and again from torchrun, milliseconds apart: one
-    request, not "quit at once"."""
-    proc = slow_process(char_data, tmp_path)
-    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)
-    time.sleep(0.05)
+    request, not "quit at once". The child holds until it has handled both; its window for a repeat is widened to an
+    hour, so that a slow machine between the two sends cannot make the second one "later" (the window itself:
+    test_a_later_sigterm_exits_at_once)."""
+    monkeypatch.setenv("DUPLICATE_S", "3600")
+    proc = slow_process(children, char_data, tmp_path, hold_at=HOLD_AT_21, hold_for=2)
+    read_until(proc, "holding")
     proc.send_signal(signal.SIGTERM)
-    for line in proc.stderr:  # wait until it is handled: Python would merge two pending SIGTERMs into one call
-        if "finishing this step" in line:
-            break
+    read_until(proc, "finishing this step")  # handled: Python would merge two pending SIGTERMs into one call
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "exiting now" not in err
-    stopped_at = iteration(tmp_path)
-    assert 20 < stopped_at < ITERS and f"stopped by SIGTERM at iteration {stopped_at}" in out
+    assert iteration(tmp_path) == 21 and "stopped by SIGTERM at iteration 21" in out
 
 
-def test_second_signal_exits_at_once_and_keeps_the_checkpoint(char_data: Path, tmp_path: Path) -> None:
-    proc = slow_process(char_data, tmp_path)
-    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)
-    time.sleep(0.05)
+def test_second_signal_exits_at_once_and_keeps_the_checkpoint(char_data: Path, tmp_path: Path,
+                                                               children: list[subprocess.Popen]) -> None:
+    proc = slow_process(children, char_data, tmp_path, hold_at=HOLD_AT_21, hold_for=2)  # holds past the first
+    read_until(proc, "holding")
     os.kill(proc.pid, signal.SIGINT)
     os.kill(proc.pid, signal.SIGTERM)  # a different signal, so Python cannot merge the two into one
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "SIGTERM again: exiting now" in err
     assert iteration(tmp_path) == 20  # the stop request was not honoured by saving: the process left at once
@@ -736,23 +803,42 @@ def test_second_signal_exits_at_once_and_keeps_the_checkpoint(char_data: Path, t
     assert not list(tmp_path.glob(".tmp*"))
 
 
+def test_a_later_sigterm_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM within DUPLICATE_S of the first is the same request delivered twice (ignored); a later one is a new
+    request: exit at once. The handler is called as the signal would call it, on a clock the test moves."""
+    now, exits = [100.0], []
+    monkeypatch.setattr(runlog, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(runlog, "os", types.SimpleNamespace(write=os.write, _exit=exits.append))
+    with runlog.StopSignal(verbose=False) as stop:
+        stop._handle(signal.SIGTERM, None)
+        now[0] += runlog.StopSignal.DUPLICATE_S * 0.9
+        stop._handle(signal.SIGTERM, None)
+        assert exits == [] and stop.signum == signal.SIGTERM
+        now[0] += runlog.StopSignal.DUPLICATE_S * 0.2
+        stop._handle(signal.SIGTERM, None)
+        assert exits == [128 + signal.SIGTERM]
+
+
 def test_kill_9_three_times_then_resume_matches_the_uninterrupted_run(reference: Path, char_data: Path,
-                                                                      tmp_path: Path) -> None:
-    """SIGKILL at random-ish moments (mid-step, mid-save), resuming each time from whatever was left."""
+                                                                      tmp_path: Path,
+                                                                      children: list[subprocess.Popen]) -> None:
+    """SIGKILL at random-ish moments (mid-step, mid-save), resuming each time from whatever was left. Each run holds
+    15 iterations after its own first save (its 69th forward pass), so that a slow test process never finds it done:
+    the kill lands anywhere in between, and the runs resume from 20, 40 and 60."""
     rng = random.Random(0)
     resumed_from = []
     for attempt in range(3):
         extra = ["--init_from=resume"] if attempt else []
         start = iteration(tmp_path) if attempt else 0
-        proc = slow_process(char_data, tmp_path, *extra, delay=0.005)
+        proc = slow_process(children, char_data, tmp_path, *extra, delay=0.005, hold_at=69, hold_for=0)
         # Wait until this run has saved a checkpoint of its own, then kill it a little later.
-        wait_for(lambda: (tmp_path / "latest").is_symlink() and iteration(tmp_path) > start, proc)
+        wait_for(lambda: saved_past(tmp_path, start), proc)
         time.sleep(rng.uniform(0.0, 0.15))
         proc.kill()
         proc.communicate()
         assert proc.returncode == -signal.SIGKILL
         resumed_from.append(iteration(tmp_path))
-    assert resumed_from == sorted(resumed_from) and resumed_from[-1] < ITERS
+    assert resumed_from == [20, 40, 60]
     run(char_data, tmp_path, f"--max_iters={ITERS}", "--init_from=resume")
     assert_same_weights(weights(tmp_path), weights(reference))
 
@@ -840,16 +926,16 @@ def test_training_on_bpe_tokens_needs_no_bpe_files(tmp_path: Path, monkeypatch: 
         bpe.decode([1, 2])
 
 
-def test_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_op(char_data: Path, tmp_path: Path) -> None:
-    """After a first SIGINT, a second one takes the default action: no Python handler has to wait for the op."""
-    proc = slow_process(char_data, tmp_path)
-    wait_for(lambda: (tmp_path / "latest").is_symlink(), proc)
+def test_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_op(char_data: Path, tmp_path: Path,
+                                                                       children: list[subprocess.Popen]) -> None:
+    """After a first SIGINT, a second one takes the default action: no Python handler has to wait for the op (here
+    the child's hold, which a handler would never end)."""
+    proc = slow_process(children, char_data, tmp_path, hold_at=HOLD_AT_21, hold_for=2)
+    read_until(proc, "holding")
     proc.send_signal(signal.SIGINT)
-    for line in proc.stderr:  # handled: Python would merge two pending SIGINTs into one call
-        if "finishing this step" in line:
-            break
+    read_until(proc, "finishing this step")  # handled: Python would merge two pending SIGINTs into one call
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=WAIT_S)
     assert proc.returncode == -signal.SIGINT  # ended by the signal itself, not by a handler (a shell shows 130)
     load_model(tmp_path)  # the checkpoint on disk is whole
 

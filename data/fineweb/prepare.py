@@ -1,4 +1,4 @@
-"""FineWeb-Edu for the GPT-2 (124M) reproduction: streamed through `datasets`, GPT-2 BPE, shards of 100M prepare_data.
+"""FineWeb-Edu for the GPT-2 (124M) reproduction: streamed through `datasets`, GPT-2 BPE, shards of 100M tokens.
 
     pip install -e '.[web]'
     python data/fineweb/prepare.py                              # sample-10BT: ~10B tokens, ~100 shards, ~20 GB
