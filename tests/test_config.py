@@ -176,7 +176,13 @@ def test_help_lists_every_field_with_its_comment(capsys, flag):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("Train a small GPT.")
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
+    lines = {}  # each setting's line, with the lines its help wraps onto joined back
+    for line in out.splitlines():
+        if line.startswith("  --"):
+            key = line.split()[0]
+            lines[key] = line
+        elif line.startswith("    ") and lines:
+            lines[key] += " " + line.strip()
     assert lines["--learning_rate=0.0006"].split(None, 2)[1:] == ["float",
                                                                   "peak learning rate, reached after warmup_iters (-1 to 1)"]
     assert lines["--compile=true"].split(None, 2)[1:] == ["bool", "wrap the model in torch.compile"]
