@@ -35,8 +35,8 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import load_for_inference
-from model import GPT, CausalSelfAttention, bounded
-from config import format_config, parse_config, read_prompt, resolve_device, set_threads
+from model import GPT, CausalSelfAttention
+from config import bounded, format_config, parse_config, read_prompt, resolve_device, set_threads
 from tokens import Tokenizer
 
 if TYPE_CHECKING:  # matplotlib is optional: imported for real only inside the plotting functions

@@ -46,10 +46,11 @@ from tqdm import tqdm
 from config import (autocast_context, device_peak_flops, enable_tf32, format_config, load_toml, parse_config,
                     resolve_device, resolve_dtype, set_threads, synchronize)
 from hf import hf_state_dict
-from model import GPT, MODEL_FIELDS, GPTConfig, padded_vocab_size, sample_next
+from model import GPT, MODEL_FIELDS, GPTConfig
 from quantize import Int8Linear, check_quantize, is_linear, quantize_model
 from sample import compiled_generate, cuda_graphs_recorded
-from tokens import load_meta, resolve_dataset
+from sampling import sample_next
+from tokens import load_meta, padded_vocab_size, resolve_dataset
 
 BASELINES_NEED_BIAS = "--baselines needs a model with biases (Hugging Face's GPT-2 has them)"
 

@@ -18,7 +18,7 @@ Each script (train.py, sample.py, bench.py, attention.py) defines one dataclass;
 
 Fields may be int, float, str, bool or `X | None` of those (`none` or `null` sets None). Booleans take
 true/false/1/0/yes/no; floats must be finite. Every number has a range (value_range): its field's metadata "range"
-(model.bounded makes such a field), else SHARED_RANGES's for a setting several scripts share, else NUMBER_RANGE;
+(bounded makes such a field), else SHARED_RANGES's for a setting several scripts share, else NUMBER_RANGE;
 --help shows each one but NUMBER_RANGE. A mistake (unknown key, wrong type, nan or inf, a number out of its range,
 missing file) exits with one line that names the key and the fix; a ValueError from the dataclass's __post_init__
 does the same.
@@ -26,6 +26,7 @@ does the same.
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import io
 import itertools
@@ -39,6 +40,7 @@ import tokenize
 import tomllib
 import types
 import typing
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
@@ -123,6 +125,12 @@ def parse_value(field_type: Any, text: str, key: str) -> Any:
     if base is float and not math.isfinite(value):  # float() also takes nan, inf and 1e999
         raise SystemExit(f"--{key} expects a finite number, got {text!r}")
     return value
+
+
+def bounded(default: Any, lo: float, hi: float) -> Any:
+    """A dataclass field whose number must lie in [lo, hi] (None aside): value_range reads it, and GPTConfig checks
+    its own fields' for configs built from files."""
+    return dataclasses.field(default=default, metadata={"range": (lo, hi)})
 
 
 def value_range(f: dataclasses.Field) -> tuple[float, float]:
@@ -445,6 +453,26 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously), before reading a clock."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@functools.cache  # asked once per GPU and head size in eager mode
+def flash_supported(device_index: int, head_dim: int) -> bool:
+    """Whether SDPA's flash kernel runs on this GPU for this head size (PyTorch's sdp_utils: sm80 or newer, head_dim
+    a multiple of 8, at most 256, or 192 on sm86/sm89 whose backward lacks the shared memory). Warns once if not."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    limit = 192 if (major, minor) in ((8, 6), (8, 9)) else 256
+    if major >= 8 and head_dim % 8 == 0 and head_dim <= limit:
+        return True
+    warnings.warn(f"the flash attention kernel does not run on {torch.cuda.get_device_name(device_index)} "
+                  f"(compute capability {major}.{minor}) with head_dim {head_dim}: attention uses another, slower "
+                  f"SDPA kernel. Flash needs compute capability 8.0 or newer and n_embd / n_head a multiple of 8, "
+                  f"at most {limit} here")
+    return False
+
+
+# torch.compiler.assume_constant_result's mark (a constant to torch.compile's trace), set without importing
+# torch._dynamo at start-up; tests/test_model.py checks that the mark is still what torch sets.
+flash_supported._dynamo_marked_constant = True
 
 
 # ------------------------------------------------------------------------------------------------- text settings

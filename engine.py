@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model import GPT, KVCache, causal_mask, sample_next, slot_positions
+from model import GPT, KVCache, causal_mask, slot_positions
 from sample import Continuation, decode
+from sampling import sample_next
 
 if TYPE_CHECKING:
     from serve import Completion

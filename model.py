@@ -8,25 +8,19 @@ generation. GPTConfig's defaults are GPT-2 exactly; docs/recipe.md explains the 
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from config import bounded, flash_supported
 from muon import Muon
-
-
-def bounded(default: Any, lo: float, hi: float) -> Any:
-    """A config field whose number must lie in [lo, hi] (None aside): GPTConfig checks it, as config.py's parser."""
-    return field(default=default, metadata={"range": (lo, hi)})
+from sampling import check_sampling, sample_next
 
 
 # the values of the str switches: GPTConfig checks them, tests walk them
@@ -400,12 +394,9 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer in max_len slots; the caller creates, passes in and resets it (nanochat).
-    Position p lives in slot p % max_len: past max_len the oldest keys are overwritten (Mistral's rolling buffer),
-    which only a window model can afford. The protocol the attention uses (engine.py's and sample.py's caches
-    follow it too): begin(T, window), once per forward, gives the new tokens' positions, the mask over the keys
-    that update() will return (None: SDPA's causal path) and a bound on the positions; update(layer, k, v) stores a
-    layer's new keys and values and returns those to attend to."""
+    """Every layer's keys and values in max_len slots, owned by the caller (nanochat); position p in slot p % max_len,
+    so past max_len a window model rolls on (Mistral). Its protocol (engine.RowCache, sample.StaticKVCache follow it):
+    begin(T, window) per forward gives positions, the mask (None: causal) and the end; update(layer, k, v) per layer."""
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -494,65 +485,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q and k are bf16: keep them so (flash needs it)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-
-@functools.cache  # asked once per GPU and head size in eager mode
-def flash_supported(device_index: int, head_dim: int) -> bool:
-    """Whether SDPA's flash kernel runs on this GPU for this head size (PyTorch's sdp_utils: sm80 or newer, head_dim
-    a multiple of 8, at most 256, or 192 on sm86/sm89 whose backward lacks the shared memory). Warns once if not."""
-    major, minor = torch.cuda.get_device_capability(device_index)
-    limit = 192 if (major, minor) in ((8, 6), (8, 9)) else 256
-    if major >= 8 and head_dim % 8 == 0 and head_dim <= limit:
-        return True
-    warnings.warn(f"the flash attention kernel does not run on {torch.cuda.get_device_name(device_index)} "
-                  f"(compute capability {major}.{minor}) with head_dim {head_dim}: attention uses another, slower "
-                  f"SDPA kernel. Flash needs compute capability 8.0 or newer and n_embd / n_head a multiple of 8, "
-                  f"at most {limit} here")
-    return False
-
-
-# torch.compiler.assume_constant_result's mark (a constant to torch.compile's trace), set without importing
-# torch._dynamo at start-up; tests/test_model.py checks that the mark is still what torch sets.
-flash_supported._dynamo_marked_constant = True
-
-
-def padded_vocab_size(vocab_size: int, char: bool) -> int:
-    """The model's vocabulary for a tokenizer's: BPE rounds up to a multiple of 64 (GPT-2's 50257 to 50304: faster
-    matmuls, as nanoGPT; the extra logits learn to be never predicted), a char vocabulary stays exact."""
-    return vocab_size if char else -(-vocab_size // 64) * 64
-
-
-# ---------------------------------------------------------------------- sampling (GPT.generate, sample.py, serve.py)
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError for sampling settings that make no sense."""
-    if not 0 <= temperature < math.inf:  # also NaN
-        raise ValueError(f"temperature must be >= 0 (0 means greedy) and finite, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token (B, 1) from last-position logits (B, vocab_size); the likeliest token is always a choice."""
-    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that fp32 would divide by 0: greedy
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0, the top 0: never inf or NaN
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1): the k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the likelier tokens before it already reach top_p; the top token always stays (a top_p
-        # below fp32's smallest number would otherwise drop it too).
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop_sorted[:, 0] = False
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

@@ -33,8 +33,9 @@ from tqdm import tqdm
 from checkpoint import load_for_inference
 from config import (DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, set_threads,
                     synchronize)
-from model import GPT, causal_mask, check_sampling, slot_positions
+from model import GPT, causal_mask, slot_positions
 from quantize import check_quantize
+from sampling import check_sampling
 from tokens import Tokenizer
 
 SEPARATOR = "---------------"  # printed after every sample, as nanoGPT's sample.py does

@@ -50,9 +50,9 @@ import torch
 
 from attention import attention_maps
 from checkpoint import load_for_inference
-from config import DTYPES, format_config, parse_config, resolve_device, resolve_dtype, set_threads
+from config import DTYPES, bounded, format_config, parse_config, resolve_device, resolve_dtype, set_threads
 from engine import Job, Scheduler
-from model import GPT, bounded
+from model import GPT
 from quantize import check_quantize
 from sample import Continuation, decode
 from tokens import Tokenizer

@@ -210,6 +210,12 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, {what}, vocab_size={self.vocab_size})"
 
 
+def padded_vocab_size(vocab_size: int, char: bool) -> int:
+    """The model's vocabulary for a tokenizer's: BPE rounds up to a multiple of 64 (GPT-2's 50257 to 50304: faster
+    matmuls, as nanoGPT; the extra logits learn to be never predicted), a char vocabulary stays exact."""
+    return vocab_size if char else -(-vocab_size // 64) * 64
+
+
 def cpu_count() -> int:
     """Cores this process may run on (a container's limit, not the host's)."""
     try:

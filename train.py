@@ -49,11 +49,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import HUB_MODELS, check_out_dir, load_for_training, restore_train_state, save_checkpoint, train_state
 from config import (autocast_context, config_to_dict, device_peak_flops, enable_tf32, format_config, parse_config,
                     resolve_device, resolve_dtype, set_threads)
-from model import GPT, GPTConfig, padded_vocab_size
+from model import GPT, GPTConfig
 from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, diverged, eval_bar, loss_text, out_of_memory,
                     plot_losses, stopped, summary, warn_if_slow)
 from trackers import Trackers, check_log_to
-from tokens import Dataset, load_dataset
+from tokens import Dataset, load_dataset, padded_vocab_size
 
 @dataclass
 class TrainConfig(GPTConfig):

@@ -8,7 +8,7 @@ import torch
 
 import bench
 import config
-from model import padded_vocab_size
+from tokens import padded_vocab_size
 
 TINY = ["--model=tiny", "--block_size=32", "--batch_size=2", "--vocab_size=128", "--train_steps=2", "--repeats=2",
         "--warmup=1", "--decode_tokens=3", "--prompt_len=4", "--decode_batch=1,2", "--device=cpu"]

@@ -1,11 +1,13 @@
 """The newcomer's view: every script's --help within 100 columns, the README's first screen and its map of docs/,
-links that lead somewhere, and an install that puts no module of ours into site-packages.
+links that lead somewhere, an install that puts no module of ours into site-packages, and model.py and train.py
+short enough to read (issue 30's sizes).
 
     python -m pytest tests/test_docs.py
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import subprocess
@@ -117,3 +119,29 @@ def test_install_puts_no_module_into_site_packages(tmp_path: Path) -> None:
     assert names and all(name.startswith("smallgpt-") and ".dist-info/" in name for name in names), names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Requires-Dist: torch" in metadata and "Provides-Extra: test" in metadata
+
+
+# What a newcomer reads first stays nanoGPT-sized: issue 30's limits, in lines
+READING_LIMITS = {"model.py": 500, "train.py": 650}
+
+
+def reading_size_problems(name: str, text: str) -> list[str]:
+    """Where a file breaks the reading limits: its length, a function over 100 lines, and in model.py the attention
+    in the first 200 lines and the plain KV cache under 40."""
+    problems = [f"{name} has {len(text.splitlines())} lines, more than {READING_LIMITS[name]}: move a helper to the "
+                f"file of its callers (docs/structure.md)"] if len(text.splitlines()) > READING_LIMITS[name] else []
+    for node in ast.walk(ast.parse(text)):
+        size = node.end_lineno - node.lineno + 1 if hasattr(node, "end_lineno") else 0
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > 100:
+            problems.append(f"{name}: {node.name} has {size} lines, more than 100")
+        if name == "model.py" and isinstance(node, ast.ClassDef):
+            if node.name == "CausalSelfAttention" and node.lineno > 200:
+                problems.append(f"model.py: the attention starts at line {node.lineno}, after the first 200")
+            if node.name == "KVCache" and size > 40:
+                problems.append(f"model.py: KVCache has {size} lines, more than 40")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(READING_LIMITS))
+def test_the_core_files_stay_short_enough_to_read(name: str) -> None:
+    assert reading_size_problems(name, (REPO / name).read_text()) == []

@@ -15,7 +15,9 @@ from torch.nn import functional as F
 from checkpoint import from_pretrained
 from conftest import TINY, tiny_model
 from hf import hf_config, hf_state_dict
-from model import GPT, GPTConfig, KVCache, check_sampling, flash_supported, sample_next
+from config import flash_supported
+from model import GPT, GPTConfig, KVCache
+from sampling import check_sampling, sample_next
 
 def generate_uncached(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None,
@@ -496,7 +498,7 @@ def test_import_model_leaves_torch_dynamo_unloaded():
     def f() -> None:
         pass
     torch._dynamo.assume_constant_result(f)
-    assert f.__dict__ == {"_dynamo_marked_constant": True}  # what model.py sets on flash_supported
+    assert f.__dict__ == {"_dynamo_marked_constant": True}  # what config.py sets on flash_supported
     assert flash_supported._dynamo_marked_constant is True
 
 
