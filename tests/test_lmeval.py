@@ -7,6 +7,7 @@ installed, it scores two task files through the server and, as `--model hf`, fro
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,10 @@ from hf import tokenizer_files  # noqa: E402
 from sample import decode  # noqa: E402
 from test_sample import bpe_run, char_run  # noqa: E402,F401 (fixtures)
 from test_serve import request, serving, stream_events  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from lmeval_tasks import main as tasks_main, make_tasks, write_tasks  # noqa: E402
 
 BLOCK = 32  # the tiny models' block_size
 PREFILL_CHUNK = 16  # so that a full-context prompt is prefilled in chunks
@@ -215,25 +220,11 @@ def test_eval_docs_lm_eval_from_the_command_line(run, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------- lm-eval
 
 
-def write_tasks(folder: Path) -> None:
-    """A multiple-choice task scored by loglikelihood and a rolling-perplexity task, from local JSONL files."""
-    (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC))
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    common = f"dataset_path: json\ntest_split: test\n"
-    (folder / "tiny_mc.yaml").write_text(
-        f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
-        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n")
-    (folder / "tiny_ppl.yaml").write_text(
-        f"task: tiny_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
-        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\nmetric_list:\n"
-        "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
-
-
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> Path:
+    """A multiple-choice task scored by loglikelihood and a rolling-perplexity task, from local JSONL files."""
     folder = tmp_path_factory.mktemp("tasks")
-    write_tasks(folder)
+    write_tasks(folder, DOCS, MC)
     return folder
 
 
@@ -336,3 +327,22 @@ def test_lm_eval_scores_alike_through_transformers_and_through_the_server(run, t
                 assert [greedy for _, greedy in ours] == [greedy for _, greedy in other]
                 ours, other = [ll for ll, _ in ours], [ll for ll, _ in other]
             assert ours == pytest.approx(other, abs=1e-4)
+
+
+def test_lmeval_tasks_script_draws_passages_and_true_next_lines(tmp_path):
+    lines = [f"Line number {i} of the play, long enough to ask." for i in range(60)]
+    text = "cut passage\n\n" + "\n\n".join("\n".join(lines[i:i + 6]) for i in range(0, 60, 6))
+    docs, questions = make_tasks(text, n_docs=4, n_questions=20, seed=1)
+    assert docs == ["\n".join(lines[i:i + 6]) for i in range(0, 24, 6)]
+    assert len(questions) == 20 and len({q["question"] for q in questions}) == 20
+    for q in questions:
+        assert len(q["choices"]) == 4 and q["choices"][q["label"]] == lines[lines.index(q["question"]) + 1]
+    assert len({q["label"] for q in questions}) > 1  # the true line is not always first
+    source = tmp_path / "play.txt"
+    source.write_text(text)
+    tasks_main([f"--input={source}", f"--out_dir={tmp_path / 'tasks'}", "--docs=4", "--questions=20", "--seed=1"])
+    assert [json.loads(line)["text"] for line in (tmp_path / "tasks" / "docs.jsonl").read_text().splitlines()] == docs
+    assert f"test: {tmp_path / 'tasks' / 'mc.jsonl'}" in (tmp_path / "tasks" / "tiny_mc.yaml").read_text()
+    with pytest.raises(SystemExit) as e:
+        tasks_main([f"--input={tmp_path / 'none.txt'}", f"--out_dir={tmp_path / 'x'}"])
+    assert "not a file" in str(e.value)
