@@ -253,8 +253,8 @@ def through_server(served, tasks) -> dict:
     # custom_prefix_token_id: lm-eval takes `bos_token_id or eos_token_id`, so a prefix of id 0 (a char model's
     # newline) would read as none.
     return lm_eval_run("local-completions", f"model=tiny,base_url=http://127.0.0.1:{port}/v1/completions,"
-                       f"tokenizer_backend=remote,max_length={BLOCK + 1},custom_prefix_token_id={tokenizer.prefix_token}",
-                       tasks)
+                       f"tokenizer_backend=remote,max_length={BLOCK + 1},"
+                       f"custom_prefix_token_id={tokenizer.prefix_token}", tasks)
 
 
 def through_transformers(run: Path, tasks: Path, **model_args: object) -> dict:
