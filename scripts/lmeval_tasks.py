@@ -1,11 +1,13 @@
-"""Two lm-evaluation-harness tasks from a local text, to score a model offline both ways (docs/eval.md):
+r"""Two lm-evaluation-harness tasks from a local text, to score a model offline (docs/eval.md):
 
     python scripts/lmeval_tasks.py --input=tinyshakespeare.txt --out_dir=tasks
-    lm_eval --model hf --model_args pretrained=out/x/latest --include_path tasks --tasks tiny_mc,tiny_ppl
+    lm_eval --model hf --model_args pretrained=out/x/latest \
+        --include_path tasks --tasks tiny_mc,tiny_ppl
 
-From the text's last --val_chars characters (Tiny Shakespeare's val split, as data/shakespeare_char cuts it):
-tiny_ppl (loglikelihood_rolling) scores its first --docs passages, blank-line separated, of over 200 characters;
-tiny_mc (multiple_choice, acc) asks for --questions lines' true next line among it and 3 lines from elsewhere.
+From the text's last --val_chars characters (Tiny Shakespeare's val split, as
+data/shakespeare_char cuts it): tiny_ppl (loglikelihood_rolling) scores its first --docs
+passages, blank-line separated, of over 200 characters; tiny_mc (multiple_choice, acc) asks
+for --questions lines' true next line among it and 3 lines from elsewhere.
 """
 
 import argparse
