@@ -1,14 +1,13 @@
 """lm-evaluation-harness's two ways in: serve.py as `--model local-completions` (echo with logprobs, token-id prompts,
 the remote tokenizer's endpoints; shapes pinned here as lm-eval 0.4.13 sends and reads them), and eval.py's
 `--docs=lm_eval` (its rolling windows, prefix and metrics) against the model computed directly. Where lm-eval is
-installed, it is run against the server on two task files, and its figures compared with eval.py's."""
+installed, it scores two task files through the server and, as `--model hf`, from the checkpoint folder as saved
+(char-level and GPT-2 BPE), and its figures are compared with each other's and eval.py's."""
 
-import hashlib
 import json
 import math
-import os
 import re
-import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,16 @@ pytest.importorskip("uvicorn", reason="serve.py's extra is not installed: pip in
 
 import eval as evaluate  # noqa: E402
 from checkpoint import load_model  # noqa: E402
+from hf import tokenizer_files  # noqa: E402
 from sample import decode  # noqa: E402
 from test_sample import bpe_run, char_run  # noqa: E402,F401 (fixtures)
 from test_serve import request, serving, stream_events  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from lmeval_tasks import main as tasks_main, make_tasks, write_tasks  # noqa: E402
+
 BLOCK = 32  # the tiny models' block_size
-GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"  # tiktoken's source of GPT-2's BPE
 PREFILL_CHUNK = 16  # so that a full-context prompt is prefilled in chunks
 DOCS = ["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings and "
         "arrows of outrageous fortune,\nOr to take arms against a sea of troubles", "ROMEO:\nBut, soft! what light?",
@@ -217,53 +220,72 @@ def test_eval_docs_lm_eval_from_the_command_line(run, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------- lm-eval
 
 
-def write_tasks(folder: Path) -> None:
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> Path:
     """A multiple-choice task scored by loglikelihood and a rolling-perplexity task, from local JSONL files."""
-    (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC))
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    common = f"dataset_path: json\ntest_split: test\n"
-    (folder / "tiny_mc.yaml").write_text(
-        f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
-        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n")
-    (folder / "tiny_ppl.yaml").write_text(
-        f"task: tiny_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
-        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\nmetric_list:\n"
-        "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    folder = tmp_path_factory.mktemp("tasks")
+    write_tasks(folder, DOCS, MC)
+    return folder
 
 
-def test_lm_eval_through_the_server_equals_eval_py_and_the_model(run, served, tmp_path, monkeypatch, capsys):
+def lm_eval_run(model: str, model_args: str, tasks: Path, **settings: object) -> dict:
+    """lm_eval.simple_evaluate on the two local tasks with the hub switched off, every sample logged."""
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed")
-    for package in ("tenacity", "aiohttp", "requests"):
-        pytest.importorskip(package, reason="lm-eval's API models need lm-eval[api]")
+    import huggingface_hub.constants
     from lm_eval.tasks import TaskManager
 
-    port, model, tokenizer = served
-    write_tasks(tmp_path)
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, after the import
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_CACHE", str(tasks / "hf_datasets"))
+        return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc", "tiny_ppl"],
+                                       task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                       log_samples=True, **settings)
+
+
+@pytest.fixture(scope="module")
+def through_server(served, tasks) -> dict:
+    """lm-eval's `--model local-completions` against serve.py, the model's own tokenizer through the server."""
+    for package in ("lm_eval", "tenacity", "aiohttp", "requests"):
+        pytest.importorskip(package, reason="lm-eval's API models need lm-eval[api]")
+    port, _, tokenizer = served
     # max_length: lm-eval keeps one position for the token it asks for, and its windows one for the prefix.
     # custom_prefix_token_id: lm-eval takes `bos_token_id or eos_token_id`, so a prefix of id 0 (a char model's
     # newline) would read as none.
-    args = (f"model=tiny,base_url=http://127.0.0.1:{port}/v1/completions,tokenizer_backend=remote,"
-            f"max_length={BLOCK + 1},custom_prefix_token_id={tokenizer.prefix_token}")
-    out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["tiny_mc", "tiny_ppl"],
-                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-                                  log_samples=True)
-    ppl = out["results"]["tiny_ppl"]
-    record = evaluate.main([f"--out_dir={run}", f"--input={tmp_path / 'docs.jsonl'}", "--docs=lm_eval",
+    return lm_eval_run("local-completions", f"model=tiny,base_url=http://127.0.0.1:{port}/v1/completions,"
+                       f"tokenizer_backend=remote,max_length={BLOCK + 1},"
+                       f"custom_prefix_token_id={tokenizer.prefix_token}", tasks)
+
+
+def through_transformers(run: Path, tasks: Path, **model_args: object) -> dict:
+    """lm-eval's `--model hf` on the checkpoint folder as save_checkpoint wrote it, no tokenizer argument. A char
+    vocabulary has no start token for lm-eval's prefix (naming its newline bos would make it a special token, which
+    transformers drops from decoded text), so its prefix is given as prefix_token_id."""
+    pytest.importorskip("accelerate", reason="lm-eval's --model hf needs accelerate")
+    folder = (run / "latest").resolve()
+    tokenizer = load_model(folder)[1]
+    if tokenizer.eot_token is None:
+        model_args["prefix_token_id"] = tokenizer.prefix_token
+    args = ",".join(f"{key}={value}" for key, value in {"pretrained": folder, **model_args}.items())
+    return lm_eval_run("hf", args, tasks, device="cpu")
+
+
+def test_lm_eval_through_the_server_equals_eval_py_and_the_model(run, served, through_server, tasks, capsys):
+    _, model, tokenizer = served
+    ppl = through_server["results"]["tiny_ppl"]
+    record = evaluate.main([f"--out_dir={run}", f"--input={tasks / 'docs.jsonl'}", "--docs=lm_eval",
                             f"--max_seq_len={BLOCK - 1}", "--json=true", "--device=cpu"])
     capsys.readouterr()
     assert ppl["bits_per_byte,none"] == pytest.approx(record["bpb"], abs=1e-4)
     assert ppl["byte_perplexity,none"] == pytest.approx(record["byte_perplexity"], rel=1e-4)
     assert ppl["word_perplexity,none"] == pytest.approx(record["word_perplexity"], rel=1e-4)
     correct = 0
-    for sample in out["samples"]["tiny_mc"]:
+    for sample in through_server["samples"]["tiny_mc"]:
         doc = MC[sample["doc_id"]]
         lls = choice_loglikelihoods(model, tokenizer, doc, BLOCK)  # the server's prompt: max_length - 1 tokens
         assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(lls, abs=1e-4)
         correct += max(range(len(lls)), key=lls.__getitem__) == doc["label"]
-    assert out["results"]["tiny_mc"]["acc,none"] == pytest.approx(correct / len(MC))
+    assert through_server["results"]["tiny_mc"]["acc,none"] == pytest.approx(correct / len(MC))
 
 
 def choice_loglikelihoods(model, tokenizer, doc: dict, keep: int) -> list[float]:
@@ -277,35 +299,50 @@ def choice_loglikelihoods(model, tokenizer, doc: dict, keep: int) -> list[float]
     return lls
 
 
-def test_lm_eval_through_transformers_equals_eval_py(bpe_run, tmp_path, monkeypatch, capsys):
-    """`--model hf` on a checkpoint folder, given GPT-2's tokenizer files (written here from tiktoken's cache, which
-    holds them under the sha1 of their URLs): its windows are block_size, eval.py's default."""
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed")
-    pytest.importorskip("accelerate", reason="lm-eval's --model hf needs accelerate")
-    from lm_eval.tasks import TaskManager
-
-    cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR", ""))
-    folder = tmp_path / "ckpt"
-    shutil.copytree((bpe_run / "latest").resolve(), folder)
-    for name, url in (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe")):
-        cached = cache / hashlib.sha1(f"{GPT2_FILES}/{url}".encode()).hexdigest()
-        if not cached.is_file():
-            pytest.skip(f"tiktoken's cache has no {url}")
-        shutil.copy(cached, folder / name)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", **dict.fromkeys(
-        ("bos_token", "eos_token", "unk_token"), "<|endoftext|>")}))
-    write_tasks(tmp_path)
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu",
-                                  tasks=["tiny_mc", "tiny_ppl"], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
-    record = evaluate.main([f"--out_dir={folder}", f"--input={tmp_path / 'docs.jsonl'}", "--docs=lm_eval",
-                            "--json=true", "--device=cpu"])
+def test_lm_eval_through_transformers_on_a_checkpoint_folder_equals_eval_py(run, tasks, capsys):
+    """Its windows are the model's context, block_size, eval.py's default."""
+    folder = (run / "latest").resolve()
+    model, tokenizer, _ = load_model(folder)
+    assert set(tokenizer_files(tokenizer, BLOCK)) <= {p.name for p in folder.iterdir()}  # written by the product
+    out = through_transformers(run, tasks)
+    record = evaluate.main([f"--out_dir={run}", f"--input={tasks / 'docs.jsonl'}", "--docs=lm_eval", "--json=true",
+                            "--device=cpu"])
     capsys.readouterr()
     assert out["results"]["tiny_ppl"]["bits_per_byte,none"] == pytest.approx(record["bpb"], abs=1e-4)
-    model, tokenizer, _ = load_model(folder)
     for sample in out["samples"]["tiny_mc"]:  # --model hf keeps max_length + 1 tokens: block_size of input
         lls = choice_loglikelihoods(model, tokenizer, MC[sample["doc_id"]], BLOCK + 1)
         assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(lls, abs=1e-4)
+
+
+def test_lm_eval_scores_alike_through_transformers_and_through_the_server(run, through_server, tasks):
+    """With max_length=block_size - 1, `--model hf` cuts the server's windows (the server's max_length is
+    block_size + 1): the same accuracy and bits per byte, and the same score for every choice and document."""
+    out = through_transformers(run, tasks, max_length=BLOCK - 1)
+    for task, metric in (("tiny_mc", "acc,none"), ("tiny_ppl", "bits_per_byte,none")):
+        assert out["results"][task][metric] == pytest.approx(through_server["results"][task][metric], abs=1e-3)
+        theirs = {s["doc_id"]: s["filtered_resps"] for s in through_server["samples"][task]}
+        for sample in out["samples"][task]:  # a choice's (loglikelihood, is greedy); a document's loglikelihood
+            ours, other = sample["filtered_resps"], theirs[sample["doc_id"]]
+            if task == "tiny_mc":
+                assert [greedy for _, greedy in ours] == [greedy for _, greedy in other]
+                ours, other = [ll for ll, _ in ours], [ll for ll, _ in other]
+            assert ours == pytest.approx(other, abs=1e-4)
+
+
+def test_lmeval_tasks_script_draws_passages_and_true_next_lines(tmp_path):
+    lines = [f"Line number {i} of the play, long enough to ask." for i in range(60)]
+    text = "cut passage\n\n" + "\n\n".join("\n".join(lines[i:i + 6]) for i in range(0, 60, 6))
+    docs, questions = make_tasks(text, n_docs=4, n_questions=20, seed=1)
+    assert docs == ["\n".join(lines[i:i + 6]) for i in range(0, 24, 6)]
+    assert len(questions) == 20 and len({q["question"] for q in questions}) == 20
+    for q in questions:
+        assert len(q["choices"]) == 4 and q["choices"][q["label"]] == lines[lines.index(q["question"]) + 1]
+    assert len({q["label"] for q in questions}) > 1  # the true line is not always first
+    source = tmp_path / "play.txt"
+    source.write_text(text)
+    tasks_main([f"--input={source}", f"--out_dir={tmp_path / 'tasks'}", "--docs=4", "--questions=20", "--seed=1"])
+    assert [json.loads(line)["text"] for line in (tmp_path / "tasks" / "docs.jsonl").read_text().splitlines()] == docs
+    assert f"test: {tmp_path / 'tasks' / 'mc.jsonl'}" in (tmp_path / "tasks" / "tiny_mc.yaml").read_text()
+    with pytest.raises(SystemExit) as e:
+        tasks_main([f"--input={tmp_path / 'none.txt'}", f"--out_dir={tmp_path / 'x'}"])
+    assert "not a file" in str(e.value)
