@@ -303,8 +303,9 @@ class Served:
 
     def end_all(self, message: str) -> None:
         """End every completion still being answered (the drain's deadline has passed)."""
-        for reply in list(self.replies):
-            reply.events.put_nowait(("shutdown", message))
+        for reply in list(self.replies):  # a flag, not only an event: a slow reader's queue may hold hours of tokens
+            reply.ending = message
+            reply.events.put_nowait(("shutdown", message))  # wakes a reply waiting for its next event
 
 
 async def completions(request: Request) -> Response | Callable:
@@ -336,6 +337,7 @@ class Reply:
         self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                      "model": served.name}
         self.choices = len(r.prompts) * r.n
+        self.ending: str | None = None  # set by Served.end_all: the server is stopping
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.r.prompts)
@@ -369,6 +371,8 @@ class Reply:
         """The jobs' events until every choice has finished, and a None every `wait` seconds."""
         ended, tick = 0, time.monotonic() + wait
         while ended < self.choices:
+            if self.ending is not None:
+                raise ApiError(503, self.ending, None, "shutting_down", "server_error")
             if time.monotonic() >= tick:
                 tick = time.monotonic() + wait
                 yield None

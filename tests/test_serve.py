@@ -2,6 +2,7 @@
 equals non-streaming, OpenAI-style errors, the bounded queue, disconnects, a bounded load test, the openai client,
 curl, /v1/attention against attention.attention_maps, and the playground in headless Chromium (skips without one)."""
 
+import asyncio
 import contextlib
 import gc
 import http.client
@@ -575,6 +576,28 @@ def test_serves_a_checkpoint_from_the_command_line(char_run, char):
     assert re.search(r"^127\.0\.0\.1 POST /v1/completions 200 2 \+ 4 tokens, \d+\.\d\d s$", text, re.M), text
     assert re.search(r"^127\.0\.0\.1 GET / 200 \d+\.\d\d s$", text, re.M), text
     assert text.endswith("stopped after 2 requests\n") and "draining" not in text and "Traceback" not in text
+
+
+def test_the_drain_deadline_ends_a_stream_whose_reader_is_behind():
+    """A slow reader's queue can hold many tokens ahead of the deadline's event: end_all must end the reply at its next
+    event, not after the queue (under load the server once streamed 10M tokens past its deadline)."""
+    async def run() -> list:
+        reply = serve.Reply.__new__(serve.Reply)
+        reply.events, reply.choices, reply.ending = asyncio.Queue(), 1, None
+        served = serve.Served.__new__(serve.Served)
+        served.replies = {reply}
+        for _ in range(1000):
+            reply.events.put_nowait((0, "a", [1], None, None))
+        seen = []
+        with pytest.raises(serve.ApiError) as e:
+            async for event in reply.events_until_done(60.0):
+                seen.append(event)
+                if len(seen) == 3:
+                    served.end_all("stopping")
+        assert e.value.body()["error"]["code"] == "shutting_down"
+        return seen
+
+    assert len(asyncio.run(run())) == 3
 
 
 def test_ctrl_c_drains_requests_in_flight_for_drain_seconds(char_run):
