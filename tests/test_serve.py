@@ -351,9 +351,15 @@ def test_full_queue_answers_503_at_once_and_a_gone_client_frees_its_rows(char):
         assert gate.tokens < 100  # the gone client's 2000 tokens were not all generated
 
 
-def read_all(response: http.client.HTTPResponse) -> list:
-    return [json.loads(line[6:]) if line[6:].strip() != b"[DONE]" else "[DONE]"
-            for line in response if line.startswith(b"data: ")]
+def read_all(response: http.client.HTTPResponse, seconds: float | None = None) -> list:
+    """Every data event of a stream; with seconds, fail rather than read on past them (a stream that never ends)."""
+    end, events = None if seconds is None else time.monotonic() + seconds, []
+    for line in response:
+        if end is not None and time.monotonic() > end:
+            raise AssertionError(f"the stream went on for more than {seconds} s")
+        if line.startswith(b"data: "):
+            events.append(json.loads(line[6:]) if line[6:].strip() != b"[DONE]" else "[DONE]")
+    return events
 
 
 def test_a_gone_client_of_a_non_streamed_request_frees_its_rows(char):
@@ -531,7 +537,8 @@ class Process:
 
     def __init__(self, run: Path, *args: str, ignore_sigint: bool = False) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+        # SIGINT as a user's terminal gives it, whatever pytest inherited (a background job's is ignored)
+        ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL)  # noqa: E731
         self.process = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={run}", "--port=0", *args], cwd=REPO,
                                         env=env, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
         self.lines: list[str] = []
@@ -608,7 +615,7 @@ def test_ctrl_c_drains_requests_in_flight_for_drain_seconds(char_run):
         conn, response = open_stream(server.port, prompt="ab", max_tokens=10000000)  # hours of tokens
         response.readline()
         server.signal(signal.SIGINT)
-        events = read_all(response)  # the stream goes on for a second, then ends
+        events = read_all(response, TIMEOUT)  # the stream goes on for a second, then ends
         assert events[-1]["error"]["code"] == "shutting_down" and len(events) > 1
         assert server.wait() == 130
     finally:
