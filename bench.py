@@ -452,10 +452,11 @@ def bench_long(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtype
     (every token recomputes the cropped context). ms_per_token at Nx: the median of the block_size / 4 tokens before
     the sequence is N x block_size long; ratio: that over the median at 1x."""
     B = cfg.block_size or gpt.block_size
-    if cfg.prompt_len > B // 2:
-        raise SystemExit(f"--what=long: --prompt_len={cfg.prompt_len} must be at most block_size / 2 ({B // 2})")
+    if B < 8 or cfg.prompt_len > B // 2:
+        raise SystemExit(f"--what=long: needs block_size >= 8 (got {B}) and --prompt_len={cfg.prompt_len} at most "
+                         f"block_size / 2")
     window = cfg.long_window or max(1, B // 4)
-    full = GPTConfig(**{**gpt.__dict__, "block_size": B})
+    full = GPTConfig(**{**gpt.__dict__, "block_size": B, "window": None})  # full attention, even if --model has one
     models = {"window (rolling cache)": GPTConfig(**{**full.__dict__, "pos_embedding": "rope", "window": window}),
               "full (cache, then crop)": full, "full (nanoGPT loop)": full}
     results = []
@@ -473,7 +474,7 @@ def bench_long(cfg: BenchConfig, gpt: GPTConfig, device: str, dtype: torch.dtype
                 synchronize(device)
                 stamps.append(time.perf_counter())
         per_token = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first stamp after the prefill
-        at = {x: 1000 * statistics.median(per_token[x * B - B // 4 - cfg.prompt_len:x * B - cfg.prompt_len - 1])
+        at = {x: 1000 * statistics.median(per_token[x * B - B // 4 - cfg.prompt_len - 1:x * B - cfg.prompt_len - 1])
               for x in LONG}
         for x in LONG:
             results.append({"what": "long", "method": method, "window": window if "window" in method else None,

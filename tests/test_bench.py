@@ -180,3 +180,8 @@ def test_long_generation_rows(tmp_path):
         (m, x) for m in ("window (rolling cache)", "full (cache, then crop)", "full (nanoGPT loop)")
         for x in ("1x", "4x", "16x")]
     assert all(r["ratio"] > 0 and r["tokens_per_sec"] > 0 for r in rows) and rows[0]["window"] == 8
+
+
+def test_long_generation_refuses_a_block_too_short_to_time(tmp_path):
+    with pytest.raises(SystemExit, match=r"needs block_size >= 8 \(got 4\)"):  # its medians would be empty
+        bench.main(TINY + ["--what=long", "--block_size=4", "--prompt_len=1", f"--out={tmp_path / 'r.jsonl'}"])
