@@ -300,7 +300,7 @@ class Scheduler:
         todo = [j for j in todo if j not in group]
         if not todo:
             return ended
-        first = todo[0]
+        first, failed = todo[0], []
         size = self.cache.max_len
         if first.prefill is not None or len(self._prompt(first)) > min(self.prefill_chunk, size):  # chunks, alone
             prompt, n = self._prompt(first), self.prefill_chunk
@@ -311,8 +311,8 @@ class Scheduler:
             chunk = prompt[first.prefilled:first.prefilled + n]
             logits = self.model(self._tensor([chunk]), kv_cache=first.prefill,
                                 logits_at=None if first.scores_prompt else -1)[0]  # (1, len(chunk) or 1, vocab)
-            if first.scores_prompt:
-                self._prompt_logprobs(first, logits[0], first.prefilled)
+            if first.scores_prompt and not self._scored(first, logits[0], first.prefilled):
+                return ended + [first]
             first.prefilled += len(chunk)
             if first.prefilled < len(prompt):
                 return ended
@@ -331,12 +331,15 @@ class Scheduler:
             x = self._tensor([p + [0] * (longest - len(p)) for p in prompts])  # (jobs, longest)
             if first.scores_prompt:
                 logits = self.model(x, kv_cache=cache)[0]  # (jobs, longest, vocab)
-                for i, job in enumerate(group):
-                    self._prompt_logprobs(job, logits[i, :len(prompts[i])], 0)
+                failed = [id(job) for i, job in enumerate(group)
+                          if not self._scored(job, logits[i, :len(prompts[i])], 0)]
                 lasts = logits[torch.arange(len(group), device=self.device), ends]  # (jobs, vocab)
             else:
                 lasts = self.model(x, kv_cache=cache, logits_at=ends)[0][:, 0]  # (jobs, vocab)
         for i, job in enumerate(group):
+            if id(job) in failed:  # its error is sent; it takes no rows
+                ended.append(job)
+                continue
             prompt = self._prompt(job)
             job.prefill, job.prefilled, job.length = None, len(prompt), len(prompt)
             job.contexts = [list(prompt) for _ in range(job.rows)]
@@ -384,9 +387,21 @@ class Scheduler:
         try:
             return self._sample_and_send(job, logits)
         except (Exception, SystemExit) as e:  # noqa: BLE001 (handed to the request whose job failed)
-            job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
-            job.sent = [-1] * len(job.sent)  # nothing more is sent for it
+            self._failed(job, e)
             return True
+
+    def _scored(self, job: Job, logits: torch.Tensor, start: int) -> bool:
+        """_prompt_logprobs, a failure of which ends this job alone as in _sampled: False when it failed."""
+        try:
+            self._prompt_logprobs(job, logits, start)
+            return True
+        except (Exception, SystemExit) as e:  # noqa: BLE001 (handed to the request whose job failed)
+            self._failed(job, e)
+            return False
+
+    def _failed(self, job: Job, e: BaseException) -> None:
+        job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+        job.sent = [-1] * len(job.sent)  # nothing more is sent for it
 
     def _sample_and_send(self, job: Job, logits: torch.Tensor | None) -> bool:
         """Sample a token for each row of job from its logits (rows, vocab), send the text that settled; True

@@ -248,6 +248,42 @@ def test_a_failing_step_fails_its_requests_and_the_worker_goes_on(char, monkeypa
             greedy(model, tokenizer, "ab", 3)
 
 
+def test_a_failing_prompt_score_ends_its_job_alone(wide, monkeypatch):
+    """echo with logprobs: scoring one prompt of a prefill group fails; that request gets its error, the prompt
+    prefilled beside it gets the answer it gets alone, and the stream decoding meanwhile goes on."""
+    import engine
+    model, tokenizer = wide
+    original = engine.Scheduler._prompt_logprobs
+
+    def poisoned(self, job, logits, start):
+        if job.request.seed == 666:
+            raise RuntimeError("poisoned score")
+        return original(self, job, logits, start)
+    monkeypatch.setattr(engine.Scheduler, "_prompt_logprobs", poisoned)
+    body = dict(prompt="ab", max_tokens=2, temperature=0, logprobs=1, echo=True)
+    with serving(model, tokenizer) as (port, app):
+        alone = request(port, "POST", "/v1/completions", body)
+        with Gate(app.state.scheduler) as gate:
+            gate.open.clear()  # the worker waits at the stream's first token while both requests queue
+            conn, response = open_stream(port, prompt="ROMEO:", max_tokens=300, temperature=0)
+            answers = {}
+            threads = [threading.Thread(target=lambda k=k, b=b: answers.__setitem__(k, request(
+                port, "POST", "/v1/completions", b))) for k, b in (("bad", {**body, "seed": 666}), ("good", body))]
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(app.state.scheduler.waiting) == 2, "both requests to queue")
+            gate.open.set()
+            for t in threads:
+                t.join(TIMEOUT)
+        events = [json.loads(line[6:]) if b"[DONE]" not in line else "[DONE]"
+                  for line in response if line.startswith(b"data: ")]
+        conn.close()
+    assert answers["bad"][0] == 500 and "poisoned score" in answers["bad"][1]["error"]["message"]
+    assert answers["good"][0] == 200 and answers["good"][1]["choices"] == alone[1]["choices"]
+    assert events[-1] == "[DONE]" and streamed_texts(events, 1) == ([greedy(model, tokenizer, "ROMEO:", 300)],
+                                                                    ["length"])
+
+
 @pytest.mark.parametrize("poison", ["sampling", "logprobs"])
 def test_one_failing_job_ends_alone_and_the_others_text_is_unchanged(wide, monkeypatch, poison):
     """A job whose own sampling (or logprobs: torch's topk past the vocabulary) raises mid-way gets its error; a
