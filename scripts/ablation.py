@@ -173,6 +173,13 @@ def headline_budget() -> int:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        from config import fit_text  # the repository's help layout: within 100 columns
+
+        print(fit_text(__doc__))
+        sys.exit(0)
+    if bad := [a for a in sys.argv[1:] if a.startswith("-") and "=" not in a]:
+        raise SystemExit(f"{bad[0]}: options are --key=value; see python scripts/ablation.py --help")
     what = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else "all"
     opts = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
     rows, seeds = opts.get("rows"), [int(s) for s in opts.get("seeds", "1,2,3").split(",")]

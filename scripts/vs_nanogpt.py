@@ -70,7 +70,17 @@ def timed(cmd: list[str], cwd: Path, first_iter: str | None) -> dict:
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.path.insert(0, str(REPO))
+        from config import fit_text  # the repository's help layout: within 100 columns
+
+        print(fit_text(__doc__))
+        sys.exit(0)
+    if bad := [a for a in sys.argv[1:] if not a.startswith("--") or "=" not in a]:
+        raise SystemExit(f"{bad[0]}: options are --key=value; see python scripts/vs_nanogpt.py --help")
     opts = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[1:])
+    if "nanogpt" not in opts:
+        raise SystemExit("--nanogpt=PATH of a nanoGPT clone is required; see python scripts/vs_nanogpt.py --help")
     nanogpt, rounds, iters = Path(opts["nanogpt"]), int(opts.get("rounds", 3)), int(opts.get("iters", 800))
     ours = {"ours": REPO} | ({"also": Path(opts["also"])} if "also" in opts else {})
     results: dict[str, list[dict]] = {f"{who} {what}": [] for what in ("train", "sample") for who in ("nanogpt", *ours)}

@@ -115,3 +115,15 @@ def test_every_ablation_variant_is_a_valid_training_config():
         if name.startswith("recipe - "):  # removing a switch changes the recipe, and only where the switch acts
             changed = {k for k in vars(cfg) if getattr(cfg, k) != getattr(recipe, k)}
             assert changed and changed <= set(settings), name
+
+
+@pytest.mark.parametrize("script", ["ablation.py", "vs_nanogpt.py"])
+def test_measuring_scripts_have_help_and_refuse_a_bad_option_in_one_line(script):
+    run = lambda *args: subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO,  # noqa: E731
+                                       capture_output=True, text=True, timeout=60)
+    shown = run("--help")
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) > 3  # the docstring, laid out
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 100
+    bad = run("--rounds")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        f"--rounds: options are --key=value; see python scripts/{script} --help"]
