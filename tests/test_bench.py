@@ -51,7 +51,6 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
 def test_decode_rows_say_whether_a_cuda_graph_ran(tmp_path, monkeypatch):
     """cuda_graphs: False for eager decoding, and for compiled decoding on a CPU (aot_eager: no C++ to build)."""
     import sample
-    from model import GPT
 
     torch._dynamo.reset()
     monkeypatch.setitem(sample._compiled, "default",

@@ -3,7 +3,6 @@ text; export.py adds them to older folders and writes GGUF files that read back 
 
 import dataclasses
 import hashlib
-import json
 import os
 from pathlib import Path
 
