@@ -8,6 +8,7 @@
     python bench.py --what=serve --serve_clients=1,4,16      # serve.py: concurrent streaming clients (pip .[serve])
     python bench.py --what=long --long_window=16             # generation at 1x, 4x, 16x block_size: rolling vs crop
     python bench.py --model=gpt2 --what=decode --decode_batch=1,16 --quantize=both   # int8 weights beside float
+    python bench.py --model=gpt2 --what=decode --quantize=both --compile=both   # each eager and compiled, side by side
 
 Every figure is the median of --repeats timed runs after --warmup untimed steps (which also absorb compilation).
 A decode run is one call that prefills the prompt and then makes --decode_tokens one-token steps: its tokens/s and
@@ -93,8 +94,6 @@ class BenchConfig:
             raise ValueError(f"--optimizer takes auto, adamw or muon, got {self.optimizer!r}")
         if self.quantize != "both":
             check_quantize(self.quantize)
-        if self.quantize != "none" and self.compile != "false":
-            raise ValueError("--quantize times the eager decode step: drop --compile (or pass --compile=false)")
         if min(self.train_steps, self.repeats, self.decode_tokens, self.prompt_len) < 1:
             raise ValueError("--train_steps, --repeats, --decode_tokens and --prompt_len must be at least 1")
 
@@ -285,42 +284,46 @@ def bench_decode(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtyp
 
 
 def bench_decode_quantized(cfg: BenchConfig, gpt: GPTConfig, batch: int, device: str, dtype: torch.dtype,
-                           variants: list[str], copy_gb_per_s: float) -> list[dict]:
-    """Decode speed (as bench_decode, eager, through the KV cache) of the same random weights as each variant of
-    quantize.py's --quantize, timed in alternate rounds (the order flips every round) so that a machine whose load
-    drifts weighs on each alike. weights_gb_per_s: the bytes a step reads (weight_bytes) times steps per second;
+                           variants: list[tuple[str, bool]], copy_gb_per_s: float) -> list[dict]:
+    """Decode speed (as bench_decode, through the KV cache) of the same random weights as each variant, a
+    (quantize.py's --quantize, compiled) pair, timed in alternate rounds (the order flips every round) so that a
+    machine whose load drifts weighs on each alike; a compiled variant is compiled in its first (warm-up) run,
+    whose time is first_run_s. weights_gb_per_s: the bytes a step reads (weight_bytes) times steps per second;
     of_copy: that over the machine's copy bandwidth (read + write of a large tensor, copy_bandwidth)."""
     torch.manual_seed(cfg.seed)
     base = GPT(gpt).to(device=device, dtype=dtype).eval()
     prompt = torch.randint(0, gpt.vocab_size, (batch, cfg.prompt_len), device=device)
     models, quantize_s = {}, {}
-    for v in variants:
-        models[v] = copy.deepcopy(base)
+    for q in dict.fromkeys(q for q, _ in variants):
+        models[q] = copy.deepcopy(base)
         t0 = time.perf_counter()
-        quantize_model(models[v], v, torch.device(device))
-        quantize_s[v] = time.perf_counter() - t0
+        quantize_model(models[q], q, torch.device(device))
+        quantize_s[q] = time.perf_counter() - t0
     n = cfg.decode_tokens
-    announce(f"decode, kv-cache, {' and '.join(variants)} weights in alternate rounds: batch {batch}: "
+    names = [f"{q}{', compiled' if c else ''}" for q, c in variants]
+    announce(f"decode, kv-cache, {' and '.join(names)} in alternate rounds: batch {batch}: "
              f"{cfg.warmup} + {cfg.repeats} runs of {cfg.prompt_len} + {n} tokens each")
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    times: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+    first: dict[tuple[str, bool], float] = {}
     with torch.no_grad():
         for r in range(cfg.warmup + cfg.repeats):
             for v in variants if r % 2 == 0 else variants[::-1]:
                 synchronize(device)
                 t0 = time.perf_counter()
-                models[v].generate(prompt, n, temperature=0)
+                _cached_decoder(models[v[0]], prompt, n, v[1])()
                 synchronize(device)
+                first.setdefault(v, time.perf_counter() - t0)
                 if r >= cfg.warmup:
                     times[v].append(time.perf_counter() - t0)
     rows = []
     for v in variants:
-        dt = statistics.median(times[v])
-        gb_per_s = weight_bytes(models[v]) * n / dt / 1e9  # n steps (the prefill counted as one) in dt
-        rows.append({"what": "decode", "method": "kv-cache", "quantize": v, "batch_size": batch,
+        (q, compiled), dt = v, statistics.median(times[v])
+        gb_per_s = weight_bytes(models[q]) * n / dt / 1e9  # n steps (the prefill counted as one) in dt
+        rows.append({"what": "decode", "method": "kv-cache", "compile": compiled, "quantize": q, "batch_size": batch,
                      "prompt_len": cfg.prompt_len, "new_tokens": n, "tokens_per_sec": round(batch * n / dt, 1),
-                     "ms_per_token": round(1000 * dt / n, 2), "weights_mb": round(weight_bytes(models[v]) / 1e6, 2),
+                     "ms_per_token": round(1000 * dt / n, 2), "weights_mb": round(weight_bytes(models[q]) / 1e6, 2),
                      "weights_gb_per_s": float(f"{gb_per_s:.3g}"), "of_copy": float(f"{gb_per_s / copy_gb_per_s:.2g}"),
-                     "quantize_s": round(quantize_s[v], 2)})
+                     "quantize_s": round(quantize_s[q], 2), "first_run_s": round(first[v], 1)})
     return rows
 
 
@@ -418,16 +421,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for compiled in compile_modes:
         if "train" in cfg.what:
             emit({"compile": compiled, **bench_train(cfg, gpt, batch_size, device, dtype, compiled)})
-        if "decode" in cfg.what and cfg.quantize != "none":
-            variants = ["none", "int8"] if cfg.quantize == "both" else [cfg.quantize]
-            copy_gb_per_s = copy_bandwidth(device)
-            emit({"what": "copy", "gb_per_s": round(copy_gb_per_s, 1)})
-            for batch in (int(b) for b in cfg.decode_batch.split(",")):
-                for row in bench_decode_quantized(cfg, gpt, batch, device, dtype, variants, copy_gb_per_s):
-                    emit({"compile": False, **row})
-        elif "decode" in cfg.what:
+        if "decode" in cfg.what and cfg.quantize == "none":
             for batch in (int(b) for b in cfg.decode_batch.split(",")):
                 emit({"compile": compiled, **bench_decode(cfg, gpt, batch, device, dtype, compiled, "kv-cache")})
+    if "decode" in cfg.what and cfg.quantize != "none":  # every weight format and compile mode in alternate rounds
+        variants = [(q, c) for c in compile_modes for q in (["none", "int8"] if cfg.quantize == "both"
+                                                            else [cfg.quantize])]
+        copy_gb_per_s = copy_bandwidth(device)
+        emit({"what": "copy", "gb_per_s": round(copy_gb_per_s, 1)})
+        for batch in (int(b) for b in cfg.decode_batch.split(",")):
+            for row in bench_decode_quantized(cfg, gpt, batch, device, dtype, variants, copy_gb_per_s):
+                emit(row)
     if cfg.baselines and "decode" in cfg.what:
         for method in ("recompute (nanoGPT)", "transformers"):
             emit({"compile": False, **bench_decode(cfg, gpt, 1, device, dtype, False, method)})
@@ -683,7 +687,7 @@ def print_table(results: list[dict]) -> None:
     columns = ["what", "method", "compile", "quantize", "at", "batch_size", "clients", "tokens_per_sec",
                "client_tokens_per_sec", "ttft_ms", "ttft_ms_p95", "ttft_ms_max", "latency_ms", "latency_ms_p95",
                "step_ms", "pause_ms", "prefill_ms", "ms_per_step", "ms_per_token", "ratio", "weights_gb_per_s",
-               "of_copy", "gb_per_s", "quantize_s", "mfu", "peak_memory_mb", "rss_mb"]
+               "of_copy", "gb_per_s", "quantize_s", "first_run_s", "mfu", "peak_memory_mb", "rss_mb"]
     columns = [c for c in columns if c == "what" or any(r.get(c) is not None for r in results)]
     rows = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]

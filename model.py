@@ -315,7 +315,9 @@ class GPT(nn.Module):
         need = max(c.block_size, c.window) if c.rolling else c.block_size  # a rolling cache: window keys at least
         if cache is None:
             cache = KVCache.for_model(self, idx.size(0), need)
-        elif cache.batch_size != idx.size(0) or cache.max_len < need:
+        elif not c.rolling:  # the positions this generation fills
+            need = min(need, min(idx.size(1), need) + max_new_tokens - 1)
+        if cache.batch_size != idx.size(0) or cache.max_len < need:
             raise ValueError(f"the cache passed in must hold batch {idx.size(0)} and {need} positions: create it "
                              f"with KVCache.for_model(model, batch_size)")
         step = step or (lambda t: self(t, kv_cache=cache, logits_at=-1 if t.size(1) > 1 else None)[0])

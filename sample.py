@@ -34,7 +34,7 @@ from checkpoint import load_for_inference
 from config import (DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, set_threads,
                     synchronize)
 from model import GPT, causal_mask, slot_positions
-from quantize import check_quantize
+from quantize import Int8Linear, check_quantize
 from sampling import check_sampling
 from tokens import Tokenizer
 
@@ -73,8 +73,6 @@ class SampleConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         check_quantize(self.quantize)
-        if self.quantize != "none" and self.compile:
-            raise ValueError("compile and quantize=int8 do not combine: drop --compile (int8 runs the eager step)")
         if self.stop == "":
             raise ValueError("stop must not be empty: pass none, eot, or the string to stop before")
         out = Path(self.out_file) if self.out_file is not None else None
@@ -93,17 +91,19 @@ class StaticKVCache:
     that a CUDA graph recorded once replays at every position. Follows model.py's KVCache protocol and rolls as it
     does (position p in slot p % max_len); the positions come in as a tensor, set by step()."""
 
-    def __init__(self, model: GPT, batch_size: int) -> None:
+    def __init__(self, model: GPT, batch_size: int, max_len: int | None = None) -> None:
         import torch._dynamo as dynamo  # here, not at the top: it adds ~1.4 s to every script's start-up
 
         c, p = model.config, model.transformer.wte.weight
-        self.max_len = max(c.block_size, c.window) if c.rolling else c.block_size
-        # zeros: masked keys are still multiplied (by 0), and 0 * NaN from never-written memory is NaN
-        self.k = torch.zeros(c.n_layer, batch_size, c.kv_heads, self.max_len, c.head_dim, device=p.device,
-                             dtype=p.dtype)  # (L, B, n_kv_head, max_len, head_dim)
-        self.v = torch.zeros_like(self.k)
-        dynamo.mark_static_address(self.k)  # lets a CUDA graph update the cache in place
-        dynamo.mark_static_address(self.v)
+        self.max_len = max_len or (max(c.block_size, c.window) if c.rolling else c.block_size)
+        # zeros: masked keys are still multiplied (by 0), and 0 * NaN from never-written memory is NaN. One tensor
+        # per layer: the compiled step updates a whole input in place, where it copied a shared (L, ...) tensor whole
+        # at every layer's update of its slice (measured on the CPU)
+        shape = (batch_size, c.kv_heads, self.max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layer)]
+        self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layer)]
+        for t in self.k + self.v:
+            dynamo.mark_static_address(t)  # lets a CUDA graph update the cache in place
         self.batch_size, self.pos = batch_size, 0
         self.input_pos = torch.zeros(0, dtype=torch.long, device=p.device)  # (T,): this forward's positions
 
@@ -118,13 +118,13 @@ class StaticKVCache:
         return forward(idx, self)
 
     def begin(self, T: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        k_pos = slot_positions(self.input_pos[-1] + 1, self.max_len, self.k.device)  # a tensor: one graph for all
+        k_pos = slot_positions(self.input_pos[-1] + 1, self.max_len, self.input_pos.device)  # a tensor: one graph
         return self.input_pos, causal_mask(self.input_pos, k_pos, window), self.max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self.input_pos % self.max_len
-        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))  # .to: k is bf16 under autocast
-        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        self.k[layer].index_copy_(2, slots, k.to(self.k[layer].dtype))  # .to: k is bf16 under autocast
+        self.v[layer].index_copy_(2, slots, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
 
@@ -148,7 +148,7 @@ def static_step(model: GPT, cache: StaticKVCache,
 
 
 _compiled: dict[str, Callable] = {}  # torch.compile'd forward_static, one per compile mode
-# model -> {(batch size, device, dtype): StaticKVCache}: a model moved or cast since its first use gets new caches
+# model -> {(batch size, length, device, dtype): StaticKVCache}: a model moved or cast since its first use gets new caches
 _static_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, StaticKVCache]] = weakref.WeakKeyDictionary()
 
 
@@ -160,11 +160,36 @@ def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, StaticKVCache], 
 
     On CUDA mode="reduce-overhead" replays the one-token step as a CUDA graph: at batch 1, GPT-2 124M runs ~100
     small kernels per token, and launching them one by one from Python would take longer than running them.
+    A model with int8 weights (CPU) is compiled with its weights frozen into the graph, which lets inductor's C++
+    GEMM template (max-autotune) multiply by them in place of torch's eager kernel: ~2x faster (docs/int8.md).
     """
-    mode = "reduce-overhead" if model.transformer.wte.weight.is_cuda else "default"
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    mode = "reduce-overhead" if model.transformer.wte.weight.is_cuda else "int8" if int8 else "default"
     if mode not in _compiled:  # dynamic=False: a new batch size gets its own fixed-shape graph, not a dynamic one
-        _compiled[mode] = torch.compile(forward_static, mode=mode, dynamic=False)
-    return functools.partial(_compiled[mode], model)
+        _compiled[mode] = torch.compile(forward_static, mode=None if mode == "int8" else mode, dynamic=False)
+    if mode != "int8":
+        return functools.partial(_compiled[mode], model)
+
+    def step(idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        with torch._inductor.config.patch(INT8_INDUCTOR), torch.no_grad():  # freezing needs grad off when it compiles
+            return _compiled[mode](model, idx, cache)
+    return step
+
+
+# Freezing turns the weights into constants, which inductor's C++ GEMM template needs to pack them; max-autotune
+# times it against torch's kernel per matrix shape, once (inductor caches the choice and the code on disk).
+INT8_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                 "autotune_num_choices_displayed": 0}  # the timings stay off standard error
+
+
+def static_cache_len(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
+    """Slots of the static cache for one generation: what it fills, in steps of 64 so that nearby lengths share a
+    compiled step, at most block_size; a rolling model's whole window. Reading block_size slots at every step would
+    add ~75 MB to GPT-2's 500 MB (fp32) or 160 MB (int8) of weights per token."""
+    c = model.config
+    if c.rolling:
+        return max(c.block_size, c.window)
+    return min(c.block_size, -(-(min(prompt_len, c.block_size) + max(max_new_tokens, 1) - 1) // 64) * 64)
 
 
 def cuda_graphs_recorded(device: torch.device) -> int | None:
@@ -195,24 +220,27 @@ def cuda_graphs_recorded(device: torch.device) -> int | None:
 
 def compiled_generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, max_len: int | None = None) -> torch.Tensor:
     """model.generate through a static KV cache and the compiled decode step: the same tokens, (B, T + new)."""
-    return torch.cat([idx, *compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator)], 1)
+    new = compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, max_len)
+    return torch.cat([idx, *new], 1)
 
 
 def compiled_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None,
-                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """model.generate_stream through a static KV cache and the compiled decode step.
+                    generator: torch.Generator | None = None, max_len: int | None = None) -> Iterator[torch.Tensor]:
+    """model.generate_stream through a static KV cache of max_len slots (static_cache_len's when None) and the
+    compiled decode step.
 
-    The cache is kept per model, batch size, device and dtype and reused, so that a CUDA graph recorded once stays
-    valid: it replays at the addresses it was recorded with.
+    The cache is kept per model, batch size, length, device and dtype and reused, so that a CUDA graph recorded once
+    stays valid: it replays at the addresses it was recorded with.
     """
     weight = model.transformer.wte.weight
-    key = (idx.size(0), weight.device, weight.dtype)
+    max_len = max_len or static_cache_len(model, idx.size(1), max_new_tokens)
+    key = (idx.size(0), max_len, weight.device, weight.dtype)
     caches = _static_caches.setdefault(model, {})
     if key not in caches:
-        caches[key] = StaticKVCache(model, idx.size(0))
+        caches[key] = StaticKVCache(model, idx.size(0), max_len)
     if model.config.rolling:  # RoPE tables for every position at once: each growth captures the graph again
         model.rope_at(idx[:, :0], idx.size(1) + max_new_tokens)
     return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator,
@@ -422,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
               f"sees only its last {model.config.block_size}", file=sys.stderr)
     if cfg.compile:
         t, graphs = time.perf_counter(), cuda_graphs_recorded(device)
-        compiled_generate(model, torch.tensor([prompt_ids[-1:]] * cfg.num_samples, device=device), 4)
+        max_len = static_cache_len(model, len(prompt_ids), cfg.max_new_tokens)  # the graph the samples will use
+        compiled_generate(model, torch.tensor([prompt_ids[-1:]] * cfg.num_samples, device=device), 4, max_len=max_len)
         print(f"compiled the decode step in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         if device.type == "cuda" and graphs is not None and cuda_graphs_recorded(device) == graphs:
             print("warning: the compiled decode step was not captured as a CUDA graph, so it launches each kernel "

@@ -184,7 +184,6 @@ def test_sample_int8_is_the_quantized_model_generate(char_run, capsys, sampling)
 
 
 @pytest.mark.parametrize("args, words", [(["--quantize=int4"], "there is no int4"),
-                                         (["--quantize=int8", "--compile=true"], "drop --compile"),
                                          (["--quantize=int8", "--device=cuda"], None)])
 def test_sample_bad_quantize_is_one_line(char_run, args, words):
     import sample
@@ -255,8 +254,6 @@ def test_bench_int8_rows(tmp_path):
     for bad, words in [("--quantize=int4", "no int4"), ("--quantize=xyz", "no int4")]:
         with pytest.raises(SystemExit, match=words):
             bench.main(["--model=tiny", "--what=decode", bad, f"--out={out}"])
-    with pytest.raises(SystemExit, match="drop --compile"):
-        bench.main(["--model=tiny", "--what=decode", "--quantize=int8", "--compile=true", f"--out={out}"])
 
 
 def test_weight_bytes_count_the_head_once():
@@ -288,3 +285,30 @@ def test_serve_main_passes_quantize_to_the_loader(char_run, monkeypatch):
     with pytest.raises(SystemExit, match="stopped before"):
         serve.main([f"--out_dir={char_run}", "--device=cpu", "--quantize=int8"])
     assert asked == [("int8",)]
+
+
+def test_compiled_int8_step_runs_inductors_template_and_matches_the_eager_step():
+    """sample.py --compile on an int8 model: the weights frozen into the graph, inductor's C++ GEMM template
+    multiplies by them (its counter moves only then), and each step's logits are the eager int8 model's up to the
+    bf16 rounding both apply; the static cache is sized to what the generation fills."""
+    import sample
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    q = int8(tiny_model())
+    idx = torch.randint(0, TINY["vocab_size"], (1, 3))
+    wide = tiny_model(block_size=256)
+    assert [sample.static_cache_len(wide, t, 6) for t in (3, 100, 300)] == [64, 128, 256]
+    before = counters["inductor"]["cpp_templated_kernel_counter"]
+    try:
+        compiled = sample.compiled_generate(q, idx, 6, temperature=0)
+        assert counters["inductor"]["cpp_templated_kernel_counter"] > before
+        cache = sample.StaticKVCache(q, 1, 16)
+        step = sample.static_step(q, cache, sample.compiled_decode_step(q))
+        eager = model_module.KVCache.for_model(q, 1)
+        cache.reset()
+        for t in compiled[0, :8].tolist():
+            tok = torch.tensor([[t]])
+            torch.testing.assert_close(step(tok), q(tok, kv_cache=eager)[0], rtol=0.02, atol=0.02)
+    finally:
+        torch._dynamo.reset()
