@@ -57,7 +57,7 @@ class SampleConfig:
     dtype: str = "auto"  # float32, bfloat16 or float16 (the weights are cast); auto: bfloat16 on CUDA, else float32
     threads: int | None = None  # torch CPU threads; none: $OMP_NUM_THREADS, else the idle cores (docs/training.md: Threads); 0: one per core
     quantize: str = "none"  # none, or int8: weights stored as int8, one scale per output channel (CPU; quantize.py)
-    compile: bool = False  # fixed-shape KV cache and torch.compile'd decode step (CUDA graphs on a GPU)
+    compile: bool = False  # fixed-shape KV cache and torch.compile'd decode step (CUDA graphs on a GPU; int8's fast path)
     stop: str | None = None  # end each sample at the end-of-text token ("eot") or before this string (\n = newline)
     out_file: str | None = None  # also write the samples to this file
     stream: bool | None = None  # print the first sample's text as it is generated; none: on a terminal
@@ -148,7 +148,7 @@ def static_step(model: GPT, cache: StaticKVCache,
 
 
 _compiled: dict[str, Callable] = {}  # torch.compile'd forward_static, one per compile mode
-# model -> {(batch size, length, device, dtype): StaticKVCache}: a model moved or cast since its first use gets new caches
+# model -> {(batch size, length, device, dtype): StaticKVCache}: a model moved or cast since gets new caches
 _static_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, StaticKVCache]] = weakref.WeakKeyDictionary()
 
 
@@ -179,7 +179,7 @@ def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, StaticKVCache], 
 # Freezing turns the weights into constants, which inductor's C++ GEMM template needs to pack them; max-autotune
 # times it against torch's kernel per matrix shape, once (inductor caches the choice and the code on disk).
 INT8_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                 "autotune_num_choices_displayed": 0}  # the timings stay off standard error
+                 "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet stderr
 
 
 def static_cache_len(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
