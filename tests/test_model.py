@@ -207,10 +207,11 @@ def test_generate_stream_checks_arguments_before_the_first_token():
         model.generate_stream(idx, 5, top_k=0)  # no next() needed: the error comes with the call
     with pytest.raises(ValueError, match="KVCache.for_model"):
         model.generate_stream(idx, 5, cache=KVCache.for_model(model, batch_size=3))
-    with pytest.raises(ValueError, match="KVCache.for_model"):
-        model.generate_stream(idx, 5, cache=KVCache.for_model(model, batch_size=2, max_len=8))
-    stream = model.generate_stream(idx, 5, temperature=0, cache=KVCache.for_model(model, batch_size=2))
-    assert torch.equal(torch.cat([idx, *stream], dim=1), model.generate(idx, 5, temperature=0))
+    with pytest.raises(ValueError, match="KVCache.for_model"):  # 3 + 5 tokens fill 7 positions (the last is not fed)
+        model.generate_stream(idx, 5, cache=KVCache.for_model(model, batch_size=2, max_len=6))
+    for cache in (KVCache.for_model(model, batch_size=2), KVCache.for_model(model, batch_size=2, max_len=7)):
+        stream = model.generate_stream(idx, 5, temperature=0, cache=cache)
+        assert torch.equal(torch.cat([idx, *stream], dim=1), model.generate(idx, 5, temperature=0))
 
 
 def test_generate_keeps_prompt_and_zero_tokens():
