@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import (autocast_context, device_peak_flops, enable_tf32, format_config, load_toml, parse_config,
-                    resolve_device, resolve_dtype, set_threads, synchronize)
+from config import (autocast_context, check_compiler, device_peak_flops, enable_tf32, format_config, load_toml,
+                    parse_config, resolve_device, resolve_dtype, set_threads, synchronize)
 from hf import hf_state_dict
 from model import GPT, MODEL_FIELDS, GPTConfig
 from quantize import Int8Linear, check_quantize, is_linear, quantize_model
@@ -402,6 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.baselines and "decode" in cfg.what and not gpt.bias:
         raise SystemExit(BASELINES_NEED_BIAS)  # now, not after the other measurements
     compile_modes = {"false": [False], "true": [True], "both": [False, True]}[cfg.compile]
+    if True in compile_modes:
+        check_compiler(torch.device(device))
     stamp = {
         "model": cfg.model, "device": device, "device_name": _device_name(device), "dtype": dtype_name,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "optimizer": cfg.optimizer,

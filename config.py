@@ -455,6 +455,20 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_compiler(device: torch.device) -> None:
+    """SystemExit in one line where torch.compile could not build its kernels: on a CPU, inductor writes C++ and
+    needs a compiler (found as $CXX or g++ / clang++), which it would report as a 100-line traceback."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler  # here: inductor takes ~1 s to import
+
+    try:
+        get_cpp_compiler()
+    except RuntimeError as e:
+        raise SystemExit(f"--compile on the CPU builds C++ kernels, and no working C++ compiler was found ({e}): "
+                         f"install g++ (apt install g++), point $CXX at one, or drop --compile") from None
+
+
 @functools.cache  # asked once per GPU and head size in eager mode
 def flash_supported(device_index: int, head_dim: int) -> bool:
     """Whether SDPA's flash kernel runs on this GPU for this head size (PyTorch's sdp_utils: sm80 or newer, head_dim

@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_for_inference
-from config import (DTYPES, format_config, parse_config, read_prompt, resolve_device, resolve_dtype, set_threads,
-                    synchronize)
+from config import (DTYPES, check_compiler, format_config, parse_config, read_prompt, resolve_device, resolve_dtype,
+                    set_threads, synchronize)
 from model import GPT, causal_mask, slot_positions
 from quantize import Int8Linear, check_quantize
 from sampling import check_sampling
@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: temperature=0 is greedy, so the {cfg.num_samples} samples will be identical: pass "
               f"--num_samples=1, or a temperature above 0 for different ones", file=sys.stderr)
 
+    if cfg.compile:
+        check_compiler(device)
     prompt = read_prompt(cfg.start)  # before loading: a closed standard input fails at once
     # Cast the weights rather than autocast: decoding reads every weight once per token, so half-size weights
     # halve the memory traffic, where autocast would read fp32 weights and cast them again at every step.

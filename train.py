@@ -47,8 +47,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import HUB_MODELS, check_out_dir, load_for_training, restore_train_state, save_checkpoint, train_state
-from config import (autocast_context, config_to_dict, device_peak_flops, enable_tf32, format_config, parse_config,
-                    resolve_device, resolve_dtype, set_threads)
+from config import (autocast_context, check_compiler, config_to_dict, device_peak_flops, enable_tf32, format_config,
+                    parse_config, resolve_device, resolve_dtype, set_threads)
 from model import GPT, GPTConfig
 from runlog import (Metrics, OutDirLock, ProgressBar, StopSignal, diverged, eval_bar, loss_text, out_of_memory,
                     plot_losses, stopped, summary, warn_if_slow)
@@ -564,9 +564,11 @@ def setup(cfg: TrainConfig, writes: bool) -> Run:
     enable_tf32()
     if rank == 0:
         print(format_config(cfg))
+    compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    if compile:
+        check_compiler(device)
     return Run(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, local_accum=accum // world_size,
-               device=device, dtype=dtype, autocast=autocast_context(device, dtype),
-               compile=device.type == "cuda" if cfg.compile is None else cfg.compile,
+               device=device, dtype=dtype, autocast=autocast_context(device, dtype), compile=compile,
                out_dir=out_dir, resuming=resuming, writes=writes)
 
 

@@ -506,3 +506,25 @@ def test_greedy_with_several_samples_warns_that_they_are_identical(char_run, cap
     assert "warning: temperature=0 is greedy, so the 2 samples will be identical" in err
     _, err = run(capsys, f"--out_dir={char_run}", "--temperature=0", "--num_samples=1", "--max_new_tokens=5")
     assert "warning" not in err
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(char_run, monkeypatch, tmp_path):
+    """On a CPU inductor builds C++: with no compiler, sample.py's and bench.py's --compile (and train.py's, through
+    the same check) stop in one line before any work; inductor's own report is a 100-line traceback."""
+    import bench
+    from torch._inductor import cpp_builder
+
+    import config
+
+    def no_compiler() -> str:
+        raise RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx: (None, 'g++')")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    for call in (lambda: sample.main([f"--out_dir={char_run}", "--compile=true", "--device=cpu"]),
+                 lambda: bench.main(["--model=tiny", "--what=decode", "--compile=true", "--device=cpu",
+                                     f"--out={tmp_path / 'r.jsonl'}"]),
+                 lambda: config.check_compiler(torch.device("cpu"))):
+        with pytest.raises(SystemExit) as e:
+            call()
+        assert "install g++" in str(e.value.code) and "\n" not in str(e.value.code)
+    config.check_compiler(torch.device("cuda"))  # a GPU's kernels are Triton's: nothing to check here
