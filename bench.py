@@ -62,7 +62,7 @@ class BenchConfig:
     what: str = "train,decode"  # comma-separated: train, decode, serve, long (generation far past block_size)
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto picks cuda when present
     dtype: str = "auto"  # float32, bfloat16 or float16; auto: bfloat16 on CUDA, float32 elsewhere
-    compile: str = "false"  # torch.compile: false, true, or both (each measured separately)
+    compile: str = "false"  # torch.compile: false, true, or both (each measured separately; with --quantize, alternately)
     batch_size: int | None = None  # training micro-batch; none: the config file's, else 8
     block_size: int | None = None  # training sequence length; none: the model's block_size
     vocab_size: int | None = None  # none: the config's dataset vocabulary, padded as train.py pads it; else 50304
@@ -402,8 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.baselines and "decode" in cfg.what and not gpt.bias:
         raise SystemExit(BASELINES_NEED_BIAS)  # now, not after the other measurements
     compile_modes = {"false": [False], "true": [True], "both": [False, True]}[cfg.compile]
-    if True in compile_modes:
-        check_compiler(torch.device(device))
+    check_compiler(torch.device(device), True in compile_modes)
     stamp = {
         "model": cfg.model, "device": device, "device_name": _device_name(device), "dtype": dtype_name,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "optimizer": cfg.optimizer,

@@ -455,10 +455,10 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_compiler(device: torch.device) -> None:
-    """SystemExit in one line where torch.compile could not build its kernels: on a CPU, inductor writes C++ and
-    needs a compiler (found as $CXX or g++ / clang++), which it would report as a 100-line traceback."""
-    if device.type != "cpu":
+def check_compiler(device: torch.device, compile: bool = True) -> None:
+    """SystemExit in one line where torch.compile (if asked for) could not build its kernels: on a CPU, inductor
+    writes C++ and needs a compiler (found as $CXX or g++ / clang++), which it would report as a 100-line traceback."""
+    if not compile or device.type != "cpu":
         return
     from torch._inductor.cpp_builder import get_cpp_compiler  # here: inductor takes ~1 s to import
 
@@ -466,7 +466,8 @@ def check_compiler(device: torch.device) -> None:
         get_cpp_compiler()
     except RuntimeError as e:
         raise SystemExit(f"--compile on the CPU builds C++ kernels, and no working C++ compiler was found ({e}): "
-                         f"install g++ (apt install g++), point $CXX at one, or drop --compile") from None
+                         f"install g++ and Python's headers (apt install g++ python3-dev), point $CXX at one, or "
+                         f"drop --compile") from None
 
 
 @functools.cache  # asked once per GPU and head size in eager mode

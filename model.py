@@ -319,7 +319,7 @@ class GPT(nn.Module):
             need = min(need, min(idx.size(1), need) + max_new_tokens - 1)
         if cache.batch_size != idx.size(0) or cache.max_len < need:
             raise ValueError(f"the cache passed in must hold batch {idx.size(0)} and {need} positions: create it "
-                             f"with KVCache.for_model(model, batch_size)")
+                             f"with KVCache.for_model(model, batch_size) (or a long enough max_len)")
         step = step or (lambda t: self(t, kv_cache=cache, logits_at=-1 if t.size(1) > 1 else None)[0])
         return self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, step, cache)
 

@@ -52,7 +52,9 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         # copy=True: a fresh, aligned buffer, since the kernel reads x with aligned vector loads
         x2 = x2.to(torch.bfloat16, copy=True)
-        if x2.size(0) <= KERNEL_ROWS:
+        # compiled (sample.py --compile), inductor lowers the kernel's op to its own int8 GEMM at any row count, where
+        # the slices' bf16 conversion of frozen weights would be constant-folded into a bf16 copy of every matrix
+        if x2.size(0) <= KERNEL_ROWS or torch.compiler.is_compiling():
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale).to(x.dtype)
         else:  # a slice of W at a time, converted while it sits in the cache, rather than all of W through memory
             rows = max(1, CHUNK // self.in_features)

@@ -102,7 +102,7 @@ class StaticKVCache:
         shape = (batch_size, c.kv_heads, self.max_len, c.head_dim)
         self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layer)]
         self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layer)]
-        for t in self.k + self.v:
+        for t in self.k + self.v if p.is_cuda else []:  # on a CPU (no graph), frozen int8 steps would fold them
             dynamo.mark_static_address(t)  # lets a CUDA graph update the cache in place
         self.batch_size, self.pos = batch_size, 0
         self.input_pos = torch.zeros(0, dtype=torch.long, device=p.device)  # (T,): this forward's positions
@@ -148,7 +148,7 @@ def static_step(model: GPT, cache: StaticKVCache,
 
 
 _compiled: dict[str, Callable] = {}  # torch.compile'd forward_static, one per compile mode
-# model -> {(batch size, length, device, dtype): StaticKVCache}: a model moved or cast since gets new caches
+# model -> {(batch size, device, dtype): StaticKVCache}: a model moved or cast since its first use gets new caches
 _static_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, StaticKVCache]] = weakref.WeakKeyDictionary()
 
 
@@ -160,8 +160,10 @@ def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, StaticKVCache], 
 
     On CUDA mode="reduce-overhead" replays the one-token step as a CUDA graph: at batch 1, GPT-2 124M runs ~100
     small kernels per token, and launching them one by one from Python would take longer than running them.
-    A model with int8 weights (CPU) is compiled with its weights frozen into the graph, which lets inductor's C++
-    GEMM template (max-autotune) multiply by them in place of torch's eager kernel: ~2x faster (docs/int8.md).
+    A model with int8 weights (CPU) is compiled with its weights frozen into the graph as constants, which lets
+    inductor's C++ GEMM template (max-autotune) multiply by them in place of torch's eager kernel, ~2x faster
+    (docs/int8.md); weights changed in place later are not seen by the compiled step. The settings are patched
+    around each call, not given as torch.compile's options: dynamo reads `freezing` while it traces.
     """
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     mode = "reduce-overhead" if model.transformer.wte.weight.is_cuda else "int8" if int8 else "default"
@@ -169,9 +171,10 @@ def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, StaticKVCache], 
         _compiled[mode] = torch.compile(forward_static, mode=None if mode == "int8" else mode, dynamic=False)
     if mode != "int8":
         return functools.partial(_compiled[mode], model)
+    import torch._inductor.config as inductor_config  # torch.compile has imported it: no start-up cost
 
     def step(idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        with torch._inductor.config.patch(INT8_INDUCTOR), torch.no_grad():  # freezing needs grad off when it compiles
+        with inductor_config.patch(INT8_INDUCTOR), torch.no_grad():  # freezing needs grad off when it compiles
             return _compiled[mode](model, idx, cache)
     return step
 
@@ -185,7 +188,7 @@ INT8_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_back
 def static_cache_len(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
     """Slots of the static cache for one generation: what it fills, in steps of 64 so that nearby lengths share a
     compiled step, at most block_size; a rolling model's whole window. Reading block_size slots at every step would
-    add ~75 MB to GPT-2's 500 MB (fp32) or 160 MB (int8) of weights per token."""
+    add ~75 MB to GPT-2's 500 MB (fp32) or 124 MB (int8) of weights per token."""
     c = model.config
     if c.rolling:
         return max(c.block_size, c.window)
@@ -232,14 +235,15 @@ def compiled_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
     """model.generate_stream through a static KV cache of max_len slots (static_cache_len's when None) and the
     compiled decode step.
 
-    The cache is kept per model, batch size, length, device and dtype and reused, so that a CUDA graph recorded once
-    stays valid: it replays at the addresses it was recorded with.
+    The cache is kept per model, batch size, device and dtype and reused while max_len stays, so that a CUDA graph
+    recorded once stays valid: it replays at the addresses it was recorded with. Each (batch size, max_len) is a
+    graph of its own, captured on first use; past torch._dynamo's recompile limit (8) the step runs eagerly.
     """
     weight = model.transformer.wte.weight
     max_len = max_len or static_cache_len(model, idx.size(1), max_new_tokens)
-    key = (idx.size(0), max_len, weight.device, weight.dtype)
+    key = (idx.size(0), weight.device, weight.dtype)
     caches = _static_caches.setdefault(model, {})
-    if key not in caches:
+    if key not in caches or caches[key].max_len != max_len:  # one cache per key: the latest length
         caches[key] = StaticKVCache(model, idx.size(0), max_len)
     if model.config.rolling:  # RoPE tables for every position at once: each growth captures the graph again
         model.rope_at(idx[:, :0], idx.size(1) + max_new_tokens)
@@ -435,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: temperature=0 is greedy, so the {cfg.num_samples} samples will be identical: pass "
               f"--num_samples=1, or a temperature above 0 for different ones", file=sys.stderr)
 
-    if cfg.compile:
-        check_compiler(device)
+    check_compiler(device, cfg.compile)
     prompt = read_prompt(cfg.start)  # before loading: a closed standard input fails at once
     # Cast the weights rather than autocast: decoding reads every weight once per token, so half-size weights
     # halve the memory traffic, where autocast would read fp32 weights and cast them again at every step.
@@ -453,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.compile:
         t, graphs = time.perf_counter(), cuda_graphs_recorded(device)
         max_len = static_cache_len(model, len(prompt_ids), cfg.max_new_tokens)  # the graph the samples will use
+        if model.config.rolling:  # and its RoPE tables: a table grown later would capture the graph again
+            model.rope_at(torch.zeros(0, dtype=torch.long, device=device), len(prompt_ids) + cfg.max_new_tokens)
         compiled_generate(model, torch.tensor([prompt_ids[-1:]] * cfg.num_samples, device=device), 4, max_len=max_len)
         print(f"compiled the decode step in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         if device.type == "cuda" and graphs is not None and cuda_graphs_recorded(device) == graphs:

@@ -565,8 +565,7 @@ def setup(cfg: TrainConfig, writes: bool) -> Run:
     if rank == 0:
         print(format_config(cfg))
     compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    if compile:
-        check_compiler(device)
+    check_compiler(device, compile)
     return Run(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, local_accum=accum // world_size,
                device=device, dtype=dtype, autocast=autocast_context(device, dtype), compile=compile,
                out_dir=out_dir, resuming=resuming, writes=writes)

@@ -528,3 +528,27 @@ def test_compile_without_a_cpp_compiler_is_one_line(char_run, monkeypatch, tmp_p
             call()
         assert "install g++" in str(e.value.code) and "\n" not in str(e.value.code)
     config.check_compiler(torch.device("cuda"))  # a GPU's kernels are Triton's: nothing to check here
+
+
+def test_a_new_static_cache_is_the_one_a_frozen_step_writes():
+    """Under inductor's freezing (the int8 step's setting) dynamo makes static-address inputs graph constants: on a
+    CPU the static cache is not marked so, or a second cache of the same shape would be ignored for the first's."""
+    import torch._inductor.config as inductor_config
+
+    from model import KVCache
+
+    model = tiny_model().eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(sample.forward_static, backend=lambda gm, example_inputs: gm.forward, dynamic=False)
+    try:
+        with inductor_config.patch({"freezing": True}), torch.no_grad():
+            for start in (1, 5):  # two caches of one shape, in turn
+                cache, eager = sample.StaticKVCache(model, 1, 16), KVCache.for_model(model, 1)
+                step = sample.static_step(model, cache, lambda idx, c: compiled(model, idx, c))
+                prompt = torch.tensor([[start, start + 1, start + 2]])
+                torch.testing.assert_close(step(prompt), model(prompt, kv_cache=eager)[0])
+                for t in range(start, start + 4):
+                    tok = torch.tensor([[t]])
+                    torch.testing.assert_close(step(tok), model(tok, kv_cache=eager)[0])
+    finally:
+        torch._dynamo.reset()
