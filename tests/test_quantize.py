@@ -319,3 +319,26 @@ def test_compiled_int8_step_runs_inductors_template_and_matches_the_eager_step()
             torch.testing.assert_close(step(tok), q(tok, kv_cache=eager)[0], rtol=0.02, atol=0.02)
     finally:
         torch._dynamo.reset()
+
+
+def test_bench_times_each_weight_format_eager_and_compiled(tmp_path, monkeypatch):
+    """--quantize=both --compile=both: four rows a batch size, float and int8 each eager and compiled (the compiled
+    step built by an eager backend here: no C++ to wait for), with the compiling run's time."""
+    import bench
+    import sample
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: real_compile(
+        fn, backend=lambda gm, example_inputs: gm.forward, **kwargs))
+    monkeypatch.setattr(sample, "_compiled", {})
+    torch._dynamo.reset()
+    try:
+        rows = bench.main(["--model=tiny", "--block_size=32", "--vocab_size=128", "--repeats=1", "--warmup=1",
+                           "--decode_tokens=3", "--prompt_len=4", "--decode_batch=1,2", "--device=cpu",
+                           "--what=decode", "--quantize=both", "--compile=both", f"--out={tmp_path / 'r.jsonl'}"])
+    finally:
+        torch._dynamo.reset()
+    assert [(r.get("quantize"), r.get("compile"), r.get("batch_size")) for r in rows[1:]] == [
+        (q, c, b) for b in (1, 2) for c in (False, True) for q in ("none", "int8")]
+    assert all(r["tokens_per_sec"] > 0 and r["first_run_s"] >= 0 for r in rows[1:])
+    assert set(sample._compiled) == {"default", "int8"}  # the compiled rows ran the compiled steps
